@@ -1,0 +1,312 @@
+"""Nested dataclass configs: the single source of truth for a run.
+
+A config is a tree of dataclasses. YAML files under ``configs/`` fill it; a string where a
+section is expected names another YAML file (relative to the including file), so a train
+config can say ``model: ../model/tiny.yaml``. Dotted overrides from the command line
+(``train.lr.connector=2e-4``) are parsed as YAML scalars. Unknown keys and wrong types fail
+with the path of the key and the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says where and what is valid."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    backend: str = "open_clip"  # open_clip | hf
+    name: str = "ViT-L-14-336"  # open_clip model name, or HF hub id / local path (backend=hf)
+    pretrained: str | None = None  # open_clip pretrained tag or checkpoint path; None = random init
+    custom: dict | None = None  # open_clip model config (open_clip) or HF vision config dict (hf)
+    layers: list[int] = field(default_factory=lambda: [-3, -10])  # Molmo: 3rd and 10th from last
+
+
+@dataclass
+class ConnectorConfig:
+    pool: str = "2x2"  # pooling window, "HxW"
+    pool_heads: int = 0  # attention-pool heads; 0 = the vision tower's head count
+    mlp_hidden: int = 0  # SwiGLU hidden width; 0 = the LLM's intermediate size
+    pad_embed: bool = False  # learned embeddings for fully/partly padded patches (Molmo 1)
+
+
+@dataclass
+class LLMConfig:
+    name: str | None = None  # HF hub id or local path of an AutoModelForCausalLM
+    custom: dict | None = None  # HF config dict (with model_type) for random init
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class TokenizerConfig:
+    name: str | None = None  # HF hub id or local path; None = the LLM's, or a tiny trained BPE
+    tiny_vocab_size: int = 384  # vocab of the tiny BPE when no tokenizer is given
+
+
+@dataclass
+class ImageConfig:
+    crop_size: int = 378
+    patch_size: int = 14
+    max_crops: int = 8
+    max_crops_eval: int = 8
+    overlap_margins: list[int] = field(default_factory=lambda: [4, 4])
+    pooling_size: list[int] = field(default_factory=lambda: [2, 2])
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    style_prefix: bool = False  # prepend Molmo task-style prefixes ("chart_qa:", ...)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class MixtureEntry:
+    path: str = ""  # a shard folder (with manifest.json) or a brace pattern of .tar files
+    rate: float = 1.0  # sampling rate, normalized over the mixture
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    train: list[MixtureEntry] = field(default_factory=list)
+    seq_len: int = 2048  # token budget of one packed sequence
+    pack: bool = True
+    max_conversations: int = 4  # annotations of one image joined in one sequence
+    response_dropout: float = 0.0  # fraction of response tokens dropped from the loss
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclass
+class ModuleFloats:
+    connector: float = 0.0
+    vision: float = 0.0
+    llm: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    lr: ModuleFloats = field(default_factory=lambda: ModuleFloats(2e-4, 6e-6, 2e-5))
+    warmup: ModuleFloats = field(default_factory=lambda: ModuleFloats(200, 2000, 2000))
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    freeze: list[str] = field(default_factory=list)  # any of connector, vision, llm
+    deepspeed: str = "configs/deepspeed/zero2.json"
+    precision: str = "bf16"  # bf16 | fp32
+    activation_checkpointing: bool = False
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- machinery
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str, base_dir: Path | None) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):  # a section given as another YAML file
+            path = Path(value)
+            if not path.is_absolute() and base_dir is not None and not path.exists():
+                path = base_dir / path
+            return _from_file(tp, path, where)
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, where, base_dir)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]", base_dir) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            return str(value)
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "", base_dir: Path | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under {where or 'the top level'}: "
+            f"{', '.join(sorted(types_))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, types_[name], f"{where}.{name}" if where else name, base_dir)
+    return cls(**kwargs)
+
+
+def _from_file(cls: type, path: Path, where: str = "") -> Any:
+    if not path.exists():
+        raise ConfigError(f"{where or 'config'}: file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return from_dict(cls, data, where, path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dicts/lists (YAML- and JSON-serializable)."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def apply_override(cfg: Any, override: str) -> Any:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as a YAML scalar."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr.connector=2e-4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a section")
+        types_ = _field_types(type(node))
+        if part not in types_:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"unknown config key {'.'.join(parts[: i + 1])}; valid keys under {where}: "
+                f"{', '.join(sorted(types_))}"
+            )
+        if i == len(parts) - 1:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            setattr(node, part, _coerce(value, types_[part], key, Path.cwd()))
+        else:
+            node = getattr(node, part)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig):
+    """Load a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
+    cfg = cls() if path is None else _from_file(cls, Path(path))
+    for ov in overrides:
+        apply_override(cfg, ov)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if isinstance(cfg, RunConfig):
+        validate(cfg.model)
+        bad = sorted(set(cfg.train.freeze) - {"connector", "vision", "llm"})
+        if bad:
+            raise ConfigError(f"train.freeze: unknown module {bad[0]!r}; valid: connector, llm, vision")
+        if cfg.train.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision: {cfg.train.precision!r}; valid: bf16, fp32")
+    if isinstance(cfg, ModelConfig):
+        if cfg.vision.backend not in ("open_clip", "hf"):
+            raise ConfigError(f"model.vision.backend: {cfg.vision.backend!r}; valid: hf, open_clip")
+        parse_pool(cfg.connector.pool)
+        if cfg.llm.name is None and cfg.llm.custom is None:
+            raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
+
+
+def parse_pool(pool: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in pool.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"model.connector.pool: {pool!r}; expected HxW such as 2x2") from None
+    return h, w
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (beside every run and checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
