@@ -1,0 +1,177 @@
+"""The `mmsmall` command: a thin typer app that wires the parts together.
+
+Each command imports its part lazily, so `mmsmall --help` is instant and mmsmall itself never
+imports data_tools or eval at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="mmsmall: synthesize and curate data, train a Molmo-style VLM with DeepSpeed, evaluate, export.",
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"{what}: expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+@app.command()
+def synth(
+    kind: Annotated[str, typer.Argument(help="charts | docs | tables | clocks | scenes")],
+    n: Annotated[int, typer.Option(help="number of samples")] = 100,
+    seed: Annotated[int, typer.Option(help="seed; the same seed gives byte-identical shards")] = 0,
+    out: Annotated[Path, typer.Option(help="output shard folder")] = Path("data/synth"),
+    split: Annotated[str, typer.Option(help="train | eval (disjoint seed streams)")] = "train",
+    shard_size: Annotated[int, typer.Option(help="samples per tar shard")] = 500,
+    opt: Annotated[list[str] | None, typer.Option(help="generator option key=value (YAML value)")] = None,
+) -> None:
+    """Render synthetic charts, documents, tables, clocks or counting/pointing scenes into shards."""
+    import yaml
+
+    from data_tools.synth import generate
+
+    options = {k: yaml.safe_load(v) for k, v in _parse_kv(opt, "--opt").items()}
+    manifest = generate(kind, n=n, seed=seed, out=out, split=split, shard_size=shard_size, **options)
+    typer.echo(f"wrote {manifest['total']} {kind} samples to {out}")
+
+
+@app.command()
+def curate(
+    config: Annotated[Path, typer.Argument(help="curation YAML, e.g. configs/curate/example.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    workers: Annotated[int | None, typer.Option(help="worker processes (default: all cores)")] = None,
+) -> None:
+    """Validate, filter, deduplicate, decontaminate and shard raw data; write the HTML report."""
+    from data_tools.curate import run_curation
+
+    summary = run_curation(config, overrides=tuple(overrides or ()), executor=executor, workers=workers)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    config: Annotated[Path, typer.Argument(help="training YAML, e.g. configs/train/tiny-pretrain.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    nproc: Annotated[int | None, typer.Option(help="processes per node (default: GPUs, or 1 on CPU)")] = None,
+) -> None:
+    """Train with DeepSpeed through launch/train.sh (the same path GPUs and nodes use)."""
+    env = dict(os.environ)
+    if nproc is not None:
+        env["NPROC"] = str(nproc)
+    cmd = ["bash", str(REPO_ROOT / "launch" / "train.sh"), str(config), *(overrides or [])]
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="a saved mmsmall model folder or an exported HF folder")],
+    tasks: Annotated[str, typer.Option(help="comma-separated task names")],
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
+    data: Annotated[
+        list[str] | None, typer.Option(help="task=path of its data (local copy or hub id)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N samples per task")] = None,
+    blind: Annotated[bool, typer.Option(help="replace every image by a blank one (blind baseline)")] = False,
+) -> None:
+    """Run the chart/document/counting/pointing suite with standard metrics."""
+    from eval.runner import evaluate
+
+    results = evaluate(
+        model,
+        [t.strip() for t in tasks.split(",") if t.strip()],
+        str(out),
+        batch_size=batch_size,
+        limit=limit,
+        data=_parse_kv(data, "--data"),
+        blind=blind,
+    )
+    typer.echo(json.dumps(results, indent=2, default=str))
+
+
+@app.command()
+def export(
+    src: Annotated[str, typer.Argument(help="training run folder, checkpoint folder or saved model")],
+    out: Annotated[Path, typer.Argument(help="release folder to write")],
+    format: Annotated[
+        str, typer.Option("--format", help="mmsmall | molmo2 (stock transformers)")
+    ] = "mmsmall",
+) -> None:
+    """Write a Hugging Face release folder (safetensors, config, processor, model card)."""
+    from mmsmall.export import run_export
+
+    path = run_export(src, out, fmt=format)
+    typer.echo(f"exported to {path}")
+
+
+@app.command()
+def chat(
+    question: Annotated[str, typer.Argument(help="the question to ask about the image")],
+    model: Annotated[str, typer.Option(help="model folder")],
+    image: Annotated[Path | None, typer.Option(help="image file")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+) -> None:
+    """Ask one question about one image."""
+    from mmsmall.export.chat import chat as run_chat
+
+    typer.echo(run_chat(model, str(image) if image else None, question, max_new_tokens=max_new_tokens))
+
+
+@app.command()
+def predict(
+    inputs: Annotated[str, typer.Argument(help="a folder of images or a shard folder")],
+    model: Annotated[str, typer.Option(help="model folder")],
+    out: Annotated[Path, typer.Option(help="where predictions and drawn points go")] = Path("predictions"),
+    question: Annotated[str | None, typer.Option(help="question for every image (shards: their own)")] = None,
+) -> None:
+    """Answer questions over a folder or shard set; points are drawn onto PNGs."""
+    from mmsmall.export.chat import predict as run_predict
+
+    run_predict(model, inputs, str(out), question=question)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where every artifact of the demo goes")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option(help="a shortened demo (used by the test suite)")] = False,
+) -> None:
+    """Synthesize -> curate -> train (DeepSpeed, CPU) -> evaluate vs blind -> export, then print a table."""
+    from mmsmall.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+def main() -> None:
+    from mmsmall.config import ConfigError
+
+    try:
+        app()
+    except ConfigError as e:  # a typo in a config or override: say what and where, no traceback
+        typer.echo(f"config error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
