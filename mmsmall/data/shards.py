@@ -1,0 +1,345 @@
+"""Reading webdataset shards: plain iteration, and a resumable mixture stream for training.
+
+Two ways in:
+
+- ``iter_samples(path)`` yields every good sample of a shard set once, in order. Corrupt members
+  (an image PIL cannot decode, json that does not parse, a sample missing its json, an unreadable
+  tar) are skipped, counted in ``counters`` by reason and logged once with the shard and key.
+- ``SampleStream(entries, seed, rank, world_size)`` is the endless training stream: a mixture of
+  shard sets drawn by rate, each shard set visited in a seeded per-epoch shard order, each shard's
+  samples in a seeded permutation, shards split across ranks. Its position is explicit
+  (``state_dict`` / ``load_state_dict``), so a resumed run continues at exactly the next sample.
+  Every sample it yields carries a ``ref`` from which ``sample_at(ref)`` re-reads it, which lets
+  the packer save the examples it still holds as small references instead of tensors.
+
+A shard is read into memory whole (raw bytes, tens of MB at most) and images are decoded on
+demand, so the seeded within-shard permutation costs no extra I/O.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class Sample(TypedDict, total=False):
+    key: str
+    image: Image.Image | None
+    json: dict
+    ref: tuple[int, int, int, int]  # (entry, epoch, shard position, sample position); stream only
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    import braceexpand  # a webdataset dependency
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The tar files of a shard set, in order.
+
+    Accepts a folder with ``manifest.json`` (its shard order), a folder without one (sorted
+    ``*.tar``), a brace pattern (``/data/charts-{000000..000009}.tar``), one tar, or a list of
+    any of these.
+    """
+    if isinstance(shard_dir_or_tars, (list, tuple)):
+        return [p for item in shard_dir_or_tars for p in resolve_shards(item)]
+    path = Path(shard_dir_or_tars)
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if manifest.exists():
+            shards = json.loads(manifest.read_text()).get("shards", [])
+            return [path / s["name"] for s in shards]
+        tars = sorted(path.glob("*.tar"))
+        if not tars:
+            raise FileNotFoundError(f"{path}: no manifest.json and no *.tar files; is this a shard folder?")
+        return tars
+    text = str(shard_dir_or_tars)
+    if "{" in text:
+        paths = [Path(p) for p in _expand_braces(text)]
+    else:
+        paths = [path]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"shard {missing[0]} not found ({len(missing)} of {len(paths)} missing) "
+            f"while resolving {text!r}; give a shard folder, a tar, or a brace pattern of tars"
+        )
+    return paths
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _count(counters: dict[str, int] | None, reason: str) -> None:
+    if counters is not None:
+        counters[reason] = counters.get(reason, 0) + 1
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _skip(counters: dict[str, int] | None, reason: str, shard: Path, key: str, detail: str = "") -> None:
+    _count(counters, reason)
+    marker = (str(shard), key, reason)
+    if marker not in _logged:
+        _logged.add(marker)
+        log.warning("skipping sample %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
+
+
+def read_shard_members(
+    shard: Path, counters: dict[str, int] | None = None
+) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of one tar as ``(key, {ext: bytes})`` in tar order; an unreadable tar gives ``[]``."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(shard, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                if "." not in name:
+                    continue
+                key, ext = name.split(".", 1)
+                f = tar.extractfile(member)
+                if f is not None:
+                    groups.setdefault(key, {})[ext.lower()] = f.read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        _skip(counters, "unreadable_tar", shard, "*", str(e))
+        if not groups:
+            return []
+    return list(groups.items())
+
+
+def decode_sample(
+    shard: Path, key: str, parts: dict[str, bytes], counters: dict[str, int] | None = None
+) -> Sample | None:
+    """One raw tar group -> ``Sample``; None (counted and logged) when it is corrupt."""
+    if "json" not in parts:
+        _skip(counters, "missing_json", shard, key)
+        return None
+    try:
+        meta = json.loads(parts["json"].decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    except (ValueError, UnicodeDecodeError) as e:
+        _skip(counters, "bad_json", shard, key, str(e))
+        return None
+    image = None
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is not None:
+        try:
+            with Image.open(io.BytesIO(parts[ext])) as im:
+                im.load()  # force a full decode: truncated files fail here, not later
+                image = im.convert("RGB")
+        except Exception as e:  # PIL raises many types for bad bytes
+            _skip(counters, "bad_image", shard, key, f"{type(e).__name__}: {e}")
+            return None
+    return {"key": key, "image": image, "json": meta}
+
+
+def iter_samples(
+    shard_dir_or_tars: str | Path | Sequence[str | Path], *, counters: dict[str, int] | None = None
+) -> Iterator[Sample]:
+    """Every good sample of a shard set once, in shard and tar order; corrupt ones skipped and counted."""
+    for shard in resolve_shards(shard_dir_or_tars):
+        for key, parts in read_shard_members(shard, counters):
+            sample = decode_sample(shard, key, parts, counters)
+            if sample is not None:
+                yield sample
+
+
+def sample_id(sample: Sample) -> str:
+    """The id a training log reports for a sample: its json ``id``, else its key."""
+    return str(sample["json"].get("id", sample["key"]))
+
+
+# ----------------------------------------------------------------------------- training stream
+
+
+@dataclass
+class _Cursor:
+    epoch: int = 0
+    shard_pos: int = 0  # index into this rank's shard order of the epoch
+    sample_pos: int = 0  # index into the shard's sample permutation
+
+
+@dataclass
+class _Entry:
+    name: str
+    shards: list[Path]
+    rate: float
+    cursor: _Cursor = field(default_factory=_Cursor)
+
+
+class SampleStream:
+    """Endless, deterministic, resumable mixture of shard sets, partitioned across ranks.
+
+    - Mixture: before each sample, an entry is drawn with probability ``rate / sum(rates)`` by a
+      numpy generator seeded with ``(seed, rank)``; its bit-generator state is part of the position.
+    - Epoch order: entry ``i`` in epoch ``e`` visits its shards in a permutation seeded by
+      ``(seed, i, e)``; rank ``r`` of ``W`` takes every ``W``-th shard of it starting at ``r`` when
+      there are at least ``W`` shards, otherwise every rank reads all shards and keeps every
+      ``W``-th sample. Within a shard, samples come in a permutation seeded by ``(seed, i, e, shard)``.
+    - Position: ``state_dict()`` holds the per-entry (epoch, shard, sample) cursors and the
+      mixture generator state; ``load_state_dict`` restores them, so the next sample after a
+      resume is exactly the one that would have come next.
+    """
+
+    def __init__(
+        self,
+        entries: Iterable[Any],
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        counters: dict[str, int] | None = None,
+    ):
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.counters = counters if counters is not None else {}
+        self.entries: list[_Entry] = []
+        for i, e in enumerate(entries):
+            path, rate, name = (
+                (e.path, e.rate, e.name)
+                if hasattr(e, "path")
+                else (e["path"], e.get("rate", 1.0), e.get("name", ""))
+            )
+            if rate <= 0:
+                raise ValueError(f"data.train[{i}] ({path}): rate must be > 0, got {rate}")
+            shards = resolve_shards(path)
+            if not shards:
+                raise ValueError(f"data.train[{i}] ({path}): no shards found")
+            self.entries.append(_Entry(name or Path(str(path)).name, shards, float(rate)))
+        if not self.entries:
+            raise ValueError(
+                "data.train is empty: give at least one shard set, e.g. data.train=[{path: shards/}]"
+            )
+        rates = np.array([e.rate for e in self.entries], dtype=np.float64)
+        self.probs = rates / rates.sum()
+        self.rng = np.random.default_rng([self.seed, self.rank, 7919])
+        self._cache: (
+            tuple[tuple[int, int, int], Path, list[tuple[str, dict[str, bytes]]], np.ndarray] | None
+        ) = None
+        self._empty_epochs = 0
+
+    # --- orders -------------------------------------------------------------------------
+
+    def _epoch_shards(self, i: int, epoch: int) -> tuple[list[int], bool]:
+        """This rank's shard indices for entry ``i`` in ``epoch``, and whether samples are strided."""
+        n = len(self.entries[i].shards)
+        order = np.random.default_rng([self.seed, i, epoch, 1]).permutation(n).tolist()
+        if n >= self.world_size:
+            return order[self.rank :: self.world_size], False
+        return order, True
+
+    def _shard_samples(self, i: int, epoch: int, shard_idx: int):
+        key = (i, epoch, shard_idx)
+        if self._cache is None or self._cache[0] != key:
+            shard = self.entries[i].shards[shard_idx]
+            members = read_shard_members(shard, self.counters)
+            perm = np.random.default_rng([self.seed, i, epoch, shard_idx, 2]).permutation(len(members))
+            self._cache = (key, shard, members, perm)
+        return self._cache[1:]
+
+    # --- reading ------------------------------------------------------------------------
+
+    def sample_at(self, ref: Sequence[int]) -> Sample | None:
+        """Re-read the sample at ``ref = (entry, epoch, shard position, sample position)``."""
+        i, epoch, shard_pos, sample_pos = (int(x) for x in ref)
+        shard_ids, _ = self._epoch_shards(i, epoch)
+        shard, members, perm = self._shard_samples(i, epoch, shard_ids[shard_pos])
+        key, parts = members[int(perm[sample_pos])]
+        sample = decode_sample(shard, key, parts, None)
+        if sample is not None:
+            sample["ref"] = (i, epoch, shard_pos, sample_pos)
+        return sample
+
+    def _next_from(self, i: int) -> Sample:
+        entry = self.entries[i]
+        cur = entry.cursor
+        scanned = 0
+        while True:
+            shard_ids, strided = self._epoch_shards(i, cur.epoch)
+            if cur.shard_pos >= len(shard_ids):
+                cur.epoch, cur.shard_pos, cur.sample_pos = cur.epoch + 1, 0, 0
+                scanned += 1
+                if scanned > 2:
+                    raise RuntimeError(
+                        f"data.train entry {entry.name!r}: no readable samples for rank {self.rank} "
+                        f"in its shards ({len(entry.shards)} shards; skipped: {self.counters})"
+                    )
+                continue
+            shard, members, perm = self._shard_samples(i, cur.epoch, shard_ids[cur.shard_pos])
+            if cur.sample_pos >= len(members):
+                cur.shard_pos, cur.sample_pos = cur.shard_pos + 1, 0
+                continue
+            pos = cur.sample_pos
+            cur.sample_pos += 1
+            if strided and pos % self.world_size != self.rank:
+                continue
+            key, parts = members[int(perm[pos])]
+            sample = decode_sample(shard, key, parts, self.counters)
+            if sample is None:
+                continue
+            scanned = 0
+            sample["ref"] = (i, cur.epoch, cur.shard_pos, pos)
+            return sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self
+
+    def __next__(self) -> Sample:
+        i = int(self.rng.choice(len(self.entries), p=self.probs)) if len(self.entries) > 1 else 0
+        return self._next_from(i)
+
+    # --- position -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "entries": [
+                {
+                    "name": e.name,
+                    "epoch": e.cursor.epoch,
+                    "shard_pos": e.cursor.shard_pos,
+                    "sample_pos": e.cursor.sample_pos,
+                }
+                for e in self.entries
+            ],
+            "rng": self.rng.bit_generator.state,
+            "counters": dict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size) or len(
+            state["entries"]
+        ) != len(self.entries):
+            raise ValueError(
+                f"data position from a different run set-up: saved seed={state['seed']}, "
+                f"world_size={state['world_size']}, {len(state['entries'])} mixture entries; now seed={self.seed}, "
+                f"world_size={self.world_size}, {len(self.entries)} entries. Resume with the same seed, "
+                "world size and data.train, or start a fresh out_dir."
+            )
+        for e, s in zip(self.entries, state["entries"]):
+            e.cursor = _Cursor(int(s["epoch"]), int(s["shard_pos"]), int(s["sample_pos"]))
+        self.rng.bit_generator.state = state["rng"]
+        self.counters.clear()
+        self.counters.update(state.get("counters", {}))
