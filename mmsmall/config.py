@@ -76,6 +76,7 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     style_prefix: bool = False  # prepend Molmo task-style prefixes ("chart_qa:", ...)
+    bidirectional_image: bool = True  # image tokens of one sample attend to each other both ways (Molmo2)
 
 
 # ----------------------------------------------------------------------------- data
