@@ -9,6 +9,7 @@ answer functions) and compares it with the assistant message. A disagreement rai
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -115,3 +116,55 @@ def check_scene(draft: Draft) -> None:
             ix, iy = min(int(x * w), w - 1), min(int(y * h), h - 1)
             if not any(m[iy, ix] for m in masks):
                 _fail("scene_point_outside", f"stored point ({x:.3f}, {y:.3f}) is in no mask")
+
+
+# ----------------------------------------------------------------------------- clocks
+
+# lit segments -> digit, written independently of clocks.SEGMENTS (as bit masks over a..g)
+_SEG_BITS = {0b0111111: 0, 0b0000110: 1, 0b1011011: 2, 0b1001111: 3, 0b1100110: 4,
+             0b1101101: 5, 0b1111101: 6, 0b0000111: 7, 0b1111111: 8, 0b1101111: 9}  # fmt: skip
+
+
+def _clock_angle(center: list[float], tip: list[float]) -> float:
+    """Degrees clockwise from 12 o'clock of the hand from ``center`` to ``tip`` (image y down)."""
+    return math.degrees(math.atan2(tip[0] - center[0], center[1] - tip[1])) % 360.0
+
+
+def check_clock(draft: Draft) -> None:
+    """Read the time back from the drawn hands (analog) or the drawn segments (digital)."""
+    _, answer = _qa(draft)
+    m_ans = re.fullmatch(r"(1[0-2]|[1-9]):([0-5]\d)", answer)
+    if not m_ans:
+        _fail("clock_format", f"answer {answer!r} is not H:MM")
+    meta = draft.meta
+    if meta["face"] == "analog":
+        a_min = _clock_angle(meta["center"], meta["minute_tip"])
+        a_hour = _clock_angle(meta["center"], meta["hour_tip"])
+        minute = int(math.floor(a_min / 6.0 + 1e-3)) % 60
+        # the hour hand sits minute/2 degrees past the hour: remove that and it is a multiple of 30
+        base = (a_hour - a_min / 12.0) % 360.0
+        hour_f = base / 30.0
+        if abs(hour_f - round(hour_f)) > 0.05:
+            _fail(
+                "clock_hands", f"hour hand at {a_hour:.2f} deg disagrees with minute hand at {a_min:.2f} deg"
+            )
+        hour = int(round(hour_f)) % 12 or 12
+    else:
+        digits = []
+        for lit in meta["segments"]:
+            bits = sum(1 << "abcdefg".index(c) for c in lit)
+            if bits == 0:
+                continue  # a blank leading digit
+            if bits not in _SEG_BITS:
+                _fail("clock_segments", f"segments {lit!r} are no digit")
+            digits.append(_SEG_BITS[bits])
+        shown = "".join(map(str, digits))
+        if shown != meta["display"].replace(":", ""):
+            _fail("clock_segments", f"segments read {shown} but display is {meta['display']}")
+        groups = meta["display"].split(":")
+        hh, minute = int(shown[: len(groups[0])]), int(shown[len(groups[0]) : len(groups[0]) + 2])
+        if meta["format"] == "12h" and not 1 <= hh <= 12 or not 0 <= hh <= 23:
+            _fail("clock_range", f"display {meta['display']} is no valid {meta['format']} time")
+        hour = hh % 12 or 12
+    if (int(m_ans.group(1)), int(m_ans.group(2))) != (hour, minute):
+        _fail("clock_time", f"answer {answer} but the face reads {hour}:{minute:02d}")
