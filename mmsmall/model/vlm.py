@@ -1,0 +1,433 @@
+"""The VLM: vision tower -> connector -> image features added to ``<im_patch>`` embeddings -> LLM.
+
+Composition, not inheritance: ``vision`` (:class:`VisionTower`), ``connector``
+(:class:`Connector`) and ``llm`` (any transformers ``AutoModelForCausalLM``) are plain
+submodules. The 4D attention mask is built here from a :class:`Batch` (see docs/INTERFACES.md):
+token i sees token j iff same row, same ``doc_ids`` (not -1), ``j <= i``, and ``conv_ids[j]`` is 0
+(the shared prefix) or ``conv_ids[i]``; with ``bidirectional_image`` the image tokens of one doc
+also see each other in both directions (transformers' Molmo2 does this). It goes to the LLM as a
+boolean mask for SDPA (an additive float mask for eager attention).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+
+from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
+from mmsmall.model.connector import Connector
+from mmsmall.model.vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+# Tokens that transformers' Molmo2Processor marks as image tokens (mm_token_type_ids == 1); they
+# attend to each other bidirectionally.
+IMAGE_TOKENS: tuple[str, ...] = (
+    "<im_patch>",
+    "<im_col>",
+    "<im_start>",
+    "<low_res_im_start>",
+    "<frame_start>",
+    "<im_end>",
+    "<frame_end>",
+    "<im_low>",
+)
+PATCH_TOKEN = "<im_patch>"
+# Batch keys the model reads, and those it is handed but has no use for.
+_IGNORED_BATCH_KEYS = frozenset({"sample_ids", "sample_id", "image_grids", "image_num_crops"})
+_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None  # mean or sum of token cross-entropy over targets (None without labels)
+    logits: torch.Tensor  # (B, T, V)
+    n_targets: torch.Tensor  # () int64 count of target tokens (labels != -100 after the shift)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    conv_ids: torch.Tensor | None,
+    is_image: torch.Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
+) -> torch.Tensor:
+    """The attention rule as a boolean (B, 1, T, T) mask, True = may attend.
+
+    attention_mask (B, T) 1 real / 0 pad; doc_ids (B, T) with -1 for padding (derived from
+    attention_mask when None); conv_ids (B, T) (all 0 when None); is_image (B, T) bool or None
+    (no bidirectional image block). Query rows of padding see only themselves, so no softmax
+    row is empty.
+    """
+    b, t = shape
+    real = (
+        torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    )
+    doc = torch.zeros(b, t, dtype=torch.long, device=device) if doc_ids is None else doc_ids.long()
+    doc = torch.where(real, doc, -1)  # (B, T)
+    conv = torch.zeros(b, t, dtype=torch.long, device=device) if conv_ids is None else conv_ids.long()
+    same_doc = (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B, Tq, Tk)
+    conv_ok = (conv[:, None, :] == 0) | (conv[:, None, :] == conv[:, :, None])  # (B, Tq, Tk)
+    order = torch.arange(t, device=device)
+    visible = (order[None, :] <= order[:, None])[None]  # (1, Tq, Tk) causal
+    if is_image is not None:
+        visible = visible | (is_image[:, :, None] & is_image[:, None, :])  # (B, Tq, Tk)
+    allowed = same_doc & conv_ok & visible
+    allowed = allowed | (torch.eye(t, dtype=torch.bool, device=device)[None] & (doc < 0)[:, :, None])
+    return allowed[:, None]  # (B, 1, T, T)
+
+
+class VLM(nn.Module):
+    """Vision tower + connector + causal LLM (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in IMAGE_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"tokenizer lacks image tokens {missing}; build it with "
+                "mmsmall.processing.tokenizer.build_tokenizer()"
+            )
+        self.patch_id = vocab[PATCH_TOKEN]
+        self.register_buffer(
+            "image_token_ids", torch.tensor([vocab[t] for t in IMAGE_TOKENS]), persistent=False
+        )
+        self.bidirectional_image = cfg.bidirectional_image
+        if cfg.llm.attn_implementation not in _MASK_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.llm.attn_implementation={cfg.llm.attn_implementation!r}: the VLM passes a 4D "
+                f"packing/conversation mask, which only {list(_MASK_IMPLEMENTATIONS)} accept"
+            )
+
+        self.vision = VisionTower(cfg.vision, cfg.image)
+        self.llm = _build_llm(cfg, tokenizer)
+        llm_cfg = self.llm.config.get_text_config()
+        self.connector = Connector(
+            in_dim=self.vision.hidden_size,
+            num_layers=len(self.vision.layer_indices),
+            num_heads=cfg.connector.pool_heads or self.vision.num_heads,
+            mlp_hidden=cfg.connector.mlp_hidden or llm_cfg.intermediate_size,
+            out_dim=llm_cfg.hidden_size,
+            pad_embed=cfg.connector.pad_embed,
+        )
+        for name in ("vision", "connector", "llm"):
+            n = sum(p.numel() for p in getattr(self, name).parameters())
+            logger.info("VLM %-9s %14s parameters", name, f"{n:,}")
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def image_features(self, pixel_values: torch.Tensor, image_token_pooling: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, P, C), image_token_pooling (M, K) -> (M_valid, H_llm)."""
+        feats = self.vision(pixel_values)  # (N, P, D * n_layers)
+        return self.connector(feats, image_token_pooling.to(feats.device))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_token_pooling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> embeddings (B, T, H) with image features added at ``<im_patch>``."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
+        is_patch = input_ids == self.patch_id  # (B, T)
+        n_placeholders = int(is_patch.sum())
+        if pixel_values is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"input_ids hold {n_placeholders} {PATCH_TOKEN} tokens but the batch has no pixel_values; "
+                    "encode images with the Processor, or drop the image tokens"
+                )
+            return embeds
+        if image_token_pooling is None:
+            raise ValueError(
+                "the batch has pixel_values but no image_token_pooling; build it with the Processor"
+            )
+        feats = self.image_features(pixel_values, image_token_pooling).to(embeds.dtype)  # (M, H)
+        if feats.shape[0] != n_placeholders:
+            raise ValueError(
+                f"image feature count {feats.shape[0]} != {PATCH_TOKEN} placeholder count {n_placeholders} "
+                f"in input_ids (pixel_values {tuple(pixel_values.shape)}, pooling "
+                f"{tuple(image_token_pooling.shape)}); the token layout and the image preprocessing disagree "
+                "(check model.image against the processor, and that sequences were not truncated inside an image)"
+            )
+        added = torch.zeros_like(embeds).masked_scatter(is_patch[..., None], feats)  # (B, T, H)
+        return embeds + added
+
+    def _llm_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.cfg.llm.attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def _is_image(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return torch.isin(input_ids, self.image_token_ids) if self.bidirectional_image else None
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        conv_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_token_pooling: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        **extra,
+    ) -> VLMOutput:
+        """A Batch (see INTERFACES.md) -> VLMOutput; loss over labels != -100 with the usual shift."""
+        unknown = sorted(set(extra) - _IGNORED_BATCH_KEYS)
+        if unknown:
+            raise TypeError(
+                f"VLM.forward got unexpected batch keys {unknown}; it reads input_ids, labels, attention_mask, "
+                f"position_ids, doc_ids, conv_ids, pixel_values, image_token_pooling and ignores "
+                f"{sorted(_IGNORED_BATCH_KEYS)}"
+            )
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}; valid: mean, sum")
+        b, t = input_ids.shape
+        embeds = self.embed(input_ids, pixel_values, image_token_pooling)  # (B, T, H)
+        allowed = build_attention_mask(
+            attention_mask, doc_ids, conv_ids, self._is_image(input_ids), (b, t), input_ids.device
+        )
+        if position_ids is None:
+            position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=self._llm_mask(allowed, embeds.dtype),
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        logits = out.logits  # (B, T, V)
+        if labels is None:
+            return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
+        targets = labels[:, 1:]  # (B, T-1)
+        n_targets = (targets != -100).sum()
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        if loss_reduction == "mean":
+            loss = loss / n_targets.clamp(min=1)
+        return VLMOutput(loss, logits, n_targets)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_strings: tuple[str, ...] | list[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Decode from a LEFT-padded batch with a KV cache; new token ids per row.
+
+        A row stops at EOS (kept as its last token) or once its decoded text contains one of
+        ``stop_strings`` (the completing token kept); the others go on.
+        """
+        input_ids = batch["input_ids"].to(self.device)  # (B, T)
+        b, t = input_ids.shape
+        attention_mask = batch.get("attention_mask")
+        attention_mask = (
+            torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        )
+        if t and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs a LEFT-padded batch (collate(..., left_pad=True))")
+        doc_ids, conv_ids = batch.get("doc_ids"), batch.get("conv_ids")
+        doc_ids = None if doc_ids is None else doc_ids.to(self.device)
+        conv_ids = None if conv_ids is None else conv_ids.to(self.device)
+        position_ids = batch.get("position_ids")
+        position_ids = (
+            _positions_from_mask(attention_mask, b, t, self.device)
+            if position_ids is None
+            else position_ids.to(self.device)
+        )
+        pixel_values = batch.get("pixel_values")
+        pooling = batch.get("image_token_pooling")
+        embeds = self.embed(
+            input_ids,
+            None if pixel_values is None else pixel_values.to(self.device),
+            None if pooling is None else pooling.to(self.device),
+        )
+        allowed = build_attention_mask(
+            attention_mask, doc_ids, conv_ids, self._is_image(input_ids), (b, t), self.device
+        )
+        # What a new token (after the last prompt token, same doc and conversation) may see: (B, T).
+        prompt_keys = allowed[:, 0, -1, :]
+        cache = DynamicCache(config=self.llm.config)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=self._llm_mask(allowed, embeds.dtype),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        eos_id = self.tokenizer.eos_token_id
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        next_pos = position_ids[:, -1] + 1  # (B,)
+        new_tokens = torch.empty(b, 0, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        lengths = torch.zeros(b, dtype=torch.long)
+        stop_strings = tuple(s for s in stop_strings if s)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # (B, V)
+            token = _next_token(logits, do_sample, temperature, top_p, generator)  # (B,)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)  # (B, step+1)
+            lengths += (~done).cpu().long()
+            finished = token == eos_id
+            if stop_strings:
+                finished = finished | self._hit_stop(new_tokens, done, stop_strings)
+            done = done | finished
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            keys = torch.cat([prompt_keys, torch.ones(b, step + 1, dtype=torch.bool, device=self.device)], 1)
+            step_mask = keys[:, None, None, :]  # (B, 1, 1, T + step + 1)
+            out = self.llm(
+                input_ids=token[:, None],
+                attention_mask=self._llm_mask(step_mask, embeds.dtype),
+                position_ids=(next_pos + step)[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return [new_tokens[i, : int(lengths[i])].tolist() for i in range(b)]
+
+    def _hit_stop(
+        self, tokens: torch.Tensor, done: torch.Tensor, stop_strings: tuple[str, ...]
+    ) -> torch.Tensor:
+        """(B,) bool: rows not yet done whose decoded new text contains a stop string."""
+        hit = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        for i in (~done).nonzero().flatten().tolist():
+            text = self.tokenizer.decode(tokens[i].tolist(), skip_special_tokens=False)
+            hit[i] = any(s in text for s in stop_strings)
+        return hit
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write ``model_config.yaml``, the tokenizer, the LLM config and ``model.safetensors``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, out_dir / "model_config.yaml")
+        self.tokenizer.save_pretrained(out_dir)
+        # The LLM (and an HF vision tower) configs let from_pretrained rebuild offline, without hub names.
+        (out_dir / "llm_config.json").write_text(self.llm.config.to_json_string())
+        if self.cfg.vision.backend == "hf":
+            vision_config = self.vision.backbone.model.config.to_dict()
+            # the unpruned depth, so that negative model.vision.layers resolve to the same blocks
+            vision_config["num_hidden_layers"] = self.vision.backbone.num_blocks
+            (out_dir / "vision_config.json").write_text(json.dumps(vision_config, indent=2))
+        save_model(self, str(out_dir / "model.safetensors"))
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
+        """Rebuild from a ``save_pretrained`` folder (no hub access; weights from safetensors only)."""
+        from mmsmall.processing.tokenizer import build_tokenizer
+
+        model_dir = Path(model_dir)
+        weights = model_dir / "model.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights} not found; expected a folder written by VLM.save_pretrained")
+        cfg = load_config(model_dir / "model_config.yaml", cls=ModelConfig)
+        build_cfg = _offline_config(cfg, model_dir)
+        tokenizer = build_tokenizer(TokenizerConfig(name=str(model_dir)))
+        model = cls(build_cfg, tokenizer)
+        model.cfg = cfg  # keep the original provenance (names, pretrained tags) for the next save
+        missing, unexpected = load_model(model, str(weights), strict=True, device=str(device))
+        return model.to(device).eval()
+
+
+def build_vlm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> VLM:
+    """Build the model a config describes (the registry entry point)."""
+    return VLM(cfg, tokenizer)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    attn = cfg.llm.attn_implementation
+    if cfg.llm.custom is not None:
+        custom = dict(cfg.llm.custom)
+        if "model_type" not in custom:
+            raise ValueError("model.llm.custom needs a model_type (e.g. qwen2, olmo2, llama)")
+        custom["vocab_size"] = max(int(custom.get("vocab_size") or 0), len(tokenizer))
+        custom.update(ids)
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**custom), attn_implementation=attn)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(
+            cfg.llm.name, attn_implementation=attn, dtype=torch.float32
+        )
+        for key, value in ids.items():
+            if getattr(llm.config, key, None) is None:
+                setattr(llm.config, key, value)
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        logger.info("resizing LLM embeddings to %d tokens (image special tokens added)", len(tokenizer))
+        llm.resize_token_embeddings(len(tokenizer))
+    return llm
+
+
+def _offline_config(cfg: ModelConfig, model_dir: Path) -> ModelConfig:
+    """The config with every hub reference replaced by what the folder holds (random init + load)."""
+    vision = replace(cfg.vision, pretrained=None)
+    llm = cfg.llm
+    llm_json = model_dir / "llm_config.json"
+    if llm_json.exists():
+        llm = replace(cfg.llm, name=None, custom=json.loads(llm_json.read_text()))
+    vision_json = model_dir / "vision_config.json"
+    if vision_json.exists():
+        vision = replace(vision, custom=json.loads(vision_json.read_text()))
+    return replace(cfg, vision=vision, llm=llm)
+
+
+def _positions_from_mask(
+    attention_mask: torch.Tensor | None, b: int, t: int, device: torch.device
+) -> torch.Tensor:
+    """(B, T) positions counting real tokens from 0 (padding gets 0)."""
+    if attention_mask is None:
+        return torch.arange(t, device=device)[None].expand(b, t)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (B, V) float -> token ids (B,), greedy or temperature / nucleus sampling."""
+    if not do_sample or temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
