@@ -1,0 +1,187 @@
+"""Sharded safetensors with a sha256 manifest: write, verify, load.
+
+A release folder holds ``model.safetensors`` (one shard) or ``model-00001-of-0000N.safetensors``
+plus ``model.safetensors.index.json`` (Hugging Face's layout), and ``checksums.json``::
+
+    {"algorithm": "sha256", "files": {"model.safetensors": {"sha256": "...", "bytes": 1234}}}
+
+Loading only ever reads safetensors. Before reading, every shard listed in ``checksums.json`` is
+checked for size (a truncated copy) and hash (a tampered copy); either fails with
+:class:`ShardIntegrityError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CHECKSUMS_NAME = "checksums.json"
+MAX_SHARD_BYTES = 5 * 1000**3  # 5 GB, Hugging Face's default shard limit
+
+
+class ShardIntegrityError(RuntimeError):
+    """A weight file is missing, truncated, tampered with, or not valid safetensors."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Group keys (in order) into shards of at most ``max_shard_bytes``; a lone bigger tensor gets its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state_dict.items():
+        n = _tensor_bytes(t)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def write_sharded(
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``state_dict`` as safetensors shards (+ index when more than one) and ``checksums.json``.
+
+    Tensors are made contiguous and de-aliased (tied weights are written as separate copies, which
+    safetensors requires). Returns the shard paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    groups = plan_shards(clean, max_shard_bytes)
+    meta = {"format": "pt", **(metadata or {})}
+    paths: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for i, keys in enumerate(groups, start=1):
+        name = SINGLE_NAME if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: clean[k] for k in keys}, str(out_dir / name), metadata=meta)
+        paths.append(out_dir / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    if len(groups) > 1:
+        total = sum(_tensor_bytes(t) for t in clean.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_checksums(out_dir)
+    return paths
+
+
+def shard_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a folder: from its index when there is one, else ``model.safetensors``."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ShardIntegrityError(f"{index}: not a valid safetensors index ({e})") from e
+        return [model_dir / n for n in sorted(set(weight_map.values()))]
+    single = model_dir / SINGLE_NAME
+    if single.exists():
+        return [single]
+    raise ShardIntegrityError(
+        f"{model_dir}: no {SINGLE_NAME} and no {INDEX_NAME}; is this a model folder written by "
+        "`mmsmall export` or save_pretrained?"
+    )
+
+
+def write_checksums(model_dir: str | Path) -> Path:
+    """Record size and sha256 of every safetensors file in ``model_dir`` in ``checksums.json``."""
+    model_dir = Path(model_dir)
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(model_dir.glob("*.safetensors"))
+    }
+    path = model_dir / CHECKSUMS_NAME
+    path.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=2) + "\n")
+    return path
+
+
+def verify_shards(model_dir: str | Path, require_checksums: bool = False) -> list[Path]:
+    """Check every shard of ``model_dir`` before it is read; returns the shard paths.
+
+    With ``checksums.json``: each shard must exist with the recorded size and sha256. Without it
+    (a checkpoint from elsewhere) each shard must at least have a readable safetensors header.
+    """
+    model_dir = Path(model_dir)
+    shards = shard_files(model_dir)
+    manifest_path = model_dir / CHECKSUMS_NAME
+    if not manifest_path.exists():
+        if require_checksums:
+            raise ShardIntegrityError(f"{model_dir}: {CHECKSUMS_NAME} is missing; re-export the model")
+        for p in shards:
+            _check_header(p)
+        return shards
+    try:
+        recorded = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ShardIntegrityError(f"{manifest_path}: unreadable checksum manifest ({e})") from e
+    for p in shards:
+        if not p.exists():
+            raise ShardIntegrityError(f"{p}: weight shard is missing (listed in {INDEX_NAME})")
+        entry = recorded.get(p.name)
+        if entry is None:
+            raise ShardIntegrityError(
+                f"{p}: not listed in {manifest_path}; the folder was modified after export"
+            )
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            raise ShardIntegrityError(
+                f"{p}: truncated or resized: {size} bytes on disk, {entry['bytes']} recorded in "
+                f"{CHECKSUMS_NAME}; copy the file again"
+            )
+        digest = sha256_file(p)
+        if digest != entry["sha256"]:
+            raise ShardIntegrityError(
+                f"{p}: sha256 mismatch ({digest[:16]}... on disk, {entry['sha256'][:16]}... recorded in "
+                f"{CHECKSUMS_NAME}); the file was altered or corrupted, do not load it"
+            )
+    return shards
+
+
+def _check_header(path: Path) -> None:
+    if not path.exists():
+        raise ShardIntegrityError(f"{path}: weight shard is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ShardIntegrityError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated"
+        ) from e
+
+
+def load_sharded(model_dir: str | Path, require_checksums: bool = False) -> dict[str, torch.Tensor]:
+    """Verify, then read all shards of ``model_dir`` into one CPU state dict (safetensors only)."""
+    out: dict[str, torch.Tensor] = {}
+    for p in verify_shards(model_dir, require_checksums=require_checksums):
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ShardIntegrityError(f"{p}: could not read safetensors data ({e})") from e
+    return out
