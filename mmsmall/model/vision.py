@@ -150,7 +150,7 @@ class _HFBackbone(_Backbone):
         self.image_size = (int(config.image_size), int(config.image_size))
 
     def prune(self, keep_blocks: int) -> None:
-        encoder = self.model.vision_model.encoder
+        encoder = getattr(self.model, "vision_model", self.model).encoder  # transformers 5 flattened it
         encoder.layers = encoder.layers[:keep_blocks]  # the config keeps the unpruned depth
 
     def block_outputs(self, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
