@@ -168,3 +168,105 @@ def check_clock(draft: Draft) -> None:
         hour = hh % 12 or 12
     if (int(m_ans.group(1)), int(m_ans.group(2))) != (hour, minute):
         _fail("clock_time", f"answer {answer} but the face reads {hour}:{minute:02d}")
+
+
+# ----------------------------------------------------------------------------- charts
+
+UNANSWERABLE = "unanswerable"
+
+
+def _num_equal(answer: str, expected: float, decimals: int) -> bool:
+    try:
+        got = parse_number(answer)
+    except ValueError:
+        return False
+    return abs(got - expected) <= 0.5 * 10.0**-decimals + 1e-9 * max(1.0, abs(expected))
+
+
+def _need_visible(draft: Draft, names: list[str]) -> None:
+    visible = draft.aux.get("visible_text", set())
+    missing = [n for n in names if n not in visible]
+    if missing:
+        _fail("chart_label_hidden", f"{missing} not drawn inside the image")
+
+
+def check_chart(draft: Draft) -> None:
+    """Re-derive the answer from the stored data table with numpy; referenced labels must be visible."""
+    question, answer = _qa(draft)
+    data, args = draft.meta["data"], draft.meta["question"]
+    qt, s = args["qtype"], args["series"]
+    series = data["series"]
+    if len(series) > 1:
+        _need_visible(draft, [series[s]])
+    if data["chart_type"] == "scatter":
+        pts = [np.asarray(p, dtype=float).reshape(-1, 2) for p in data["points"]]  # per series (k, 2)
+        if qt == "count":
+            ok = answer == str(pts[s].shape[0])
+        elif qt == "max_y":
+            ok = _num_equal(answer, float(np.concatenate(pts)[:, 1].max()), data["decimals"])
+        elif qt == "extremum":
+            tops = np.array([p[:, 1].max() for p in pts])
+            ok = (tops == tops.max()).sum() == 1 and answer == series[int(tops.argmax())]
+        elif qt == "comparison":
+            o = args["other"]
+            ok = len(pts[s]) != len(pts[o]) and answer == (
+                series[s] if len(pts[s]) > len(pts[o]) else series[o]
+            )
+        elif qt == "yes_no":
+            ok = answer == ("Yes" if (pts[s][:, 1] > args["threshold"]).any() else "No")
+        else:
+            ok = False
+        if not ok:
+            _fail("chart_answer", f"scatter {qt}: answer {answer!r} disagrees with the data")
+        return
+    V = np.asarray(data["values"], dtype=float)  # (n_series, n_categories)
+    row, cats, d = V[s], data["categories"], data["decimals"]
+    if qt == "lookup":
+        _need_visible(draft, [cats[args["cat"]]])
+        ok = _num_equal(answer, row[args["cat"]], d)
+    elif qt in ("extremum", "multiple_choice"):
+        target = row.max() if args["highest"] else row.min()
+        winners = np.flatnonzero(row == target)
+        ok = len(winners) == 1
+        if ok and qt == "extremum":
+            ok = answer == cats[int(winners[0])]
+            _need_visible(draft, cats)
+        elif ok:
+            letters = "ABCD"
+            opts = args["options"]
+            ok = answer in letters[: len(opts)] and opts[letters.index(answer)] == int(winners[0])
+            ok = ok and all(f"\n{letters[t]}. {cats[c]}" in question for t, c in enumerate(opts))
+            _need_visible(draft, cats)
+    elif qt in ("comparison", "yes_no", "difference", "ratio"):
+        a, b = row[args["cat"]], row[args["other"]]
+        _need_visible(draft, [cats[args["cat"]], cats[args["other"]]])
+        if qt == "comparison":
+            ok = a != b and answer == cats[args["cat"] if a > b else args["other"]]
+        elif qt == "yes_no":
+            ok = a != b and answer == ("Yes" if a > b else "No")
+        elif qt == "difference":
+            ok = _num_equal(answer, abs(a - b), d)
+        else:
+            ok = b != 0 and _num_equal(answer, a / b, 2)
+    elif qt == "count":
+        n = len(series) if args.get("what") == "series" else len(cats)
+        ok = answer == str(n)
+        _need_visible(draft, series if args.get("what") == "series" else cats)
+    elif qt == "trend":
+        delta = row[-1] - row[0]
+        ok = delta != 0 and answer == ("increase" if delta > 0 else "decrease")
+        _need_visible(draft, [cats[0], cats[-1]])
+    elif qt == "total":
+        ok = _num_equal(answer, float(V[:, args["cat"]].sum()), d)
+        _need_visible(draft, [cats[args["cat"]]])
+    elif qt == "unanswerable":
+        absent = args["absent"]
+        ok = (
+            answer == UNANSWERABLE
+            and absent not in cats
+            and absent not in draft.aux.get("visible_text", set())
+        )
+    else:
+        ok = False
+    if not ok:
+        _fail("chart_answer", f"{qt}: answer {answer!r} disagrees with the data")
