@@ -1,0 +1,149 @@
+"""Resumable checkpoints: DeepSpeed state plus each rank's step, data position and RNG states.
+
+Layout under ``{out_dir}/checkpoints``::
+
+    step_00000010/            DeepSpeed's files (model, optimizer, scheduler; per-rank shards)
+        client_rank00000.pt   this rank's {"step", "data", "rng"} (a plain dict)
+        config.yaml           the resolved run config
+    latest                    the tag of the newest *complete* checkpoint
+
+``latest`` is written through a temporary file and ``os.replace`` only after every rank has
+finished writing, so a process killed in the middle of a save leaves the previous ``latest``
+pointing at a complete checkpoint. Older complete checkpoints beyond ``keep_last`` are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmsmall.config import save_config
+
+log = logging.getLogger(__name__)
+
+_TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_latest(ckpt_root: str | Path) -> str | None:
+    path = Path(ckpt_root) / "latest"
+    return path.read_text().strip() if path.exists() else None
+
+
+def _write_latest(ckpt_root: Path, tag: str) -> None:
+    tmp = ckpt_root / f"latest.tmp{os.getpid()}"
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, ckpt_root / "latest")
+
+
+def _prune(ckpt_root: Path, keep_last: int, current: str) -> None:
+    tags = sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and _TAG_RE.match(p.name))
+    # keep the newest keep_last up to and including current; newer dirs are leftovers of a killed save
+    done = [t for t in tags if t <= current]
+    for tag in done[: max(0, len(done) - max(1, keep_last))]:
+        shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+
+
+def save(
+    engine: Any,
+    ckpt_root: str | Path,
+    step: int,
+    data_state: dict,
+    run_cfg: Any,
+    *,
+    keep_last: int = 2,
+    kill_during_save: bool = False,
+) -> Path:
+    """Write the checkpoint of ``step`` on every rank, then move ``latest`` to it."""
+    ckpt_root = Path(ckpt_root)
+    tag = tag_of(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": step}, save_latest=False)
+    if kill_during_save:  # tests: die with DeepSpeed's files written but the checkpoint unfinished
+        log.warning("debug: killing rank %d in the middle of saving %s", rank, tag)
+        os.kill(os.getpid(), signal.SIGKILL)
+    client = {"step": step, "data": data_state, "rng": rng_state()}
+    tmp = ckpt_root / tag / f"client_rank{rank:05d}.pt.tmp"
+    torch.save(client, tmp)
+    os.replace(tmp, ckpt_root / tag / f"client_rank{rank:05d}.pt")
+    if rank == 0:
+        save_config(run_cfg, ckpt_root / tag / "config.yaml")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        _write_latest(ckpt_root, tag)
+        _prune(ckpt_root, keep_last, tag)
+        log.info("saved checkpoint %s", ckpt_root / tag)
+    if dist.is_initialized():
+        dist.barrier()
+    return ckpt_root / tag
+
+
+def load_latest(engine: Any, ckpt_root: str | Path) -> dict[str, Any] | None:
+    """Load the checkpoint ``latest`` names into the engine; returns this rank's client state
+    (step, data position; RNG states already restored) or None when there is none."""
+    ckpt_root = Path(ckpt_root)
+    tag = read_latest(ckpt_root)
+    if tag is None:
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    client_path = ckpt_root / tag / f"client_rank{rank:05d}.pt"
+    if not client_path.exists():
+        raise FileNotFoundError(
+            f"{client_path} missing: checkpoint {tag} was written by fewer ranks than this run has "
+            f"({dist.get_world_size() if dist.is_initialized() else 1}); resume with the same world size"
+        )
+    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
+    client = torch.load(client_path, weights_only=False)  # our own file: a dict with numpy RNG state
+    set_rng_state(client["rng"])
+    log.info("resumed from %s (step %d)", ckpt_root / tag, client["step"])
+    return client
+
+
+def save_model(engine: Any, out: str | Path) -> Path | None:
+    """Write the trained VLM with ``save_pretrained`` (rank 0), gathering ZeRO-3 shards first."""
+    import deepspeed
+
+    model = engine.module
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                model.save_pretrained(out)
+    elif rank == 0:
+        model.save_pretrained(out)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        log.info("saved the trained model to %s", out)
+    return Path(out) if rank == 0 else None

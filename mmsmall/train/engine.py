@@ -1,0 +1,201 @@
+"""DeepSpeed set-up: process group, freezing, per-module AdamW groups, the filled DS config.
+
+- ``init_distributed()`` fills RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a
+  plain single-process ``python -m mmsmall.train`` run and starts the process group (gloo on
+  CPU, NCCL on GPUs).
+- ``freeze_modules`` turns ``requires_grad`` off for ``train.freeze`` and logs every module as
+  frozen or trainable with its parameter count.
+- ``param_groups`` builds AdamW groups per module (connector / vision / llm), each split into
+  decayed (matrices) and undecayed (biases, norms: ``ndim < 2``) parameters.
+- ``ds_config`` reads ``train.deepspeed`` and fills each ``"auto"`` from the run config (micro
+  batch, accumulation, clipping, bf16 or fp32) or, for ZeRO-3 bucket sizes, from the LLM width;
+  an ``"auto"`` it has no source for is an error, never a guess. Gradients are reduced in fp32.
+- ``build_engine`` hands the model, a torch AdamW and the per-module LambdaLR to DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmsmall.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+MODULES = ("connector", "vision", "llm")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def on_cpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start the process group; returns ``(rank, world_size)``."""
+    if "RANK" not in os.environ:  # launched without deepspeed / torchrun: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    import deepspeed
+
+    if on_cpu() and os.environ.get("MMSMALL_CPU_SHM_ALLREDUCE", "0") != "1":
+        # DeepSpeed builds its C++ shared-memory all-reduce on the first CPU init (~30 s). It reads
+        # the op's availability from deepspeed.ops.__compatible_ops__ (a dict it documents as
+        # editable); marking it unavailable keeps gloo's all-reduce. MMSMALL_CPU_SHM_ALLREDUCE=1 opts in.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+    if not on_cpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _module_of(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return head if head in MODULES else "connector"
+
+
+def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, Any]]:
+    """Set ``requires_grad`` per module and log each as frozen / trainable; returns the summary."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in MODULES:
+        module = getattr(model, name, None)
+        if module is None:
+            raise AttributeError(f"the model has no submodule {name!r}; expected vision, connector and llm")
+        frozen = name in freeze
+        module.requires_grad_(not frozen)
+        n = sum(_numel(p) for p in module.parameters())
+        summary[name] = {"frozen": frozen, "params": n}
+        log.info("%-9s %-9s %12s params", name, "frozen" if frozen else "trainable", f"{n:,}")
+    others = [n for n, _ in model.named_parameters() if n.split(".", 1)[0] not in MODULES]
+    if others:
+        log.info("parameters outside vision/connector/llm train with the connector group: %s", others[:5])
+    return summary
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned params keep their full size here
+
+
+def param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
+    """AdamW groups: one decayed and one undecayed group per trainable module."""
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or getattr(p, "ds_shape", p.shape).__len__() < 2
+        buckets.setdefault((_module_of(name), no_decay), []).append(p)
+    groups = []
+    for (module, no_decay), params in sorted(buckets.items()):
+        groups.append(
+            {
+                "params": params,
+                "name": f"{module}{'_no_decay' if no_decay else ''}",
+                "module": module,
+                "lr": getattr(train_cfg.lr, module),
+                "weight_decay": 0.0 if no_decay else train_cfg.weight_decay,
+            }
+        )
+    if not groups:
+        raise ValueError(f"train.freeze={train_cfg.freeze}: every module is frozen; nothing would train")
+    return groups
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+
+def _llm_hidden(model: nn.Module) -> int | None:
+    cfg = getattr(getattr(model, "llm", None), "config", None)
+    return getattr(cfg, "hidden_size", None)
+
+
+def ds_config(run_cfg: Any, world_size: int, model: nn.Module | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of ``train.deepspeed`` with every ``"auto"`` filled from the run config."""
+    t = run_cfg.train
+    path = Path(t.deepspeed)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(f"train.deepspeed: {t.deepspeed} not found (also looked in {REPO_ROOT})")
+    cfg = json.loads(path.read_text())
+    h = _llm_hidden(model) if model is not None else None
+    fill: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.clip_grad,
+        "bf16.enabled": t.precision == "bf16",
+        "fp16.enabled": False,
+        "communication_data_type": "fp32",
+    }
+    if h is not None:  # ZeRO-3 buckets scale with the width (the usual h*h rule)
+        fill.update(
+            {
+                "zero_optimization.reduce_bucket_size": h * h,
+                "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h * h),
+                "zero_optimization.stage3_param_persistence_threshold": 10 * h,
+            }
+        )
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif v == "auto":
+                if key not in fill:
+                    raise ValueError(
+                        f"{path}: {key} is 'auto' but mmsmall has no source for it; give a value in the json "
+                        f"(auto is filled for: {', '.join(sorted(fill))})"
+                    )
+                node[k] = fill[key]
+
+    walk(cfg, "")
+    # Settings the run config owns are enforced even where the json gave numbers.
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if cfg.get(key, fill[key]) != fill[key]:
+            raise ValueError(
+                f"{path}: {key}={cfg[key]} disagrees with the run config ({fill[key]}); use 'auto'"
+            )
+        cfg[key] = fill[key]
+    cfg.setdefault("bf16", {})["enabled"] = fill["bf16.enabled"]
+    cfg.setdefault("communication_data_type", "fp32")
+    cfg["zero_allow_untested_optimizer"] = True  # torch AdamW is the client optimizer
+    cfg.setdefault("steps_per_print", 10**9)  # the loop logs; DeepSpeed stays quiet
+    return cfg
+
+
+def build_engine(run_cfg: Any, model: nn.Module, world_size: int):
+    """Freeze, group, schedule and wrap the model; returns the DeepSpeed engine."""
+    import deepspeed
+
+    t = run_cfg.train
+    freeze_modules(model, t.freeze)
+    if t.activation_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups = param_groups(model, t)
+    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(t.betas), eps=t.eps)
+    scheduler = build_scheduler(optimizer, t)
+    config = ds_config(run_cfg, world_size, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine

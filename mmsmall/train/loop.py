@@ -1,0 +1,189 @@
+"""The training loop: ``python -m mmsmall.train CONFIG [key=value ...]`` on every rank.
+
+One optimizer step = ``grad_accum`` packed micro-batches per rank. The loss of the step is the
+sum of per-token losses over the whole accumulation window and all ranks divided by the global
+count of target tokens, which is all-reduced *before* the backward passes; DeepSpeed averages
+gradients over ranks, so each micro-batch's backward gets ``loss_sum * world / n_global``
+(``scale_wrt_gas=False``: the division is already global).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmsmall.config import load_config, save_config
+from mmsmall.data.loader import TrainData
+from mmsmall.train import checkpoint
+from mmsmall.train.engine import build_engine, init_distributed
+from mmsmall.train.flops import FlopCounter, peak_flops
+from mmsmall.train.monitor import RunMonitor
+
+log = logging.getLogger("mmsmall.train")
+
+USAGE = "usage: python -m mmsmall.train CONFIG [key=value ...]   (e.g. configs/train/tiny-pretrain.yaml train.steps=20)"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if k == "sample_ids":
+            continue
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+        out[k] = v
+    return out
+
+
+def train_step(engine, micro: list[dict], world: int, dtype: torch.dtype, step: int) -> tuple[float, float]:
+    """Forward/backward every micro-batch of one optimizer step; returns (global loss, n_targets)."""
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # the model's shifted targets
+    (n_global,) = _all_reduce([n_local], engine.device)
+    loss_sum = 0.0
+    for b in micro:
+        out = engine(**_to_device(b, engine.device, dtype), loss_reduction="sum")
+        if int(out.n_targets) != int((b["labels"][:, 1:] != -100).sum()):
+            raise RuntimeError("the model counts targets differently from the loop (labels[:, 1:] != -100)")
+        (bad,) = _all_reduce([0.0 if torch.isfinite(out.loss).item() else 1.0], engine.device)
+        if bad:
+            if not torch.isfinite(out.loss):
+                log.error(
+                    "rank %d step %d: loss %s on samples %s",
+                    dist.get_rank(),
+                    step,
+                    out.loss.item(),
+                    b["sample_ids"],
+                )
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step}; step skipped, run stopped (sample ids logged above)"
+            )
+        engine.backward(out.loss * world / max(n_global, 1.0), scale_wrt_gas=False)
+        engine.step()
+        loss_sum += float(out.loss.detach())
+    (loss_all,) = _all_reduce([loss_sum], engine.device)
+    return loss_all / max(n_global, 1.0), n_global
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cfg = load_config(argv[0], argv[1:])
+    # DeepSpeed's ZeRO still calls this torch API once per bucket; the warning floods the log.
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
+    rank, world = init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    t, out = cfg.train, Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    from mmsmall.model.vlm import VLM, build_vlm
+    from mmsmall.processing.processor import Processor
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    if t.init_from:  # a later stage: weights, model config and tokenizer of the previous one
+        model = VLM.from_pretrained(t.init_from).train()
+        tokenizer, cfg.model = model.tokenizer, model.cfg
+        log.info(
+            "model, its config and tokenizer from %s (the config's model section is not used)", t.init_from
+        )
+    else:
+        tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name)
+        model = build_vlm(cfg.model, tokenizer)
+    processor = Processor(tokenizer, cfg.model.image, style_prefix=cfg.model.style_prefix)
+    data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
+    engine = build_engine(cfg, model, world)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")  # resolved, beside the run
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    flops, peak = FlopCounter(model, t.freeze), peak_flops()
+
+    step, ckpt_root = 0, out / "checkpoints"
+    client = checkpoint.load_latest(engine, ckpt_root)
+    if client is not None:
+        step = client["step"]
+        data.load_state_dict(client["data"])
+    else:
+        seed_everything(cfg.seed * 1000 + rank)  # per-rank training randomness
+    monitor = RunMonitor(cfg, rank, step)
+    try:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            micro = [data.next_batch() for _ in range(t.grad_accum)]
+            loss, n_targets = train_step(engine, micro, world, dtype, step + 1)
+            step += 1
+            ids = [i for b in micro for i in b["sample_ids"]]
+            useful = sum(int(b["attention_mask"].sum()) for b in micro)
+            step_flops = sum(flops.step_flops(b) for b in micro)
+            tokens, samples, total_flops = _all_reduce([useful, len(ids), step_flops], engine.device)
+            dt = time.perf_counter() - t0
+            monitor.samples(step, ids)
+            if step % t.log_every == 0 or step == t.steps:
+                groups = engine.lr_scheduler.optimizer.param_groups
+                monitor.log(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "n_targets": int(n_targets),
+                        "tokens": int(tokens),
+                        "samples": int(samples),
+                        "tokens_per_s": tokens / dt,
+                        "samples_per_s": samples / dt,
+                        "mfu": None if peak is None else total_flops / dt / (peak * world),
+                        "step_time_s": dt,
+                        **{f"lr/{g['name']}": g["lr"] for g in groups},
+                        "skipped": dict(data.counters),
+                    }
+                )
+            kill_here = t.debug_kill_at_step == step
+            if step == t.steps or (t.save_every and step % t.save_every == 0):
+                checkpoint.save(
+                    engine,
+                    ckpt_root,
+                    step,
+                    data.state_dict(),
+                    cfg,
+                    keep_last=t.keep_last,
+                    kill_during_save=kill_here and t.debug_kill_during_save,
+                )
+            if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
+                log.warning("debug: killing rank %d after step %d", rank, step)
+                os.kill(os.getpid(), signal.SIGKILL)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        monitor.close()
+        return 1
+    monitor.close()
+    checkpoint.save_model(engine, out / "model")
+    return 0
