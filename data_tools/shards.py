@@ -54,7 +54,9 @@ class ShardWriter:
     never leaves a half-written shard under the final name.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str = "data", max_count: int = 1000, start_index: int = 0):
+    def __init__(
+        self, out_dir: str | Path, prefix: str = "data", max_count: int = 1000, start_index: int = 0
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -80,7 +82,12 @@ class ShardWriter:
         final = self.out_dir / self._shard_name(self.index)
         os.replace(self._tmp, final)
         self.shards.append(
-            {"name": final.name, "count": self._count, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+            {
+                "name": final.name,
+                "count": self._count,
+                "bytes": final.stat().st_size,
+                "sha256": file_sha256(final),
+            }
         )
         self._tar = None
         self.index += 1
@@ -104,19 +111,16 @@ class ShardWriter:
         if self._count >= self.max_count:
             self._finish()
 
-    def close(self, extra: dict | None = None) -> dict:
-        """Finish the open shard and write ``manifest.json``; returns the manifest."""
+    def close(self, extra: dict | None = None, manifest: bool = True) -> dict:
+        """Finish the open shard and write ``manifest.json``; returns the manifest.
+
+        With ``manifest=False`` only the shard is finished (the caller writes one manifest for
+        shards written by several writers, e.g. one writer per output shard in curation).
+        """
         self._finish()
-        manifest = {
-            "format": "mmsmall-webdataset-v1",
-            "shards": self.shards,
-            "total": sum(s["count"] for s in self.shards),
-            **(extra or {}),
-        }
-        tmp = self.out_dir / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, self.out_dir / "manifest.json")
-        return manifest
+        if not manifest:
+            return {"shards": self.shards, "total": sum(s["count"] for s in self.shards)}
+        return write_manifest(self.out_dir, self.shards, extra)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -127,6 +131,21 @@ class ShardWriter:
         elif self._tar is not None:
             self._tar.close()
             self._tmp.unlink(missing_ok=True)
+
+
+def write_manifest(out_dir: str | Path, shards: list[dict], extra: dict | None = None) -> dict:
+    """Write ``manifest.json`` (atomically) for the given per-shard entries; returns it."""
+    manifest = {
+        "format": "mmsmall-webdataset-v1",
+        "shards": shards,
+        "total": sum(s["count"] for s in shards),
+        **(extra or {}),
+    }
+    out_dir = Path(out_dir)
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / "manifest.json")
+    return manifest
 
 
 def read_manifest(shard_dir: str | Path) -> dict:

@@ -1,0 +1,415 @@
+"""Curation: raw inputs -> clean webdataset shards + report, resumable and parallel.
+
+    plan units ──map (process_unit, per unit, in parallel)──▶ work/units/uXXXXXX.{tar,done.json}
+               ──reduce (exact + near dedup, CLIP threshold; global, in the driver)──▶ decisions
+               ──write (one output shard at a time)──▶ out/{prefix}-NNNNNN.tar + manifest.json
+               ──report──▶ out/report/report.html + PNGs
+
+Every map stage is a pure function of one unit's records; every sample it drops gets a reason
+code, so ``in == kept + sum(dropped)``. A unit commits its stage tar and then its done-marker with
+``os.replace``; an output shard is committed with a marker naming its exact content. A rerun
+skips committed work, and because every decision is a deterministic function of the inputs and
+the config, an interrupted-then-resumed run writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmsmall.config import from_dict, to_dict
+
+from .config import CurateConfig, load_curate_config
+from .decontam import DecontamIndex, hit_record
+from .dedup import NearDupIndex, greedy_keep, hex64, phash_batch, phash_thumb
+from .executors import run_units
+from .ingest import plan_units, read_unit
+from .points import normalize_points, pointing_messages
+from .shards import ShardWriter, _add_member, safe_key, write_manifest
+from .textfilters import text_filter
+from .validate import decode_validate, normalize_image
+
+# Stage order of the funnel; every reason code belongs to one stage.
+STAGES = ("ingest", "validate", "points", "text", "decontam", "exact_dedup", "near_dedup", "clip")
+THUMB = 160  # px, longer side of report thumbnails stored for dropped samples
+
+
+def config_fingerprint(cfg: CurateConfig) -> str:
+    """Hash of everything that changes what a unit produces (not output paths or report)."""
+    d = to_dict(cfg)
+    for k in ("out_dir", "work_dir", "shard_size", "report", "name"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _thumb_bytes(im: Image.Image) -> bytes:
+    t = im.copy()
+    t.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    t.convert("RGB").save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _short(messages: list[dict], n: int = 120) -> str:
+    text = " | ".join(m.get("content", "") for m in messages if m.get("role") == "assistant")
+    return text[:n]
+
+
+@lru_cache(maxsize=2)
+def _decontam_index(path: str) -> DecontamIndex:
+    return DecontamIndex.load(path)
+
+
+# ----------------------------------------------------------------------------- map
+
+
+def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
+    """Run every per-sample stage on one unit and commit its stage tar and done-marker."""
+    cfg = from_dict(CurateConfig, cfg_dict)
+    fp = config_fingerprint(cfg)
+    units_dir = Path(work_dir) / "units"
+    done = units_dir / f"{unit['uid']}.done.json"
+    if done.exists():
+        stats = json.loads(done.read_text())
+        if stats.get("fingerprint") == fp:
+            return stats
+    drops: list[dict] = []
+    cands: list[dict] = []
+    thumbs: dict[str, bytes] = {}
+    n_in = 0
+    for pos, rec in enumerate(read_unit(unit, cfg)):
+        n_in += 1
+        reason, stage, detail = rec["error"], "ingest", rec["image_ref"]
+        im = None
+        if reason is None:
+            stage = "validate"
+            im, reason, info = decode_validate(rec["image_bytes"], cfg.validate)
+            if reason is None:
+                im, data, ext = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
+            else:
+                detail = info
+        if reason is None and rec["points"] is not None:
+            stage = "points"
+            pts, reason, detail = normalize_points(
+                rec["points"], rec["meta"].pop("coords", "normalized"), *im.size
+            )
+            if pts is not None:
+                rec["points"] = pts
+                if not rec["messages"]:
+                    rec["messages"] = pointing_messages(pts)
+        if reason is None and rec["points"] is None:
+            stage = "text"
+            reason, detail = text_filter(rec["messages"], cfg.text)
+        base = {"pos": pos, "id": rec["id"], "source": rec["source"], "text": _short(rec["messages"])}
+        if reason is not None:
+            has_thumb = im is not None and sum(d["reason"] == reason for d in drops) < cfg.report.grid_size
+            if has_thumb:
+                thumbs[f"d{pos:06d}"] = _thumb_bytes(im)
+            drops.append(
+                {**base, "stage": stage, "reason": reason, "detail": str(detail)[:200], "thumb": has_thumb}
+            )
+            continue
+        cands.append({**base, "rec": rec, "im": im, "data": data, "ext": ext})
+
+    # (N, 32, 32) thumbnails -> (N,) 64-bit pHashes, one batched DCT
+    hashes = phash_batch(np.stack([phash_thumb(c["im"]) for c in cands])) if cands else np.zeros(0, np.uint64)
+    for c, h in zip(cands, hashes.tolist()):
+        c["phash"] = h
+        c["sha256"] = hashlib.sha256(c["data"]).hexdigest()
+
+    hits: list[dict] = []
+    if cfg.decontam.benchmarks:
+        index = _decontam_index(str(Path(work_dir) / "decontam"))
+        img_hits = index.check_images(hashes)
+        kept = []
+        for n, c in enumerate(cands):
+            reason = detail = None
+            if n in img_hits:
+                ref, dist = img_hits[n]
+                reason, detail = "decontam_image", f"pHash within {dist} bits of {ref}"
+                hits.append(hit_record(c["id"], c["source"], "image", ref, detail))
+            else:
+                t = index.check_text(c["rec"]["messages"])
+                if t is not None:
+                    reason, detail = "decontam_text", f"question overlaps {t[0]}: {t[1]!r}"
+                    hits.append(hit_record(c["id"], c["source"], "text", t[0], detail))
+            if reason is None:
+                kept.append(c)
+                continue
+            thumbs[f"d{c['pos']:06d}"] = _thumb_bytes(c["im"])
+            drops.append({**{k: c[k] for k in ("pos", "id", "source", "text")}, "stage": "decontam",
+                          "reason": reason, "detail": detail, "thumb": True})  # fmt: skip
+        cands = kept
+
+    if cfg.clip.enabled and cands:
+        from .clipscore import ClipScorer, clip_text
+
+        scores = ClipScorer(cfg.clip, cfg.seed).score(
+            [c["im"] for c in cands], [clip_text(c["rec"]["messages"], c["rec"]["task"]) for c in cands]
+        )
+    else:
+        scores = [None] * len(cands)
+
+    # commit: stage tar first, then the done-marker
+    units_dir.mkdir(parents=True, exist_ok=True)
+    tar_path = units_dir / f"{unit['uid']}.tar"
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    cand_stats = []
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for c, score in zip(cands, scores):
+            rec, im = c["rec"], c["im"]
+            sample = {
+                "id": rec["id"],
+                "source": rec["source"],
+                "image": {
+                    "width": im.width,
+                    "height": im.height,
+                    "sha256": c["sha256"],
+                    "phash": hex64(c["phash"]),
+                },
+                "task": rec["task"],
+                "messages": rec["messages"],
+                "points": rec["points"] if rec["points"] is not None else [],
+                "meta": {**rec["meta"], **({"clip_score": score} if score is not None else {})},
+            }
+            key = f"s{c['pos']:06d}"
+            _add_member(tar, f"{key}.{c['ext']}", c["data"])
+            _add_member(tar, f"{key}.json", json.dumps(sample, sort_keys=True, ensure_ascii=False).encode())
+            answer_len = len(" ".join(m["content"] for m in rec["messages"] if m["role"] == "assistant"))
+            cand_stats.append({k: c[k] for k in ("pos", "id", "source", "text", "ext", "sha256")}
+                              | {"phash": hex64(c["phash"]), "clip": score, "w": im.width, "h": im.height,
+                                 "text_len": answer_len})  # fmt: skip
+        for name, data in thumbs.items():
+            _add_member(tar, f"{name}.jpg", data)
+    os.replace(tmp, tar_path)
+    stats = {
+        "uid": unit["uid"],
+        "fingerprint": fp,
+        "n_in": n_in,
+        "drops": drops,
+        "cands": cand_stats,
+        "hits": hits,
+    }
+    _atomic_write(done, json.dumps(stats, sort_keys=True).encode())
+    delay = float(os.environ.get("DATA_TOOLS_UNIT_DELAY_S", "0") or 0)  # testing aid: widen the kill window
+    if delay:
+        time.sleep(delay)
+    return stats
+
+
+# ----------------------------------------------------------------------------- reduce
+
+
+def reduce_decisions(stats: list[dict], cfg: CurateConfig) -> dict:
+    """Global pass: exact dedup, near dedup, CLIP threshold; assign unique output keys.
+
+    Returns ``{"kept": [(uid, pos, key)], "drops": [drop dicts with uid], "clip_threshold": float|None}``.
+    """
+    flat = [(s["uid"], c) for s in stats for c in s["cands"]]
+    alive = np.ones(len(flat), dtype=bool)
+    drops: list[dict] = []
+
+    def drop(i: int, stage: str, reason: str, detail: str) -> None:
+        alive[i] = False
+        uid, c = flat[i]
+        drops.append({k: c[k] for k in ("pos", "id", "source", "text")} | {"uid": uid, "stage": stage,
+                     "reason": reason, "detail": detail, "thumb": False, "cand": True})  # fmt: skip
+
+    if cfg.dedup.exact:
+        first: dict[str, int] = {}
+        for i, (_, c) in enumerate(flat):
+            if c["sha256"] in first:
+                drop(
+                    i, "exact_dedup", "exact_duplicate", f"same bytes as {flat[first[c['sha256']]][1]['id']}"
+                )
+            else:
+                first[c["sha256"]] = i
+    if cfg.dedup.near:
+        idx = np.flatnonzero(alive)
+        hashes = np.array([int(flat[i][1]["phash"], 16) for i in idx], dtype=np.uint64)
+        a, b = NearDupIndex(hashes, cfg.dedup.max_distance, cfg.dedup.bands).self_pairs()
+        keep, dup_of = greedy_keep(len(idx), a, b)
+        for j in np.flatnonzero(~keep).tolist():
+            other = flat[idx[dup_of[j]]][1]
+            dist = bin(int(hashes[j]) ^ int(hashes[dup_of[j]])).count("1")
+            drop(int(idx[j]), "near_dedup", "near_duplicate", f"pHash within {dist} bits of {other['id']}")
+    threshold = None
+    if cfg.clip.enabled:
+        idx = np.flatnonzero(alive)
+        scores = np.array([flat[i][1]["clip"] for i in idx], dtype=np.float64)
+        if cfg.clip.threshold is not None:
+            threshold = float(cfg.clip.threshold)
+        elif cfg.clip.quantile is not None and len(scores):
+            threshold = float(np.quantile(scores, cfg.clip.quantile))
+        if threshold is not None:
+            for i, s in zip(idx.tolist(), scores.tolist()):
+                if s < threshold:
+                    drop(i, "clip", "clip_low", f"CLIP score {s:.4f} < threshold {threshold:.4f}")
+    kept, used = [], set()
+    for i in np.flatnonzero(alive).tolist():
+        uid, c = flat[i]
+        key = base = safe_key(f"{c['source']}_{c['id']}")
+        n = 1
+        while key in used:
+            n += 1
+            key = f"{base}_{n}"
+        used.add(key)
+        kept.append((uid, c["pos"], key))
+    return {"kept": kept, "drops": drops, "clip_threshold": threshold}
+
+
+# ----------------------------------------------------------------------------- write
+
+
+class _StageReader:
+    """Members of one unit's stage tar, read in memory (one unit cached at a time)."""
+
+    def __init__(self, units_dir: Path):
+        self.units_dir = units_dir
+        self.uid: str | None = None
+        self.members: dict[str, bytes] = {}
+
+    def get(self, uid: str, name: str) -> bytes | None:
+        if uid != self.uid:
+            with tarfile.open(self.units_dir / f"{uid}.tar") as tar:
+                self.members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+            self.uid = uid
+        return self.members.get(name)
+
+
+def write_shards(
+    kept: list[tuple[str, int, str]], cfg: CurateConfig, work: Path, out: Path, fp: str
+) -> list[dict]:
+    """Write the kept samples into fixed-size shards; committed shards are skipped on rerun."""
+    from tqdm.auto import tqdm
+
+    reader = _StageReader(work / "units")
+    marks = work / "shards"
+    marks.mkdir(parents=True, exist_ok=True)
+    chunks = [kept[s : s + cfg.shard_size] for s in range(0, len(kept), cfg.shard_size)]
+    entries = []
+    for i, chunk in enumerate(tqdm(chunks, desc="shards", unit="shard", dynamic_ncols=True)):
+        content = hashlib.sha256(json.dumps([fp, cfg.prefix, chunk]).encode()).hexdigest()
+        marker = marks / f"{i:06d}.json"
+        if marker.exists():
+            m = json.loads(marker.read_text())
+            if m["content"] == content and (out / m["entry"]["name"]).exists():
+                entries.append(m["entry"])
+                continue
+        w = ShardWriter(out, cfg.prefix, max_count=len(chunk) + 1, start_index=i)
+        for uid, pos, key in chunk:
+            meta = json.loads(reader.get(uid, f"s{pos:06d}.json"))
+            for ext in ("jpg", "png"):
+                data = reader.get(uid, f"s{pos:06d}.{ext}")
+                if data is not None:
+                    break
+            w.write(key, data, ext, meta)
+        entry = w.close(manifest=False)["shards"][0]
+        _atomic_write(marker, json.dumps({"content": content, "entry": entry}).encode())
+        entries.append(entry)
+    for stale in out.glob(f"{cfg.prefix}-*.tar"):  # shards of an earlier, larger run
+        try:
+            if int(stale.stem.rsplit("-", 1)[1]) >= len(chunks):
+                stale.unlink()
+        except ValueError:
+            continue
+    return entries
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_curation(
+    config: str | Path | dict | CurateConfig,
+    overrides: list[str] | tuple[str, ...] = (),
+    executor: str = "local",
+    workers: int | None = None,
+) -> dict:
+    """Curate the config's inputs into shards under ``out_dir``; returns the summary.
+
+    Summary keys: ``out_dir, manifest, report, n_in, n_kept, dropped {reason: n},
+    funnel [{stage, reason, count}], clip_threshold, decontam_hits, units, units_resumed``.
+    """
+    cfg = load_curate_config(config, overrides)
+    out = Path(cfg.out_dir)
+    work = Path(cfg.work_dir) if cfg.work_dir else out / "_work"
+    (work / "units").mkdir(parents=True, exist_ok=True)
+    fp = config_fingerprint(cfg)
+    if cfg.decontam.benchmarks:
+        stamp = work / "decontam.fingerprint"
+        bench_fp = hashlib.sha256(json.dumps(to_dict(cfg.decontam), sort_keys=True).encode()).hexdigest()
+        if not (stamp.exists() and stamp.read_text() == bench_fp):
+            DecontamIndex.build(cfg.decontam).save(work / "decontam")
+            _atomic_write(stamp, bench_fp.encode())
+    units = plan_units(cfg)
+    todo, stats_by_uid = [], {}
+    for u in units:
+        done = work / "units" / f"{u['uid']}.done.json"
+        st = json.loads(done.read_text()) if done.exists() else None
+        if st is not None and st.get("fingerprint") == fp:
+            stats_by_uid[u["uid"]] = st
+        else:
+            todo.append(u)
+    resumed = len(stats_by_uid)
+    for st in run_units(process_unit, todo, (to_dict(cfg), str(work)), executor, workers, desc="curate"):
+        stats_by_uid[st["uid"]] = st
+    stats = [stats_by_uid[u["uid"]] for u in units]
+
+    dec = reduce_decisions(stats, cfg)
+    entries = write_shards(dec["kept"], cfg, work, out, fp)
+
+    all_drops = [d | {"uid": s["uid"]} for s in stats for d in s["drops"]] + dec["drops"]
+    counts = Counter((d["stage"], d["reason"]) for d in all_drops)
+    n_in = sum(s["n_in"] for s in stats)
+    funnel = [
+        {"stage": st, "reason": r, "count": counts[(st, r)]}
+        for st in STAGES
+        for (s2, r) in sorted(counts)
+        if s2 == st
+    ]
+    dropped = dict(sorted(Counter(d["reason"] for d in all_drops).items()))
+    hits = [h for s in stats for h in s["hits"]]
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "out_dir": str(out),
+        "n_in": n_in,
+        "n_kept": len(dec["kept"]),
+        "dropped": dropped,
+        "funnel": funnel,
+        "clip_threshold": dec["clip_threshold"],
+        "decontam_hits": len(hits),
+        "units": len(units),
+        "units_resumed": resumed,
+    }
+    if n_in != summary["n_kept"] + sum(dropped.values()):
+        raise RuntimeError(f"curation lost samples: in={n_in}, kept={summary['n_kept']}, dropped={dropped}")
+    manifest = write_manifest(
+        out, entries, {"name": cfg.name, "curation": {k: summary[k] for k in ("n_in", "n_kept", "dropped")}}
+    )
+    summary["manifest"] = str(out / "manifest.json")
+    summary["total"] = manifest["total"]
+    if cfg.report.enabled:
+        from .report import write_curation_report
+
+        summary["report"] = str(
+            write_curation_report(out / "report", cfg, summary, stats, dec, all_drops, hits, work / "units")
+        )
+    (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

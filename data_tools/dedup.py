@@ -1,0 +1,166 @@
+"""Perceptual hashes and a multi-index for Hamming-radius search over 64-bit hashes.
+
+pHash: grayscale 32x32 thumbnail, 2D DCT-II, the 8x8 lowest frequencies compared with their
+median -> 64 bits (computed for a whole batch with two matrix products).
+
+Index (pigeonhole): split the 64 bits into ``m`` bands. Two hashes within ``k`` bits differ in at
+most ``k`` bands, so at least ``m - k`` bands agree exactly. For every combination of ``m - k``
+bands the index keeps the hashes sorted by those bands' bits; a query looks up its exact bucket
+in each table (``searchsorted``) and verifies the candidates with a popcount. With the default
+``m = k + 2`` each table key has about ``2 * 64 / (k + 2)`` bits, so at a million random hashes a
+bucket holds a handful of entries instead of the whole set.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from PIL import Image
+
+HASH_SIZE = 8
+_IMG = 32
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    return np.cos(np.pi * (2 * i + 1) * k / (2 * n)).astype(np.float32)  # (n, n), DCT-II rows
+
+
+_D = _dct_matrix(_IMG)[:HASH_SIZE]  # (8, 32) only the low frequencies are needed
+_BITS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)  # (64,) MSB first
+
+
+def phash_thumb(im: Image.Image) -> np.ndarray:
+    """The (32, 32) float32 grayscale thumbnail pHash is computed from."""
+    g = im.convert("L")
+    if g.width > 4 * _IMG and g.height > 4 * _IMG:
+        g = g.reduce(max(1, min(g.width, g.height) // (2 * _IMG)))  # fast box pre-shrink
+    return np.asarray(g.resize((_IMG, _IMG), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def phash_batch(thumbs: np.ndarray) -> np.ndarray:
+    """(N, 32, 32) thumbnails -> (N,) uint64 hashes."""
+    if len(thumbs) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    low = _D @ thumbs @ _D.T  # (N, 8, 8) lowest DCT frequencies
+    flat = low.reshape(len(thumbs), -1)  # (N, 64)
+    bits = flat > np.median(flat, axis=1, keepdims=True)  # (N, 64)
+    return (bits.astype(np.uint64) * _BITS).sum(axis=1, dtype=np.uint64)
+
+
+def phash(im: Image.Image) -> int:
+    """64-bit perceptual hash of one image."""
+    return int(phash_batch(phash_thumb(im)[None])[0])
+
+
+def hex64(h: int) -> str:
+    return f"{int(h):016x}"
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise popcount of ``a ^ b`` for uint64 arrays."""
+    return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
+
+
+def _band_masks(m: int) -> list[int]:
+    edges = np.linspace(0, 64, m + 1).round().astype(int)
+    return [((1 << (b - a)) - 1) << (64 - b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _ragged_pairs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges [starts[q], ends[q]): (owner q, position) of every element, vectorized."""
+    counts = ends - starts
+    owner = np.repeat(np.arange(len(starts)), counts)
+    offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, np.repeat(starts, counts) + offset
+
+
+class NearDupIndex:
+    """Find stored 64-bit hashes within ``max_distance`` bits of a query.
+
+    >>> idx = NearDupIndex(hashes, max_distance=4)        # hashes: (N,) uint64
+    >>> q, i, d = idx.query(queries)                       # matches: query row, stored row, distance
+    >>> a, b = idx.self_pairs()                            # all pairs a < b within the radius
+    """
+
+    def __init__(self, hashes: np.ndarray, max_distance: int = 4, bands: int = 0):
+        self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+        self.k = int(max_distance)
+        m = bands or self.k + 2
+        if m <= self.k:
+            raise ValueError(f"NearDupIndex: bands={m} must exceed max_distance={self.k}")
+        masks = _band_masks(m)
+        self.tables: list[tuple[np.uint64, np.ndarray, np.ndarray]] = []  # (mask, sorted keys, order)
+        for combo in itertools.combinations(range(m), m - self.k):
+            mask = np.uint64(sum(masks[c] for c in combo))
+            keys = self.hashes & mask
+            order = np.argsort(keys, kind="stable").astype(np.int64)
+            self.tables.append((mask, keys[order], order))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def query(self, queries: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All (query row, stored row, distance) with distance <= max_distance, unique, sorted."""
+        queries = np.asarray(queries, dtype=np.uint64)
+        out_q, out_i = [], []
+        for c0 in range(0, len(queries), chunk):
+            qs = queries[c0 : c0 + chunk]
+            for mask, keys, order in self.tables:
+                qk = qs & mask
+                lo = np.searchsorted(keys, qk, side="left")
+                hi = np.searchsorted(keys, qk, side="right")
+                owner, pos = _ragged_pairs(lo, hi)
+                cand = order[pos]
+                ok = hamming(qs[owner], self.hashes[cand]) <= self.k
+                out_q.append(owner[ok] + c0)
+                out_i.append(cand[ok])
+        if not out_q:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, e
+        pair = np.unique(np.concatenate(out_q) * max(len(self.hashes), 1) + np.concatenate(out_i))
+        q, i = np.divmod(pair, max(len(self.hashes), 1))
+        return q, i, hamming(queries[q], self.hashes[i])
+
+    def self_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """All stored pairs (a, b), a < b, within max_distance, unique and sorted by (b, a)."""
+        n = len(self.hashes)
+        out_a, out_b = [], []
+        for _mask, keys, order in self.tables:
+            if n < 2:
+                break
+            new_bucket = np.r_[True, keys[1:] != keys[:-1]]  # (n,)
+            ends = np.r_[np.flatnonzero(new_bucket)[1:], n]  # end of each bucket
+            p = np.flatnonzero(~new_bucket[1:])  # positions whose successor shares the bucket
+            if len(p) == 0:
+                continue
+            bucket_end = ends[np.cumsum(new_bucket)[p] - 1]
+            owner, q = _ragged_pairs(p + 1, bucket_end)
+            a, b = order[p[owner]], order[q]
+            ok = hamming(self.hashes[a], self.hashes[b]) <= self.k
+            a, b = a[ok], b[ok]
+            out_a.append(np.minimum(a, b))
+            out_b.append(np.maximum(a, b))
+        if not out_a:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e
+        code = np.unique(np.concatenate(out_b) * n + np.concatenate(out_a))
+        b, a = np.divmod(code, n)
+        return a, b
+
+
+def greedy_keep(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walk samples in order; drop b if an earlier *kept* a is within the radius.
+
+    Returns ``(keep (n,) bool, dup_of (n,) int64, -1 where kept)``. Pairs must have a < b.
+    """
+    keep = np.ones(n, dtype=bool)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    order = np.lexsort((a, b))
+    for ai, bi in zip(a[order].tolist(), b[order].tolist()):
+        if keep[bi] and keep[ai]:
+            keep[bi] = False
+            dup_of[bi] = ai
+    return keep, dup_of

@@ -1,0 +1,85 @@
+"""Run one function over work units: in this process, a local process pool, or Ray.
+
+``run_units(fn, units, args, executor, workers)`` calls ``fn(unit, *args)`` for every unit and
+returns the results in unit order, with a tqdm progress bar. ``fn`` must be a module-level
+function (picklable) that commits its own outputs; results should be small dicts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+from tqdm.auto import tqdm
+
+EXECUTORS = ("local", "ray")
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_units(
+    fn: Callable[..., dict],
+    units: Sequence[dict],
+    args: tuple = (),
+    executor: str = "local",
+    workers: int | None = None,
+    desc: str = "units",
+) -> list[dict]:
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    if not units:
+        return []
+    if executor == "ray":
+        return _run_ray(fn, units, args, workers, desc)
+    workers = min(workers or default_workers(), len(units))
+    results: list[Any] = [None] * len(units)
+    bar = tqdm(total=len(units), desc=desc, unit="unit", dynamic_ncols=True)
+    if workers == 1:
+        for i, u in enumerate(units):
+            results[i] = fn(u, *args)
+            bar.update(1)
+    else:
+        # spawn: workers never inherit torch/thread state from the driver
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, u, *args): i for i, u in enumerate(units)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+    bar.close()
+    return results
+
+
+def _run_ray(
+    fn: Callable[..., dict], units: Sequence[dict], args: tuple, workers: int | None, desc: str
+) -> list[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError(
+            "executor 'ray' needs Ray: pip install 'mmsmall[distributed]' (or 'ray[default]')"
+        ) from None
+    started = False
+    if not ray.is_initialized():
+        # Joins a running cluster when RAY_ADDRESS is set; otherwise starts a local instance.
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        remote = ray.remote(fn)
+        refs = {remote.remote(u, *args): i for i, u in enumerate(units)}
+        results: list[Any] = [None] * len(units)
+        pending = list(refs)
+        with tqdm(total=len(units), desc=f"{desc} (ray)", unit="unit", dynamic_ncols=True) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for r in done:
+                    results[refs[r]] = ray.get(r)
+                    bar.update(1)
+        return results
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,351 @@
+"""Read user inputs as work units of raw records.
+
+Planning (:func:`plan_units`) is cheap and deterministic: it lists what each unit will read
+(rows of a caption file, a row range of a parquet file, one tar of a shard folder) without
+touching images. Reading (:func:`read_unit`) yields one :class:`dict` record per input sample:
+
+    {"id": str, "source": str, "task": str, "image_bytes": bytes | None, "image_ref": str,
+     "messages": [{"role", "content"}], "points": [{"label", "xy"}] | None, "meta": dict,
+     "error": str | None}   # error = a drop reason code found while reading
+
+Tar shards are read in memory only; member names are never used as file-system paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mmsmall.config import ConfigError
+
+from .config import CurateConfig, InputConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+CAPTION_PROMPT = "Describe this image."
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _source_name(inp: InputConfig) -> str:
+    return inp.name or Path(inp.path.rstrip("/")).stem or "input"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl or .csv file (a bad jsonl line becomes a row with `_error`)."""
+    if not path.exists():
+        raise ConfigError(f"input file not found: {path}")
+    rows: list[dict] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [dict(r) for r in csv.DictReader(f)]
+    else:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    row = {"_error": "bad_annotation", "_line": lineno}
+                rows.append(row)
+    return rows
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def plan_units(cfg: CurateConfig) -> list[dict]:
+    """The ordered work units of all inputs; each unit is a JSON-serializable dict."""
+    units: list[dict] = []
+    for i, inp in enumerate(cfg.inputs):
+        base = {"input": i}
+        path = Path(inp.path)
+        if inp.kind in ("folder", "jsonl", "csv"):
+            rows = _folder_rows(inp)
+            for a, b in _chunks(len(rows), cfg.unit_size):
+                units.append({**base, "rows": rows[a:b], "offset": a})
+        elif inp.kind == "points":
+            groups = _point_groups(inp)
+            for a, b in _chunks(len(groups), cfg.unit_size):
+                units.append({**base, "rows": groups[a:b], "offset": a})
+        elif inp.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+            if not files or not files[0].exists():
+                raise ConfigError(f"inputs[{i}]: no parquet files at {path}")
+            for f in files:
+                n = pq.ParquetFile(f).metadata.num_rows
+                for a, b in _chunks(n, cfg.unit_size):
+                    units.append({**base, "file": str(f), "start": a, "stop": b})
+        elif inp.kind == "hf":
+            ds = _load_hf(inp)
+            for a, b in _chunks(len(ds), cfg.unit_size):
+                units.append({**base, "start": a, "stop": b})
+        elif inp.kind == "webdataset":
+            tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+            if not tars or not tars[0].exists():
+                raise ConfigError(f"inputs[{i}]: no .tar shards at {path}")
+            units.extend({**base, "file": str(t)} for t in tars)
+    for n, u in enumerate(units):
+        u["uid"] = f"u{n:06d}"
+    return units
+
+
+def _folder_rows(inp: InputConfig) -> list[dict]:
+    path = Path(inp.path)
+    if inp.kind in ("jsonl", "csv"):
+        return _read_rows(path)
+    if inp.captions:
+        return _read_rows(Path(inp.captions))
+    if not path.is_dir():
+        raise ConfigError(f"input folder not found: {path}")
+    rows = []
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES):
+        txt = p.with_suffix(".txt")
+        rows.append(
+            {
+                inp.image_field: str(p.relative_to(path)),
+                inp.text_field: txt.read_text() if txt.exists() else "",
+            }
+        )
+    return rows
+
+
+def _point_groups(inp: InputConfig) -> list[dict]:
+    """PixMo-Points style rows (one label per row) grouped by image, first-seen order."""
+    groups: dict[str, dict] = {}
+    bad: list[dict] = []
+    for row in _read_rows(Path(inp.path)):
+        img = row.get(inp.image_field) or row.get("image_url")
+        if "_error" in row or not isinstance(img, str):
+            bad.append({"_error": row.get("_error", "bad_annotation"), "_line": row.get("_line")})
+            continue
+        g = groups.setdefault(img, {"image": img, "id": row.get(inp.id_field) or img, "labels": []})
+        g["labels"].append(
+            {
+                "label": row.get("label", ""),
+                "points": row.get("points", []),
+                "width": row.get("width"),
+                "height": row.get("height"),
+            }
+        )
+    return list(groups.values()) + bad
+
+
+def _load_hf(inp: InputConfig):
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            f"input kind 'hf' ({inp.path}) needs the `datasets` package: pip install datasets; "
+            "or export the dataset to parquet and use kind: parquet"
+        ) from None
+    path = Path(inp.path)
+    ds = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(inp.path)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[inp.split]
+    return ds
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _root(inp: InputConfig) -> Path:
+    if inp.image_root:
+        return Path(inp.image_root)
+    p = Path(inp.path)
+    if inp.kind == "folder":
+        return p
+    return p.parent
+
+
+def _read_file(path: Path) -> tuple[bytes | None, str | None]:
+    try:
+        return path.read_bytes(), None
+    except FileNotFoundError:
+        return None, "missing_image"
+    except (IsADirectoryError, PermissionError, OSError):
+        return None, "unreadable"
+
+
+def _messages_from_row(row: dict, inp: InputConfig) -> tuple[list[dict], str]:
+    msgs = row.get("messages")
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except ValueError:
+            msgs = None
+    if isinstance(msgs, list) and msgs:
+        return [
+            {"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in msgs
+        ], inp.task or "vqa"
+    q, a = row.get(inp.question_field), row.get(inp.answer_field)
+    if q is not None and a is not None:
+        if isinstance(a, list):
+            a = a[0] if a else ""
+        return [
+            {"role": "user", "content": str(q)},
+            {"role": "assistant", "content": str(a)},
+        ], inp.task or "vqa"
+    cap = row.get(inp.text_field)
+    if cap is None:
+        cap = row.get("text", "")
+    return [
+        {"role": "user", "content": CAPTION_PROMPT},
+        {"role": "assistant", "content": str(cap)},
+    ], inp.task or "caption"
+
+
+def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]:
+    """(bytes, ref, error) from bytes, a path, or an HF ``{"bytes", "path"}`` struct."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"]), str(value.get("path") or "<bytes>"), None
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), "<bytes>", None
+    if hasattr(value, "save"):  # a PIL image from `datasets`
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue(), "<pil>", None
+    if isinstance(value, str) and value:
+        p = Path(value)
+        p = p if p.is_absolute() else root / p
+        data, err = _read_file(p)
+        return data, str(p), err
+    return None, "<none>", "missing_image"
+
+
+def _record(rid: str, source: str, **kw: Any) -> dict:
+    rec = {
+        "id": rid,
+        "source": source,
+        "task": "caption",
+        "image_bytes": None,
+        "image_ref": "",
+        "messages": [],
+    }
+    rec.update({"points": None, "meta": {}, "error": None})
+    rec.update(kw)
+    return rec
+
+
+def _rows_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
+    source, root = _source_name(inp), _root(inp)
+    for n, row in enumerate(unit["rows"]):
+        rid = str(row.get(inp.id_field) or f"{source}_{unit['offset'] + n}")
+        if "_error" in row:
+            yield _record(rid, source, error=row["_error"], image_ref=f"line {row.get('_line')}")
+            continue
+        data, ref, err = _image_value(row.get(inp.image_field), root)
+        msgs, task = _messages_from_row(row, inp)
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs, error=err)
+
+
+def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
+    source, root = _source_name(inp), _root(inp)
+    for n, g in enumerate(unit["rows"]):
+        if "_error" in g:
+            rid = f"{source}_bad_{unit['offset'] + n}"
+            yield _record(rid, source, error=g["_error"], image_ref=f"line {g.get('_line')}")
+            continue
+        data, ref, err = _image_value(g["image"], root)
+        pts = [
+            {"label": lab["label"], "raw": lab["points"], "width": lab["width"], "height": lab["height"]}
+            for lab in g["labels"]
+        ]
+        yield _record(
+            str(g["id"]), source, task=inp.task or "pointing", image_bytes=data, image_ref=ref,
+            points=pts, meta={"coords": inp.coords}, error=err,
+        )  # fmt: skip
+
+
+def _table_records(table_rows: list[dict], start: int, inp: InputConfig) -> Iterator[dict]:
+    source, root = _source_name(inp), _root(inp)
+    for n, row in enumerate(table_rows):
+        rid = str(row.get(inp.id_field) or f"{source}_{start + n}")
+        data, ref, err = _image_value(row.get(inp.image_field), root)
+        msgs, task = _messages_from_row(row, inp)
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs, error=err)
+
+
+def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
+    """Samples of one webdataset tar, read in memory; hostile names only become sanitized ids."""
+    source = _source_name(inp)
+    groups: dict[str, dict[str, bytes]] = {}
+    bad: list[str] = []
+    try:
+        with tarfile.open(unit["file"], "r:*") as tar:
+            for m in tar:
+                name = m.name
+                base = name.rsplit("/", 1)[-1]
+                key = name[: len(name) - len(base)] + base.split(".", 1)[0]
+                ext = base.split(".", 1)[1].lower() if "." in base else ""
+                if not m.isfile():
+                    if not m.isdir():
+                        bad.append(name)
+                    continue
+                f = tar.extractfile(m)
+                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError):
+        yield _record(
+            f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard", image_ref=unit["file"]
+        )
+    for name in bad:
+        yield _record(name, source, error="unsafe_member", image_ref=name)
+    for key, parts in groups.items():
+        img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+        meta: dict = {}
+        err = None
+        if "json" in parts:
+            try:
+                meta = json.loads(parts["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError
+            except ValueError:
+                meta, err = {}, "bad_annotation"
+        msgs = meta.get("messages") or []
+        if not msgs and "txt" in parts:
+            cap = parts["txt"].decode("utf-8", "replace")
+            msgs = [{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": cap}]
+        points = meta.get("points")
+        if points is not None:
+            points = [
+                {"label": p.get("label", ""), "raw": p.get("xy", []), "width": None, "height": None}
+                for p in points
+            ]
+        yield _record(
+            str(meta.get("id") or key), str(meta.get("source") or source), task=str(meta.get("task") or inp.task or "caption"),
+            image_bytes=parts.get(img_ext) if img_ext else None, image_ref=f"{unit['file']}:{key}",
+            messages=msgs, points=points, meta={**meta.get("meta", {}), "coords": "normalized"} if points is not None else meta.get("meta", {}),
+            error=err or (None if img_ext else "missing_image"),
+        )  # fmt: skip
+
+
+def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
+    """Yield the raw records of one work unit in a fixed order."""
+    inp = cfg.inputs[unit["input"]]
+    if inp.kind in ("folder", "jsonl", "csv"):
+        yield from _rows_records(unit, inp)
+    elif inp.kind == "points":
+        yield from _points_records(unit, inp)
+    elif inp.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(unit["file"]).slice(unit["start"], unit["stop"] - unit["start"])
+        yield from _table_records(table.to_pylist(), unit["start"], inp)
+    elif inp.kind == "hf":
+        ds = _load_hf(inp)
+        yield from _table_records([ds[j] for j in range(unit["start"], unit["stop"])], unit["start"], inp)
+    elif inp.kind == "webdataset":
+        yield from _tar_records(unit, inp)

@@ -1,0 +1,93 @@
+"""Decode-and-validate and normalize: bytes in, a checked RGB image (or a drop reason) out.
+
+Reason codes: ``zero_byte``, ``file_too_large``, ``not_image``, ``decompression_bomb`` (from the
+header, before any pixel is decoded), ``animated``, ``too_small``, ``aspect``, ``truncated``,
+``unreadable``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .config import NormalizeConfig, ValidateConfig
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_validate(data: bytes, cfg: ValidateConfig) -> tuple[Image.Image | None, str | None, str]:
+    """Open ``data``, check it from the header, then decode fully.
+
+    Returns ``(image, None, fmt)`` for a good image (decoded, not yet normalized) or
+    ``(None, reason, detail)``.
+    """
+    if not data:
+        return None, "zero_byte", "0 bytes"
+    if len(data) > cfg.max_bytes:
+        return None, "file_too_large", f"{len(data)} bytes > validate.max_bytes={cfg.max_bytes}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        except Image.DecompressionBombError as e:
+            return None, "decompression_bomb", str(e)[:120]
+        except UnidentifiedImageError:
+            return None, "not_image", "not a known image format"
+        except Exception as e:  # noqa: BLE001 - any header failure is a bad sample, never a crash
+            return None, "unreadable", f"{type(e).__name__}: {str(e)[:100]}"
+        w, h = im.size
+        if w * h > cfg.max_pixels:
+            return None, "decompression_bomb", f"{w}x{h} > validate.max_pixels={cfg.max_pixels}"
+        if not cfg.allow_animated and getattr(im, "n_frames", 1) > 1:
+            return None, "animated", f"{im.n_frames} frames"
+        if min(w, h) < cfg.min_side:
+            return None, "too_small", f"{w}x{h}, min side < validate.min_side={cfg.min_side}"
+        if max(w, h) / max(min(w, h), 1) > cfg.max_aspect:
+            return None, "aspect", f"{w}x{h}, aspect > validate.max_aspect={cfg.max_aspect}"
+        fmt = im.format or ""
+        try:
+            im.load()
+        except Exception as e:  # noqa: BLE001
+            msg = str(e)
+            reason = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "unreadable"
+            return None, reason, f"{type(e).__name__}: {msg[:100]}"
+    return im, None, fmt
+
+
+def normalize_image(
+    im: Image.Image, data: bytes, fmt: str, cfg: NormalizeConfig
+) -> tuple[Image.Image, bytes, str]:
+    """EXIF transpose, RGB, optional max-side resize; re-encode only when something changed.
+
+    Returns ``(rgb_image, image_bytes, ext)`` where ext is ``jpg`` or ``png``.
+    """
+    changed = False
+    out = ImageOps.exif_transpose(im)
+    if out is not im:
+        changed = True
+    if out.mode != "RGB":
+        if out.mode in ("RGBA", "LA", "PA") or (out.mode == "P" and "transparency" in out.info):
+            rgba = out.convert("RGBA")
+            bg = Image.new("RGB", rgba.size, (255, 255, 255))
+            bg.paste(rgba, mask=rgba.getchannel("A"))
+            out = bg
+        else:
+            out = out.convert("RGB")
+        changed = True
+    if cfg.max_side and max(out.size) > cfg.max_side:
+        scale = cfg.max_side / max(out.size)
+        size = (max(1, round(out.width * scale)), max(1, round(out.height * scale)))
+        out = out.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        changed = True
+    src_ext = "jpg" if fmt == "JPEG" else "png"
+    ext = src_ext if cfg.format == "keep" else cfg.format
+    if not changed and ext == src_ext and fmt in ("JPEG", "PNG"):
+        return out, data, ext
+    buf = io.BytesIO()
+    if ext == "jpg":
+        out.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+    else:
+        out.save(buf, format="PNG")
+    return out, buf.getvalue(), ext
