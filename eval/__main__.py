@@ -1,0 +1,89 @@
+"""``python -m eval --model PATH --tasks chartqa,docvqa --data chartqa=/data/ChartQA --out DIR``.
+
+Under torchrun (``torchrun --nproc-per-node 8 -m eval ...``) the samples are split across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def parse_data(items: Sequence[str]) -> dict[str, str]:
+    """``["chartqa=/a", "docvqa=/b,textvqa=/c"]`` -> ``{"chartqa": "/a", ...}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            if not part:
+                continue
+            if "=" not in part:
+                raise SystemExit(f"--data {part!r}: expected TASK=PATH, e.g. chartqa=/data/ChartQA")
+            task, path = part.split("=", 1)
+            out[task.strip()] = path.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m eval", description="Run the mmsmall eval suite.")
+    ap.add_argument("--model", required=True, help="checkpoint or exported model folder")
+    ap.add_argument("--tasks", required=True, help="comma-separated task names (see --list-tasks)")
+    ap.add_argument("--data", action="append", default=[], help="TASK=PATH (repeatable; or comma-separated)")
+    ap.add_argument(
+        "--out", required=True, help="output folder (predictions cache, results.json, results.md)"
+    )
+    ap.add_argument("--limit", type=int, default=None, help="first N samples of each task")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="override each task's pinned budget")
+    ap.add_argument(
+        "--blind",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="replace every image with a mid-grey one of the same size (blind baseline)",
+    )
+    ap.add_argument(
+        "--molmo-style",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval prompts",
+    )
+    return ap  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list-tasks" in argv:
+        from eval.tasks import TASKS
+
+        for name, t in sorted(TASKS.items()):
+            print(f"{name:20s} {t.description}")
+        return 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from eval.runner import evaluate
+
+    results = evaluate(
+        args.model,
+        [t for t in args.tasks.split(",") if t],
+        args.out,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        data=parse_data(args.data),
+        blind=args.blind,
+        max_new_tokens=args.max_new_tokens,
+        num_workers=args.num_workers,
+        molmo_style=args.molmo_style,
+    )
+    if results:
+        from eval.report import markdown_table
+
+        print(markdown_table(results))
+        print(json.dumps({t: v["score"] for t, v in results["tasks"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

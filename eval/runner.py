@@ -1,0 +1,330 @@
+"""Run benchmarks on a model: batched greedy answers, cached per sample, scored, reported.
+
+    evaluate("runs/x/checkpoint", ["chartqa", "docvqa"], "out/x", data={"chartqa": "/data/ChartQA"})
+
+Per task: load records -> (this rank's share) -> skip those already in the prediction cache ->
+decode images in DataLoader workers -> ``Predictor.predict`` in batches -> append each batch's
+answers to ``out/predictions/{task}.jsonl`` (flushed, fsynced) -> score every record -> results.
+A killed run rerun with the same ``out`` generates only what is missing, and its final scores are
+those an uninterrupted run gives. Under torchrun each rank takes every ``world``-th record and
+writes its own cache file; rank 0 reads them all and scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .report import write_reports
+from .tasks.base import EvalDataError, Record, Task, get_task
+
+log = logging.getLogger("eval")
+
+BLIND_GREY = (128, 128, 128)
+CONVENTION = "lmms-eval 0.7.3 (reasoning tags stripped, responses stripped)"
+
+
+@runtime_checkable
+class PredictorLike(Protocol):
+    """What the runner needs from a model: ``mmsmall.model.predict.Predictor`` has this shape.
+
+    ``predict`` answers each (image, question) pair greedily; batch composition must not change
+    the answers (left padding), so cached and fresh predictions agree.
+    """
+
+    def predict(
+        self,
+        images: list[Image.Image | None],
+        questions: list[str],
+        max_new_tokens: int,
+        task: str | None = None,
+    ) -> list[str]: ...
+
+
+def load_predictor(model: str | os.PathLike | PredictorLike) -> PredictorLike:
+    """A Predictor from a checkpoint / export folder, or the given predictor object unchanged."""
+    if isinstance(model, PredictorLike):
+        return model
+    from mmsmall.model.predict import Predictor
+
+    return Predictor(str(model))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initializes the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _ImageDataset(Dataset):
+    """Decodes one record's image (or its blank stand-in) in a DataLoader worker."""
+
+    def __init__(self, records: list[Record], blind: bool):
+        self.records = records
+        self.blind = blind
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, Image.Image]:
+        rec = self.records[i]
+        image = rec.load_image()
+        if self.blind:  # the blind baseline: same size, no content
+            image = Image.new("RGB", image.size, BLIND_GREY)
+        return i, image
+
+
+def _collate(items: list[tuple[int, Image.Image]]) -> list[tuple[int, Image.Image]]:
+    return items
+
+
+def _unique_ids(records: list[Record]) -> list[Record]:
+    """Make record ids unique (``id#2`` for a repeat) so the cache can key on them."""
+    seen: dict[str, int] = {}
+    for r in records:
+        n = seen.get(r.id, 0)
+        seen[r.id] = n + 1
+        if n:
+            r.id = f"{r.id}#{n + 1}"
+    return records
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_files(pred_dir: Path, task: str) -> list[Path]:
+    return sorted([*pred_dir.glob(f"{task}.jsonl"), *pred_dir.glob(f"{task}.rank*.jsonl")])
+
+
+def read_cache(pred_dir: Path, task: str, settings: dict[str, Any]) -> dict[str, dict]:
+    """Cached predictions by record id; a torn last line (a killed write) is ignored.
+
+    Raises when the cache was made with other settings (prompt style, token budget, blind), so
+    a reused output folder never mixes answers from different runs silently.
+    """
+    cached: dict[str, dict] = {}
+    for f in _cache_files(pred_dir, task):
+        lines = f.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # torn write from a killed run: regenerate that sample
+                    continue
+                raise EvalDataError(
+                    f"{f}:{n}: malformed prediction line; delete the file to regenerate"
+                ) from None
+            got = {k: entry.get(k) for k in settings}
+            if got != settings:
+                raise EvalDataError(
+                    f"{f}: predictions were made with {got}, this run uses {settings}; "
+                    "use another --out folder or delete the file"
+                )
+            cached[entry["id"]] = entry
+    return cached
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def _generate(
+    predictor: PredictorLike,
+    task: Task,
+    records: list[Record],
+    prompts: dict[str, str],
+    cache_file: Path,
+    settings: dict[str, Any],
+    *,
+    batch_size: int,
+    num_workers: int,
+    blind: bool,
+    molmo: bool,
+    show_progress: bool,
+) -> int:
+    """Answer ``records`` and append them to ``cache_file``; returns the number generated."""
+    if not records:
+        return 0
+    loader = DataLoader(
+        _ImageDataset(records, blind),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(records), desc=task.name, unit="q", disable=not show_progress, leave=False)
+    style = task.molmo_style if molmo else None
+    with open(cache_file, "a", encoding="utf-8") as f:
+        for batch in loader:
+            recs = [records[i] for i, _ in batch]
+            images = [im for _, im in batch]
+            answers = predictor.predict(
+                images, [prompts[r.id] for r in recs], max_new_tokens=settings["max_new_tokens"], task=style
+            )
+            if len(answers) != len(recs):
+                raise RuntimeError(f"predictor returned {len(answers)} answers for a batch of {len(recs)}")
+            for r, im, a in zip(recs, images, answers):
+                entry = {"id": r.id, "response": a if isinstance(a, str) else str(a), "size": list(im.size)}
+                f.write(json.dumps({**entry, **settings}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(recs))
+    bar.close()
+    return len(records)
+
+
+def _score(
+    task: Task, records: list[Record], cached: dict[str, dict], molmo: bool, samples_file: Path
+) -> dict:
+    per_sample = []
+    with open(samples_file, "w", encoding="utf-8") as f:
+        for r in records:
+            entry = cached[r.id]
+            if entry.get("size") is not None:
+                r.meta.setdefault("size", entry["size"])
+            scores = task.score(entry["response"], r, molmo)
+            per_sample.append(scores)
+            line = {"id": r.id, "response": entry["response"], "answers": r.answers, "scores": scores}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    metrics = task.aggregate(per_sample)
+    return metrics
+
+
+def evaluate(
+    model: str | os.PathLike | PredictorLike,
+    tasks: Sequence[str],
+    out: str | os.PathLike,
+    batch_size: int = 8,
+    limit: int | None = None,
+    data: dict[str, str] | None = None,
+    blind: bool = False,
+    max_new_tokens: int | None = None,
+    *,
+    num_workers: int = 2,
+    molmo_style: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` on ``tasks``; writes predictions, results.json and results.md under ``out``.
+
+    model: a checkpoint / export folder, or an object with ``predict`` (see ``PredictorLike``).
+    data: task name -> local path or hub id; tasks not named use their default hub dataset.
+    limit: the first ``limit`` samples of each task. blind: every image replaced by a mid-grey
+    one of the same size. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
+    the bare question with the Molmo task style and keep the text after ``Answer:``.
+    Returns the results dict (on rank 0; other ranks return ``{}``).
+    """
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    data = dict(data or {})
+    specs = [get_task(t) for t in tasks]
+    unknown = sorted(set(data) - {t.name for t in specs})
+    if unknown:
+        raise ValueError(f"--data names task(s) {unknown} that are not being run ({', '.join(tasks)})")
+    rank, world = _dist()
+    out = Path(out)
+    pred_dir, samples_dir = out / "predictions", out / "samples"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    predictor = load_predictor(model)
+    model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+
+    results: dict[str, Any] = {
+        "model": model_name,
+        "convention": CONVENTION,
+        "prompt_style": "molmo" if molmo_style else "lmms-eval",
+        "blind": blind,
+        "limit": limit,
+        "tasks": {},
+    }
+    for task in specs:
+        path = data.get(task.name) or task.default_data
+        if path is None:
+            raise EvalDataError(
+                f"task {task.name}: no default dataset; pass its data: --data {task.name}=PATH"
+            )
+        t0 = time.time()
+        records = _unique_ids(task.load(str(path), limit))
+        if not records:
+            raise EvalDataError(f"task {task.name}: {path} holds no samples")
+        prompts = {r.id: task.prompt(r, molmo_style) for r in records}
+        settings = {
+            "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
+            "blind": bool(blind),
+            "prompt_style": results["prompt_style"],
+        }
+        cached = read_cache(pred_dir, task.name, settings)
+        mine = records[rank::world]
+        todo = [r for r in mine if r.id not in cached]
+        cache_file = pred_dir / (f"{task.name}.jsonl" if world == 1 else f"{task.name}.rank{rank}.jsonl")
+        if rank == 0:
+            log.info(
+                "%s: %d samples (%d cached) from %s", task.name, len(records), len(records) - len(todo), path
+            )
+        n_new = _generate(
+            predictor, task, todo, prompts, cache_file, settings,
+            batch_size=batch_size, num_workers=num_workers, blind=blind, molmo=molmo_style,
+            show_progress=show_progress and rank == 0,
+        )  # fmt: skip
+        gen_seconds = time.time() - t0
+        _barrier(world)
+        if rank != 0:
+            continue
+        cached = read_cache(pred_dir, task.name, settings)
+        missing = [r.id for r in records if r.id not in cached]
+        if missing:
+            raise RuntimeError(
+                f"task {task.name}: no prediction for {len(missing)} samples, e.g. {missing[:3]}"
+            )
+        metrics = _score(task, records, cached, molmo_style, samples_dir / f"{task.name}.jsonl")
+        skipped = records[0].meta.get("skipped")
+        results["tasks"][task.name] = {
+            "primary": task.primary,
+            "score": 100.0 * metrics[task.primary],
+            "metrics": metrics,
+            "n": len(records),
+            "n_generated": n_new,
+            "seconds": round(gen_seconds, 3),
+            "data": str(path),
+            "max_new_tokens": settings["max_new_tokens"],
+            **({"skipped_corrupt": skipped} if skipped else {}),
+        }
+        log.info("%s: %s = %.2f", task.name, task.primary, 100.0 * metrics[task.primary])
+    if rank != 0:
+        return {}
+    write_reports(results, out)
+    return results
