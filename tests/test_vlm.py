@@ -147,7 +147,7 @@ def test_text_only_logits_equal_the_bare_llm(model, tok):
             torch.testing.assert_close(logits[i, -len(r) :], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_documents_equal_separate_runs(model, tok):
+def _check_packed_equals_separate(model, tok) -> None:
     a = _example(tok, QUESTIONS[0], 1, seed=1, answer="The bar is 3.")
     b = _example(tok, QUESTIONS[1], 2, seed=2, answer="3")
     packed = _collate([a], tok.pad_token_id)
@@ -166,6 +166,34 @@ def test_packed_documents_equal_separate_runs(model, tok):
     torch.testing.assert_close(out.logits[0, n_a:], sep_b.logits[0], rtol=1e-5, atol=1e-5)
     assert int(out.n_targets) == int(sep_a.n_targets) + int(sep_b.n_targets) > 0
     torch.testing.assert_close(out.loss, sep_a.loss + sep_b.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_documents_equal_separate_runs(model, tok):
+    _check_packed_equals_separate(model, tok)
+
+
+@pytest.mark.parametrize(
+    "model_type,attn",
+    [("olmo2", "sdpa"), ("llama", "sdpa"), ("qwen2", "eager")],
+)
+def test_the_4d_mask_reaches_other_llms_and_attention_kernels(cfg, tok, model, model_type, attn):
+    """transformers takes the 4D mask as given for these LLMs (packing would leak otherwise)."""
+    other = copy.deepcopy(cfg)
+    other.llm.custom = {**cfg.llm.custom, "model_type": model_type}
+    other.llm.attn_implementation = attn
+    torch.manual_seed(0)
+    m = build_vlm(other, tok).eval()
+    _check_packed_equals_separate(m, tok)
+    if model_type == "qwen2":  # eager and SDPA agree on a padded batch with images
+        m.load_state_dict(model.state_dict())
+        batch = _collate(
+            [_example(tok, q, 1 + i % 2, seed=40 + i) for i, q in enumerate(QUESTIONS[:3])], tok.pad_token_id
+        )
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                m(**batch).logits[real], model(**batch).logits[real], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_bidirectional_image_attention_switch(cfg, tok, model):

@@ -1,0 +1,90 @@
+"""Predictor: images + questions -> answers, batched and left-padded (what eval and chat call)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmsmall.model.vlm import VLM
+
+logger = logging.getLogger(__name__)
+
+
+class Predictor:
+    """Answer questions about images with a :class:`VLM`.
+
+    Args:
+        model_or_dir: a VLM, or a folder written by ``VLM.save_pretrained``.
+        device: where to run.
+        max_crops: high-resolution crops per image (default: ``model.image.max_crops_eval``).
+    """
+
+    def __init__(
+        self, model_or_dir: VLM | str | Path, device: str | torch.device = "cpu", max_crops: int | None = None
+    ):
+        from mmsmall.processing.processor import Processor  # processing sits beside model, built lazily
+
+        if isinstance(model_or_dir, VLM):
+            self.model = model_or_dir.to(device).eval()
+        else:
+            self.model = VLM.from_pretrained(model_or_dir, device=device)
+        self.device = torch.device(device)
+        cfg = self.model.cfg
+        image_cfg = copy.deepcopy(cfg.image)
+        crops = max_crops if max_crops is not None else image_cfg.max_crops_eval
+        image_cfg.max_crops = image_cfg.max_crops_eval = crops
+        self.tokenizer = self.model.tokenizer
+        self.processor = Processor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[Image.Image | None],
+        questions: Sequence[str],
+        max_new_tokens: int = 32,
+        task: str | None = None,
+        batch_size: int = 8,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_strings: Sequence[str] = (),
+    ) -> list[str]:
+        """One answer per (image, question); ``None`` images give text-only prompts (``blind`` eval)."""
+        from mmsmall.processing.processor import collate
+
+        if len(images) != len(questions):
+            raise ValueError(
+                f"predict: {len(images)} images but {len(questions)} questions; give one image per question"
+            )
+        if batch_size < 1:
+            raise ValueError(f"predict: batch_size={batch_size}; must be >= 1")
+        answers: list[str] = []
+        pad_id = self.tokenizer.pad_token_id
+        for start in range(0, len(questions), batch_size):
+            examples = [
+                self.processor.encode_prompt(image, question, task=task)
+                for image, question in zip(
+                    images[start : start + batch_size], questions[start : start + batch_size]
+                )
+            ]
+            batch = collate(examples, pad_id, left_pad=True)
+            new_tokens = self.model.generate(
+                batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                stop_strings=tuple(stop_strings),
+            )
+            for tokens in new_tokens:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # EOS is special: dropped
+                for stop in stop_strings:
+                    if stop and stop in text:
+                        text = text[: text.index(stop)]
+                answers.append(text.strip())
+        return answers
