@@ -153,6 +153,17 @@ def read_cache(pred_dir: Path, task: str, settings: dict[str, Any]) -> dict[str,
     return cached
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a write interrupted by a kill) so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 # ----------------------------------------------------------------------------- main loop
 
 
@@ -185,6 +196,7 @@ def _generate(
 
     bar = tqdm(total=len(records), desc=task.name, unit="q", disable=not show_progress, leave=False)
     style = task.molmo_style if molmo else None
+    _drop_torn_tail(cache_file)
     with open(cache_file, "a", encoding="utf-8") as f:
         for batch in loader:
             recs = [records[i] for i, _ in batch]
