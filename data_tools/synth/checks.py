@@ -16,6 +16,8 @@ import numpy as np
 from data_tools.synth.core import CheckFailed, Draft
 from mmsmall.processing.points import NO_POINTS, parse_points
 
+UNANSWERABLE = "unanswerable"  # the answer to a question the image cannot answer
+
 
 def _qa(draft: Draft) -> tuple[str, str]:
     msgs = draft.messages
@@ -172,8 +174,6 @@ def check_clock(draft: Draft) -> None:
 
 # ----------------------------------------------------------------------------- charts
 
-UNANSWERABLE = "unanswerable"
-
 
 def _num_equal(answer: str, expected: float, decimals: int) -> bool:
     try:
@@ -270,3 +270,77 @@ def check_chart(draft: Draft) -> None:
         ok = False
     if not ok:
         _fail("chart_answer", f"{qt}: answer {answer!r} disagrees with the data")
+
+
+# ----------------------------------------------------------------------------- tables and documents
+
+
+def _printed_tolerance(text: str) -> float:
+    """Half a unit in the last printed digit of a number such as ``$3.2M`` or ``1,234.50``."""
+    core = text.strip().rstrip("%)")
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9}.get(core[-1:], 1.0)
+    core = core.rstrip("KMB")
+    decimals = len(core.split(".")[1]) if "." in core else 0
+    return 0.5 * 10.0**-decimals * mult + 1e-9
+
+
+def _printed_equals(text: str, value: float) -> bool:
+    try:
+        return abs(parse_number(text) - value) <= _printed_tolerance(text)
+    except (ValueError, IndexError):
+        return False
+
+
+def _need_drawn(draft: Draft, texts: list[str], exact: bool = True) -> None:
+    """Every text must have been drawn (exactly, or inside a longer run) within the image."""
+    w, h = draft.aux["size"]
+    runs = [s for s, (x0, y0, x1, y1) in draft.aux["drawn"] if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h]
+    for t in texts:
+        if not any((s == t) if exact else (t in s) for s in runs):
+            _fail("text_not_drawn", f"{t!r} is not drawn inside the {w}x{h} image")
+
+
+def _not_drawn(draft: Draft, text: str) -> None:
+    if any(text in s for s, _ in draft.aux["drawn"]):
+        _fail("unanswerable_drawn", f"{text!r} is drawn, so the question is answerable")
+
+
+def check_table(draft: Draft) -> None:
+    """Printed cells must parse back to the data; answers are re-derived from the data with numpy."""
+    _, answer = _qa(draft)
+    t, args = draft.meta["table"], draft.meta["question"]
+    V = np.asarray(t["values"], dtype=float)  # (n_rows, n_cols)
+    for i, row in enumerate(t["cells"]):
+        for j, cell in enumerate(row):
+            if not _printed_equals(cell, V[i, j]):
+                _fail("table_cell_format", f"cell {cell!r} does not print {V[i, j]}")
+    rows = t["rows"]
+    _need_drawn(draft, rows + [c["name"] for c in t["columns"]])
+    qt, r, c = args["qtype"], args["row"], args["col"]
+    col = V[:, c]
+    if qt == "lookup":
+        ok = answer == t["cells"][r][c] and _printed_equals(answer, V[r, c])
+        _need_drawn(draft, [answer])
+    elif qt == "total":
+        ok = _printed_equals(answer, float(np.sum(col)))
+    elif qt == "extremum":
+        best = np.flatnonzero(col == (col.max() if args["highest"] else col.min()))
+        ok = len(best) == 1 and answer == rows[int(best[0])]
+    elif qt == "difference":
+        ok = _printed_equals(answer, abs(col[r] - col[args["other"]]))
+    elif qt == "count_above":
+        ok = answer == str(int(np.count_nonzero(col > args["threshold"])))
+    elif qt == "n_rows":
+        ok = answer == str(len(rows))
+    elif qt == "group":
+        spans = t["row_groups"]["spans"]
+        owner = [s["label"] for s in spans if s["start"] <= r < s["start"] + s["span"]]
+        ok = len(owner) == 1 and answer == owner[0]
+        _need_drawn(draft, [answer])
+    elif qt == "unanswerable":
+        ok = answer == UNANSWERABLE and args["absent"] not in rows
+        _not_drawn(draft, args["absent"])
+    else:
+        ok = False
+    if not ok:
+        _fail("table_answer", f"{qt}: answer {answer!r} disagrees with the table")
