@@ -280,6 +280,21 @@ def test_a_few_adamw_steps_lower_the_loss(cfg, tok):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(m, name).parameters()), name
 
 
+def test_activation_checkpointing_gives_the_same_gradients(cfg, tok, model):
+    batch = _collate([_example(tok, QUESTIONS[1], 2, seed=6, answer="3")], tok.pad_token_id)
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        m = build_vlm(cfg, tok).train()
+        m.load_state_dict(model.state_dict())
+        m.set_activation_checkpointing(enable)
+        assert m.llm.is_gradient_checkpointing == enable
+        assert m.vision.backbone.visual.transformer.grad_checkpointing == enable
+        m(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 def test_save_then_load_gives_identical_logits(model, tok, tmp_path):
     batch = _collate([_example(tok, QUESTIONS[0], 2, seed=5, answer="3")], tok.pad_token_id)
     model.save_pretrained(tmp_path / "ckpt")

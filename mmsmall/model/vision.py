@@ -41,6 +41,9 @@ class _Backbone(nn.Module):
     def prune(self, keep_blocks: int) -> None:  # keep blocks [0, keep_blocks)
         raise NotImplementedError
 
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        raise NotImplementedError
+
     def block_outputs(self, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
         """images (N, 3, H, W) -> one (N, n_patches, D) tensor per block index, prefix tokens dropped."""
         raise NotImplementedError
@@ -95,6 +98,9 @@ class _OpenClipBackbone(_Backbone):
             trunk.prune_intermediate_layers(keep, prune_norm=True, prune_head=True)
         else:
             self.visual.prune_intermediate_layers(keep, prune_norm=True, prune_head=True)
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.visual.set_grad_checkpointing(enable)
 
     def block_outputs(self, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
         out = self.visual.forward_intermediates(
@@ -152,6 +158,14 @@ class _HFBackbone(_Backbone):
     def prune(self, keep_blocks: int) -> None:
         encoder = getattr(self.model, "vision_model", self.model).encoder  # transformers 5 flattened it
         encoder.layers = encoder.layers[:keep_blocks]  # the config keeps the unpruned depth
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        if enable:
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            self.model.activation_checkpointing_disable()
 
     def block_outputs(self, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
         out = self.model(pixel_values=images, output_hidden_states=True)
@@ -232,6 +246,10 @@ class VisionTower(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (both backends, non-reentrant)."""
+        self.backbone.set_grad_checkpointing(enable)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, P, 3*ps*ps) -> features (N, P, D * len(layers))."""

@@ -128,6 +128,20 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
+    def set_activation_checkpointing(
+        self, enable: bool = True, modules: tuple[str, ...] = ("vision", "llm")
+    ) -> None:
+        """Recompute the ViT blocks and / or LLM layers in backward (non-reentrant)."""
+        if "vision" in modules:
+            self.vision.set_grad_checkpointing(enable)
+        if "llm" in modules:
+            if enable:
+                self.llm.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                self.llm.activation_checkpointing_disable()
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
