@@ -1,0 +1,287 @@
+"""Processor: one image + its conversations -> an Example of tensors; ``collate`` -> a Batch.
+
+Sequence layout of one Example (see ``tokens.py`` for the text format)::
+
+    [BOS, image block]            conv_ids 0, positions 0 .. P-1      (shared prefix)
+    [ User: q1 Assistant: a1 EOS] conv_ids 1, positions P .. P+L1-1
+    [ User: q2 Assistant: a2 EOS] conv_ids 2, positions P .. P+L2-1   (restart after the prefix)
+
+Several conversations about one image share the prefix; the model's mask lets conversation k
+see the prefix and itself only. ``labels`` are -100 except on answer tokens and the EOS after
+each answer. User and assistant text is tokenized with special-token splitting on, so a literal
+``<im_patch>`` typed by a user is plain text, never an image placeholder.
+
+Truncation (``max_length``): whole conversations are dropped from the end until the example
+fits (counted in ``Processor.counters["dropped_conversations"]``); the image block is never cut,
+and an example whose prefix plus first conversation does not fit raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+
+from mmsmall.config import ImageConfig
+from mmsmall.processing.crops import load_image, preprocess_image
+from mmsmall.processing.tokenizer import special_ids
+from mmsmall.processing.tokens import answer_text, image_token_ids, user_text
+
+Example = dict[str, Any]
+Batch = dict[str, Any]
+IGNORE = -100
+
+_TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")
+
+
+class Processor:
+    """Turns (image, conversations) into model inputs; see the module docstring for the layout.
+
+    Args:
+        tokenizer: from :func:`mmsmall.processing.tokenizer.build_tokenizer`.
+        image_cfg: crop size, patch size, crops (train / eval), margins, pooling, mean/std.
+        style_prefix: prepend ``{task}: `` to questions (Molmo's task styles).
+        max_length: longest Example in tokens (None = no limit); see truncation above.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        image_cfg: ImageConfig,
+        style_prefix: bool = False,
+        max_length: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_cfg = image_cfg
+        self.style_prefix = style_prefix
+        self.max_length = max_length
+        self.ids = special_ids(tokenizer)
+        self.bos_id, self.eos_id = self.ids["bos"], self.ids["eos"]
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ pieces
+
+    def preprocess(self, image: Image.Image | np.ndarray | str | os.PathLike, train: bool = True) -> dict:
+        """Crops and pooling indices of one image (``crops.preprocess_image`` with this config)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        c = self.image_cfg
+        return preprocess_image(
+            image,
+            crop_size=c.crop_size,
+            patch_size=c.patch_size,
+            max_crops=c.max_crops if train else c.max_crops_eval,
+            overlap_margins=tuple(c.overlap_margins),
+            pooling_size=tuple(c.pooling_size),
+            mean=tuple(c.mean),
+            std=tuple(c.std),
+        )
+
+    def tokenize_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of plain text pieces; special-token strings in them stay plain text."""
+        if not texts:
+            return []
+        enc = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
+        return enc["input_ids"]
+
+    def _prefix(self, image: Any, train: bool) -> tuple[torch.Tensor, dict]:
+        """BOS + image block ids ``(P,)`` and the image tensors (empty without an image)."""
+        bos = torch.tensor([self.bos_id], dtype=torch.long)
+        if image is None:
+            return bos, {}
+        img = self.preprocess(image, train=train)
+        block = image_token_ids(img["image_grids"], self.ids)
+        n_patch_tokens = int((block == self.ids["<im_patch>"]).sum())
+        if n_patch_tokens != img["image_token_pooling"].shape[0]:  # guards the layout against drift
+            raise AssertionError(
+                f"{n_patch_tokens} <im_patch> tokens but {img['image_token_pooling'].shape[0]} pooled features"
+            )
+        tensors = {k: img[k] for k in ("pixel_values", "image_token_pooling", "image_grids")}
+        return torch.cat([bos, block]), tensors
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(
+        self,
+        image: Image.Image | np.ndarray | str | os.PathLike | None,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        task: str | None = None,
+        train: bool = True,
+        sample_id: str = "",
+    ) -> Example:
+        """Encode one image with one or more conversations (lists of ``{"role", "content"}``).
+
+        Each conversation alternates ``user`` / ``assistant`` turns starting with ``user``; a
+        final user turn without an answer is allowed (it ends with `` Assistant:``).
+        Returns ``input_ids labels position_ids conv_ids (T,)`` int64, ``sample_id`` and, with an
+        image, ``pixel_values (n_crops, n_patches, 3*patch^2)``, ``image_token_pooling (n_tok, K)``,
+        ``image_grids (1, 4)``.
+        """
+        where = f"sample {sample_id!r}" if sample_id else "sample"
+        if not conversations:
+            raise ValueError(f"{where}: no conversations to encode")
+        segments: list[tuple[int, str, bool]] = []  # (conversation index, text, is_target)
+        for k, conv in enumerate(conversations):
+            _check_conversation(conv, f"{where}, conversation {k}")
+            for msg in conv:
+                if msg["role"] == "user":
+                    segments.append((k, user_text(msg["content"], task, self.style_prefix), False))
+                else:
+                    segments.append((k, answer_text(msg["content"]), True))
+        pieces = self.tokenize_text([text for _, text, _ in segments])
+
+        # Per conversation: ids and target flags, EOS after each answer.
+        conv_ids_list: list[list[int]] = [[] for _ in conversations]
+        conv_tgt: list[list[bool]] = [[] for _ in conversations]
+        for (k, text, is_target), ids in zip(segments, pieces):
+            if is_target and not ids and text.strip():
+                raise ValueError(f"{where}, conversation {k}: the answer {text!r} tokenized to nothing")
+            conv_ids_list[k] += ids
+            conv_tgt[k] += [is_target] * len(ids)
+            if is_target:
+                conv_ids_list[k].append(self.eos_id)
+                conv_tgt[k].append(True)
+
+        prefix, image_tensors = self._prefix(image, train)
+        keep = self._fit(len(prefix), [len(c) for c in conv_ids_list], where)
+        n_answers = sum(m["role"] == "assistant" for conv in conversations[:keep] for m in conv)
+        return self._assemble(
+            prefix, conv_ids_list[:keep], conv_tgt[:keep], image_tensors, n_answers, sample_id, where
+        )
+
+    def encode_prompt(
+        self,
+        image: Image.Image | np.ndarray | str | os.PathLike | None,
+        question: str,
+        task: str | None = None,
+        sample_id: str = "",
+    ) -> Example:
+        """A generation prompt: prefix + `` User: {question} Assistant:`` (eval crop count, no targets)."""
+        return self.encode(
+            image, [[{"role": "user", "content": question}]], task=task, train=False, sample_id=sample_id
+        )
+
+    def _fit(self, prefix_len: int, conv_lens: list[int], where: str) -> int:
+        """How many leading conversations fit in ``max_length`` (raises if not even one)."""
+        if self.max_length is None:
+            return len(conv_lens)
+        total = prefix_len + np.cumsum(conv_lens)  # (n_conv,)
+        keep = int(np.searchsorted(total, self.max_length, side="right"))
+        if keep == 0:
+            raise ValueError(
+                f"{where}: the image prefix ({prefix_len} tokens) plus the first conversation "
+                f"({conv_lens[0]} tokens) exceed max_length={self.max_length}; the image block is never "
+                "cut. Raise data.seq_len, lower model.image.max_crops, or shorten the text."
+            )
+        dropped = len(conv_lens) - keep
+        if dropped:
+            self.counters["dropped_conversations"] = self.counters.get("dropped_conversations", 0) + dropped
+        return keep
+
+    def _assemble(
+        self,
+        prefix: torch.Tensor,
+        convs: list[list[int]],
+        targets: list[list[bool]],
+        image_tensors: dict,
+        n_answers: int,
+        sample_id: str,
+        where: str,
+    ) -> Example:
+        P = len(prefix)
+        lens = [len(c) for c in convs]
+        body = torch.tensor([t for c in convs for t in c], dtype=torch.long)  # (sum L,)
+        is_target = torch.tensor([t for c in targets for t in c], dtype=torch.bool)  # (sum L,)
+        input_ids = torch.cat([prefix, body])  # (T,)
+        labels = torch.cat([torch.full((P,), IGNORE, dtype=torch.long), body.masked_fill(~is_target, IGNORE)])
+        conv_ids = torch.cat(
+            [
+                torch.zeros(P, dtype=torch.long),
+                torch.repeat_interleave(torch.arange(1, len(convs) + 1), torch.tensor(lens)),
+            ]
+        )
+        # positions restart after the prefix for every conversation: P + offset inside it
+        starts = torch.tensor([0, *np.cumsum(lens)[:-1].tolist()], dtype=torch.long)  # (n_conv,)
+        offsets = torch.arange(len(body)) - torch.repeat_interleave(starts, torch.tensor(lens))
+        position_ids = torch.cat([torch.arange(P), P + offsets])
+        # Never a silent loss of 0: every answer (and its EOS) must survive as targets.
+        n_targets = int((labels != IGNORE).sum())
+        if n_targets != int(is_target.sum()) or n_targets < n_answers:
+            raise ValueError(
+                f"{where}: {n_targets} target tokens for {n_answers} answers; the labels do not line up "
+                "with the answers (a tokenizer problem); not training on this sample"
+            )
+        ex: Example = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "conv_ids": conv_ids,
+            "sample_id": sample_id,
+        }
+        ex.update(image_tensors)
+        return ex
+
+
+def _check_conversation(conv: Any, where: str) -> None:
+    if not isinstance(conv, (list, tuple)) or not conv:
+        raise ValueError(f"{where}: expected a non-empty list of messages, got {conv!r}")
+    for i, msg in enumerate(conv):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"{where}, message {i}: expected {{'role': ..., 'content': ...}}, got {msg!r}")
+        want = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != want:
+            raise ValueError(
+                f"{where}, message {i}: role {msg['role']!r} where {want!r} was expected "
+                "(turns alternate user / assistant, starting with user)"
+            )
+        if not isinstance(msg["content"], str):
+            raise ValueError(
+                f"{where}, message {i}: content must be a string, got {type(msg['content']).__name__}"
+            )
+
+
+def collate(examples: Sequence[Example], pad_id: int, left_pad: bool = False) -> Batch:
+    """One Example per row -> a Batch (INTERFACES.md), padded right (training) or left (generation).
+
+    Token tensors ``(B, T)``; ``doc_ids`` 0 on real tokens and -1 on padding; ``pixel_values``
+    ``(N, P, C)`` all crops in row order and ``image_token_pooling (M, K)`` offset into the
+    flattened ``N * P`` patches (-1 stays -1); ``image_grids (n_images, 4)``; None without images.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    B = len(examples)
+    lens = torch.tensor([int(ex["input_ids"].shape[0]) for ex in examples])  # (B,)
+    T = int(lens.max())
+    pads = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0, "conv_ids": 0}
+    out: Batch = {k: torch.full((B, T), v, dtype=torch.long) for k, v in pads.items()}
+    cols = torch.arange(T)[None]  # (1, T)
+    start = (T - lens)[:, None] if left_pad else torch.zeros((B, 1), dtype=torch.long)  # (B, 1)
+    real = (cols >= start) & (cols < start + lens[:, None])  # (B, T)
+    for k in _TOKEN_KEYS:
+        out[k][real] = torch.cat([ex[k] for ex in examples])  # row-major fill of the real slots
+    out["attention_mask"] = real.long()
+    out["doc_ids"] = torch.where(real, 0, -1)
+
+    with_image = [ex for ex in examples if ex.get("pixel_values") is not None]
+    if with_image:
+        pixels = [ex["pixel_values"] for ex in with_image]  # (n_crops_i, P, C)
+        patches_per_image = torch.tensor([p.shape[0] * p.shape[1] for p in pixels])
+        offsets = torch.cumsum(patches_per_image, 0) - patches_per_image  # (n_images,)
+        pooling = [ex["image_token_pooling"] for ex in with_image]
+        pool = torch.cat(pooling)  # (M, K)
+        shift = torch.repeat_interleave(offsets, torch.tensor([p.shape[0] for p in pooling]))[
+            :, None
+        ]  # (M, 1)
+        out["pixel_values"] = torch.cat(pixels)  # (N, P, C)
+        out["image_token_pooling"] = torch.where(pool >= 0, pool + shift, pool)
+        out["image_grids"] = torch.cat([ex["image_grids"] for ex in with_image])  # (n_images, 4)
+    else:
+        out["pixel_values"] = None
+        out["image_token_pooling"] = None
+    out["sample_ids"] = [str(ex.get("sample_id", "")) for ex in examples]
+    return out
