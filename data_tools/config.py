@@ -93,7 +93,7 @@ class ClipConfig:
 @dataclass
 class BenchmarkConfig:
     path: str = ""  # parquet file/folder, ChartQA json, or DocVQA RRC json
-    format: str = "auto"  # auto | parquet | chartqa | docvqa
+    format: str = "auto"  # auto | parquet | chartqa | docvqa | webdataset
     name: str = ""
 
 
@@ -150,9 +150,10 @@ def validate_curate(cfg: CurateConfig) -> None:
     if cfg.clip.quantile is not None and not 0.0 <= cfg.clip.quantile < 1.0:
         raise ConfigError(f"clip.quantile: {cfg.clip.quantile}; expected a share in [0, 1)")
     for i, b in enumerate(cfg.decontam.benchmarks):
-        if b.format not in ("auto", "parquet", "chartqa", "docvqa"):
+        if b.format not in ("auto", "parquet", "chartqa", "docvqa", "webdataset"):
             raise ConfigError(
-                f"decontam.benchmarks[{i}].format: {b.format!r}; valid: auto, chartqa, docvqa, parquet"
+                f"decontam.benchmarks[{i}].format: {b.format!r}; "
+                "valid: auto, chartqa, docvqa, parquet, webdataset"
             )
     if cfg.shard_size < 1 or cfg.unit_size < 1:
         raise ConfigError("shard_size and unit_size must be at least 1")

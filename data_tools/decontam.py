@@ -6,7 +6,9 @@
 - ``chartqa``: ChartQA's ``test_*.json`` list of ``{"imgname", "query", "label"}`` with ``png/``
   beside the json (or one level up);
 - ``docvqa``: DocVQA's RRC json ``{"data": [{"questionId", "question", "image", ...}]}`` with image
-  paths relative to the json.
+  paths relative to the json;
+- ``webdataset``: a shard folder (or one .tar) in the DESIGN.md schema, e.g. held-out synthetic
+  eval shards (questions are the user turns).
 :class:`DecontamIndex` is built once in the driver, saved in the work folder, and loaded by every
 worker; :meth:`DecontamIndex.check` gives the hits for one sample.
 """
@@ -34,6 +36,8 @@ def words(text: str) -> list[str]:
 
 
 def _detect(path: Path) -> str:
+    if path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
+        return "webdataset"
     if path.is_dir() or path.suffix == ".parquet":
         return "parquet"
     data = json.loads(path.read_text())
@@ -87,8 +91,26 @@ def load_benchmark(path: str | Path, format: str = "auto", name: str = "") -> li
             img = _read_image(path.parent / str(row.get("image", ""))) if row.get("image") else None
             items.append({"benchmark": name, "id": str(row.get("questionId")), "question": str(row.get("question", "")),
                           "image_bytes": img})  # fmt: skip
+    elif fmt == "webdataset":
+        from .config import InputConfig
+        from .ingest import _tar_records
+
+        inp = InputConfig(kind="webdataset", path=str(path), name=name)
+        for tar in sorted(path.glob("*.tar")) if path.is_dir() else [path]:
+            for rec in _tar_records({"file": str(tar)}, inp):
+                question = " ".join(m["content"] for m in rec["messages"] if m.get("role") == "user")
+                items.append(
+                    {
+                        "benchmark": name,
+                        "id": rec["id"],
+                        "question": question,
+                        "image_bytes": rec["image_bytes"],
+                    }
+                )
     else:
-        raise ConfigError(f"decontam benchmark {path}: format {fmt!r}; valid: auto, chartqa, docvqa, parquet")
+        raise ConfigError(
+            f"decontam benchmark {path}: format {fmt!r}; valid: auto, chartqa, docvqa, parquet, webdataset"
+        )
     return items
 
 
