@@ -56,6 +56,8 @@ def load_predictor(model: str | os.PathLike | PredictorLike) -> PredictorLike:
         return model
     from mmsmall.model.predict import Predictor
 
+    if torch.cuda.is_available():
+        return Predictor(str(model), device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return Predictor(str(model))
 
 

@@ -43,3 +43,42 @@ def parquet_records(
             )
         )
     return records
+
+
+def shard_task(
+    name: str,
+    kinds: tuple[str, ...],
+    metric_key: str,
+    metric: Callable[[str, list[str]], float] | None,
+    *,
+    max_new_tokens: int,
+    molmo_style: str | None,
+    description: str,
+    scorer=None,
+    primary: str | None = None,
+):
+    """A held-out synthetic task read from our webdataset shards (``data_tools.synth`` output).
+
+    The sample's own question is asked (the training format, no suffix); ``--data NAME=DIR``
+    names the shard folder (there is no default). ``metric(cleaned_response, answers)`` scores it,
+    or ``scorer(raw, record, molmo)`` when given.
+    """
+    from .base import Task
+    from .loaders import read_shard_records
+
+    def load(path: str, limit: int | None = None) -> list[Record]:
+        return read_shard_records(path, kinds, name, limit)
+
+    def score(raw: str, record: Record, molmo: bool = False) -> dict[str, float]:
+        return {metric_key: metric(clean(raw, molmo), record.answers)}
+
+    return Task(
+        name=name,
+        load=load,
+        prompt=lambda record, molmo: record.question,
+        score=scorer or score,
+        primary=primary or metric_key,
+        max_new_tokens=max_new_tokens,
+        molmo_style=molmo_style,
+        description=description,
+    )
