@@ -1,0 +1,168 @@
+"""Find the weights behind an export source and turn them into one fp32 VLM.
+
+A source is any of:
+
+* a training run folder (``{run}/checkpoints/latest`` names the newest complete checkpoint),
+* a checkpoint root (the ``checkpoints`` folder with its ``latest`` file),
+* one checkpoint folder (``step_00000010/``: DeepSpeed ZeRO-1/2/3 files + ``config.yaml``),
+* a folder written by ``VLM.save_pretrained`` (``model_config.yaml`` + ``model.safetensors``),
+* a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``).
+
+DeepSpeed checkpoints are consolidated from the fp32 master weights held in the optimizer shards
+of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read through
+``torch.load(weights_only=True)`` and only DeepSpeed's three bookkeeping classes allow-listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    kind: str  # deepspeed | vlm | hf
+    path: Path  # the folder holding the weights
+    run_dir: Path | None = None  # the training run, when known (for the model card)
+
+
+def resolve_source(src: str | Path) -> Source:
+    """Classify ``src`` (see module docstring); raises FileNotFoundError saying what was expected."""
+    p = Path(src)
+    if not p.exists():
+        raise FileNotFoundError(f"export source {p} does not exist")
+    if (p / "model_config.yaml").exists() and (p / "model.safetensors").exists():
+        return Source("vlm", p)
+    if (p / "config.json").exists():
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("model_type") == "mmsmall":
+            return Source("hf", p)
+        if cfg.get("model_type") == "molmo2":
+            return Source("molmo2", p)
+    if _is_ds_checkpoint(p):
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        return Source("deepspeed", p, run)
+    for root in (p / "checkpoints", p):
+        latest = root / "latest"
+        if latest.exists():
+            tag = latest.read_text().strip()
+            ckpt = root / tag
+            if not _is_ds_checkpoint(ckpt):
+                raise FileNotFoundError(f"{latest} names {tag!r} but {ckpt} holds no DeepSpeed checkpoint")
+            return Source("deepspeed", ckpt, root.parent if root.name == "checkpoints" else None)
+    raise FileNotFoundError(
+        f"{p}: not a run folder (checkpoints/latest), checkpoint root (latest), checkpoint folder "
+        "(*_model_states.pt + config.yaml), VLM.save_pretrained folder (model_config.yaml + model.safetensors) "
+        "or exported HF folder (config.json)"
+    )
+
+
+def _is_ds_checkpoint(p: Path) -> bool:
+    return p.is_dir() and any(p.glob("*_model_states.pt"))
+
+
+def _safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load(path: Path) -> dict:
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors name the offending global; keep them in the message
+            raise RuntimeError(
+                f"{path}: cannot be read with torch.load(weights_only=True) ({e}); it is not a DeepSpeed "
+                "checkpoint file mmsmall wrote, or it holds objects we refuse to unpickle"
+            ) from e
+
+
+def consolidate_deepspeed(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the full model from a ZeRO-1/2/3 checkpoint folder (any world size)."""
+    from deepspeed.checkpoint import constants as C
+    from deepspeed.utils import zero_to_fp32 as z
+
+    ckpt_dir = Path(ckpt_dir)
+    model_states = []
+    for f in z.get_model_state_files(str(ckpt_dir)):
+        sd = _load(Path(f))
+        if C.BUFFER_NAMES not in sd:
+            raise ValueError(f"{f} is not a DeepSpeed model-state file (no {C.BUFFER_NAMES})")
+        buffers = {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in sd["module"].items()
+            if k in sd[C.BUFFER_NAMES]
+        }
+        model_states.append(
+            z.zero_model_state(
+                buffers=buffers,
+                param_shapes=sd[C.PARAM_SHAPES],
+                shared_params=[[k, v] for k, v in sd["shared_params"].items()],
+                ds_version=sd.get(C.DS_VERSION),
+                frozen_param_shapes=sd.get(C.FROZEN_PARAM_SHAPES),
+                frozen_param_fragments=sd.get(C.FROZEN_PARAM_FRAGMENTS),
+            )
+        )
+    optim_files = z.get_optim_files(str(ckpt_dir))
+    optim = [_load(Path(f))[C.OPTIMIZER_STATE_DICT] for f in optim_files]
+    stage = optim[0][C.ZERO_STAGE]
+    world = optim[0][C.PARTITION_COUNT]
+    world = max(world) if isinstance(world, list) else world
+    if world != len(optim_files):
+        raise ValueError(
+            f"{ckpt_dir}: the checkpoint was written by {world} ranks but {len(optim_files)} optimizer shards "
+            "are present; copy the whole checkpoint folder"
+        )
+    log.info("consolidating ZeRO-%d checkpoint %s written by %d rank(s)", stage, ckpt_dir, world)
+    if stage <= 2:
+        flat = [o[C.SINGLE_PARTITION_OF_FP32_GROUPS] for o in optim]
+        paddings = optim[0].get(C.PARAM_ALIGNMENT_PADDINGS)
+        return dict(z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, False, paddings))
+    flat = [o[C.FP32_FLAT_GROUPS] for o in optim]
+    lazy = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, False)
+    return dict(z.to_torch_tensor(lazy))  # ZeRO-3 yields lazily gathered tensors
+
+
+def load_vlm(src: str | Path):
+    """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`."""
+    from mmsmall.model.vlm import VLM, build_vlm
+
+    source = resolve_source(src)
+    if source.kind == "vlm":
+        return VLM.from_pretrained(source.path), source
+    if source.kind == "hf":
+        from mmsmall.model.hf import MMSmallForConditionalGeneration
+
+        return MMSmallForConditionalGeneration.from_pretrained(source.path).vlm.float().eval(), source
+    if source.kind == "molmo2":
+        from mmsmall.export.release import load_molmo2
+
+        return load_molmo2(source.path), source
+    from mmsmall.config import RunConfig, load_config
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    cfg_path = source.path / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(
+            f"{cfg_path} missing: the checkpoint folder must hold the run's resolved config"
+        )
+    run_cfg = load_config(cfg_path, cls=RunConfig)
+    tokenizer = build_tokenizer(run_cfg.model.tokenizer, run_cfg.model.llm.name)
+    vlm = build_vlm(run_cfg.model, tokenizer)
+    state = consolidate_deepspeed(source.path)
+    missing, unexpected = vlm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source.path}: consolidated weights do not fit the model in config.yaml: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return vlm.float().eval(), source

@@ -1,0 +1,135 @@
+"""``run_export``: a run, checkpoint or saved model -> a release folder; ``load_molmo2``: the reverse.
+
+Formats:
+
+* ``mmsmall``: our HF classes (:mod:`mmsmall.model.hf`): any tower / LLM combination.
+* ``molmo2``: transformers' stock ``Molmo2ForConditionalGeneration`` + ``Molmo2Processor``, loadable
+  with ``AutoModelForImageTextToText`` / ``AutoProcessor`` and no remote code; only for models that
+  fit (:func:`mmsmall.export.molmo2.check_molmo2_fit` says why not otherwise).
+
+Both write sharded safetensors (<= 5 GB a shard, with an index), ``checksums.json`` (sha256 of
+every shard), config, generation config, tokenizer, processor, chat template and README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mmsmall.export.card import CHAT_TEMPLATE, model_card, read_eval_results
+from mmsmall.export.safetensors_io import verify_shards, write_checksums
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("mmsmall", "molmo2")
+
+
+def _generation_config(tokenizer, max_new_tokens: int = 256):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def save_molmo2(vlm, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
+    """Write ``vlm`` as a stock transformers Molmo2 folder (raises Molmo2Incompatible when it does not fit)."""
+    from mmsmall.export.molmo2 import build_molmo2_model, build_molmo2_processor
+
+    out_dir = Path(out_dir)
+    model = build_molmo2_model(vlm, vlm.tokenizer, vlm.cfg.image.crop_size)
+    model.generation_config = _generation_config(vlm.tokenizer)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    processor = build_molmo2_processor(vlm.tokenizer, vlm.cfg.image, CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    write_checksums(out_dir)
+    return out_dir
+
+
+def save_mmsmall(vlm, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
+    """Write ``vlm`` with our own HF classes (model, processor, tokenizer, chat template)."""
+    from mmsmall.model.hf import MMSmallForConditionalGeneration, processor_for
+
+    out_dir = Path(out_dir)
+    model = MMSmallForConditionalGeneration.from_vlm(vlm)
+    model.generation_config = _generation_config(vlm.tokenizer)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    processor_for(vlm, chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
+    write_checksums(out_dir)
+    return out_dir
+
+
+def run_export(
+    src: str | Path,
+    out: str | Path,
+    fmt: str = "mmsmall",
+    eval_results: str | Path | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Export ``src`` (run folder -> its ``latest`` checkpoint, checkpoint folder, or saved model) to ``out``.
+
+    ``eval_results``: eval/runner.py's ``results.json`` (or its folder) for the model card; when
+    None, ``{run}/eval/results.json`` is used if the run has one.
+    """
+    import yaml
+
+    from mmsmall.export.consolidate import load_vlm
+
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    vlm, source = load_vlm(src)
+    if fmt == "molmo2":
+        from mmsmall.export.molmo2 import check_molmo2_fit
+
+        check_molmo2_fit(vlm)  # fail before writing anything
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = None
+    cfg_yaml = source.path / "config.yaml"
+    if cfg_yaml.exists():
+        run_cfg = yaml.safe_load(cfg_yaml.read_text())
+    if (
+        eval_results is None
+        and source.run_dir is not None
+        and (source.run_dir / "eval" / "results.json").exists()
+    ):
+        eval_results = source.run_dir / "eval" / "results.json"
+    results = read_eval_results(eval_results)
+    with torch.no_grad():
+        (save_molmo2 if fmt == "molmo2" else save_mmsmall)(vlm, out, max_shard_size=max_shard_size)
+    (out / "README.md").write_text(model_card(vlm, fmt, run_config=run_cfg, eval_results=results))
+    log.info("exported %s (%s) to %s in %s format", src, source.kind, out, fmt)
+    return out
+
+
+def load_molmo2(path: str | Path):
+    """A stock transformers Molmo2 folder -> our VLM (fp32, eval), to fine-tune it in mmsmall.
+
+    Shards are checked against ``checksums.json`` when the folder has one (folders we exported),
+    and are read as safetensors only. The tokenizer and image settings come from the folder's
+    processor. Raises :class:`~mmsmall.export.molmo2.Molmo2Incompatible` for Molmo2 variants
+    our VLM cannot express.
+    """
+    from transformers import AutoProcessor, Molmo2ForConditionalGeneration
+
+    from mmsmall.export.molmo2 import from_molmo2_state_dict, model_config_from_molmo2
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    path = Path(path)
+    verify_shards(path)
+    molmo = Molmo2ForConditionalGeneration.from_pretrained(
+        str(path), use_safetensors=True, dtype=torch.float32
+    )
+    processor = AutoProcessor.from_pretrained(str(path))
+    cfg = model_config_from_molmo2(molmo.config, processor.image_processor, str(path))
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    vlm = build_vlm(cfg, tokenizer)
+    from_molmo2_state_dict(molmo, vlm)
+    return vlm.float().eval()
