@@ -10,7 +10,7 @@ Public entry points::
 Importing this package registers every generator (one module per kind).
 """
 
-from data_tools.synth import charts, clocks, scenes, tables  # noqa: F401,E402  (registers)
+from data_tools.synth import charts, clocks, docs, scenes, tables  # noqa: F401,E402  (registers)
 from data_tools.synth.core import (
     REGISTRY,
     CheckFailed,

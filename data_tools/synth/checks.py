@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 import numpy as np
 
@@ -344,3 +345,66 @@ def check_table(draft: Draft) -> None:
         ok = False
     if not ok:
         _fail("table_answer", f"{qt}: answer {answer!r} disagrees with the table")
+
+
+def _dec(text: str) -> Decimal:
+    return Decimal(re.sub(r"[^0-9.\-]", "", text))
+
+
+def check_doc(draft: Draft) -> None:
+    """Recompute money from the line items with Decimal; field answers must be drawn as printed."""
+    _, answer = _qa(draft)
+    meta, args = draft.meta, draft.meta["question"]
+    qt, doc = args["qtype"], meta["doc_type"]
+    if doc in ("receipt", "invoice"):
+        items = meta["items"]
+        amounts = [Decimal(it["unit"]) * it["qty"] for it in items]
+        sub = sum(amounts, Decimal(0))
+        tax = (sub * Decimal(meta["money"]["tax_rate"]) / Decimal(100)).quantize(
+            Decimal("0.01"), rounding="ROUND_HALF_UP"
+        )
+        truth = {"subtotal": sub, "tax": tax, "total": sub + tax}
+        for key, val in truth.items():  # the printed money block agrees with the items
+            if Decimal(meta["money"][key]) != val:
+                _fail("doc_money", f"printed {key} {meta['money'][key]} but items give {val}")
+        _need_drawn(draft, [it["name"] for it in items])
+        if qt in truth:
+            ok = _dec(answer) == truth[qt] and answer.startswith(meta["currency"])
+            _need_drawn(draft, [answer])
+        elif qt == "item_amount":
+            ok = _dec(answer) == amounts[args["item"]]
+            _need_drawn(draft, [answer])
+        elif qt == "unit_price":
+            ok = _dec(answer) == Decimal(items[args["item"]]["unit"])
+            _need_drawn(draft, [answer], exact=False)
+        elif qt == "n_items":
+            ok = answer == str(len(items))
+        elif qt == "field":
+            ok = answer == meta["fields"][args["key"]]
+            _need_drawn(draft, [answer], exact=False)
+        else:
+            ok = False
+    elif doc == "form":
+        if qt == "checked":
+            ok = len(args["marks"]) == 1 and answer == args["marks"][0] == meta["checked"]
+        else:
+            ok = answer == meta["fields"][args["key"]]
+        _need_drawn(draft, [answer])
+    elif doc == "report":
+        if qt == "figure":
+            ok = _dec(answer) == meta["figures"][args["metric"]][args["quarter"]]
+            _need_drawn(draft, [answer], exact=False)
+        elif qt == "best_quarter":
+            vals = np.asarray(meta["figures"][args["metric"]])
+            best = np.flatnonzero(vals == vals.max())
+            ok = len(best) == 1 and answer == meta["quarters"][int(best[0])]
+            _need_drawn(draft, [answer])
+        elif qt == "field":
+            ok = answer == meta["fields"][args["key"]]
+            _need_drawn(draft, [answer], exact=False)
+        else:
+            ok = False
+    else:
+        ok = False
+    if not ok:
+        _fail("doc_answer", f"{doc} {qt}: answer {answer!r} disagrees with the document data")
