@@ -58,7 +58,9 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = 
         fp = source
         label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source))
     try:
-        im = Image.open(fp)
+        with warnings.catch_warnings():  # our own, stricter limit is enforced below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"{label}: refused, {e}. Downscale the image first.") from None
     except FileNotFoundError:
