@@ -122,3 +122,21 @@ def test_config_mismatches_raise_clear_errors(tiny):
     tower = VisionTower(tiny.vision, tiny.image)
     with pytest.raises(ValueError, match="patches per crop"):
         tower(torch.zeros(1, 49, 588))
+
+
+def test_hf_tower_loads_the_image_half_of_a_saved_siglip_checkpoint(tiny_molmo2, tmp_path):
+    from transformers import SiglipConfig, SiglipModel
+
+    vision = {k: v for k, v in tiny_molmo2.vision.custom.items() if k != "model_type"}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    full = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    full.save_pretrained(tmp_path / "siglip")
+    cfg = copy.deepcopy(tiny_molmo2)
+    cfg.vision.custom, cfg.vision.name, cfg.vision.layers = None, str(tmp_path / "siglip"), [-1, 1]
+    tower = VisionTower(cfg.vision, cfg.image).eval()
+    images = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        got = tower(patchify(images, 14))
+        hidden = full.vision_model(pixel_values=images, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(got, torch.cat([hidden[4], hidden[2]], -1), rtol=0, atol=0)
