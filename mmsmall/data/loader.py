@@ -84,15 +84,17 @@ class TrainData:
 
     def encode(self, sample: Sample) -> Example:
         d = self.cfg.data
+        sid = sample_id(sample)
         with seeded_rng(self.cfg.seed, *sample["ref"]) as gen:
             ex = self.processor.encode(
                 sample["image"],
                 conversations_of(sample, d.max_conversations),
                 task=sample["json"].get("task"),
                 train=True,
+                sample_id=sid,
             )
             ex["labels"] = drop_responses(ex["labels"], d.response_dropout, gen)
-        ex["sample_id"] = sample_id(sample)
+        ex["sample_id"] = sid
         ex["ref"] = tuple(sample["ref"])
         return ex
 

@@ -136,14 +136,32 @@ def save_model(engine: Any, out: str | Path) -> Path | None:
 
     model = engine.module
     rank = dist.get_rank() if dist.is_initialized() else 0
+    params = list(model.parameters())
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if rank == 0:
-                model.save_pretrained(out)
+                _save_detached(model, out)
     elif rank == 0:
-        model.save_pretrained(out)
+        _save_detached(model, out)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
         log.info("saved the trained model to %s", out)
     return Path(out) if rank == 0 else None
+
+
+def _save_detached(model: Any, out: str | Path) -> None:
+    """``save_pretrained`` on private CPU copies of the weights, restored afterwards.
+
+    Under ZeRO-1/2 DeepSpeed keeps the parameters as views into flat buffers, which safetensors
+    refuses to save (shared storage); each parameter is pointed at its own CPU copy for the save.
+    """
+    saved = [(p, p.data) for p in model.parameters()]
+    with torch.no_grad():
+        for p, data in saved:
+            p.data = data.to("cpu", copy=True)
+        try:
+            model.save_pretrained(out)
+        finally:
+            for p, data in saved:
+                p.data = data

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name)
         model = build_vlm(cfg.model, tokenizer)
-    processor = Processor(tokenizer, cfg.model.image, style_prefix=cfg.model.style_prefix)
+    processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
     engine = build_engine(cfg, model, world)
     if rank == 0:
