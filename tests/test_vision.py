@@ -11,7 +11,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.molmo2.image_processing_molmo2 import batch_pixels_to_patches
 
-from mmsmall.config import ModelConfig, load_config
+from mmsmall.config import ImageConfig, ModelConfig, VisionConfig, load_config
 from mmsmall.model.vision import VisionTower, patchify, unpatchify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +119,10 @@ def test_config_mismatches_raise_clear_errors(tiny):
     cfg = _with_layers(tiny, [-1, 4])
     with pytest.raises(ValueError, match="out of range"):
         VisionTower(cfg.vision, cfg.image)
+    cfg = copy.deepcopy(tiny)
+    del cfg.vision.custom["text_cfg"]
+    with pytest.raises(ValueError, match="lacks"):
+        VisionTower(cfg.vision, cfg.image)
     tower = VisionTower(tiny.vision, tiny.image)
     with pytest.raises(ValueError, match="patches per crop"):
         tower(torch.zeros(1, 49, 588))
@@ -140,3 +144,39 @@ def test_hf_tower_loads_the_image_half_of_a_saved_siglip_checkpoint(tiny_molmo2,
         got = tower(patchify(images, 14))
         hidden = full.vision_model(pixel_values=images, output_hidden_states=True).hidden_states
     torch.testing.assert_close(got, torch.cat([hidden[4], hidden[2]], -1), rtol=0, atol=0)
+
+
+def test_open_clip_timm_tower_equals_timm_forward_intermediates():
+    """The SigLIP-family path (open_clip TimmModel): a small timm ViT with a class token."""
+    custom = {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    }
+    vision = VisionConfig(backend="open_clip", name="mmsmall-test-timm-vit", custom=custom, layers=[-2, 3])
+    torch.manual_seed(0)
+    tower = VisionTower(vision, ImageConfig(crop_size=224, patch_size=16)).eval()
+    assert (tower.hidden_size, tower.num_heads, tower.patch_size, tower.layer_indices) == (
+        192,
+        3,
+        16,
+        [10, 3],
+    )
+    assert len(tower.backbone.visual.trunk.blocks) == 11  # the 12th block is pruned
+    ref = open_clip.create_model("mmsmall-test-timm-vit", pretrained=None).visual.eval()
+    missing, unexpected = ref.load_state_dict(tower.backbone.visual.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("trunk.blocks.11.", "trunk.norm", "head")) for k in missing)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        got = tower(patchify(images, 16))
+        block3, block10 = ref.trunk.forward_intermediates(
+            images, indices=[3, 10], intermediates_only=True, output_fmt="NLC"
+        )
+    assert got.shape == (1, 196, 384)  # the class token is dropped
+    torch.testing.assert_close(got, torch.cat([block10, block3], -1), rtol=0, atol=0)

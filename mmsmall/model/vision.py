@@ -58,6 +58,12 @@ class _OpenClipBackbone(_Backbone):
         import open_clip
 
         if cfg.custom is not None:
+            missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg.custom]
+            if missing:  # open_clip would skip such a config silently and then not find the name
+                raise ValueError(
+                    f"model.vision.custom lacks {missing}; an open_clip model config needs embed_dim, "
+                    "vision_cfg and text_cfg (see configs/model/tiny.yaml)"
+                )
             # Register the config dict under cfg.name through open_clip's own config registry.
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{cfg.name}.json"
