@@ -227,6 +227,8 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         past_key_values: Any = None,
         pixel_values: torch.Tensor | None = None,
         image_token_pooling: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        image_num_crops: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         conv_ids: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -238,7 +240,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         block, packed docs, conversations). Decode steps: plain causal over the 2D attention_mask.
 
         input_ids (B, T); attention_mask (B, T_past + T); pixel_values (N, P, C);
-        image_token_pooling (M, K). Extra processor keys (image_grids, image_num_crops, ...) are ignored.
+        image_token_pooling (M, K). image_grids / image_num_crops are accepted (processor output) and unused.
         """
         if input_ids is None:
             raise ValueError(
@@ -343,9 +345,9 @@ class MMSmallProcessor(ProcessorMixin):
             )
         examples = [self.processor.encode_prompt(im, q or "", task=task) for im, q in zip(imgs, texts)]
         batch = collate(examples, pad_id=self.tokenizer.pad_token_id, left_pad=True)
-        batch.pop("sample_ids", None)
-        batch.pop("labels", None)
-        return {k: v for k, v in batch.items() if v is not None}
+        # A one-conversation prompt needs no doc / conversation ids: the attention_mask says it all.
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_token_pooling", "image_grids")
+        return {k: batch[k] for k in keys if batch.get(k) is not None}
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
