@@ -100,7 +100,9 @@ class BenchmarkConfig:
 @dataclass
 class DecontamConfig:
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    images: bool = True  # pHash match of images
     image_max_distance: int = 4  # pHash bits
+    text: bool = True  # n-gram overlap of questions (off for templated synthetic questions)
     ngram: int = 8  # question word n-grams; questions shorter than this match whole
 
 

@@ -94,21 +94,23 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     cands: list[dict] = []
     thumbs: dict[str, bytes] = {}
     n_in = 0
+    # decode JPEGs at a reduced DCT scale when only thumbnails are needed (pHash, CLIP, report)
+    draft = (224, 224) if cfg.clip.enabled else (96, 96)
     for pos, rec in enumerate(read_unit(unit, cfg)):
         n_in += 1
         reason, stage, detail = rec["error"], "ingest", rec["image_ref"]
         im = None
         if reason is None:
             stage = "validate"
-            im, reason, info = decode_validate(rec["image_bytes"], cfg.validate)
+            im, reason, info = decode_validate(rec["image_bytes"], cfg.validate, draft)
             if reason is None:
-                im, data, ext = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
+                im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
             else:
                 detail = info
         if reason is None and rec["points"] is not None:
             stage = "points"
             pts, reason, detail = normalize_points(
-                rec["points"], rec["meta"].pop("coords", "normalized"), *im.size
+                rec["points"], rec["meta"].pop("coords", "normalized"), *size
             )
             if pts is not None:
                 rec["points"] = pts
@@ -126,7 +128,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
                 {**base, "stage": stage, "reason": reason, "detail": str(detail)[:200], "thumb": has_thumb}
             )
             continue
-        cands.append({**base, "rec": rec, "im": im, "data": data, "ext": ext})
+        cands.append({**base, "rec": rec, "im": im, "data": data, "ext": ext, "size": size})
 
     # (N, 32, 32) thumbnails -> (N,) 64-bit pHashes, one batched DCT
     hashes = phash_batch(np.stack([phash_thumb(c["im"]) for c in cands])) if cands else np.zeros(0, np.uint64)
@@ -137,7 +139,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     hits: list[dict] = []
     if cfg.decontam.benchmarks:
         index = _decontam_index(str(Path(work_dir) / "decontam"))
-        img_hits = index.check_images(hashes)
+        img_hits = index.check_images(hashes) if cfg.decontam.images else {}
         kept = []
         for n, c in enumerate(cands):
             reason = detail = None
@@ -145,7 +147,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
                 ref, dist = img_hits[n]
                 reason, detail = "decontam_image", f"pHash within {dist} bits of {ref}"
                 hits.append(hit_record(c["id"], c["source"], "image", ref, detail))
-            else:
+            elif cfg.decontam.text:
                 t = index.check_text(c["rec"]["messages"])
                 if t is not None:
                     reason, detail = "decontam_text", f"question overlaps {t[0]}: {t[1]!r}"
@@ -174,13 +176,13 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     cand_stats = []
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for c, score in zip(cands, scores):
-            rec, im = c["rec"], c["im"]
+            rec, (width, height) = c["rec"], c["size"]
             sample = {
                 "id": rec["id"],
                 "source": rec["source"],
                 "image": {
-                    "width": im.width,
-                    "height": im.height,
+                    "width": width,
+                    "height": height,
                     "sha256": c["sha256"],
                     "phash": hex64(c["phash"]),
                 },
@@ -194,7 +196,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
             _add_member(tar, f"{key}.json", json.dumps(sample, sort_keys=True, ensure_ascii=False).encode())
             answer_len = len(" ".join(m["content"] for m in rec["messages"] if m["role"] == "assistant"))
             cand_stats.append({k: c[k] for k in ("pos", "id", "source", "text", "ext", "sha256")}
-                              | {"phash": hex64(c["phash"]), "clip": score, "w": im.width, "h": im.height,
+                              | {"phash": hex64(c["phash"]), "clip": score, "w": width, "h": height,
                                  "text_len": answer_len})  # fmt: skip
         for name, data in thumbs.items():
             _add_member(tar, f"{name}.jpg", data)

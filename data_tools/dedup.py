@@ -96,7 +96,7 @@ class NearDupIndex:
         for combo in itertools.combinations(range(m), m - self.k):
             mask = np.uint64(sum(masks[c] for c in combo))
             keys = self.hashes & mask
-            order = np.argsort(keys, kind="stable").astype(np.int64)
+            order = np.argsort(keys, kind="stable").astype(np.int32 if len(keys) < 2**31 else np.int64)
             self.tables.append((mask, keys[order], order))
 
     def __len__(self) -> int:
@@ -113,7 +113,7 @@ class NearDupIndex:
                 lo = np.searchsorted(keys, qk, side="left")
                 hi = np.searchsorted(keys, qk, side="right")
                 owner, pos = _ragged_pairs(lo, hi)
-                cand = order[pos]
+                cand = order[pos].astype(np.int64)
                 ok = hamming(qs[owner], self.hashes[cand]) <= self.k
                 out_q.append(owner[ok] + c0)
                 out_i.append(cand[ok])
@@ -138,7 +138,7 @@ class NearDupIndex:
                 continue
             bucket_end = ends[np.cumsum(new_bucket)[p] - 1]
             owner, q = _ragged_pairs(p + 1, bucket_end)
-            a, b = order[p[owner]], order[q]
+            a, b = order[p[owner]].astype(np.int64), order[q].astype(np.int64)
             ok = hamming(self.hashes[a], self.hashes[b]) <= self.k
             a, b = a[ok], b[ok]
             out_a.append(np.minimum(a, b))

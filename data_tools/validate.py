@@ -17,11 +17,15 @@ from .config import NormalizeConfig, ValidateConfig
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def decode_validate(data: bytes, cfg: ValidateConfig) -> tuple[Image.Image | None, str | None, str]:
-    """Open ``data``, check it from the header, then decode fully.
+def decode_validate(
+    data: bytes, cfg: ValidateConfig, draft: tuple[int, int] | None = None
+) -> tuple[Image.Image | None, str | None, str]:
+    """Open ``data``, check it from the header, then decode every byte.
 
-    Returns ``(image, None, fmt)`` for a good image (decoded, not yet normalized) or
-    ``(None, reason, detail)``.
+    ``draft=(w, h)``: an upright RGB JPEG may be decoded at a reduced DCT scale no smaller than
+    ``(w, h)`` (all entropy-coded data is still read, so truncation is still caught); the full
+    size stays in ``image.info["full_size"]``. Returns ``(image, None, fmt)`` for a good image
+    (not yet normalized) or ``(None, reason, detail)``.
     """
     if not data:
         return None, "zero_byte", "0 bytes"
@@ -47,6 +51,9 @@ def decode_validate(data: bytes, cfg: ValidateConfig) -> tuple[Image.Image | Non
         if max(w, h) / max(min(w, h), 1) > cfg.max_aspect:
             return None, "aspect", f"{w}x{h}, aspect > validate.max_aspect={cfg.max_aspect}"
         fmt = im.format or ""
+        im.info["full_size"] = (w, h)
+        if draft and fmt == "JPEG" and im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
+            im.draft("RGB", draft)
         try:
             im.load()
         except Exception as e:  # noqa: BLE001
@@ -58,11 +65,20 @@ def decode_validate(data: bytes, cfg: ValidateConfig) -> tuple[Image.Image | Non
 
 def normalize_image(
     im: Image.Image, data: bytes, fmt: str, cfg: NormalizeConfig
-) -> tuple[Image.Image, bytes, str]:
+) -> tuple[Image.Image, bytes, str, tuple[int, int]]:
     """EXIF transpose, RGB, optional max-side resize; re-encode only when something changed.
 
-    Returns ``(rgb_image, image_bytes, ext)`` where ext is ``jpg`` or ``png``.
+    Returns ``(rgb_image, image_bytes, ext, (width, height))``: ext is ``jpg`` or ``png`` and the
+    size is that of ``image_bytes`` (``rgb_image`` may be a reduced draft decode of them).
     """
+    src_ext = "jpg" if fmt == "JPEG" else "png"
+    ext = src_ext if cfg.format == "keep" else cfg.format
+    full = im.info.get("full_size", im.size)
+    if full != im.size:  # a draft decode: enough when nothing changes, else decode in full
+        if ext == src_ext and not (cfg.max_side and max(full) > cfg.max_side):
+            return im, data, ext, full
+        im = Image.open(io.BytesIO(data))
+        im.load()
     changed = False
     out = ImageOps.exif_transpose(im)
     if out is not im:
@@ -81,13 +97,11 @@ def normalize_image(
         size = (max(1, round(out.width * scale)), max(1, round(out.height * scale)))
         out = out.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         changed = True
-    src_ext = "jpg" if fmt == "JPEG" else "png"
-    ext = src_ext if cfg.format == "keep" else cfg.format
     if not changed and ext == src_ext and fmt in ("JPEG", "PNG"):
-        return out, data, ext
+        return out, data, ext, out.size
     buf = io.BytesIO()
     if ext == "jpg":
         out.save(buf, format="JPEG", quality=cfg.jpeg_quality)
     else:
         out.save(buf, format="PNG")
-    return out, buf.getvalue(), ext
+    return out, buf.getvalue(), ext, out.size
