@@ -405,7 +405,7 @@ def _draw(rng: np.random.Generator, data: dict, dpi: int) -> tuple[Image.Image, 
     ctype = data["chart_type"]
     style_name = _pick(rng, STYLES)
     family = _pick(rng, fonts.matplotlib_families())
-    fsize = float(rng.uniform(8, 11.5))
+    fsize = float(rng.integers(16, 24)) / 2  # half points: matplotlib's font cache keys on size
     w, h = float(rng.uniform(4.2, 6.4)), float(rng.uniform(3.2, 4.8))
     if ctype == "pie":
         h = max(h, 3.8)
@@ -522,7 +522,7 @@ def _draw(rng: np.random.Generator, data: dict, dpi: int) -> tuple[Image.Image, 
         canvas.draw()
         rgba = np.asarray(canvas.buffer_rgba())  # (H, W, 4)
         img = Image.fromarray(rgba[..., :3].copy())
-        visible = _visible_text(fig, canvas)
+        visible = _visible_text(fig, ax, canvas)
     return img, style_meta, visible
 
 
@@ -570,12 +570,14 @@ def _layout(
     )
 
 
-def _visible_text(fig: Figure, canvas: FigureCanvasAgg) -> set[str]:
-    """Strings of text artists drawn wholly inside the figure."""
+def _visible_text(fig: Figure, ax, canvas: FigureCanvasAgg) -> set[str]:
+    """Strings of tick labels, legend entries and axes texts (pie labels) drawn wholly inside the figure."""
     renderer = canvas.get_renderer()
     W, H = fig.bbox.width, fig.bbox.height
     out: set[str] = set()
-    for t in fig.findobj(matplotlib.text.Text):
+    legend = ax.get_legend()
+    texts = [*ax.get_xticklabels(), *ax.get_yticklabels(), *ax.texts, *(legend.get_texts() if legend else [])]
+    for t in texts:
         s = t.get_text()
         if not s or not t.get_visible():
             continue
