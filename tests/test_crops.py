@@ -166,3 +166,12 @@ def test_load_image_refuses_oversized_without_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageLoadError, match="bomb.png"):
         load_image(header_only, name="bomb.png")
+
+
+def test_equals_stock_with_per_channel_mean_std():
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # CLIP
+    ip = Molmo2ImageProcessor(image_mean=mean, image_std=std)
+    im = _rgb(300, 500, seed=5)
+    ours = preprocess_image(im, mean=mean, std=std)
+    ref = ip(im, return_tensors="pt")
+    assert (ours["pixel_values"] - ref["pixel_values"]).abs().max().item() <= 1e-5

@@ -261,6 +261,19 @@ def _resize_rounded(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.round_().clamp_(0, 255)
 
 
+def _normalize(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(1, 3, h, w) channels-last byte values -> (h, w, 3) ``(x - mean) / std``, in place.
+
+    Mean and std are tiled along whole rows, so the broadcast runs over a long contiguous inner
+    dimension (a (3,) broadcast over channels-last memory is ~10x slower); same arithmetic.
+    """
+    hwc = image[0].permute(1, 2, 0)  # (h, w, 3), contiguous
+    h, w, _ = hwc.shape
+    rows = hwc.view(h, w * 3)
+    rows.sub_(mean.repeat(w)).div_(std.repeat(w))
+    return hwc
+
+
 def preprocess_image(
     image: Image.Image | np.ndarray,
     *,
@@ -303,11 +316,11 @@ def preprocess_image(
     mean_t = torch.tensor(mean, dtype=torch.float32) * (1.0 / _RESCALE)  # (3,)
     std_t = torch.tensor(std, dtype=torch.float32) * (1.0 / _RESCALE)
     # (1, 3, h, w) channels-last -> (h, w, 3) contiguous views, normalized in place
-    low = _resize_rounded(src, (crop_size, crop_size))[0].permute(1, 2, 0).sub_(mean_t).div_(std_t)
+    low = _normalize(_resize_rounded(src, (crop_size, crop_size)), mean_t, std_t)  # (S, S, 3)
     if (canvas_h, canvas_w) == (crop_size, crop_size):  # one crop: the same resize as the low-res view
         canvas = low
     else:
-        canvas = _resize_rounded(src, (canvas_h, canvas_w))[0].permute(1, 2, 0).sub_(mean_t).div_(std_t)
+        canvas = _normalize(_resize_rounded(src, (canvas_h, canvas_w)), mean_t, std_t)  # (Hc, Wc, 3)
     del src
 
     n_crops = 1 + th * tw
