@@ -119,6 +119,9 @@ class CurateConfig:
     inputs: list[InputConfig] = field(default_factory=list)
     out_dir: str = "curated"  # shards, manifest.json, report/
     work_dir: str = ""  # per-unit stage files and done-markers ("" = {out_dir}/_work)
+    keep_work: bool = (
+        True  # keep stage files after success (fast reruns with new thresholds); false frees the disk
+    )
     prefix: str = "data"
     shard_size: int = 1000
     unit_size: int = 500  # input samples per work unit (webdataset: one tar per unit)

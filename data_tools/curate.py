@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -349,7 +350,7 @@ def run_curation(
     Summary keys: ``out_dir, manifest, report, n_in, n_kept, dropped {reason: n},
     funnel [{stage, reason, count}], clip_threshold, decontam_hits, units, units_resumed``.
     """
-    cfg = load_curate_config(config, overrides)
+    cfg = _absolute_paths(load_curate_config(config, overrides))
     out = Path(cfg.out_dir)
     work = Path(cfg.work_dir) if cfg.work_dir else out / "_work"
     (work / "units").mkdir(parents=True, exist_ok=True)
@@ -414,4 +415,23 @@ def run_curation(
             write_curation_report(out / "report", cfg, summary, stats, dec, all_drops, hits, work / "units")
         )
     (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
+    if not cfg.keep_work:
+        shutil.rmtree(work)
     return summary
+
+
+def _absolute_paths(cfg: CurateConfig) -> CurateConfig:
+    """Resolve every path against the driver's working directory (workers may run elsewhere)."""
+
+    def absolute(p: str | None) -> str | None:
+        return str(Path(p).expanduser().resolve()) if p else p
+
+    for inp in cfg.inputs:
+        if inp.kind != "hf" or Path(inp.path).exists():  # an hf hub id stays as given
+            inp.path = absolute(inp.path)
+        inp.captions, inp.image_root = absolute(inp.captions), absolute(inp.image_root)
+    for b in cfg.decontam.benchmarks:
+        b.path = absolute(b.path)
+    cfg.out_dir = absolute(cfg.out_dir)
+    cfg.work_dir = absolute(cfg.work_dir) or ""
+    return cfg

@@ -332,6 +332,23 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         )  # fmt: skip
 
 
+def _parquet_rows(path: str, start: int, stop: int) -> list[dict]:
+    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    groups, first, offset = [], None, 0
+    for g in range(f.metadata.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return []
+    return f.read_row_groups(groups).slice(start - first, stop - start).to_pylist()
+
+
 def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
     """Yield the raw records of one work unit in a fixed order."""
     inp = cfg.inputs[unit["input"]]
@@ -340,10 +357,9 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
     elif inp.kind == "points":
         yield from _points_records(unit, inp)
     elif inp.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(unit["file"]).slice(unit["start"], unit["stop"] - unit["start"])
-        yield from _table_records(table.to_pylist(), unit["start"], inp)
+        yield from _table_records(
+            _parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp
+        )
     elif inp.kind == "hf":
         ds = _load_hf(inp)
         yield from _table_records([ds[j] for j in range(unit["start"], unit["stop"])], unit["start"], inp)

@@ -265,3 +265,50 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     assert json.loads(rerun.stdout)["n_kept"] == 24
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["shards"] == json.loads((tmp_path / "ref" / "manifest.json").read_text())["shards"]
+
+
+def test_csv_captions_sidecar_text_and_missing_datasets(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(encode(natural_image(500)))
+    (tmp_path / "b.png").write_bytes(encode(natural_image(501), "PNG"))
+    (tmp_path / "caps.csv").write_text(
+        "image,caption,id\na.jpg,a scene of shapes,first\nb.png,another scene,second\n"
+    )
+    summary = run_curation(
+        {"inputs": [{"kind": "csv", "path": str(tmp_path / "caps.csv")}], "out_dir": str(tmp_path / "o1"),
+         "report": {"enabled": False}},
+        workers=1,
+    )  # fmt: skip
+    assert summary["n_kept"] == 2 and {m["id"] for _, m, _ in _samples(tmp_path / "o1").values()} == {
+        "first",
+        "second",
+    }
+    (tmp_path / "a.txt").write_text("a sidecar caption")
+    summary = run_curation(
+        {"inputs": [{"kind": "folder", "path": str(tmp_path)}], "out_dir": str(tmp_path / "o2"),
+         "report": {"enabled": False}},
+        workers=1,
+    )  # fmt: skip
+    assert summary["n_kept"] == 1 and summary["dropped"] == {"text_empty": 1}  # b.png has no caption
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="datasets"):
+            run_curation({"inputs": [{"kind": "hf", "path": str(tmp_path)}], "out_dir": str(tmp_path / "o3")})
+
+
+@pytest.mark.slow
+def test_process_pool_matches_single_process(tmp_path):
+    cfg, _ = build_curation_fixture(tmp_path / "data", n_good=4)
+    cfg["report"] = {"enabled": False}
+    one = run_curation({**cfg, "out_dir": str(tmp_path / "one")}, workers=1)
+    two = run_curation({**cfg, "out_dir": str(tmp_path / "two"), "keep_work": False}, workers=2)
+    assert one["dropped"] == two["dropped"] and one["n_kept"] == two["n_kept"]
+    assert _tars(tmp_path / "one") == _tars(tmp_path / "two")
+    assert not (tmp_path / "two" / "_work").exists()
+
+
+def test_parquet_rows_across_row_groups(tmp_path):
+    from data_tools.ingest import _parquet_rows
+
+    pq.write_table(pa.table({"i": list(range(25))}), tmp_path / "t.parquet", row_group_size=10)
+    assert [r["i"] for r in _parquet_rows(str(tmp_path / "t.parquet"), 7, 23)] == list(range(7, 23))
