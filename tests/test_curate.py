@@ -312,3 +312,11 @@ def test_parquet_rows_across_row_groups(tmp_path):
 
     pq.write_table(pa.table({"i": list(range(25))}), tmp_path / "t.parquet", row_group_size=10)
     assert [r["i"] for r in _parquet_rows(str(tmp_path / "t.parquet"), 7, 23)] == list(range(7, 23))
+
+
+def test_cli_typo_exits_with_valid_keys(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("inputs: [{kind: folder, path: x}]\n")
+    r = subprocess.run([sys.executable, "-m", "data_tools", "curate", str(cfg), "dedup.near_distance=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "dedup.near_distance" in r.stderr and "max_distance" in r.stderr
