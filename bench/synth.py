@@ -22,11 +22,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_tools.synth import KINDS, generate  # noqa: E402
+from data_tools.synth.scenes import EASY_COUNT  # noqa: E402
 
 N = {"charts": 150, "docs": 150, "tables": 150, "clocks": 150, "scenes": 150}
 TARGETS = {"charts": 10.0}  # images/s/core
-EASY = dict(image_size=112, min_objects=1, max_objects=4, n_shapes=1, n_colors=1, min_object_size=0.2,
-            max_object_size=0.28, question_types=["count"], query="all", background="plain")  # fmt: skip
+EASY = EASY_COUNT
 
 
 def measure(kind: str, n: int, **options) -> tuple[float, float, int]:

@@ -18,13 +18,11 @@ from PIL import Image
 
 from data_tools.synth import KINDS, CheckFailed, SynthError, check_disjoint, core, generate, regenerate
 from data_tools.synth.gallery import synth_gallery
+from data_tools.synth.scenes import EASY_COLOR, EASY_COUNT
 from mmsmall.processing.points import parse_points
 
 N = {"charts": 6, "docs": 6, "tables": 6, "clocks": 6, "scenes": 8}
-EASY = dict(  # the demo's learnable configuration
-    image_size=112, min_objects=1, max_objects=4, n_shapes=1, n_colors=1, min_object_size=0.2,
-    max_object_size=0.28, question_types=["count"], query="all", background="plain",
-)  # fmt: skip
+EASY = EASY_COUNT  # the demo's learnable configuration
 
 
 def _members(shard_dir: Path) -> dict[str, dict[str, bytes]]:
@@ -282,6 +280,12 @@ def test_easy_scene_config_is_one_question_with_digit_answers(tmp_path):
         assert rec["task"] == "counting"
         answers.append(rec["messages"][1]["content"])
     assert set(answers) <= {"1", "2", "3", "4"} and len(set(answers)) == 4
+    colors = set()
+    for index in range(30):
+        _, rec = regenerate("scenes", 0, "train", index, **EASY_COLOR)
+        assert rec["messages"][0]["content"] == "What color is the circle?" and rec["task"] == "vqa"
+        colors.add(rec["messages"][1]["content"])
+    assert colors == {"red", "blue", "green", "yellow"}
 
 
 # ---------------------------------------------------------------- held-out split

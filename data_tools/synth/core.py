@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -188,6 +188,10 @@ def generate(
         raise SynthError(f"synth {kind}: n must be >= 0, got {n}")
     if shard_size < 1:
         raise SynthError(f"synth {kind}: shard_size must be >= 1, got {shard_size}")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise SynthError(
+            f"synth {kind}: split {split!r} may hold only letters, digits and '_' (it names the sample keys)"
+        )
     out = Path(out)
     dropped: Counter[str] = Counter()
     dropped_indices: list[int] = []
@@ -214,16 +218,14 @@ def generate(
                         f"({dict(dropped)}); the generator is broken for options {dataclasses.asdict(opts)}"
                     ) from e
             else:
-                key = record["id"].replace(".", "_")
-                writer.write(key, data, draft.ext, record)
+                writer.write(record["id"], data, draft.ext, record)
                 tasks[record["task"]] += 1
                 written += 1
                 bar.update(1)
             index += 1
         bar.close()
-    except BaseException:
-        if writer._tar is not None:
-            writer._tar.close()
+    except BaseException as e:  # leave no half-written shard behind
+        writer.__exit__(type(e), e, e.__traceback__)
         raise
     return writer.close(
         extra={
@@ -272,7 +274,3 @@ def check_disjoint(train_dir: str | Path, eval_dir: str | Path) -> dict:
             "held-out data must come from a different split or seed"
         )
     return {"train": len(a), "eval": len(b), "shared": []}
-
-
-def load_json(text: str) -> dict:
-    return json.loads(text)

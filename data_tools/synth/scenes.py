@@ -9,13 +9,13 @@ decimal of a percent. Questions:
 - ``color``: "What color is the star?" (the only star) -> ``"red"``
 - ``shape``: "What shape is the blue object?" (the only blue one) -> ``"star"``
 
-The defaults are rich (up to 12 objects, 9 shapes, 11 colours, textured backgrounds). An easy
-configuration that a tiny model learns in minutes, for the demo::
+The defaults are rich (up to 12 objects, 9 shapes, 11 colours, textured backgrounds). Two easy
+configurations that a tiny random-init model learns in minutes (for the demo) are
+``EASY_COUNT`` ("How many shapes are there?" -> "1".."4": 1-4 red circles of nearly one size on
+a plain background, so the count is proportional to the coloured area) and ``EASY_COLOR``
+("What color is the circle?" -> red / blue / green / yellow: one large circle)::
 
-    generate("scenes", n, seed, out, image_size=112, min_objects=1, max_objects=4, n_shapes=1,
-             n_colors=1, min_object_size=0.2, max_object_size=0.28, question_types=["count"],
-             query="all", background="plain")
-    # "How many shapes are there?" -> "1".."4"
+    generate("scenes", n, seed, out, **EASY_COUNT)
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ QUESTION_TYPES = ("point", "count", "color", "shape")
 QUERIES = ("any", "all", "shape", "color", "color_shape")
 BACKGROUNDS = ("plain", "gradient", "noise", "mixed")
 _PLURAL = {"cross": "crosses"}
+
+EASY_COUNT = dict(  # task "counting"; blind baseline ~25-30% (most frequent count)
+    image_size=112, min_objects=1, max_objects=4, n_shapes=1, n_colors=1, min_object_size=0.22,
+    max_object_size=0.26, question_types=["count"], query="all", background="plain",
+)  # fmt: skip
+EASY_COLOR = dict(  # task "vqa"; blind baseline ~25%
+    image_size=112, min_objects=1, max_objects=1, n_shapes=1, n_colors=4, min_object_size=0.3,
+    max_object_size=0.5, question_types=["color"], background="plain",
+)  # fmt: skip
 
 
 def plural(shape: str) -> str:
