@@ -64,3 +64,28 @@ def test_save_load_round_trip(tok, tmp_path):
 def test_too_small_vocab_says_what_to_do():
     with pytest.raises(ValueError, match="tiny_vocab_size"):
         build_tokenizer(TokenizerConfig(tiny_vocab_size=100))
+
+
+def test_loaded_tokenizer_gets_image_tokens_and_defaults(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(["hello world"] * 3, trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+
+    tok = build_tokenizer(TokenizerConfig(name=None), llm_name=str(tmp_path))
+    ids = special_ids(tok)
+    assert tok.pad_token == tok.eos_token == tok.bos_token == "<|endoftext|>"
+    for t in IMAGE_SPECIAL_TOKENS:
+        assert tok(t, add_special_tokens=False)["input_ids"] == [ids[t]]
+        assert ids[t] not in tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_missing_tokenizer_says_what_to_do(tmp_path):
+    with pytest.raises(OSError, match="tiny test tokenizer"):
+        build_tokenizer(TokenizerConfig(name=str(tmp_path / "nope")))
