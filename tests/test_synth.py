@@ -63,6 +63,11 @@ def test_unknown_option_lists_valid_options(tmp_path):
         generate("scenes", 2, 0, tmp_path, colour="red")
     with pytest.raises(SynthError, match="question_types"):
         generate("scenes", 2, 0, tmp_path, question_types=["dance"])
+    with pytest.raises(SynthError, match="image_size must be an integer"):
+        generate("scenes", 2, 0, tmp_path, image_size="big")
+    # a single name where a list is expected (as `--opt question_types=count` gives) is one item
+    m = generate("scenes", 2, 0, tmp_path / "one", question_types="count")
+    assert m["synth"]["options"]["question_types"] == ["count"] and m["synth"]["tasks"] == {"counting": 2}
 
 
 @pytest.mark.parametrize("kind", sorted(N))

@@ -97,7 +97,31 @@ def build_options(kind: str, options: dict[str, Any]) -> Any:
         raise SynthError(
             f"synth {kind}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}"
         )
-    opts = gen.options(**options)
+    fields = {f.name: f for f in dataclasses.fields(gen.options)}
+    values = dict(options)
+    for name, value in options.items():
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        if isinstance(default, list):
+            if isinstance(value, str):
+                values[name] = [value]  # `--opt question_types=count` means one item
+            elif not isinstance(value, list | tuple):
+                raise SynthError(f"synth {kind}: option {name} must be a list, got {value!r}")
+            else:
+                values[name] = list(value)
+        elif isinstance(default, float) and not (
+            isinstance(value, int | float) and not isinstance(value, bool)
+        ):
+            raise SynthError(f"synth {kind}: option {name} must be a number, got {value!r}")
+        elif (
+            isinstance(default, int)
+            and not isinstance(default, bool)
+            and (not isinstance(value, int) or isinstance(value, bool))
+        ):
+            raise SynthError(f"synth {kind}: option {name} must be an integer, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise SynthError(f"synth {kind}: option {name} must be a string, got {value!r}")
+    opts = gen.options(**values)
     validate = getattr(opts, "validate", None)
     if validate is not None:
         validate()
