@@ -100,7 +100,7 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
                 f"expected an (H, W, 3) uint8 RGB array, got {image.dtype} {tuple(image.shape)}; "
                 "pass a PIL image for other formats"
             )
-        return image
+        return np.ascontiguousarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
@@ -296,6 +296,8 @@ def preprocess_image(
     """
     margins, pool = tuple(int(m) for m in overlap_margins), tuple(int(p) for p in pooling_size)
     _check(crop_size, patch_size, max_crops, margins, pool)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean={list(mean)} and std={list(std)} need 3 values each, std > 0")
     arr = to_rgb_array(image)  # (H, W, 3) uint8
     height, width = arr.shape[:2]
     th, tw, canvas_h, canvas_w = crop_geometry(
