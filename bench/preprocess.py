@@ -116,7 +116,9 @@ def main() -> None:
         c[1] += times[1]
         c[2] += 1
 
-    print(f"{len(items)} images, setting {args.setting} ({s}), 1 thread, all outputs equal (max |diff| {max_diff:.1e})")
+    print(
+        f"{len(items)} images, setting {args.setting} ({s}), 1 thread, all outputs equal (max |diff| {max_diff:.1e})"
+    )
     print(f"{'class':<16}{'n':>4}{'stock img/s':>14}{'ours img/s':>13}{'ratio':>8}")
     for name, (ts, to, n) in per_class.items():
         if n:
