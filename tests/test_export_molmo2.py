@@ -179,3 +179,35 @@ def test_non_fitting_model_is_refused(tmp_path):
     assert "class token" in msg and "Qwen2 has q/k/v biases and no q/k RMSNorm" in msg
     assert "--format mmsmall" in msg
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_qwen3_llm_maps_both_ways(tmp_path):
+    """Qwen3 layout (pre-norm, per-head q/k norm, head_dim != hidden/heads, tied embeddings)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmsmall.export import load_molmo2
+    from mmsmall.export.release import save_molmo2
+
+    qwen3 = (
+        "llm.custom={model_type: qwen3, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, "
+        "num_attention_heads: 4, num_key_value_heads: 2, head_dim: 32, max_position_embeddings: 512, "
+        "rms_norm_eps: 1.0e-6, tie_word_embeddings: true}"
+    )
+    cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", [qwen3], cls=ModelConfig)
+    torch.manual_seed(1)
+    vlm = build_vlm(cfg, build_tokenizer(cfg.tokenizer)).eval()
+    with torch.no_grad():
+        for n, p in vlm.named_parameters():
+            if "norm" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    save_molmo2(vlm, tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert model.config.text_config.qk_norm_type == "qwen3" and not model.config.text_config.norm_after
+    stock = _stock_inputs(AutoProcessor.from_pretrained(tmp_path), _square_image(3)[0], QUESTION)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_token_pooling")
+    back = load_molmo2(tmp_path)
+    assert back.cfg.llm.custom["model_type"] == "qwen3"
+    with torch.no_grad():
+        ref = model(**stock).logits
+        assert (ref - vlm(**{k: stock[k] for k in keys}).logits).abs().max().item() < 1e-4
+        assert (ref - back(**{k: stock[k] for k in keys}).logits).abs().max().item() < 1e-4

@@ -69,6 +69,15 @@ def test_save_load_roundtrip_identical(name, tmp_path):
         ref = vlm(**{k: ours[k] for k in KEYS}).logits
         got = model(**inputs).logits
     assert torch.equal(ref, got)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": questions[0]}],
+        }
+    ]
+    assert processor.apply_chat_template(messages).endswith(" User: What is shown? Assistant:")
+    templated = processor.apply_chat_template(messages, tokenize=True)
+    assert torch.equal(templated["input_ids"][0], ours["input_ids"][0][ours["attention_mask"][0].bool()])
 
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     expected = vlm.generate(ours, max_new_tokens=8)

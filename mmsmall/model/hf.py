@@ -349,6 +349,47 @@ class MMSmallProcessor(ProcessorMixin):
         keys = ("input_ids", "attention_mask", "pixel_values", "image_token_pooling", "image_grids")
         return {k: batch[k] for k in keys if batch.get(k) is not None}
 
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Messages in the transformers layout (``content`` a string or a list of ``{"type": "image" |
+        "text"}`` parts) -> the prompt text (``tokenize=False``) or a generate-ready batch, encoded
+        by our Processor (one image per conversation, the last turn a user turn)."""
+        if not tokenize:
+            return super().apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+            )
+        from PIL import Image
+
+        from mmsmall.processing.processor import collate
+
+        convs = [conversation] if conversation and isinstance(conversation[0], dict) else conversation
+        examples = []
+        for conv in convs:
+            image, turns = None, []
+            for msg in conv:
+                parts = (
+                    msg["content"]
+                    if isinstance(msg["content"], list)
+                    else [{"type": "text", "text": msg["content"]}]
+                )
+                for part in parts:
+                    if part.get("type") == "image":
+                        found = part.get("image", part.get("path", part.get("url")))
+                        image = Image.open(found).convert("RGB") if isinstance(found, (str, Path)) else found
+                text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+                turns.append({"role": msg["role"], "content": text})
+            examples.append(self.processor.encode(image, [turns], train=False))
+        batch = collate(examples, pad_id=self.tokenizer.pad_token_id, left_pad=True)
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_token_pooling", "image_grids")
+        out = {k: batch[k] for k in keys if batch.get(k) is not None}
+        return out if return_dict else out["input_ids"]
+
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
