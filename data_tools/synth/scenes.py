@@ -9,7 +9,7 @@ decimal of a percent. Questions:
 - ``color``: "What color is the star?" (the only star) -> ``"red"``
 - ``shape``: "What shape is the blue object?" (the only blue one) -> ``"star"``
 
-The defaults are rich (up to 12 objects, 9 shapes, 11 colours, textured backgrounds). Two easy
+The defaults are rich (up to 12 objects, 12 shapes and icons, 11 colours, textured backgrounds). Two easy
 configurations that a tiny random-init model learns in minutes (for the demo) are
 ``EASY_COUNT`` ("How many shapes are there?" -> "1".."4": 1-4 red circles of nearly one size on
 a plain background, so the count is proportional to the coloured area) and ``EASY_COLOR``
@@ -45,7 +45,20 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (25, 190, 210),
     "gray": (125, 125, 125),
 }
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "ring", "heart")
+SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "diamond",
+    "hexagon",
+    "cross",
+    "ring",
+    "heart",
+    "arrow",
+    "house",
+    "moon",
+)
 QUESTION_TYPES = ("point", "count", "color", "shape")
 QUERIES = ("any", "all", "shape", "color", "color_shape")
 BACKGROUNDS = ("plain", "gradient", "noise", "mixed")
@@ -151,6 +164,16 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
         )
         c, s = math.cos(rot), math.sin(rot)
         pts = base @ np.array([[c, s], [-s, c]]) + [cx, cy]
+    elif shape in ("arrow", "house"):
+        if shape == "arrow":  # pointing along +x before rotation
+            base = np.array([(-r, -0.3 * r), (0.2 * r, -0.3 * r), (0.2 * r, -0.75 * r), (r, 0.0),
+                             (0.2 * r, 0.75 * r), (0.2 * r, 0.3 * r), (-r, 0.3 * r)])  # fmt: skip
+        else:  # upright: walls and a roof
+            base = np.array([(-0.7 * r, r), (-0.7 * r, -0.1 * r), (-0.95 * r, -0.1 * r), (0.0, -r),
+                             (0.95 * r, -0.1 * r), (0.7 * r, -0.1 * r), (0.7 * r, r)])  # fmt: skip
+            rot = 0.0
+        c, s = math.cos(rot), math.sin(rot)
+        pts = base @ np.array([[c, s], [-s, c]]) + [cx, cy]
     elif shape == "heart":
         t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         hx = 16 * np.sin(t) ** 3
@@ -172,6 +195,10 @@ def draw_shape(
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         ri = 0.5 * r
         draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=bg)
+    elif shape == "moon":  # a disc with an offset disc cut out, horns turned by ``rot``
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        ox, oy = cx + 0.45 * r * math.cos(rot), cy + 0.45 * r * math.sin(rot)
+        draw.ellipse([ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r], fill=bg)
     else:
         draw.polygon(shape_polygon(shape, cx, cy, r, rot), fill=fill)
 
@@ -274,7 +301,7 @@ def make_scene(rng: np.random.Generator, opts: SceneOptions) -> Draft:
                 np.array(COLORS[color]) + rng.integers(-opts.color_jitter, opts.color_jitter + 1, 3), 0, 255
             )
         )
-        rot = float(rng.uniform(0, 2 * np.pi)) if shape not in ("circle", "ring", "heart") else 0.0
+        rot = float(rng.uniform(0, 2 * np.pi)) if shape not in ("circle", "ring", "heart", "house") else 0.0
         m = Image.new("1", (size, size), 0)
         draw_shape(ImageDraw.Draw(m), shape, cx, cy, r, rot, 1, bg=0)
         img.paste(rgb, (0, 0, size, size), mask=m)  # the picture is exactly the mask, holes included
