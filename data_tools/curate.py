@@ -81,55 +81,101 @@ def _decontam_index(path: str) -> DecontamIndex:
 # ----------------------------------------------------------------------------- map
 
 
+def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
+    """Ingest error, decode/validate, normalize, points and text checks of one record.
+
+    Returns ``{"reason", "stage", "detail", "im"}`` plus ``data, ext, size`` when it passes.
+    """
+    out = {"reason": rec["error"], "stage": "ingest", "detail": rec["image_ref"], "im": None}
+    if out["reason"] is not None:
+        return out
+    im, reason, info = decode_validate(rec["image_bytes"], cfg.validate, draft)
+    if reason is not None:
+        return out | {"reason": reason, "stage": "validate", "detail": info}
+    im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
+    out.update(im=im, data=data, ext=ext, size=size)
+    if rec["points"] is not None:
+        pts, reason, detail = normalize_points(rec["points"], rec["meta"].pop("coords", "normalized"), *size)
+        if reason is not None:
+            return out | {"reason": reason, "stage": "points", "detail": detail}
+        rec["points"] = pts
+        if not rec["messages"]:
+            rec["messages"] = pointing_messages(pts)
+        return out
+    reason, detail = text_filter(rec["messages"], cfg.text)
+    return out | {"reason": reason, "stage": "text", "detail": detail}
+
+
+def _decontaminate(cands: list[dict], hashes: np.ndarray, cfg: CurateConfig, work_dir: str):
+    """Split candidates into (kept, [(cand, reason, detail)], hits) against the eval index."""
+    index = _decontam_index(str(Path(work_dir) / "decontam"))
+    img_hits = index.check_images(hashes) if cfg.decontam.images else {}
+    kept, dropped, hits = [], [], []
+    for n, c in enumerate(cands):
+        if n in img_hits:
+            ref, dist = img_hits[n]
+            kind, reason, detail = "image", "decontam_image", f"pHash within {dist} bits of {ref}"
+        elif cfg.decontam.text and (t := index.check_text(c["rec"]["messages"])) is not None:
+            ref, kind, reason, detail = t[0], "text", "decontam_text", f"question overlaps {t[0]}: {t[1]!r}"
+        else:
+            kept.append(c)
+            continue
+        dropped.append((c, reason, detail))
+        hits.append(hit_record(c["id"], c["source"], kind, ref, detail))
+    return kept, dropped, hits
+
+
+def _sample_json(c: dict, score: float | None) -> dict:
+    rec, (width, height) = c["rec"], c["size"]
+    return {
+        "id": rec["id"],
+        "source": rec["source"],
+        "image": {"width": width, "height": height, "sha256": c["sha256"], "phash": hex64(c["phash"])},
+        "task": rec["task"],
+        "messages": rec["messages"],
+        "points": rec["points"] if rec["points"] is not None else [],
+        "meta": {**rec["meta"], **({"clip_score": score} if score is not None else {})},
+    }
+
+
 def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
-    """Run every per-sample stage on one unit and commit its stage tar and done-marker."""
+    """Run every per-sample stage on one unit and commit its stage tar and done-marker.
+
+    The stage tar holds each surviving candidate as ``s{pos}.{jpg|png}`` + ``s{pos}.json`` (its
+    final sample json) and report thumbnails of dropped samples as ``d{pos}.jpg``; the marker
+    ``{uid}.done.json`` holds counts, drops with reasons, and per-candidate hashes and scores.
+    """
     cfg = from_dict(CurateConfig, cfg_dict)
     fp = config_fingerprint(cfg)
     units_dir = Path(work_dir) / "units"
     done = units_dir / f"{unit['uid']}.done.json"
-    if done.exists():
-        stats = json.loads(done.read_text())
-        if stats.get("fingerprint") == fp:
-            return stats
+    if done.exists() and (stats := json.loads(done.read_text())).get("fingerprint") == fp:
+        return stats
     drops: list[dict] = []
     cands: list[dict] = []
     thumbs: dict[str, bytes] = {}
-    n_in = 0
+    per_reason: Counter = Counter()
+
+    def drop(pos: int, base: dict, stage: str, reason: str, detail: str, im) -> None:
+        per_reason[reason] += 1
+        has_thumb = im is not None and per_reason[reason] <= cfg.report.grid_size
+        if has_thumb:
+            thumbs[f"d{pos:06d}"] = _thumb_bytes(im)
+        drops.append(
+            {**base, "stage": stage, "reason": reason, "detail": str(detail)[:200], "thumb": has_thumb}
+        )
+
     # decode JPEGs at a reduced DCT scale when only thumbnails are needed (pHash, CLIP, report)
     draft = (224, 224) if cfg.clip.enabled else (96, 96)
+    n_in = 0
     for pos, rec in enumerate(read_unit(unit, cfg)):
         n_in += 1
-        reason, stage, detail = rec["error"], "ingest", rec["image_ref"]
-        im = None
-        if reason is None:
-            stage = "validate"
-            im, reason, info = decode_validate(rec["image_bytes"], cfg.validate, draft)
-            if reason is None:
-                im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
-            else:
-                detail = info
-        if reason is None and rec["points"] is not None:
-            stage = "points"
-            pts, reason, detail = normalize_points(
-                rec["points"], rec["meta"].pop("coords", "normalized"), *size
-            )
-            if pts is not None:
-                rec["points"] = pts
-                if not rec["messages"]:
-                    rec["messages"] = pointing_messages(pts)
-        if reason is None and rec["points"] is None:
-            stage = "text"
-            reason, detail = text_filter(rec["messages"], cfg.text)
+        chk = _check_sample(rec, cfg, draft)
         base = {"pos": pos, "id": rec["id"], "source": rec["source"], "text": _short(rec["messages"])}
-        if reason is not None:
-            has_thumb = im is not None and sum(d["reason"] == reason for d in drops) < cfg.report.grid_size
-            if has_thumb:
-                thumbs[f"d{pos:06d}"] = _thumb_bytes(im)
-            drops.append(
-                {**base, "stage": stage, "reason": reason, "detail": str(detail)[:200], "thumb": has_thumb}
-            )
-            continue
-        cands.append({**base, "rec": rec, "im": im, "data": data, "ext": ext, "size": size})
+        if chk["reason"] is not None:
+            drop(pos, base, chk["stage"], chk["reason"], chk["detail"], chk["im"])
+        else:
+            cands.append(base | {"rec": rec} | {k: chk[k] for k in ("im", "data", "ext", "size")})
 
     # (N, 32, 32) thumbnails -> (N,) 64-bit pHashes, one batched DCT
     hashes = phash_batch(np.stack([phash_thumb(c["im"]) for c in cands])) if cands else np.zeros(0, np.uint64)
@@ -139,36 +185,23 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
 
     hits: list[dict] = []
     if cfg.decontam.benchmarks:
-        index = _decontam_index(str(Path(work_dir) / "decontam"))
-        img_hits = index.check_images(hashes) if cfg.decontam.images else {}
-        kept = []
-        for n, c in enumerate(cands):
-            reason = detail = None
-            if n in img_hits:
-                ref, dist = img_hits[n]
-                reason, detail = "decontam_image", f"pHash within {dist} bits of {ref}"
-                hits.append(hit_record(c["id"], c["source"], "image", ref, detail))
-            elif cfg.decontam.text:
-                t = index.check_text(c["rec"]["messages"])
-                if t is not None:
-                    reason, detail = "decontam_text", f"question overlaps {t[0]}: {t[1]!r}"
-                    hits.append(hit_record(c["id"], c["source"], "text", t[0], detail))
-            if reason is None:
-                kept.append(c)
-                continue
-            thumbs[f"d{c['pos']:06d}"] = _thumb_bytes(c["im"])
-            drops.append({**{k: c[k] for k in ("pos", "id", "source", "text")}, "stage": "decontam",
-                          "reason": reason, "detail": detail, "thumb": True})  # fmt: skip
-        cands = kept
+        cands, dropped, hits = _decontaminate(cands, hashes, cfg, work_dir)
+        for c, reason, detail in dropped:
+            drop(
+                c["pos"],
+                {k: c[k] for k in ("pos", "id", "source", "text")},
+                "decontam",
+                reason,
+                detail,
+                c["im"],
+            )
 
+    scores: list[float | None] = [None] * len(cands)
     if cfg.clip.enabled and cands:
         from .clipscore import ClipScorer, clip_text
 
-        scores = ClipScorer(cfg.clip, cfg.seed).score(
-            [c["im"] for c in cands], [clip_text(c["rec"]["messages"], c["rec"]["task"]) for c in cands]
-        )
-    else:
-        scores = [None] * len(cands)
+        texts = [clip_text(c["rec"]["messages"], c["rec"]["task"]) for c in cands]
+        scores = ClipScorer(cfg.clip, cfg.seed).score([c["im"] for c in cands], texts)
 
     # commit: stage tar first, then the done-marker
     units_dir.mkdir(parents=True, exist_ok=True)
@@ -177,28 +210,17 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     cand_stats = []
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for c, score in zip(cands, scores):
-            rec, (width, height) = c["rec"], c["size"]
-            sample = {
-                "id": rec["id"],
-                "source": rec["source"],
-                "image": {
-                    "width": width,
-                    "height": height,
-                    "sha256": c["sha256"],
-                    "phash": hex64(c["phash"]),
-                },
-                "task": rec["task"],
-                "messages": rec["messages"],
-                "points": rec["points"] if rec["points"] is not None else [],
-                "meta": {**rec["meta"], **({"clip_score": score} if score is not None else {})},
-            }
-            key = f"s{c['pos']:06d}"
-            _add_member(tar, f"{key}.{c['ext']}", c["data"])
-            _add_member(tar, f"{key}.json", json.dumps(sample, sort_keys=True, ensure_ascii=False).encode())
-            answer_len = len(" ".join(m["content"] for m in rec["messages"] if m["role"] == "assistant"))
-            cand_stats.append({k: c[k] for k in ("pos", "id", "source", "text", "ext", "sha256")}
-                              | {"phash": hex64(c["phash"]), "clip": score, "w": width, "h": height,
-                                 "text_len": answer_len})  # fmt: skip
+            sample = _sample_json(c, score)
+            _add_member(tar, f"s{c['pos']:06d}.{c['ext']}", c["data"])
+            _add_member(
+                tar, f"s{c['pos']:06d}.json", json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()
+            )
+            answer = " ".join(m["content"] for m in sample["messages"] if m["role"] == "assistant")
+            cand_stats.append(
+                {k: c[k] for k in ("pos", "id", "source", "text", "ext", "sha256")}
+                | {"phash": hex64(c["phash"]), "clip": score, "w": c["size"][0], "h": c["size"][1]}
+                | {"text_len": len(answer)}
+            )
         for name, data in thumbs.items():
             _add_member(tar, f"{name}.jpg", data)
     os.replace(tmp, tar_path)
