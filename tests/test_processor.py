@@ -186,3 +186,18 @@ def test_collate_left_pad_for_generation(tok, proc):
     assert batch["doc_ids"][0, 0].item() == -1
     text_only = collate([short], tok.pad_token_id, left_pad=True)
     assert text_only["pixel_values"] is None and text_only["image_token_pooling"] is None
+
+
+def test_text_tokenization_matches_split_special_tokens_and_leaves_tokenizer_alone(tok, proc):
+    import pickle
+
+    texts = [
+        " User: <im_patch> hi Assistant:",
+        " 12.5<|endoftext|>",
+        ' <point x="1.0" y="2.0" alt="a">a</point>',
+    ]
+    want = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] for t in texts]
+    assert proc.tokenize_text(texts) == want
+    assert tok("<im_patch>", add_special_tokens=False)["input_ids"] == [special_ids(tok)["<im_patch>"]]
+    clone = pickle.loads(pickle.dumps(proc))  # dataloader workers get a pickled copy
+    assert clone.tokenize_text(texts) == want

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
@@ -63,6 +64,13 @@ class Processor:
         self.ids = special_ids(tokenizer)
         self.bos_id, self.eos_id = self.ids["bos"], self.ids["eos"]
         self.counters: dict[str, int] = {}
+        # A private copy of the Rust tokenizer that always splits special-token strings: text can
+        # never produce <im_patch>, BOS, EOS... and the shared tokenizer's state is never toggled
+        # (``tokenizer(..., split_special_tokens=True)`` flips a flag on it, a race between threads).
+        self._text_tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._text_tokenizer.encode_special_tokens = True
+        self._text_tokenizer.no_padding()
+        self._text_tokenizer.no_truncation()
 
     # ------------------------------------------------------------------ pieces
 
@@ -86,8 +94,7 @@ class Processor:
         """Token ids of plain text pieces; special-token strings in them stay plain text."""
         if not texts:
             return []
-        enc = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
-        return enc["input_ids"]
+        return [enc.ids for enc in self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def _prefix(self, image: Any, train: bool) -> tuple[torch.Tensor, dict]:
         """BOS + image block ids ``(P,)`` and the image tensors (empty without an image)."""
