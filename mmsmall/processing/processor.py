@@ -94,6 +94,8 @@ class Processor:
         """Token ids of plain text pieces; special-token strings in them stay plain text."""
         if not texts:
             return []
+        if not self._text_tokenizer.encode_special_tokens:  # the flag does not survive pickling
+            self._text_tokenizer.encode_special_tokens = True
         return [enc.ids for enc in self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def _prefix(self, image: Any, train: bool) -> tuple[torch.Tensor, dict]:
