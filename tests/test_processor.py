@@ -201,3 +201,13 @@ def test_text_tokenization_matches_split_special_tokens_and_leaves_tokenizer_alo
     assert tok("<im_patch>", add_special_tokens=False)["input_ids"] == [special_ids(tok)["<im_patch>"]]
     clone = pickle.loads(pickle.dumps(proc))  # dataloader workers get a pickled copy
     assert clone.tokenize_text(texts) == want
+
+
+def test_answer_that_tokenizes_to_nothing_raises(tok, monkeypatch):
+    p = Processor(tok, ImageConfig(**TINY))
+    real = p.tokenize_text
+    monkeypatch.setattr(
+        p, "tokenize_text", lambda texts: [[] if t == " Red." else ids for t, ids in zip(texts, real(texts))]
+    )
+    with pytest.raises(ValueError, match="s9.*tokenized to nothing"):
+        p.encode(None, [_conv("Colour?", "Red.")], sample_id="s9")
