@@ -91,7 +91,7 @@ def test_loading_code_reads_safetensors_only():
 
 
 def test_chat_and_predict_draw_points(saved, tmp_path):
-    from mmsmall.export.chat import chat, draw_points, predict
+    from mmsmall.export.chat import chat, predict
 
     out = tmp_path / "release"
     from mmsmall.export import run_export
@@ -109,6 +109,27 @@ def test_chat_and_predict_draw_points(saved, tmp_path):
     )
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["key"] for r in rows] == ["im0", "im1", "im2"] and all("answer" in r for r in rows)
-    # A random model rarely points; the drawing itself is checked directly.
-    drawn = draw_points(Image.new("RGB", (50, 40)), [(25.0, 20.0)])
+    # A shard set: each sample's own first question is asked.
+    import io
+
+    from data_tools.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "shards", prefix="toy", max_count=2) as w:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray((rng.rand(60, 80, 3) * 255).astype("uint8")).save(buf, "PNG")
+            msgs = [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "x"}]
+            w.write(f"s{i}", buf.getvalue(), "png", {"id": f"s{i}", "task": "vqa", "messages": msgs})
+    jsonl = predict(str(out), str(tmp_path / "shards"), str(tmp_path / "pred2"), max_new_tokens=2)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert sorted((r["key"], r["question"]) for r in rows) == [(f"s{i}", f"Question {i}?") for i in range(3)]
+    # A random model rarely points: an answer with points is saved as a PNG with them drawn.
+    from mmsmall.export.chat import answer_record
+
+    blank = Image.new("RGB", (50, 40))
+    rec = answer_record("k", blank, "Point.", '<point x="50.0" y="50.0" alt="dot">dot</point>', tmp_path)
+    assert rec["points"] == [[25.0, 20.0]] and rec["drawn"] == "k.png"
+    drawn = Image.open(tmp_path / "k.png")
     assert drawn.getpixel((25, 20)) == (255, 255, 255) and drawn.getpixel((0, 0)) == (0, 0, 0)
+    assert drawn.getpixel((25 + 2, 20)) != (0, 0, 0) or drawn.getpixel((25 + 3, 20)) != (0, 0, 0)  # the ring
+    assert "drawn" not in answer_record("n", blank, "Point.", "There are none.", tmp_path)

@@ -63,6 +63,19 @@ def draw_points(
     return out
 
 
+def answer_record(key: str, image: Image.Image | None, question: str, answer: str, out_dir: Path) -> dict:
+    """The jsonl record of one answer; when it holds points, ``out_dir/{key}.png`` gets them drawn."""
+    from mmsmall.processing.points import parse_points
+
+    points = parse_points(answer, *image.size) if image is not None else []
+    record = {"key": key, "question": question, "answer": answer, "points": [list(p) for p in points]}
+    if points:
+        png = out_dir / f"{key}.png"
+        draw_points(image, points).save(png)
+        record["drawn"] = png.name
+    return record
+
+
 def _iter_inputs(inputs: str, question: str | None) -> Iterator[tuple[str, Image.Image | None, str]]:
     """(key, image, question) from a folder of images or a shard set (its first user turn)."""
     p = Path(inputs)
@@ -100,8 +113,6 @@ def predict(
 ) -> Path:
     """Answer a question for every image of ``inputs``; writes ``out/predictions.jsonl`` and, for
     answers that contain points, ``out/{key}.png`` with the points drawn. Returns the jsonl path."""
-    from mmsmall.processing.points import parse_points
-
     predictor = _predictor(model, device=device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,13 +126,8 @@ def predict(
                 [im for _, im, _ in chunk], [q for _, _, q in chunk], max_new_tokens=max_new_tokens, task=task
             )
             for (key, im, q), answer in zip(chunk, answers):
-                points = parse_points(answer, *im.size) if im is not None else []
-                record = {"key": key, "question": q, "answer": answer, "points": [list(p) for p in points]}
-                if points:
-                    png = out_dir / f"{key}.png"
-                    draw_points(im, points).save(png)
-                    record["drawn"] = png.name
-                    n_drawn += 1
+                record = answer_record(key, im, q, answer, out_dir)
+                n_drawn += "drawn" in record
                 f.write(json.dumps(record) + "\n")
             bar.update(len(chunk))
     log.info("predict: %d answers (%d with points drawn) in %s", len(items), n_drawn, jsonl)
