@@ -84,7 +84,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = 
         raise ImageLoadError(
             f"{label}: could not decode ({e}); the file is truncated or corrupt. Remove or re-export it."
         ) from None
-    return Image.fromarray(to_rgb_array(im))
+    return to_rgb_image(im)
 
 
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -103,6 +103,11 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+    return np.asarray(to_rgb_image(image))
+
+
+def to_rgb_image(image: Image.Image) -> Image.Image:
+    """The PIL side of :func:`to_rgb_array` (returns ``image`` itself when it is already upright RGB)."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image is empty ({image.width}x{image.height})")
     if image.getexif().get(_ORIENTATION, 1) != 1:
@@ -113,7 +118,7 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
         image = Image.alpha_composite(white, rgba).convert("RGB")
     elif image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    return image
 
 
 # ----------------------------------------------------------------------------- geometry
