@@ -64,9 +64,8 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 
 
-def _band_masks(m: int) -> list[int]:
-    edges = np.linspace(0, 64, m + 1).round().astype(int)
-    return [((1 << (b - a)) - 1) << (64 - b) for a, b in zip(edges[:-1], edges[1:])]
+def _band_edges(m: int) -> np.ndarray:
+    return np.linspace(0, 64, m + 1).round().astype(int)  # (m + 1,) bit offsets from the MSB
 
 
 def _ragged_pairs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +74,47 @@ def _ragged_pairs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.
     owner = np.repeat(np.arange(len(starts)), counts)
     offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     return owner, np.repeat(starts, counts) + offset
+
+
+class _Table:
+    """Hashes sorted by the concatenated bits of some bands, with a bucket lookup.
+
+    The key (the chosen bands' bits packed together, ``bits`` wide) is small, so buckets are
+    found through a dense offsets array when ``2**bits`` is at most twice the count, otherwise
+    by binary search on the packed keys. Candidates are then a contiguous run of ``sorted``.
+    """
+
+    def __init__(self, hashes: np.ndarray, spans: list[tuple[int, int]]):
+        self.spans = spans  # (start, end) bit offsets from the MSB of each band
+        self.bits = sum(b - a for a, b in spans)
+        keys = self.key(hashes)
+        self.order = np.argsort(keys, kind="stable").astype(np.int32 if len(hashes) < 2**31 else np.int64)
+        self.sorted = hashes[self.order]  # (N,) uint64, contiguous per bucket
+        keys = keys[self.order]
+        self.offsets = None
+        if 2**self.bits <= max(2 * len(hashes), 1024):
+            self.offsets = np.searchsorted(keys, np.arange(2**self.bits + 1, dtype=np.uint64))
+            self.keys = None
+        else:
+            self.keys = keys.astype(np.uint32) if self.bits <= 32 else keys
+
+    def key(self, h: np.ndarray) -> np.ndarray:
+        key = np.zeros(len(h), dtype=np.uint64)
+        for a, b in self.spans:
+            band = (h >> np.uint64(64 - b)) & np.uint64((1 << (b - a)) - 1)
+            key = (key << np.uint64(b - a)) | band
+        return key
+
+    def buckets(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) positions in ``sorted`` of the bucket of each hash in ``h``."""
+        k = self.key(h)
+        if self.offsets is not None:
+            return self.offsets[k], self.offsets[k + np.uint64(1)]
+        k = k.astype(self.keys.dtype)
+        return np.searchsorted(self.keys, k, side="left"), np.searchsorted(self.keys, k, side="right")
+
+    def sorted_keys(self) -> np.ndarray:
+        return self.key(self.sorted)
 
 
 class NearDupIndex:
@@ -91,13 +131,11 @@ class NearDupIndex:
         m = bands or self.k + 2
         if m <= self.k:
             raise ValueError(f"NearDupIndex: bands={m} must exceed max_distance={self.k}")
-        masks = _band_masks(m)
-        self.tables: list[tuple[np.uint64, np.ndarray, np.ndarray]] = []  # (mask, sorted keys, order)
-        for combo in itertools.combinations(range(m), m - self.k):
-            mask = np.uint64(sum(masks[c] for c in combo))
-            keys = self.hashes & mask
-            order = np.argsort(keys, kind="stable").astype(np.int32 if len(keys) < 2**31 else np.int64)
-            self.tables.append((mask, keys[order], order))
+        edges = _band_edges(m)
+        self.tables = [
+            _Table(self.hashes, [(int(edges[c]), int(edges[c + 1])) for c in combo])
+            for combo in itertools.combinations(range(m), m - self.k)
+        ]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -108,46 +146,39 @@ class NearDupIndex:
         out_q, out_i = [], []
         for c0 in range(0, len(queries), chunk):
             qs = queries[c0 : c0 + chunk]
-            for mask, keys, order in self.tables:
-                qk = qs & mask
-                lo = np.searchsorted(keys, qk, side="left")
-                hi = np.searchsorted(keys, qk, side="right")
-                owner, pos = _ragged_pairs(lo, hi)
-                cand = order[pos].astype(np.int64)
-                ok = hamming(qs[owner], self.hashes[cand]) <= self.k
+            for t in self.tables:
+                owner, pos = _ragged_pairs(*t.buckets(qs))
+                ok = hamming(qs[owner], t.sorted[pos]) <= self.k
                 out_q.append(owner[ok] + c0)
-                out_i.append(cand[ok])
+                out_i.append(t.order[pos[ok]].astype(np.int64))
         if not out_q:
             e = np.zeros(0, dtype=np.int64)
             return e, e, e
-        pair = np.unique(np.concatenate(out_q) * max(len(self.hashes), 1) + np.concatenate(out_i))
-        q, i = np.divmod(pair, max(len(self.hashes), 1))
+        n = max(len(self.hashes), 1)
+        q, i = np.divmod(np.unique(np.concatenate(out_q) * n + np.concatenate(out_i)), n)
         return q, i, hamming(queries[q], self.hashes[i])
 
     def self_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored pairs (a, b), a < b, within max_distance, unique and sorted by (b, a)."""
         n = len(self.hashes)
         out_a, out_b = [], []
-        for _mask, keys, order in self.tables:
-            if n < 2:
-                break
-            new_bucket = np.r_[True, keys[1:] != keys[:-1]]  # (n,)
+        for t in self.tables if n >= 2 else []:
+            keys = t.sorted_keys()  # (N,) nondecreasing
+            new_bucket = np.r_[True, keys[1:] != keys[:-1]]  # (N,)
             ends = np.r_[np.flatnonzero(new_bucket)[1:], n]  # end of each bucket
             p = np.flatnonzero(~new_bucket[1:])  # positions whose successor shares the bucket
             if len(p) == 0:
                 continue
             bucket_end = ends[np.cumsum(new_bucket)[p] - 1]
             owner, q = _ragged_pairs(p + 1, bucket_end)
-            a, b = order[p[owner]].astype(np.int64), order[q].astype(np.int64)
-            ok = hamming(self.hashes[a], self.hashes[b]) <= self.k
-            a, b = a[ok], b[ok]
+            ok = hamming(t.sorted[p[owner]], t.sorted[q]) <= self.k
+            a, b = t.order[p[owner][ok]].astype(np.int64), t.order[q[ok]].astype(np.int64)
             out_a.append(np.minimum(a, b))
             out_b.append(np.maximum(a, b))
         if not out_a:
             e = np.zeros(0, dtype=np.int64)
             return e, e
-        code = np.unique(np.concatenate(out_b) * n + np.concatenate(out_a))
-        b, a = np.divmod(code, n)
+        b, a = np.divmod(np.unique(np.concatenate(out_b) * n + np.concatenate(out_a)), n)
         return a, b
 
 

@@ -149,9 +149,16 @@ def test_near_dup_index_matches_brute_force():
         flips = rng.choice(64, size=bits, replace=False)
         h[b] = h[a] ^ np.uint64(sum(1 << int(f) for f in flips))
     d = hamming(h[:, None], h[None, :])  # (N, N) brute force
-    ii, jj = np.nonzero(np.triu(d <= 4, 1))
+    for k in (4, 10):  # k=4: binary-searched packed keys; k=10: 11-bit keys, dense bucket offsets
+        ii, jj = np.nonzero(np.triu(d <= k, 1))
+        idx = NearDupIndex(h, k)
+        assert all((t.offsets is not None) == (k == 10) for t in idx.tables)
+        a, b = idx.self_pairs()
+        assert sorted(zip(a.tolist(), b.tolist())) == sorted(zip(ii.tolist(), jj.tolist()))
+        q, i, _ = idx.query(h[:50])
+        qq, ii2 = np.nonzero(d[:50] <= k)
+        assert sorted(zip(q.tolist(), i.tolist())) == sorted(zip(qq.tolist(), ii2.tolist()))
     a, b = NearDupIndex(h, 4).self_pairs()
-    assert sorted(zip(a.tolist(), b.tolist())) == sorted(zip(ii.tolist(), jj.tolist()))
     assert {(5, 100), (5, 200), (9, 400)} <= set(zip(a.tolist(), b.tolist()))
     q, i, dist = NearDupIndex(h, 4, bands=5).query(h[[5, 7]])
     assert set(zip(q.tolist(), i.tolist())) == {(0, 5), (0, 100), (0, 200), (1, 7)}
