@@ -92,7 +92,10 @@ def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
     im, reason, info = decode_validate(rec["image_bytes"], cfg.validate, draft)
     if reason is not None:
         return out | {"reason": reason, "stage": "validate", "detail": info}
-    im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
+    try:
+        im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
+    except Exception as e:  # noqa: BLE001 - e.g. malformed EXIF: a bad sample, never a crashed unit
+        return out | {"reason": "normalize_failed", "stage": "validate", "detail": f"{type(e).__name__}: {e}"}
     out.update(im=im, data=data, ext=ext, size=size)
     if rec["points"] is not None:
         pts, reason, detail = normalize_points(rec["points"], rec["meta"].pop("coords", "normalized"), *size)

@@ -3,6 +3,10 @@
 ``run_units(fn, units, args, executor, workers)`` calls ``fn(unit, *args)`` for every unit and
 returns the results in unit order, with a tqdm progress bar. ``fn`` must be a module-level
 function (picklable) that commits its own outputs; results should be small dicts.
+
+Ray: with ``RAY_ADDRESS`` set (or ``ray.init(address=...)`` called before), units run across the
+cluster; every node must see the input paths and the work folder at the same absolute paths
+(a shared file system), since units read inputs and commit stage files themselves.
 """
 
 from __future__ import annotations
