@@ -15,6 +15,7 @@ of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -156,8 +157,17 @@ def load_vlm(src: str | Path):
             f"{cfg_path} missing: the checkpoint folder must hold the run's resolved config"
         )
     run_cfg = load_config(cfg_path, cls=RunConfig)
-    tokenizer = build_tokenizer(run_cfg.model.tokenizer, run_cfg.model.llm.name)
-    vlm = build_vlm(run_cfg.model, tokenizer)
+    model_cfg = run_cfg.model
+    tokenizer = build_tokenizer(model_cfg.tokenizer, model_cfg.llm.name)
+    # The checkpoint holds every weight: build the architecture without loading pretrained ones.
+    vision = dataclasses.replace(model_cfg.vision, pretrained=None)
+    llm = model_cfg.llm
+    if llm.name is not None and llm.custom is None:
+        from transformers import AutoConfig
+
+        llm = dataclasses.replace(llm, name=None, custom=AutoConfig.from_pretrained(llm.name).to_dict())
+    vlm = build_vlm(dataclasses.replace(model_cfg, vision=vision, llm=llm), tokenizer)
+    vlm.cfg = model_cfg  # keep the original names for the model card and later saves
     state = consolidate_deepspeed(source.path)
     missing, unexpected = vlm.load_state_dict(state, strict=False)
     if missing or unexpected:

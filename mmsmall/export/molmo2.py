@@ -30,6 +30,14 @@ What does not fit, and why (:func:`check_molmo2_fit` raises :class:`Molmo2Incomp
   Molmo2's text attention always normalizes q and k with a learned RMSNorm, which cannot be made
   the identity. Attention biases on OLMo-2 / Qwen3 (``attention_bias=True``) do not fit either,
   since Molmo2's ``o_proj`` has no bias. Sliding-window attention layers do not fit.
+* SigLIP-2 (NaFlex, resized position embeddings) and timm-based open_clip SigLIP towers are not
+  mapped (refused as "not a SiglipVisionModel").
+
+Reverse (stock Molmo2 -> ours, :func:`model_config_from_molmo2` / :func:`from_molmo2_state_dict`):
+the inverse of the above. A checkpoint with ``additional_vocab_size > 0`` (the released Molmo2
+models: 128 extra image tokens) gets an LLM with ``vocab_size + additional_vocab_size`` embeddings
+and an ``lm_head`` whose extra rows are zero, so those tokens score 0 where stock Molmo2 cannot
+emit them at all; the logits of every other token are identical.
 """
 
 from __future__ import annotations
