@@ -73,6 +73,19 @@ def _short(messages: list[dict], n: int = 120) -> str:
     return text[:n]
 
 
+# Header-level drops whose pixels are safe to decode for a report thumbnail (not bombs).
+_SAFE_TO_PREVIEW = ("too_small", "aspect", "animated")
+
+
+def _preview(data: bytes) -> Image.Image | None:
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()  # the first frame of an animation
+        return im
+    except Exception:  # noqa: BLE001 - a preview is optional
+        return None
+
+
 @lru_cache(maxsize=2)
 def _decontam_index(path: str) -> DecontamIndex:
     return DecontamIndex.load(path)
@@ -159,11 +172,16 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     thumbs: dict[str, bytes] = {}
     per_reason: Counter = Counter()
 
-    def drop(pos: int, base: dict, stage: str, reason: str, detail: str, im) -> None:
+    def drop(
+        pos: int, base: dict, stage: str, reason: str, detail: str, im, raw: bytes | None = None
+    ) -> None:
         per_reason[reason] += 1
-        has_thumb = im is not None and per_reason[reason] <= cfg.report.grid_size
-        if has_thumb:
-            thumbs[f"d{pos:06d}"] = _thumb_bytes(im)
+        if per_reason[reason] <= cfg.report.grid_size:
+            if im is None and raw is not None and reason in _SAFE_TO_PREVIEW:
+                im = _preview(raw)
+            if im is not None:
+                thumbs[f"d{pos:06d}"] = _thumb_bytes(im)
+        has_thumb = f"d{pos:06d}" in thumbs
         drops.append(
             {**base, "stage": stage, "reason": reason, "detail": str(detail)[:200], "thumb": has_thumb}
         )
@@ -176,7 +194,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
         chk = _check_sample(rec, cfg, draft)
         base = {"pos": pos, "id": rec["id"], "source": rec["source"], "text": _short(rec["messages"])}
         if chk["reason"] is not None:
-            drop(pos, base, chk["stage"], chk["reason"], chk["detail"], chk["im"])
+            drop(pos, base, chk["stage"], chk["reason"], chk["detail"], chk["im"], rec["image_bytes"])
         else:
             cands.append(base | {"rec": rec} | {k: chk[k] for k in ("im", "data", "ext", "size")})
 
