@@ -31,6 +31,7 @@ body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}td.n{text-align:right}img{max-width:100%;border:1px solid #ddd}
 pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}h2{border-bottom:1px solid #ddd}
+.grid{display:inline-block;vertical-align:top;margin:0 12px 8px 0}.grid h3{font-size:14px;margin:6px 0}
 .cell{display:inline-block;width:180px;vertical-align:top;margin:4px;font-size:11px;word-wrap:break-word}
 """
 
@@ -301,7 +302,8 @@ def write_curation_report(
         f"<img src='{_data_uri(p)}' alt='{html.escape(t)}' style='width:48%'>" for t, p in pngs
     )
     grid_html = "".join(
-        f"<h3>{html.escape(t)}</h3><img src='{_data_uri(p)}' alt='{html.escape(t)}'>" for t, p in grids
+        f"<div class='grid'><h3>{html.escape(t)}</h3><img src='{_data_uri(p)}' alt='{html.escape(t)}'></div>"
+        for t, p in grids
     )
     hit_rows = "".join(
         f"<tr><td>{html.escape(str(h['id']))}</td><td>{html.escape(h['source'])}</td><td>{h['kind']}</td>"
