@@ -86,25 +86,62 @@ def _barrier(world: int) -> None:
 
 
 class _ImageDataset(Dataset):
-    """Decodes one record's image (or its blank stand-in) in a DataLoader worker."""
+    """Decodes one record's image (or its blank stand-in) in a DataLoader worker.
 
-    def __init__(self, records: list[Record], blind: bool):
+    With an ``encode`` function (the mmsmall Predictor's processor) the worker also runs the
+    image preprocessing and prompt encoding, so the main process only batches and generates.
+    Items are ``(index, (width, height), image or encoded example)``.
+    """
+
+    def __init__(self, records: list[Record], blind: bool, prompts: dict[str, str], encode=None):
         self.records = records
         self.blind = blind
+        self.prompts = prompts
+        self.encode = encode
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, Image.Image]:
+    def __getitem__(self, i: int) -> tuple[int, tuple[int, int], Any]:
         rec = self.records[i]
         image = rec.load_image()
         if self.blind:  # the blind baseline: same size, no content
             image = Image.new("RGB", image.size, BLIND_GREY)
-        return i, image
+        if self.encode is not None:
+            return i, image.size, self.encode(image, self.prompts[rec.id])
+        return i, image.size, image
 
 
-def _collate(items: list[tuple[int, Image.Image]]) -> list[tuple[int, Image.Image]]:
+def _collate(items: list) -> list:
     return items
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers preprocess; the main process owns the compute threads
+
+
+def _fast_path(predictor: PredictorLike, style: str | None):
+    """For an mmsmall ``Predictor``: (encode in workers, generate from encoded examples).
+
+    Mirrors ``Predictor.predict`` step for step (processor.encode_prompt -> left-padded collate ->
+    greedy ``VLM.generate`` -> decode without special tokens -> strip); tests check the answers
+    equal ``Predictor.predict``'s. Other predictors get images and ``predict`` is called.
+    """
+    processor, model, tok = (getattr(predictor, a, None) for a in ("processor", "model", "tokenizer"))
+    if processor is None or model is None or tok is None or not hasattr(processor, "encode_prompt"):
+        return None, None
+    from mmsmall.processing.processor import collate
+
+    def encode(image: Image.Image, prompt: str):
+        return processor.encode_prompt(image, prompt, task=style)
+
+    @torch.no_grad()
+    def generate(examples: list, max_new_tokens: int) -> list[str]:
+        batch = collate(examples, tok.pad_token_id, left_pad=True)
+        new_tokens = model.generate(batch, max_new_tokens=max_new_tokens, do_sample=False)
+        return [tok.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
+
+    return encode, generate
 
 
 def _unique_ids(records: list[Record]) -> list[Record]:
@@ -182,34 +219,44 @@ def _generate(
     blind: bool,
     molmo: bool,
     show_progress: bool,
+    fast: bool = True,
 ) -> int:
     """Answer ``records`` and append them to ``cache_file``; returns the number generated."""
     if not records:
         return 0
+    style = task.molmo_style if molmo else None
+    encode, generate = _fast_path(predictor, style) if fast else (None, None)
     loader = DataLoader(
-        _ImageDataset(records, blind),
+        _ImageDataset(records, blind, prompts, encode),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_collate,
-        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
     )
     from tqdm import tqdm
 
     bar = tqdm(total=len(records), desc=task.name, unit="q", disable=not show_progress, leave=False)
-    style = task.molmo_style if molmo else None
     _drop_torn_tail(cache_file)
     with open(cache_file, "a", encoding="utf-8") as f:
         for batch in loader:
-            recs = [records[i] for i, _ in batch]
-            images = [im for _, im in batch]
-            answers = predictor.predict(
-                images, [prompts[r.id] for r in recs], max_new_tokens=settings["max_new_tokens"], task=style
-            )
+            recs = [records[i] for i, _, _ in batch]
+            sizes = [size for _, size, _ in batch]
+            inputs = [x for _, _, x in batch]
+            if generate is not None:
+                answers = generate(inputs, settings["max_new_tokens"])
+            else:
+                answers = predictor.predict(
+                    inputs,
+                    [prompts[r.id] for r in recs],
+                    max_new_tokens=settings["max_new_tokens"],
+                    task=style,
+                )
             if len(answers) != len(recs):
                 raise RuntimeError(f"predictor returned {len(answers)} answers for a batch of {len(recs)}")
-            for r, im, a in zip(recs, images, answers):
-                entry = {"id": r.id, "response": a if isinstance(a, str) else str(a), "size": list(im.size)}
+            for r, size, a in zip(recs, sizes, answers):
+                entry = {"id": r.id, "response": a if isinstance(a, str) else str(a), "size": list(size)}
                 f.write(json.dumps({**entry, **settings}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

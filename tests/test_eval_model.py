@@ -1,0 +1,71 @@
+"""The runner with the real tiny model: answers do not depend on batch size, and equal Predictor's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_tasks import make_chartqa_parquet
+
+from eval.runner import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from mmsmall.config import ModelConfig, load_config
+    from mmsmall.model.predict import Predictor
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
+    return Predictor(build_vlm(cfg, build_tokenizer(cfg.tokenizer)))
+
+
+def _responses(out: Path) -> dict[str, str]:
+    lines = (out / "predictions" / "chartqa.jsonl").read_text().splitlines()
+    return {json.loads(x)["id"]: json.loads(x)["response"] for x in lines}
+
+
+def test_same_answers_at_batch_1_and_8(tmp_path, predictor):
+    data = {"chartqa": str(make_chartqa_parquet(tmp_path / "c", n=9))}
+    kw = dict(data=data, max_new_tokens=8, show_progress=False)
+    evaluate(predictor, ["chartqa"], tmp_path / "b1", batch_size=1, num_workers=0, **kw)
+    res8 = evaluate(predictor, ["chartqa"], tmp_path / "b8", batch_size=8, num_workers=1, **kw)
+    b1, b8 = _responses(tmp_path / "b1"), _responses(tmp_path / "b8")
+    assert len(b1) == 9 and b1 == b8
+    assert any(b1.values())  # the random model does say something
+    assert 0.0 <= res8["tasks"]["chartqa"]["score"] <= 100.0
+
+    # the runner's worker-side encoding path answers exactly as Predictor.predict does
+    from eval.tasks import get_task
+
+    task = get_task("chartqa")
+    recs = task.load(data["chartqa"], None)
+    direct = predictor.predict(
+        [r.load_image() for r in recs], [task.prompt(r, False) for r in recs], max_new_tokens=8, batch_size=1
+    )
+    assert direct == [b1[r.id] for r in recs]
+
+
+def test_blind_feeds_grey_images_of_the_same_size(tmp_path, predictor):
+    data = {"chartqa": str(make_chartqa_parquet(tmp_path / "c", n=4))}
+    kw = dict(data=data, max_new_tokens=6, show_progress=False, num_workers=0, batch_size=4)
+    evaluate(predictor, ["chartqa"], tmp_path / "seen", **kw)
+    evaluate(predictor, ["chartqa"], tmp_path / "blind", blind=True, **kw)
+    blind = _responses(tmp_path / "blind")
+    # every image is the same grey square size, so the blind answers only depend on the question text
+    from PIL import Image
+
+    from eval.runner import BLIND_GREY
+    from eval.tasks import get_task
+
+    task = get_task("chartqa")
+    recs = task.load(data["chartqa"], None)
+    grey = [Image.new("RGB", r.load_image().size, BLIND_GREY) for r in recs]
+    expected = predictor.predict(grey, [task.prompt(r, False) for r in recs], max_new_tokens=6, batch_size=4)
+    assert [blind[r.id] for r in recs] == expected
