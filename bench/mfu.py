@@ -3,7 +3,8 @@
 Model: a random-init ViT-L/14-336 tower (open_clip, no download) + Molmo connector + a
 Llama-style ~1B LLM (hidden 2048, 16 layers, GQA 16/4, SwiGLU 5632). Data: packed rows of
 4096 tokens built by the Processor from random images (1-9 crops) and random answers.
-Engine: ZeRO-2, bf16, fp32 gradient reduction, activation checkpointing off.
+Engine: ZeRO-2, bf16, fp32 gradient reduction, activation checkpointing off. The tokenizer is
+the tiny test BPE (384 ids), so embeddings and LM head are negligible; N counts dense weights.
 
 MFU = model FLOPs of the useful (non-pad) tokens per second / the GPU's dense bf16 peak, with
 model FLOPs from mmsmall.train.flops (6N + causal attention per packed document + ViT).

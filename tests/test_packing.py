@@ -82,3 +82,21 @@ def test_padded_mode_one_example_per_row():
     it = iter([_example(i, 3 + i) for i in range(4)])
     b = Packer(64, rows=2, pad_id=0, pack=False).next_batch(lambda: next(it))
     assert b["input_ids"].shape == (2, 4) and b["doc_ids"][0].tolist() == [0, 0, 0, -1]
+
+
+def test_response_dropout_and_seeded_encoding_are_per_sample_deterministic():
+    from mmsmall.data.loader import drop_responses, seeded_rng
+
+    labels = torch.full((4000,), 7)
+    labels[:1000] = -100
+    with seeded_rng(0, 1, 2) as g:
+        a = drop_responses(labels, 0.25, g)
+        ra = torch.rand(3)  # global torch RNG inside the block is seeded too
+    with seeded_rng(0, 1, 2) as g:
+        b = drop_responses(labels, 0.25, g)
+        rb = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(ra, rb)
+    assert (a[:1000] == -100).all()  # prompt tokens stay untrained
+    dropped = (a[1000:] == -100).float().mean().item()
+    assert 0.2 < dropped < 0.3
+    assert torch.equal(drop_responses(labels, 0.0, g), labels)
