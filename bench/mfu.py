@@ -58,11 +58,10 @@ def main() -> int:
         return 0
     if SMOKE:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    from mmsmall.processing.processor import Processor
-
     from mmsmall.config import load_config
     from mmsmall.data.packing import Packer
     from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.processor import Processor
     from mmsmall.processing.tokenizer import build_tokenizer
     from mmsmall.train.engine import build_engine, init_distributed
     from mmsmall.train.flops import FlopCounter, peak_flops
