@@ -327,3 +327,37 @@ def test_cli_typo_exits_with_valid_keys(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_tools", "curate", str(cfg), "dedup.near_distance=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "dedup.near_distance" in r.stderr and "max_distance" in r.stderr
+
+
+def test_text_filters_and_language_switch():
+    from data_tools.config import TextConfig
+    from data_tools.textfilters import language_id_available, text_filter
+
+    def msgs(answer: str) -> list[dict]:
+        return [{"role": "user", "content": "Describe this image."}, {"role": "assistant", "content": answer}]
+
+    cfg = TextConfig(min_words=2, max_words=20, max_chars=120)
+    assert text_filter(msgs("a red bus on a street"), cfg) == (None, "")
+    assert text_filter(msgs("bus"), cfg)[0] == "text_few_words"
+    assert text_filter(msgs("word " * 30), cfg)[0] == "text_long"  # 150 chars > 120
+    assert text_filter(msgs("a b c d e f g h i j k l m n o p q r s t u v"), cfg)[0] == "text_many_words"
+    assert text_filter(msgs("the cat sat " * 5), cfg)[0] == "text_repetitive"
+    assert text_filter(msgs("Lorem ipsum dolor sit amet"), cfg)[0] == "text_boilerplate"
+    lang = TextConfig(languages=["en"])
+    reason, _ = text_filter(msgs("der Hund läuft schnell über die große grüne Wiese"), lang)
+    assert reason == ("text_language" if language_id_available() else None)  # skipped without langid
+
+
+def test_clip_absolute_threshold_in_the_global_pass():
+    from data_tools.config import CurateConfig
+    from data_tools.curate import reduce_decisions
+
+    cands = [{"pos": i, "id": f"s{i}", "source": "x", "text": "", "sha256": f"{i:064x}",
+              "phash": f"{(i * 0x9E3779B97F4A7C15) % 2**64:016x}", "clip": c}
+             for i, c in enumerate([0.1, 0.3, 0.25, 0.05])]  # fmt: skip
+    cfg = CurateConfig()
+    cfg.clip.enabled, cfg.clip.threshold = True, 0.2
+    dec = reduce_decisions([{"uid": "u000000", "cands": cands}], cfg)
+    assert dec["clip_threshold"] == 0.2
+    assert [k for _, _, k in dec["kept"]] == ["x_s1", "x_s2"]
+    assert sorted(d["id"] for d in dec["drops"] if d["reason"] == "clip_low") == ["s0", "s3"]
