@@ -26,13 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(
-            json.dumps(
-                {k: summary[k] for k in ("n_in", "n_kept", "dropped", "out_dir")}
-                | {"report": summary.get("report")},
-                indent=2,
-            )
-        )
+        keys = ("n_in", "n_kept", "dropped", "units", "units_resumed", "out_dir", "report")
+        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     return 0
 
 

@@ -269,7 +269,8 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _tars(tmp_path / "run") == _tars(tmp_path / "ref")
-    assert json.loads(rerun.stdout)["n_kept"] == 24
+    out = json.loads(rerun.stdout)
+    assert out["n_kept"] == 24 and out["units_resumed"] == len(done)  # finished units were not redone
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["shards"] == json.loads((tmp_path / "ref" / "manifest.json").read_text())["shards"]
 
