@@ -211,3 +211,35 @@ def test_qwen3_llm_maps_both_ways(tmp_path):
         ref = model(**stock).logits
         assert (ref - vlm(**{k: stock[k] for k in keys}).logits).abs().max().item() < 1e-4
         assert (ref - back(**{k: stock[k] for k in keys}).logits).abs().max().item() < 1e-4
+
+
+def test_timm_siglip_tower_maps_to_molmo2_vision():
+    """open_clip's SigLIP towers are timm ViTs (no class token, fused qkv): their blocks map onto
+    Molmo2VisionModel exactly; a timm ViT with a class token is refused."""
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import Molmo2VisionConfig, Molmo2VisionModel
+
+    from mmsmall.export import Molmo2Incompatible
+    from mmsmall.export.molmo2 import vision_to_molmo2
+    from mmsmall.model.vision import patchify
+
+    torch.manual_seed(0)
+    kw = dict(img_size=56, patch_size=14, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0, num_classes=0)
+    trunk = VisionTransformer(class_token=False, global_pool="map", act_layer="gelu_tanh", **kw).eval()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fields, weights = vision_to_molmo2(trunk)
+    assert fields["hidden_act"] == "gelu_pytorch_tanh" and fields["num_hidden_layers"] == 3
+    molmo_vit = Molmo2VisionModel(Molmo2VisionConfig(image_size=[56, 56], **fields)).eval()
+    molmo_vit.load_state_dict(weights, strict=True)
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = trunk.forward_intermediates(images, indices=[0, 2], intermediates_only=True, output_fmt="NLC")
+        hidden = molmo_vit(patchify(images, 14), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden[1], ref[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden[3], ref[1], rtol=0, atol=1e-5)
+
+    clip_like = VisionTransformer(class_token=True, global_pool="token", **kw)
+    with pytest.raises(Molmo2Incompatible, match="prefix token"):
+        vision_to_molmo2(clip_like)

@@ -94,12 +94,28 @@ class FitReport:
 
 
 def _siglip(vision: nn.Module) -> nn.Module | None:
-    """The SiglipVisionModel inside our VisionTower, or None when the tower is not SigLIP."""
+    """The SiglipVisionModel inside our VisionTower, or None when the tower is not HF SigLIP."""
     from transformers import SiglipVisionModel
 
-    for m in vision.modules():
-        if isinstance(m, SiglipVisionModel):
-            return m
+    return next((m for m in vision.modules() if isinstance(m, SiglipVisionModel)), None)
+
+
+def _timm_vit(vision: nn.Module) -> nn.Module | None:
+    """The timm VisionTransformer trunk of an open_clip timm tower (SigLIP family), if any."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return None
+    return next((m for m in vision.modules() if isinstance(m, VisionTransformer)), None)
+
+
+def _timm_act(act: nn.Module) -> str | None:
+    """transformers' ACT2FN name of a timm MLP activation (None: no exact equivalent)."""
+    name = type(act).__name__
+    if name == "GELUTanh" or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return "gelu_pytorch_tanh"
+    if isinstance(act, nn.GELU) or name == "GELU":
+        return "gelu"
     return None
 
 
@@ -112,39 +128,171 @@ def _describe_tower(vision: nn.Module) -> str:
             "(pre_layrnorm) to the embeddings; Molmo2's ViT has no class token and no pre-norm"
         )
     backbone = getattr(vision, "backbone", vision)
-    if hasattr(backbone, "visual"):
+    visual = getattr(backbone, "visual", None)
+    if visual is not None and hasattr(visual, "transformer"):
         return (
-            "vision tower: open_clip towers are not mapped to Molmo2 (CLIP-style open_clip ViTs have a "
-            "class token and ln_pre; timm-based SigLIP towers use different block internals); use "
-            "model.vision.backend=hf with a SiglipVisionModel"
+            "vision tower: this open_clip ViT is CLIP-style: it prepends a class token and applies a "
+            "pre-LayerNorm (ln_pre) to the embeddings; Molmo2's ViT has neither"
         )
-    return f"vision tower: {type(backbone).__name__} is not a SigLIP-family tower (SiglipVisionModel)"
+    return (
+        f"vision tower: {type(backbone).__name__} is not a SigLIP-family tower (HF SiglipVisionModel, "
+        "or an open_clip timm ViT without class token)"
+    )
 
 
-def check_molmo2_fit(vlm: nn.Module) -> None:
-    """Raise :class:`Molmo2Incompatible` with every reason the VLM does not fit stock Molmo2."""
+def _vision_reasons(vision: nn.Module) -> list[str]:
+    """Why the tower does not map onto Molmo2VisionModel (empty: it does)."""
     rep = FitReport()
-    siglip = _siglip(vlm.vision)
-    if siglip is None:
-        rep.need(False, _describe_tower(vlm.vision))
-    else:
+    grid = getattr(vision, "grid", None)
+    siglip, trunk = _siglip(vision), _timm_vit(vision)
+    if siglip is not None:
         vc = siglip.config
-        rep.need(
-            getattr(vc, "model_type", "") == "siglip_vision_model",
-            f"vision tower: model_type {vc.model_type!r} is not siglip_vision_model",
-        )
-        grid = getattr(vlm.vision, "grid", None)
         n_pos = siglip.embeddings.position_embedding.weight.shape[0]
         rep.need(
             grid is None or grid * grid == n_pos,
             f"vision tower: {n_pos} position embeddings but crops have {grid}x{grid} patches; Molmo2 "
-            "needs exactly one position embedding per patch (set model.image.crop_size to the tower's "
-            "image_size)",
+            "needs exactly one position embedding per patch (set model.image.crop_size to the tower's image_size)",
+        )
+        rep.need(vc.hidden_size % vc.num_attention_heads == 0, "vision tower: heads do not divide the width")
+    elif trunk is not None:
+        prefix = int(getattr(trunk, "num_prefix_tokens", 0))
+        rep.need(
+            getattr(trunk, "cls_token", None) is None and prefix == 0,
+            f"vision tower: the timm ViT has {prefix} prefix token(s) (class / register tokens); Molmo2's "
+            "ViT has none",
         )
         rep.need(
-            vc.hidden_size % vc.num_attention_heads == 0,
-            "vision tower: hidden_size is not a multiple of num_attention_heads",
+            isinstance(trunk.norm_pre, nn.Identity) and isinstance(trunk.patch_embed.norm, nn.Identity),
+            "vision tower: the timm ViT normalizes the embeddings (norm_pre / patch norm); Molmo2's ViT does not",
         )
+        n_pos = trunk.pos_embed.shape[1] if trunk.pos_embed is not None else 0
+        rep.need(
+            grid is None or grid * grid == n_pos,
+            f"vision tower: {n_pos} position embeddings but crops have {grid}x{grid} patches; Molmo2 needs "
+            "exactly one per patch",
+        )
+        rep.need(trunk.patch_embed.proj.bias is not None, "vision tower: patch embedding without bias")
+        for i, blk in enumerate(trunk.blocks):
+            attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+            plain = (
+                attn is not None
+                and mlp is not None
+                and hasattr(attn, "qkv")
+                and all(
+                    isinstance(getattr(attn, n, nn.Identity()), nn.Identity)
+                    for n in ("q_norm", "k_norm", "norm")
+                )
+                and all(isinstance(getattr(blk, n, nn.Identity()), nn.Identity) for n in ("ls1", "ls2"))
+                and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
+                and hasattr(mlp, "fc1")
+                and isinstance(blk.norm1, nn.LayerNorm)
+                and isinstance(blk.norm2, nn.LayerNorm)
+            )
+            rep.need(
+                plain,
+                f"vision tower: timm block {i} is not a plain pre-norm block (fused qkv, LayerNorm, no q/k "
+                "norm, no layer scale, plain MLP) like Molmo2's",
+            )
+            if plain:
+                rep.need(attn.qkv.bias is not None, f"vision tower: block {i} qkv has no bias; Molmo2's has")
+                rep.need(
+                    _timm_act(mlp.act) is not None,
+                    f"vision tower: block {i} MLP activation {type(mlp.act).__name__} has no Molmo2 equivalent",
+                )
+            if not plain:
+                break
+    else:
+        rep.need(False, _describe_tower(vision))
+    return rep.reasons
+
+
+def vision_to_molmo2(vision: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Molmo2VisionConfig fields (without image_size) and the weights under Molmo2VisionModel's names.
+
+    ``vision`` is our VisionTower, or any module holding an HF SiglipVisionModel or a timm ViT trunk.
+    Conv patch embeddings ``(D, C, ps, ps)`` become Linear weights over ``(row, col, channel)``-ordered
+    patches: ``permute(0, 2, 3, 1).reshape(D, -1)``.
+    """
+    reasons = _vision_reasons(vision)
+    if reasons:
+        FitReport(reasons).raise_if_any()
+    out: dict[str, torch.Tensor] = {}
+    siglip = _siglip(vision)
+    if siglip is not None:
+        vc, v = siglip.config, _sd(siglip)
+        conv = v["embeddings.patch_embedding.weight"]
+        pos = v["embeddings.position_embedding.weight"]  # (P, D)
+        conv_bias = v["embeddings.patch_embedding.bias"]
+        blocks = [
+            {
+                "layer_norm1": (v[f"{s}layer_norm1.weight"], v[f"{s}layer_norm1.bias"]),
+                "layer_norm2": (v[f"{s}layer_norm2.weight"], v[f"{s}layer_norm2.bias"]),
+                "self_attn.q_proj": (v[f"{s}self_attn.q_proj.weight"], v[f"{s}self_attn.q_proj.bias"]),
+                "self_attn.k_proj": (v[f"{s}self_attn.k_proj.weight"], v[f"{s}self_attn.k_proj.bias"]),
+                "self_attn.v_proj": (v[f"{s}self_attn.v_proj.weight"], v[f"{s}self_attn.v_proj.bias"]),
+                "self_attn.o_proj": (v[f"{s}self_attn.out_proj.weight"], v[f"{s}self_attn.out_proj.bias"]),
+                "mlp.fc1": (v[f"{s}mlp.fc1.weight"], v[f"{s}mlp.fc1.bias"]),
+                "mlp.fc2": (v[f"{s}mlp.fc2.weight"], v[f"{s}mlp.fc2.bias"]),
+            }
+            for s in (f"encoder.layers.{i}." for i in range(len(siglip.encoder.layers)))
+        ]
+        fields = {
+            "hidden_size": vc.hidden_size,
+            "intermediate_size": vc.intermediate_size,
+            "num_attention_heads": vc.num_attention_heads,
+            "head_dim": vc.hidden_size // vc.num_attention_heads,
+            "hidden_act": vc.hidden_act,
+            "layer_norm_eps": vc.layer_norm_eps,
+            "patch_size": vc.patch_size,
+            "num_channels": vc.num_channels,
+        }
+    else:
+        trunk = _timm_vit(vision)
+        conv, conv_bias = trunk.patch_embed.proj.weight.detach(), trunk.patch_embed.proj.bias.detach()
+        pos = trunk.pos_embed.detach()[0]  # (P, D)
+        blocks = []
+        for blk in trunk.blocks:
+            q, k, v_ = blk.attn.qkv.weight.detach().chunk(3, dim=0)  # timm packs q, k, v along dim 0
+            qb, kb, vb = blk.attn.qkv.bias.detach().chunk(3, dim=0)
+            blocks.append(
+                {
+                    "layer_norm1": (blk.norm1.weight.detach(), blk.norm1.bias.detach()),
+                    "layer_norm2": (blk.norm2.weight.detach(), blk.norm2.bias.detach()),
+                    "self_attn.q_proj": (q, qb),
+                    "self_attn.k_proj": (k, kb),
+                    "self_attn.v_proj": (v_, vb),
+                    "self_attn.o_proj": (blk.attn.proj.weight.detach(), blk.attn.proj.bias.detach()),
+                    "mlp.fc1": (blk.mlp.fc1.weight.detach(), blk.mlp.fc1.bias.detach()),
+                    "mlp.fc2": (blk.mlp.fc2.weight.detach(), blk.mlp.fc2.bias.detach()),
+                }
+            )
+        blk0 = trunk.blocks[0]
+        fields = {
+            "hidden_size": int(trunk.embed_dim),
+            "intermediate_size": int(blk0.mlp.fc1.out_features),
+            "num_attention_heads": int(blk0.attn.num_heads),
+            "head_dim": int(blk0.attn.head_dim),
+            "hidden_act": _timm_act(blk0.mlp.act),
+            "layer_norm_eps": float(blk0.norm1.eps),
+            "patch_size": int(trunk.patch_embed.patch_size[0]),
+            "num_channels": int(conv.shape[1]),
+        }
+    out["patch_embedding.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1)  # (D, ps*ps*C)
+    out["patch_embedding.bias"] = conv_bias
+    out["positional_embedding"] = pos
+    for i, blk in enumerate(blocks):
+        for name, (w, b) in blk.items():
+            out[f"layers.{i}.{name}.weight"] = w
+            out[f"layers.{i}.{name}.bias"] = b
+    fields.update(
+        num_hidden_layers=len(blocks), num_key_value_heads=fields["num_attention_heads"], attention_bias=True
+    )
+    return fields, out
+
+
+def check_molmo2_fit(vlm: nn.Module) -> None:
+    """Raise :class:`Molmo2Incompatible` with every reason the VLM does not fit stock Molmo2."""
+    rep = FitReport(_vision_reasons(vlm.vision))
     conn = vlm.connector
     rep.need(
         getattr(conn, "pad_embed", None) is None,
@@ -210,10 +358,8 @@ def molmo2_config(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, crop_size:
     """The ``Molmo2Config`` describing ``vlm`` (call :func:`check_molmo2_fit` first)."""
     from transformers import Molmo2Config
 
-    siglip = _siglip(vlm.vision)
-    vc = siglip.config
+    vision_fields, _ = vision_to_molmo2(vlm.vision)
     layers = _vision_layers(vlm)
-    n_blocks = len(siglip.encoder.layers)
     pool = vlm.connector.image_pooling_2d
     proj = vlm.connector.image_projector
     heads = pool.num_heads
@@ -229,20 +375,7 @@ def molmo2_config(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, crop_size:
     rope = dict(getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": tc.rope_theta})
     text_head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     cfg = Molmo2Config(
-        vision_config={
-            "hidden_size": vc.hidden_size,
-            "intermediate_size": vc.intermediate_size,
-            "num_hidden_layers": n_blocks,
-            "num_attention_heads": vc.num_attention_heads,
-            "num_key_value_heads": vc.num_attention_heads,
-            "head_dim": vc.hidden_size // vc.num_attention_heads,
-            "hidden_act": vc.hidden_act,
-            "layer_norm_eps": vc.layer_norm_eps,
-            "image_size": [crop_size, crop_size],
-            "patch_size": vc.patch_size,
-            "num_channels": vc.num_channels,
-            "attention_bias": True,
-        },
+        vision_config={**vision_fields, "image_size": [crop_size, crop_size]},
         adapter_config={
             "vision_feature_layer": layers,
             "hidden_size": pool.o_proj.weight.shape[0],
@@ -289,27 +422,9 @@ def _sd(module: nn.Module) -> dict[str, torch.Tensor]:
 def to_molmo2_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:
     """Our VLM's weights under ``Molmo2ForConditionalGeneration``'s (in-memory) parameter names."""
     out: dict[str, torch.Tensor] = {}
-    siglip = _siglip(vlm.vision)
-    v = _sd(siglip)
-    pre = "model.vision_tower."
-    conv = v["embeddings.patch_embedding.weight"]  # (D, C, ps, ps)
-    out[pre + "patch_embedding.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1)  # (D, ps*ps*C)
-    out[pre + "patch_embedding.bias"] = v["embeddings.patch_embedding.bias"]
-    out[pre + "positional_embedding"] = v["embeddings.position_embedding.weight"]  # (P, D)
-    for i in range(len(siglip.encoder.layers)):
-        src, dst = f"encoder.layers.{i}.", f"{pre}layers.{i}."
-        for a, b in [
-            ("layer_norm1", "layer_norm1"),
-            ("layer_norm2", "layer_norm2"),
-            ("self_attn.q_proj", "self_attn.q_proj"),
-            ("self_attn.k_proj", "self_attn.k_proj"),
-            ("self_attn.v_proj", "self_attn.v_proj"),
-            ("self_attn.out_proj", "self_attn.o_proj"),
-            ("mlp.fc1", "mlp.fc1"),
-            ("mlp.fc2", "mlp.fc2"),
-        ]:
-            for p in ("weight", "bias"):
-                out[f"{dst}{b}.{p}"] = v[f"{src}{a}.{p}"]
+    _, vision = vision_to_molmo2(vlm.vision)
+    for k, t in vision.items():
+        out["model.vision_tower." + k] = t
     for k, t in _sd(vlm.connector).items():
         out["model.multi_modal_projector." + k] = t
     norm_after = _LLM_LAYOUT[vlm.llm.config.model_type][0]
