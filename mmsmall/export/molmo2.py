@@ -1,8 +1,10 @@
-"""State-dict adapter between mmsmall's VLM and transformers' stock Molmo2 (``to_molmo2`` / ``from_molmo2``).
+"""State-dict adapter between mmsmall's VLM and transformers' stock Molmo2 (both directions).
 
 What maps, part by part (ours -> ``Molmo2ForConditionalGeneration``):
 
-* Vision: an HF ``SiglipVisionModel`` tower -> ``model.vision_tower`` (``Molmo2VisionModel``).
+* Vision: an HF ``SiglipVisionModel`` tower, or an open_clip timm ViT without class token (the
+  open_clip SigLIP / SigLIP2 towers, e.g. ViT-SO400M-14-SigLIP2-378) -> ``model.vision_tower``
+  (``Molmo2VisionModel``); timm's fused ``qkv`` splits into q/k/v, ``proj`` -> ``o_proj``.
   The conv patch embedding ``(D, C, ps, ps)`` becomes a Linear over patches flattened as
   ``(row, col, channel)`` (the Molmo2 image processor's order): ``w.permute(0, 2, 3, 1).reshape(D, -1)``.
   Position embeddings copy 1:1 (one per patch, no class token, the crop is the tower's native size);
@@ -21,17 +23,17 @@ What maps, part by part (ours -> ``Molmo2ForConditionalGeneration``):
 
 What does not fit, and why (:func:`check_molmo2_fit` raises :class:`Molmo2Incompatible` listing all):
 
-* open_clip towers, and HF CLIP towers: CLIP prepends a class token and applies a pre-LayerNorm
-  (``ln_pre`` / ``pre_layrnorm``) after the embeddings; Molmo2's ViT has neither.
-* A feature layer that is the embedding output (no block), or a tower whose patch grid differs
-  from the crop size (Molmo2 has exactly one position embedding per patch of a crop).
+* CLIP-style towers (open_clip ViTs, HF CLIPVisionModel, timm ViTs with class / register tokens):
+  CLIP prepends a class token and applies a pre-LayerNorm (``ln_pre`` / ``pre_layrnorm``) after the
+  embeddings; Molmo2's ViT has neither. timm blocks with layer scale, q/k norm or a non-GELU MLP.
+* A tower whose patch grid differs from the crop size (Molmo2 has exactly one position embedding
+  per patch of a crop, never interpolated).
 * Connector ``pad_embed`` (Molmo 1 padding embeddings): Molmo2 has none.
 * Qwen2 / Llama / Mistral-style LLMs: they have no q/k RMSNorm (and Qwen2 has q/k/v biases);
   Molmo2's text attention always normalizes q and k with a learned RMSNorm, which cannot be made
   the identity. Attention biases on OLMo-2 / Qwen3 (``attention_bias=True``) do not fit either,
   since Molmo2's ``o_proj`` has no bias. Sliding-window attention layers do not fit.
-* SigLIP-2 (NaFlex, resized position embeddings) and timm-based open_clip SigLIP towers are not
-  mapped (refused as "not a SiglipVisionModel").
+* HF SigLIP-2 (NaFlex: resized position embeddings per image) is not mapped.
 
 Reverse (stock Molmo2 -> ours, :func:`model_config_from_molmo2` / :func:`from_molmo2_state_dict`):
 the inverse of the above. A checkpoint with ``additional_vocab_size > 0`` (the released Molmo2
