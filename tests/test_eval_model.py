@@ -69,3 +69,54 @@ def test_blind_feeds_grey_images_of_the_same_size(tmp_path, predictor):
     grey = [Image.new("RGB", r.load_image().size, BLIND_GREY) for r in recs]
     expected = predictor.predict(grey, [task.prompt(r, False) for r in recs], max_new_tokens=6, batch_size=4)
     assert [blind[r.id] for r in recs] == expected
+
+
+def _run_cli(args: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "eval", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_run_resumes_with_identical_scores(tmp_path, predictor):
+    """The real entry point, SIGKILLed while generating, then rerun: same final results."""
+    import time
+
+    model_dir = tmp_path / "model"
+    predictor.model.save_pretrained(model_dir)
+    data = str(make_chartqa_parquet(tmp_path / "c", n=40))
+    args = ["--model", str(model_dir), "--tasks", "chartqa", "--data", f"chartqa={data}", "--batch-size", "1",
+            "--num-workers", "0", "--max-new-tokens", "24"]  # fmt: skip
+
+    cache = tmp_path / "killed" / "predictions" / "chartqa.jsonl"
+    proc = _run_cli([*args, "--out", str(tmp_path / "killed")])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if cache.exists() and len(cache.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0].decode()[-2000:]
+    proc.kill()
+    proc.wait()
+    done_at_kill = len(cache.read_text().splitlines())
+    assert 3 <= done_at_kill < 40
+
+    resumed = _run_cli([*args, "--out", str(tmp_path / "killed")])
+    full = _run_cli([*args, "--out", str(tmp_path / "full")])
+    for p in (resumed, full):
+        out = p.communicate(timeout=300)[0].decode()
+        assert p.returncode == 0, out[-2000:]
+    r_res = json.loads((tmp_path / "killed" / "results.json").read_text())["tasks"]["chartqa"]
+    r_full = json.loads((tmp_path / "full" / "results.json").read_text())["tasks"]["chartqa"]
+    assert r_res["n_generated"] <= 40 - done_at_kill + 1  # only what was missing (plus a torn line)
+    assert r_res["metrics"] == r_full["metrics"] and r_res["n"] == 40
+    assert _responses(tmp_path / "killed") == _responses(tmp_path / "full")
