@@ -176,8 +176,17 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         from mmsmall.export.safetensors_io import load_sharded, verify_shards
 
         path = Path(pretrained_model_name_or_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: not a model folder (mmsmall loads local exported folders)")
+        if not path.is_dir():  # a hub id: fetch the whole folder (cache / HF_HUB_OFFLINE respected)
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(
+                    snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision"))
+                )
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"{pretrained_model_name_or_path}: not a local folder, and fetching it from the hub failed ({e})"
+                ) from e
         verify_shards(path)
         config = kwargs.pop("config", None)
         if not isinstance(config, MMSmallConfig):
