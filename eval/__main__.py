@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_workers=args.num_workers,
         molmo_style=args.molmo_style,
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if results:
         from eval.report import markdown_table
 

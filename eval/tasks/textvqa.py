@@ -1,7 +1,8 @@
 """TextVQA validation: VQA accuracy with the EvalAI answer normalization.
 
 Data: lmms-eval parquet layout (``lmms-lab-encoder/textvqa``; columns question_id, question,
-answers (10), image). The question is ``.capitalize()``-d as lmms-eval does.
+answers (10), image). The question is ``.capitalize()``-d as lmms-eval does. lmms-eval leaves the
+token budget to each model wrapper (16 to 1024); we pin 32, ample for its one-word/phrase answers.
 """
 
 from __future__ import annotations
