@@ -177,8 +177,17 @@ def test_non_fitting_model_is_refused(tmp_path):
         run_export(str(tmp_path / "clip-qwen2"), str(tmp_path / "out"), fmt="molmo2")
     msg = str(err.value)
     assert "class token" in msg and "Qwen2 has q/k/v biases and no q/k RMSNorm" in msg
+    assert "bidirectional_image" not in msg  # tiny.yaml keeps Molmo2's image attention
     assert "--format mmsmall" in msg
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+    from mmsmall.export.molmo2 import check_molmo2_fit
+
+    causal = load_config(
+        ROOT / "configs/model/tiny-molmo2.yaml", ["bidirectional_image=false"], cls=ModelConfig
+    )
+    with pytest.raises(Molmo2Incompatible, match="bidirectional_image=false"):
+        check_molmo2_fit(build_vlm(causal, build_tokenizer(causal.tokenizer)))
 
 
 def test_qwen3_llm_maps_both_ways(tmp_path):

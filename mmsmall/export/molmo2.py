@@ -29,6 +29,7 @@ What does not fit, and why (:func:`check_molmo2_fit` raises :class:`Molmo2Incomp
 * A tower whose patch grid differs from the crop size (Molmo2 has exactly one position embedding
   per patch of a crop, never interpolated).
 * Connector ``pad_embed`` (Molmo 1 padding embeddings): Molmo2 has none.
+* ``bidirectional_image=false``: stock Molmo2 always lets image tokens attend both ways.
 * Qwen2 / Llama / Mistral-style LLMs: they have no q/k RMSNorm (and Qwen2 has q/k/v biases);
   Molmo2's text attention always normalizes q and k with a learned RMSNorm, which cannot be made
   the identity. Attention biases on OLMo-2 / Qwen3 (``attention_bias=True``) do not fit either,
@@ -295,6 +296,11 @@ def vision_to_molmo2(vision: nn.Module) -> tuple[dict[str, Any], dict[str, torch
 def check_molmo2_fit(vlm: nn.Module) -> None:
     """Raise :class:`Molmo2Incompatible` with every reason the VLM does not fit stock Molmo2."""
     rep = FitReport(_vision_reasons(vlm.vision))
+    rep.need(
+        bool(getattr(vlm, "bidirectional_image", False)),
+        "attention: the model was built with bidirectional_image=false (causal image tokens); stock Molmo2 "
+        "lets all image tokens attend to each other (mm_token_type_ids), so its logits would differ",
+    )
     conn = vlm.connector
     rep.need(
         getattr(conn, "pad_embed", None) is None,
