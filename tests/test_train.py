@@ -5,7 +5,8 @@ Runs are few and short (each DeepSpeed start costs seconds), so one test checks 
 - Exact resume: 10 steps then kill -9 (after the step-10 checkpoint), resume, die inside the
   step-15 save, resume again, finish: per-step losses and sample ids equal the straight run's;
   the killed save left ``latest`` at step 10, which loaded.
-- ZeRO-3, two processes through launch/train.sh: the loss goes down, ranks read disjoint samples.
+- ZeRO-3, two processes through launch/train.sh, with activation checkpointing and a frozen
+  tower: the loss goes down, ranks read disjoint samples, the gathered model is saved.
 - A packed row gives the same per-sample logits as each sample run alone (no DeepSpeed).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,10 +153,13 @@ def test_zero3_two_processes_lower_the_loss(tmp_path, shards):
         "train.steps=8",
         "train.grad_accum=1",
         "train.save_every=0",
-        "train.tensorboard=false",
+        "train.activation_checkpointing=true",
+        "train.freeze=[vision]",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"vision +frozen", proc.stderr) and re.search(r"llm +trainable", proc.stderr)
+    assert list((out / "tensorboard").glob("events.*"))  # TensorBoard on by default
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 9))
     assert sum(losses[s] for s in (6, 7, 8)) / 3 < losses[1] - 0.3, losses
