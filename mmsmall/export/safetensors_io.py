@@ -174,10 +174,16 @@ def _check_header(path: Path) -> None:
         ) from e
 
 
-def load_sharded(model_dir: str | Path, require_checksums: bool = False) -> dict[str, torch.Tensor]:
-    """Verify, then read all shards of ``model_dir`` into one CPU state dict (safetensors only)."""
+def load_sharded(
+    model_dir: str | Path, require_checksums: bool = False, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """Verify (unless the caller just did), then read all shards of ``model_dir`` into one CPU
+    state dict (safetensors only)."""
     out: dict[str, torch.Tensor] = {}
-    for p in verify_shards(model_dir, require_checksums=require_checksums):
+    shards = (
+        verify_shards(model_dir, require_checksums=require_checksums) if verify else shard_files(model_dir)
+    )
+    for p in shards:
         try:
             with safe_open(str(p), framework="pt", device="cpu") as f:
                 for k in f.keys():

@@ -199,12 +199,16 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
             model = cls(config)
         finally:
             _LOADING_DIR.reset(token)
-        state = load_sharded(path)
+        state = load_sharded(path, verify=False)  # verified above
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        if (path / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
