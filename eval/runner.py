@@ -3,7 +3,8 @@
     evaluate("runs/x/checkpoint", ["chartqa", "docvqa"], "out/x", data={"chartqa": "/data/ChartQA"})
 
 Per task: load records -> (this rank's share) -> skip those already in the prediction cache ->
-decode images in DataLoader workers -> ``Predictor.predict`` in batches -> append each batch's
+decode images in DataLoader workers (for an mmsmall ``Predictor`` the workers also preprocess
+the crops and encode the prompt) -> greedy generation in left-padded batches -> append each batch's
 answers to ``out/predictions/{task}.jsonl`` (flushed, fsynced) -> score every record -> results.
 A killed run rerun with the same ``out`` generates only what is missing, and its final scores are
 those an uninterrupted run gives. Under torchrun each rank takes every ``world``-th record and
@@ -344,6 +345,7 @@ def evaluate(
             raise EvalDataError(f"task {task.name}: {path} holds no samples")
         prompts = {r.id: task.prompt(r, molmo_style) for r in records}
         settings = {
+            "model": model_name,
             "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
             "blind": bool(blind),
             "prompt_style": results["prompt_style"],
