@@ -20,8 +20,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmsmall.model.vlm import VLM
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ def consolidate_deepspeed(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     return dict(z.to_torch_tensor(lazy))  # ZeRO-3 yields lazily gathered tensors
 
 
-def load_vlm(src: str | Path):
+def load_vlm(src: str | Path) -> tuple[VLM, Source]:
     """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`."""
     from mmsmall.model.vlm import VLM, build_vlm
 

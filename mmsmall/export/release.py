@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmsmall.model.vlm import VLM
 
 from mmsmall.export.card import CHAT_TEMPLATE, model_card, read_eval_results
 from mmsmall.export.safetensors_io import verify_shards, write_checksums
@@ -38,7 +42,7 @@ def _generation_config(tokenizer, max_new_tokens: int = 256):
     )
 
 
-def save_molmo2(vlm, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
+def save_molmo2(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
     """Write ``vlm`` as a stock transformers Molmo2 folder (raises Molmo2Incompatible when it does not fit)."""
     from mmsmall.export.molmo2 import build_molmo2_model, build_molmo2_processor
 
@@ -52,7 +56,7 @@ def save_molmo2(vlm, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
     return out_dir
 
 
-def save_mmsmall(vlm, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
+def save_mmsmall(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
     """Write ``vlm`` with our own HF classes (model, processor, tokenizer, chat template)."""
     from mmsmall.model.hf import MMSmallForConditionalGeneration, processor_for
 
@@ -108,7 +112,7 @@ def run_export(
     return out
 
 
-def load_molmo2(path: str | Path):
+def load_molmo2(path: str | Path) -> VLM:
     """A stock transformers Molmo2 folder -> our VLM (fp32, eval), to fine-tune it in mmsmall.
 
     Shards are checked against ``checksums.json`` when the folder has one (folders we exported),
