@@ -67,7 +67,7 @@ TASK = register(
         max_new_tokens=16,
         default_data="lmms-lab-encoder/ai2d",
         split="test",
-        molmo_style="ai2_diagram",
+        molmo_style="vqa",
         description="AI2D test, option-letter exact match",
     )
 )

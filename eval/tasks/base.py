@@ -93,7 +93,10 @@ class Task:
     max_new_tokens: int
     default_data: str | None = None  # hub id used when the user gives no path
     split: str | None = None
-    molmo_style: str | None = None  # task name passed to the Predictor for Molmo style prefixes
+    # task name handed to the Predictor with ``molmo_style`` (the processor then writes ``{name}: ``
+    # before the question when the model was trained with style prefixes); the names are the
+    # ``task`` values of our training shards (chart_qa, doc_qa, vqa, counting, pointing, clock)
+    molmo_style: str | None = None
     aggregate: Callable[[list[dict[str, float]]], dict[str, float]] = mean_aggregate
     description: str = ""
 

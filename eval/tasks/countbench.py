@@ -47,7 +47,7 @@ TASK = register(
         max_new_tokens=16,
         default_data="vikhyatk/CountBenchQA",
         split="test",
-        molmo_style="point_count",
+        molmo_style="counting",
         description="CountBenchQA, count accuracy",
     )
 )

@@ -15,7 +15,7 @@ TASK = register(
         max_new_tokens=32,
         default_data="lmms-lab-encoder/DocVQA",
         split="validation",
-        molmo_style="info_qa",
+        molmo_style="doc_qa",
         description="InfographicVQA validation, ANLS",
     )
 )

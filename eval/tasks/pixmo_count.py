@@ -44,7 +44,7 @@ TASK = register(
         max_new_tokens=32,
         default_data="kcz358/pixmo-count",
         split="test",
-        molmo_style="point_count",
+        molmo_style="counting",
         description="PixMo-Count test, count accuracy",
     )
 )

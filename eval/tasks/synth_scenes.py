@@ -12,7 +12,7 @@ from .pointing import score_points
 
 COUNT = register(
     shard_task("synth_scenes_count", ("counting",), "accuracy", count_accuracy, max_new_tokens=16,
-               molmo_style="point_count", description="held-out synthetic scenes, count accuracy")
+               molmo_style="counting", description="held-out synthetic scenes, count accuracy")
 )  # fmt: skip
 POINT = register(
     shard_task("synth_scenes_point", ("pointing",), "f1", None, max_new_tokens=192, molmo_style="pointing",

@@ -43,7 +43,7 @@ TASK = register(
         max_new_tokens=32,
         default_data="lmms-lab-encoder/textvqa",
         split="validation",
-        molmo_style="text_vqa",
+        molmo_style="vqa",
         description="TextVQA validation, VQA accuracy (EvalAI normalization)",
     )
 )
