@@ -202,3 +202,22 @@ def test_compare_chart(tmp_path):
         assert im.size[0] > 300
     table = markdown_table([a, b])
     assert "| runs/b (blind) | 10.0 | 5.0 |" in table and "| runs/a | 40.0 | – |" in table
+
+
+class TaskRecordingPredictor(LookupPredictor):
+    def predict(self, images, questions, max_new_tokens, task=None):
+        self.tasks = getattr(self, "tasks", []) + [task]
+        self.questions = getattr(self, "questions", []) + list(questions)
+        return [f"Let me see. Answer: {self.answers.get(q, 'x')}" for q in questions]
+
+
+def test_molmo_style(tmp_path):
+    data = {"chartqa": str(make_chartqa_parquet(tmp_path / "c", n=2))}
+    pred = TaskRecordingPredictor(CHART_ANSWERS)
+    res = evaluate(pred, ["chartqa"], tmp_path / "m", data=data, num_workers=0, molmo_style=True)
+    assert set(pred.tasks) == {"chart_qa"} and pred.questions[0] == "What is the value of bar 0?"
+    assert res["prompt_style"] == "molmo" and res["tasks"]["chartqa"]["score"] == 100.0  # "Answer:" rule
+    lmms = evaluate(
+        TaskRecordingPredictor(CHART_ANSWERS), ["chartqa"], tmp_path / "l", data=data, num_workers=0
+    )
+    assert lmms["tasks"]["chartqa"]["score"] == 0.0  # lmms-eval scores the whole response
