@@ -114,7 +114,16 @@ def test_zero3_two_process_export_equals_zero2(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    (run / "eval").mkdir()
+    results = {
+        "convention": "lmms-eval",
+        "tasks": {"chartqa": {"primary": "relaxed_accuracy", "score": 12.5, "n": 8}},
+    }
+    (run / "eval" / "results.json").write_text(json.dumps(results))
     a = run_export(str(run), str(tmp_path / "from_zero3"), fmt="molmo2")  # the run folder -> latest
+    card = (a / "README.md").read_text()
+    assert "| chartqa | relaxed_accuracy | 12.50 | 8 |" in card  # the run's eval results, found by itself
+    assert "stage3" in card or "zero3" in card  # the training configuration is in the card
     b = run_export(str(tmp_path / "z2"), str(tmp_path / "from_zero2"), fmt="molmo2")
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys() and len(ta) > 50
