@@ -11,7 +11,7 @@
 
 Answers are checked identical, then samples/s of both and the ratio are printed (target >= 3x).
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/eval_throughput.py`` (well under 3 minutes on CPU).
-Env: ``BENCH_N`` samples (default 64), ``BENCH_BATCH`` (32), ``BENCH_TOKENS`` new tokens (32, the
+Env: ``BENCH_N`` samples (default 128), ``BENCH_BATCH`` (32), ``BENCH_TOKENS`` new tokens (32, the
 DocVQA/InfoVQA budget; the random model always uses all of them). On a loaded shared CPU the two
 timings move with the load, so compare the ratio, and rerun when other jobs are busy.
 """
@@ -40,7 +40,7 @@ from mmsmall.model.vlm import build_vlm  # noqa: E402
 from mmsmall.processing.processor import collate  # noqa: E402
 from mmsmall.processing.tokenizer import build_tokenizer  # noqa: E402
 
-N = int(os.environ.get("BENCH_N", "64"))
+N = int(os.environ.get("BENCH_N", "128"))
 BATCH = int(os.environ.get("BENCH_BATCH", "32"))
 TOKENS = int(os.environ.get("BENCH_TOKENS", "32"))
 TASK = "synth_scenes_count"

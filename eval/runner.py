@@ -122,27 +122,36 @@ def _worker_init(_: int) -> None:
 
 
 def _fast_path(predictor: PredictorLike, style: str | None):
-    """For an mmsmall ``Predictor``: (encode in workers, generate from encoded examples).
+    """For an mmsmall ``Predictor``: (encode, collate, generate) with the first two in workers.
 
-    Mirrors ``Predictor.predict`` step for step (processor.encode_prompt -> left-padded collate ->
-    greedy ``VLM.generate`` -> decode without special tokens -> strip); tests check the answers
-    equal ``Predictor.predict``'s. Other predictors get images and ``predict`` is called.
+    Workers decode, preprocess and encode each sample and collate a left-padded batch (one set
+    of tensors crosses the process boundary per batch); the main process only runs greedy
+    ``VLM.generate`` and decodes. This mirrors ``Predictor.predict`` step for step
+    (processor.encode_prompt -> collate(left_pad=True) -> generate -> decode without special
+    tokens -> strip), and tests check the answers equal ``Predictor.predict``'s. Other predictors
+    get PIL images and their ``predict`` is called.
     """
     processor, model, tok = (getattr(predictor, a, None) for a in ("processor", "model", "tokenizer"))
     if processor is None or model is None or tok is None or not hasattr(processor, "encode_prompt"):
-        return None, None
+        return None, _collate, None
     from mmsmall.processing.processor import collate
+
+    pad_id = tok.pad_token_id
 
     def encode(image: Image.Image, prompt: str):
         return processor.encode_prompt(image, prompt, task=style)
 
+    def collate_batch(items: list) -> tuple[list, dict]:
+        return [(i, size, None) for i, size, _ in items], collate(
+            [ex for _, _, ex in items], pad_id, left_pad=True
+        )
+
     @torch.no_grad()
-    def generate(examples: list, max_new_tokens: int) -> list[str]:
-        batch = collate(examples, tok.pad_token_id, left_pad=True)
+    def generate(batch: dict, max_new_tokens: int) -> list[str]:
         new_tokens = model.generate(batch, max_new_tokens=max_new_tokens, do_sample=False)
         return [tok.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
 
-    return encode, generate
+    return encode, collate_batch, generate
 
 
 def _unique_ids(records: list[Record]) -> list[Record]:
@@ -226,13 +235,13 @@ def _generate(
     if not records:
         return 0
     style = task.molmo_style if molmo else None
-    encode, generate = _fast_path(predictor, style) if fast else (None, None)
+    encode, collate_fn, generate = _fast_path(predictor, style) if fast else (None, _collate, None)
     loader = DataLoader(
         _ImageDataset(records, blind, prompts, encode),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_fn,
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
@@ -242,11 +251,13 @@ def _generate(
     _drop_torn_tail(cache_file)
     with open(cache_file, "a", encoding="utf-8") as f:
         for batch in loader:
+            if generate is not None:
+                batch, model_batch = batch
             recs = [records[i] for i, _, _ in batch]
             sizes = [size for _, size, _ in batch]
             inputs = [x for _, _, x in batch]
             if generate is not None:
-                answers = generate(inputs, settings["max_new_tokens"])
+                answers = generate(model_batch, settings["max_new_tokens"])
             else:
                 answers = predictor.predict(
                     inputs,
