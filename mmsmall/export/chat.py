@@ -6,6 +6,7 @@ mmsmall or stock-Molmo2 export, a checkpoint or a training run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -110,14 +111,16 @@ def predict(
     batch_size: int = 8,
     task: str | None = None,
     device: str = "cpu",
+    limit: int | None = None,
 ) -> Path:
-    """Answer a question for every image of ``inputs``; writes ``out/predictions.jsonl`` and, for
-    answers that contain points, ``out/{key}.png`` with the points drawn. Returns the jsonl path."""
+    """Answer a question for every image of ``inputs`` (the first ``limit`` when given); writes
+    ``out/predictions.jsonl`` and, for answers that contain points, ``out/{key}.png`` with the
+    points drawn. Returns the jsonl path."""
     predictor = _predictor(model, device=device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "predictions.jsonl"
-    items = list(_iter_inputs(inputs, question))
+    items = list(itertools.islice(_iter_inputs(inputs, question), limit))
     n_drawn = 0
     with open(jsonl, "w") as f, tqdm(total=len(items), desc="predict", unit="img") as bar:
         for start in range(0, len(items), batch_size):

@@ -19,7 +19,8 @@ class Predictor:
     """Answer questions about images with a :class:`VLM`.
 
     Args:
-        model_or_dir: a VLM, or a folder written by ``VLM.save_pretrained``.
+        model_or_dir: a VLM, or a folder: ``VLM.save_pretrained`` output, an ``mmsmall export``
+            release (our HF format or the stock Molmo2 format), a training run or a checkpoint.
         device: where to run.
         max_crops: high-resolution crops per image (default: ``model.image.max_crops_eval``).
     """
@@ -32,7 +33,9 @@ class Predictor:
         if isinstance(model_or_dir, VLM):
             self.model = model_or_dir.to(device).eval()
         else:
-            self.model = VLM.from_pretrained(model_or_dir, device=device)
+            from mmsmall.export.consolidate import load_vlm
+
+            self.model = load_vlm(model_or_dir)[0].to(device).eval()
         self.device = torch.device(device)
         cfg = self.model.cfg
         image_cfg = copy.deepcopy(cfg.image)
