@@ -47,7 +47,10 @@ def test_save_load_roundtrip_identical(name, tmp_path):
     from mmsmall.model.hf import MMSmallForConditionalGeneration, MMSmallProcessor
 
     vlm = _vlm(name)
+    trained = {k: v.clone() for k, v in vlm.state_dict().items()}
     save_mmsmall(vlm, tmp_path)
+    # wrapping for export must not re-initialize the (shared) weights of the trained model
+    assert all(torch.equal(v, trained[k]) for k, v in vlm.state_dict().items())
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "mmsmall" and config["architectures"] == [
         "MMSmallForConditionalGeneration"
@@ -55,6 +58,8 @@ def test_save_load_roundtrip_identical(name, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(model, MMSmallForConditionalGeneration) and isinstance(processor, MMSmallProcessor)
+    loaded = model.vlm.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items())
     assert processor.chat_template and "Assistant:" in processor.chat_template
 
     images, questions = [_image(1), _image(2)], ["What is shown?", "Count the dots."]

@@ -134,14 +134,14 @@ class MMSmallPreTrainedModel(PreTrainedModel):
     _no_split_modules: list[str] = []
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Parameters all come from the checkpoint; only our non-persistent buffers need values again
-        # after transformers builds the model on the meta device.
+        # Parameters come from the wrapped VLM (``from_vlm``) or the checkpoint (``from_pretrained``,
+        # which fails on missing keys), never from transformers' initializers: ``post_init`` must not
+        # re-randomize a trained model. Only our non-persistent buffers need values again after
+        # transformers builds the model on the meta device.
         if isinstance(module, VLM):
             vocab = module.tokenizer.get_vocab()
             ids = torch.tensor([vocab[t] for t in IMAGE_TOKENS], device=module.image_token_ids.device)
             module.image_token_ids.copy_(ids)
-        else:
-            super()._init_weights(module)
 
 
 class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
