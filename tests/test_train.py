@@ -124,7 +124,8 @@ def test_zero2_trains_resumes_exactly_and_survives_kill_in_save(tmp_path, shards
     assert kept == ["step_00000015", "step_00000020"]  # keep_last=2
 
     # 10 steps, then SIGKILL right after the step-10 checkpoint
-    p = _train(resumed, shards, "train.debug_kill_at_step=10", check=False)
+    # (this segment encodes in 2 worker processes: same batches, and its position excludes read-ahead)
+    p = _train(resumed, shards, "train.debug_kill_at_step=10", "data.num_workers=2", check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     # resume; die inside the step-15 save (DeepSpeed files written, checkpoint unfinished)
     p = _train(

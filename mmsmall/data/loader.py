@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import random
-from collections.abc import Iterator
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -64,47 +70,106 @@ def drop_responses(labels: torch.Tensor, p: float, gen: torch.Generator) -> torc
     return labels.masked_fill(drop, -100)
 
 
+def encode_sample(
+    processor: Any, sample: Sample, seed: int, max_conversations: int, response_dropout: float
+) -> Example:
+    """A shard sample -> Example, under random state seeded from ``(seed, sample ref)``."""
+    sid = sample_id(sample)
+    with seeded_rng(seed, *sample["ref"]) as gen:
+        ex = processor.encode(
+            sample["image"],
+            conversations_of(sample, max_conversations),
+            task=sample["json"].get("task"),
+            train=True,
+            sample_id=sid,
+        )
+        ex["labels"] = drop_responses(ex["labels"], response_dropout, gen)
+    ex["sample_id"] = sid
+    ex["ref"] = tuple(sample["ref"])
+    return ex
+
+
+_worker_args: tuple = ()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while True:  # a trainer killed with SIGKILL cannot stop its pool; its workers notice and leave
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def _worker_init(
+    parent: int, processor: Any, seed: int, max_conversations: int, response_dropout: float
+) -> None:
+    global _worker_args
+    torch.set_num_threads(1)
+    _worker_args = (processor, seed, max_conversations, response_dropout)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _worker_encode(sample: Sample) -> Example:
+    processor, seed, max_conversations, response_dropout = _worker_args
+    return encode_sample(processor, sample, seed, max_conversations, response_dropout)
+
+
 class TrainData:
-    """Endless, resumable micro-batches for one rank."""
+    """Endless, resumable micro-batches for one rank.
+
+    With ``data.num_workers > 0`` examples are encoded in that many worker processes, a few
+    samples ahead of the packer and consumed in stream order, so batches are identical to the
+    in-process path. The saved position is then the stream's position *before* the first sample
+    drawn ahead but not yet consumed, so a resume re-draws exactly those.
+    """
 
     def __init__(self, cfg: Any, processor: Any, pad_id: int, *, rank: int = 0, world_size: int = 1):
-        self.cfg = cfg  # RunConfig
+        d = cfg.data
         self.processor = processor
-        self.counters: dict[str, int] = {}
-        self.stream = SampleStream(
-            cfg.data.train, seed=cfg.seed, rank=rank, world_size=world_size, counters=self.counters
-        )
+        self.encode_args = (cfg.seed, d.max_conversations, d.response_dropout)
+        self.stream = SampleStream(d.train, seed=cfg.seed, rank=rank, world_size=world_size)
+        self.skipped: dict[str, int] = {}  # encode errors and too-long examples, counted when consumed
         self.packer = Packer(
-            cfg.data.seq_len,
-            cfg.train.micro_batch_size,
-            pad_id,
-            pack=cfg.data.pack,
-            counters=self.counters,
+            d.seq_len, cfg.train.micro_batch_size, pad_id, pack=d.pack, counters=self.skipped
         )
+        self.num_workers = d.num_workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.ahead: deque[tuple[dict, Sample, Future]] = deque()  # (stream state before it, sample, encoding)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Skipped samples by reason: corrupt shard members (stream) and unusable examples."""
+        return {**self.stream.counters, **self.skipped}
 
     def encode(self, sample: Sample) -> Example:
-        d = self.cfg.data
-        sid = sample_id(sample)
-        with seeded_rng(self.cfg.seed, *sample["ref"]) as gen:
-            ex = self.processor.encode(
-                sample["image"],
-                conversations_of(sample, d.max_conversations),
-                task=sample["json"].get("task"),
-                train=True,
-                sample_id=sid,
+        return encode_sample(self.processor, sample, *self.encode_args)
+
+    def _next_encoded(self) -> tuple[Sample, Callable[[], Example]]:
+        if self.num_workers <= 0:
+            sample = next(self.stream)
+            return sample, lambda: self.encode(sample)
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                self.num_workers,
+                mp_context=multiprocessing.get_context(
+                    "spawn"
+                ),  # no fork of a process holding a process group
+                initializer=_worker_init,
+                initargs=(os.getpid(), self.processor, *self.encode_args),
             )
-            ex["labels"] = drop_responses(ex["labels"], d.response_dropout, gen)
-        ex["sample_id"] = sid
-        ex["ref"] = tuple(sample["ref"])
-        return ex
+        while len(self.ahead) < 8 * self.num_workers:
+            state = self.stream.state_dict()
+            sample = next(self.stream)
+            self.ahead.append((state, sample, self.pool.submit(_worker_encode, sample)))
+        _, sample, future = self.ahead.popleft()
+        return sample, future.result
 
     def _pull(self) -> Example:
         while True:
-            sample = next(self.stream)
+            sample, result = self._next_encoded()
             try:
-                return self.encode(sample)
+                return result()
             except ValueError as e:  # a sample the processor cannot encode: skip, count, go on
-                self.counters["encode_error"] = self.counters.get("encode_error", 0) + 1
+                self.skipped["encode_error"] = self.skipped.get("encode_error", 0) + 1
                 log.warning("skipping sample %s: %s", sample_id(sample), e)
 
     def next_batch(self) -> Batch:
@@ -112,12 +177,16 @@ class TrainData:
 
     def state_dict(self) -> dict:
         return {
-            "stream": self.stream.state_dict(),
+            "stream": self.ahead[0][0] if self.ahead else self.stream.state_dict(),
             "pending": [list(r) for r in self.packer.pending_refs()],
             "min_len": self.packer.min_len,
+            "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        for _, _, future in self.ahead:
+            future.cancel()
+        self.ahead.clear()
         self.stream.load_state_dict(state["stream"])
         pending = []
         for ref in state["pending"]:
@@ -129,3 +198,10 @@ class TrainData:
             pending.append(self.encode(sample))
         self.packer.pending = pending
         self.packer.min_len = int(state["min_len"])
+        self.skipped.clear()
+        self.skipped.update(state["skipped"])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cfg = load_config(argv[0], argv[1:])
-    # DeepSpeed's ZeRO still calls this torch API once per bucket; the warning floods the log.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
+    # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
+    warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
@@ -182,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
     except NonFiniteLoss as e:
         log.error("%s", e)
-        monitor.close()
         return 1
-    monitor.close()
+    finally:
+        data.close()
+        monitor.close()
     checkpoint.save_model(engine, out / "model")
+    dist.destroy_process_group()
     return 0
