@@ -34,7 +34,7 @@ class DemoPlan:
     eval_limit: int
 
 
-FULL = DemoPlan(n_scenes_train=2000, n_scenes_eval=200, n_charts_train=200, n_charts_eval=40, train_steps=600, eval_limit=200)
+FULL = DemoPlan(n_scenes_train=2000, n_scenes_eval=200, n_charts_train=200, n_charts_eval=40, train_steps=1500, eval_limit=200)
 QUICK = DemoPlan(n_scenes_train=48, n_scenes_eval=16, n_charts_train=8, n_charts_eval=8, train_steps=4, eval_limit=16)
 
 # The tasks the demo trains for: "How many shapes are there?" and "Point to all the shapes." over
@@ -152,7 +152,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     table = _results_table(seen, blind)
     artifacts = {
         "curation report": Path(summary["report"]),
-        "loss curve": run_dir / "loss_curve.png",
+        "loss curve": run_dir / "loss.png",
         "eval chart": chart_png,
         "pointing predictions": points_dir,
         "release": release,

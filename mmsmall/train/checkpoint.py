@@ -107,6 +107,9 @@ def save(
     return ckpt_root / tag
 
 
+_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
+
+
 def load_latest(engine: Any, ckpt_root: str | Path) -> dict[str, Any] | None:
     """Load the checkpoint ``latest`` names into the engine; returns this rank's client state
     (step, data position; RNG states already restored) or None when there is none."""
@@ -124,7 +127,9 @@ def load_latest(engine: Any, ckpt_root: str | Path) -> dict[str, Any] | None:
     load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
-    client = torch.load(client_path, weights_only=False)  # our own file: a dict with numpy RNG state
+    # Our own file, still read with weights_only: only the numpy types of its RNG state are allowed.
+    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        client = torch.load(client_path, weights_only=True)
     set_rng_state(client["rng"])
     log.info("resumed from %s (step %d)", ckpt_root / tag, client["step"])
     return client
