@@ -133,7 +133,9 @@ class TrainConfig:
     wandb: bool = False
     init_from: str | None = None  # a saved model folder (a previous stage's out_dir/model) to start from
     debug_kill_at_step: int = 0  # tests: SIGKILL this process at that step, after its checkpoint is complete
-    debug_kill_during_save: bool = False  # tests: with debug_kill_at_step, die inside that step's save instead
+    debug_kill_during_save: bool = (
+        False  # tests: with debug_kill_at_step, die inside that step's save instead
+    )
 
 
 @dataclass

@@ -34,8 +34,17 @@ class DemoPlan:
     eval_limit: int
 
 
-FULL = DemoPlan(n_scenes_train=2000, n_scenes_eval=200, n_charts_train=200, n_charts_eval=40, train_steps=1500, eval_limit=200)
-QUICK = DemoPlan(n_scenes_train=48, n_scenes_eval=16, n_charts_train=8, n_charts_eval=8, train_steps=4, eval_limit=16)
+FULL = DemoPlan(
+    n_scenes_train=2000,
+    n_scenes_eval=200,
+    n_charts_train=200,
+    n_charts_eval=40,
+    train_steps=1500,
+    eval_limit=200,
+)
+QUICK = DemoPlan(
+    n_scenes_train=48, n_scenes_eval=16, n_charts_train=8, n_charts_eval=8, train_steps=4, eval_limit=16
+)
 
 # The tasks the demo trains for: "How many shapes are there?" and "Point to all the shapes." over
 # 1-4 large red circles (data_tools.synth.scenes.EASY_COUNT), learnable by a tiny random-init
@@ -77,14 +86,15 @@ def _curate(out: Path, synth: dict[str, Path]) -> tuple[Path, dict]:
     from data_tools.curate import run_curation
 
     curated = out / "curated"
-    train_inputs = ", ".join(f"{{kind: webdataset, path: {synth[k]}}}" for k in ("scenes_train", "charts_train"))
+    train_inputs = ", ".join(
+        f"{{kind: webdataset, path: {synth[k]}}}" for k in ("scenes_train", "charts_train")
+    )
     benchmarks = ", ".join(f"{{path: {synth[k]}}}" for k in ("scenes_eval", "charts_eval"))
     return curated, run_curation(
         REPO_ROOT / "configs/curate/demo.yaml",
         overrides=(f"inputs=[{train_inputs}]", f"out_dir={curated}", f"decontam.benchmarks=[{benchmarks}]"),
         workers=1,
     )
-
 
 
 def _train(out: Path, curated: Path, plan: DemoPlan) -> Path:
@@ -116,7 +126,9 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
 
     t = _step("2/6 curate into webdataset shards + HTML report")
     curated, summary = _curate(out, synth)
-    print(f"  kept {summary['n_kept']} of {summary['n_in']} samples -> {curated}; report: {summary['report']}")
+    print(
+        f"  kept {summary['n_kept']} of {summary['n_in']} samples -> {curated}; report: {summary['report']}"
+    )
     print(f"  {time.time() - t:.0f} s")
 
     t = _step("3/6 train the tiny VLM with DeepSpeed ZeRO-2 on CPU (launch/train.sh)")
@@ -134,9 +146,16 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     from eval.runner import evaluate
 
     data = {task: str(synth[f"{kind}_eval"]) for task, kind in EVAL_TASKS.items()}
-    seen = evaluate(str(release), list(EVAL_TASKS), str(out / "eval" / "model"), data=data, limit=plan.eval_limit)
+    seen = evaluate(
+        str(release), list(EVAL_TASKS), str(out / "eval" / "model"), data=data, limit=plan.eval_limit
+    )
     blind = evaluate(
-        str(release), list(EVAL_TASKS), str(out / "eval" / "blind"), data=data, limit=plan.eval_limit, blind=True
+        str(release),
+        list(EVAL_TASKS),
+        str(out / "eval" / "blind"),
+        data=data,
+        limit=plan.eval_limit,
+        blind=True,
     )
     chart_png = out / "eval" / "model_vs_blind.png"
     compare([out / "eval" / "model" / "results.json", out / "eval" / "blind" / "results.json"], chart_png)
