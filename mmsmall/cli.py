@@ -75,6 +75,9 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="processes per node (default: GPUs, or 1 on CPU)")] = None,
 ) -> None:
     """Train with DeepSpeed through launch/train.sh (the same path GPUs and nodes use)."""
+    from mmsmall.config import load_config
+
+    load_config(config, list(overrides or ()))  # a typo fails here, before any process starts
     env = dict(os.environ)
     if nproc is not None:
         env["NPROC"] = str(nproc)
@@ -93,6 +96,11 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
     limit: Annotated[int | None, typer.Option(help="evaluate only the first N samples per task")] = None,
     blind: Annotated[bool, typer.Option(help="replace every image by a blank one (blind baseline)")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(help="override each task's pinned budget")] = None,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding images")] = 2,
+    molmo_style: Annotated[
+        bool, typer.Option(help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval's")
+    ] = False,
 ) -> None:
     """Run the chart/document/counting/pointing suite with standard metrics."""
     from eval.runner import evaluate
@@ -105,6 +113,9 @@ def eval_(
         limit=limit,
         data=_parse_kv(data, "--data"),
         blind=blind,
+        max_new_tokens=max_new_tokens,
+        num_workers=num_workers,
+        molmo_style=molmo_style,
     )
     typer.echo(json.dumps(results, indent=2, default=str))
 
@@ -161,16 +172,37 @@ def demo(
     run_demo(out, quick=quick)
 
 
-def main() -> None:
-    from mmsmall.config import ConfigError
+# Errors about the user's input (config, data, model folder): their messages say what, where and
+# what to do, so they are printed without a traceback. Looked up in the modules already imported,
+# since each command imports its part lazily.
+_USER_ERRORS = {
+    "mmsmall.config": "ConfigError",
+    "mmsmall.processing.crops": "ImageLoadError",
+    "mmsmall.export.molmo2": "Molmo2Incompatible",
+    "mmsmall.export.safetensors_io": "ShardIntegrityError",
+    "data_tools.synth.core": "SynthError",
+    "eval.tasks.base": "EvalDataError",
+}
 
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types_: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in _USER_ERRORS.items():
+        if module in sys.modules:
+            types_.append(getattr(sys.modules[module], name))
+    return tuple(types_)
+
+
+def main() -> None:
     try:
         app()
-    except ConfigError as e:  # a typo in a config or override: say what and where, no traceback
-        typer.echo(f"config error: {e}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:
+        if not isinstance(e, _user_error_types()):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
