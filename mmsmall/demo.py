@@ -72,14 +72,24 @@ def _synthesize(out: Path, plan: DemoPlan) -> dict[str, Path]:
     for name, (kind, n, split, opts) in jobs.items():
         path = out / "synth" / name
         manifest = path / "manifest.json"
-        if not (manifest.exists() and json.loads(manifest.read_text()).get("requested") == n):
+        if not _same_synth(manifest, kind, n, split, opts):  # same seed and settings: identical shards
             generate(kind, n=n, seed=0, out=path, split=split, shard_size=1000, **opts)
-            data = json.loads(manifest.read_text())
-            data["requested"] = n
-            manifest.write_text(json.dumps(data, indent=2, sort_keys=True))
         paths[name] = path
-        print(f"  {name}: {json.loads(manifest.read_text())['total']} samples in {path}")
+        print(f"  {name}: {n} samples in {path}")
     return paths
+
+
+def _same_synth(manifest: Path, kind: str, n: int, split: str, opts: dict) -> bool:
+    """Whether ``manifest`` records exactly this generation (seed 0), so its shards can be reused."""
+    if not manifest.exists():
+        return False
+    data = json.loads(manifest.read_text())
+    done = data.get("synth", {})
+    return (
+        data.get("total") == n
+        and (done.get("kind"), done.get("split"), done.get("seed")) == (kind, split, 0)
+        and all(done.get("options", {}).get(k) == v for k, v in opts.items())
+    )
 
 
 def _curate(out: Path, synth: dict[str, Path]) -> tuple[Path, dict]:
