@@ -17,8 +17,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 
+from mmsmall.config import ImageConfig
+from mmsmall.export.molmo2 import molmo2_image_processor
 from mmsmall.processing.crops import preprocess_image
 
 SETTINGS = {
@@ -69,15 +70,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     s = SETTINGS[args.setting]
-    stock = Molmo2ImageProcessor(
-        size={"height": s["crop_size"], "width": s["crop_size"]},
-        patch_size=s["patch_size"],
-        max_crops=s["max_crops"],
-        overlap_margins=list(s["overlap_margins"]),
-        pooling_size=list(s["pooling_size"]),
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    stock = molmo2_image_processor(ImageConfig(**s), max_crops=s["max_crops"])
     rng = np.random.default_rng(args.seed + 1)
     warm = make_image(rng, 300, 400)
     stock(warm, return_tensors="pt"), preprocess_image(warm, **s)  # warm-up both

@@ -8,6 +8,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 
+from mmsmall.config import ImageConfig
+from mmsmall.export.molmo2 import molmo2_image_processor
 from mmsmall.processing.crops import ImageLoadError, image_grid, load_image, preprocess_image, to_rgb_array
 
 SETTINGS = {
@@ -19,15 +21,7 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def stock():
     return {
-        name: Molmo2ImageProcessor(
-            size={"height": s["crop_size"], "width": s["crop_size"]},
-            patch_size=s["patch_size"],
-            max_crops=s["max_crops"],
-            overlap_margins=list(s["overlap_margins"]),
-            pooling_size=list(s["pooling_size"]),
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
+        name: molmo2_image_processor(ImageConfig(**s), max_crops=s["max_crops"])
         for name, s in SETTINGS.items()
     }
 

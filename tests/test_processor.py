@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 from transformers.models.molmo2.processing_molmo2 import Molmo2Processor
 from transformers.models.molmo2.video_processing_molmo2 import Molmo2VideoProcessor
 
 from mmsmall.config import ImageConfig, TokenizerConfig
+from mmsmall.export.molmo2 import molmo2_image_processor
 from mmsmall.processing.processor import IGNORE, Processor, collate
 from mmsmall.processing.tokenizer import IMAGE_SPECIAL_TOKENS, build_tokenizer, special_ids
 from mmsmall.processing.tokens import image_token_ids, image_token_string, user_text
@@ -39,13 +39,7 @@ def _conv(q, a=None):
 
 @pytest.mark.parametrize("size", [(60, 90), (5, 7), (20, 700), (400, 300)])
 def test_prompt_equals_stock_molmo2_processor(tok, proc, size):
-    stock_ip = Molmo2ImageProcessor(
-        size={"height": 112, "width": 112},
-        max_crops=4,
-        overlap_margins=[1, 1],
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
+    stock_ip = molmo2_image_processor(ImageConfig(crop_size=112, max_crops_eval=4, overlap_margins=[1, 1]))
     stock = Molmo2Processor(image_processor=stock_ip, video_processor=Molmo2VideoProcessor(), tokenizer=tok)
     im = _image(*size)
     ref = stock(images=[im], text="<|image|>" + user_text("What is it?"), return_tensors="pt")

@@ -478,25 +478,36 @@ def build_molmo2_model(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, crop_
     return model
 
 
-def build_molmo2_processor(tokenizer: PreTrainedTokenizerBase, image_cfg: ImageConfig, chat_template: str):
-    """A stock ``Molmo2Processor`` with our tokenizer and image settings."""
-    from transformers import Molmo2ImageProcessor, Molmo2Processor, Molmo2VideoProcessor
-
-    size = {"height": image_cfg.crop_size, "width": image_cfg.crop_size}
-    common = {
-        "size": size,
+def _molmo2_common(image_cfg: ImageConfig) -> dict:
+    """The settings Molmo2's image and video processors share, from our ``ImageConfig``."""
+    return {
+        "size": {"height": image_cfg.crop_size, "width": image_cfg.crop_size},
         "patch_size": image_cfg.patch_size,
         "pooling_size": list(image_cfg.pooling_size),
         "image_mean": list(image_cfg.mean),
         "image_std": list(image_cfg.std),
     }
-    image_proc = Molmo2ImageProcessor(
-        max_crops=image_cfg.max_crops_eval, overlap_margins=list(image_cfg.overlap_margins), **common
+
+
+def molmo2_image_processor(image_cfg: ImageConfig, max_crops: int | None = None):
+    """transformers' stock ``Molmo2ImageProcessor`` with the settings of ``image_cfg``
+    (``max_crops_eval`` crops unless ``max_crops`` is given)."""
+    from transformers import Molmo2ImageProcessor
+
+    return Molmo2ImageProcessor(
+        max_crops=image_cfg.max_crops_eval if max_crops is None else max_crops,
+        overlap_margins=list(image_cfg.overlap_margins),
+        **_molmo2_common(image_cfg),
     )
-    video_proc = Molmo2VideoProcessor(**common)
+
+
+def build_molmo2_processor(tokenizer: PreTrainedTokenizerBase, image_cfg: ImageConfig, chat_template: str):
+    """A stock ``Molmo2Processor`` with our tokenizer and image settings."""
+    from transformers import Molmo2Processor, Molmo2VideoProcessor
+
     return Molmo2Processor(
-        image_processor=image_proc,
-        video_processor=video_proc,
+        image_processor=molmo2_image_processor(image_cfg),
+        video_processor=Molmo2VideoProcessor(**_molmo2_common(image_cfg)),
         tokenizer=tokenizer,
         chat_template=chat_template,
     )
