@@ -47,7 +47,9 @@ class ConnectorConfig:
 class LLMConfig:
     name: str | None = None  # HF hub id or local path of an AutoModelForCausalLM
     custom: dict | None = None  # HF config dict (with model_type) for random init
-    attn_implementation: str = "sdpa"
+    # sdpa_docwise: attention per packed document (mmsmall/model/attention.py); sdpa: one call with
+    # a (B, 1, T, T) block mask; eager: the same mask, additive
+    attn_implementation: str = "sdpa_docwise"
 
 
 @dataclass

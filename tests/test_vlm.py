@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
+from mmsmall.model.attention import MIN_FILL, doc_groups
 from mmsmall.model.predict import Predictor
 from mmsmall.model.vlm import VLM, build_attention_mask, build_vlm
 from mmsmall.processing.processor import Processor, collate
@@ -142,7 +143,9 @@ def test_packed_documents_and_conversations_equal_separate_runs(model, proc, tok
     _check_packed_equals_separate(model, proc, tok)
 
 
-@pytest.mark.parametrize("model_type,attn", [("olmo2", "sdpa"), ("llama", "sdpa"), ("qwen2", "eager")])
+@pytest.mark.parametrize(
+    "model_type,attn", [("olmo2", "sdpa"), ("llama", "sdpa"), ("olmo2", "sdpa_docwise"), ("qwen2", "eager")]
+)
 def test_the_4d_mask_reaches_other_llms_and_attention_kernels(cfg, proc, tok, model, model_type, attn):
     """transformers takes the 4D mask as given for these LLMs (packing would leak otherwise)."""
     other = copy.deepcopy(cfg)
@@ -159,6 +162,92 @@ def test_the_4d_mask_reaches_other_llms_and_attention_kernels(cfg, proc, tok, mo
             torch.testing.assert_close(
                 m(**batch).logits[real], model(**batch).logits[real], rtol=1e-5, atol=1e-5
             )
+
+
+def _packed_rows(proc, tok) -> dict:
+    """Two packed rows with images, several conversations and padding at the end of row 1."""
+    examples = []
+    for i in range(5):
+        convs = [
+            [{"role": "user", "content": QUESTIONS[i]}, {"role": "assistant", "content": "It is " * (i + 1)}]
+        ]
+        if i % 2:
+            convs.append(
+                [{"role": "user", "content": QUESTIONS[i + 1]}, {"role": "assistant", "content": "No."}]
+            )
+        examples.append(proc.encode(_image(50 + i), convs, sample_id=f"p{i}"))
+    rows = [examples[:3], examples[3:]]
+    t = max(sum(len(e["input_ids"]) for e in r) for r in rows)
+    batch = collate(examples, tok.pad_token_id)  # pixel_values / pooling of all five, in this order
+    for key, fill in (
+        ("input_ids", tok.pad_token_id),
+        ("labels", -100),
+        ("position_ids", 0),
+        ("conv_ids", 0),
+    ):
+        batch[key] = torch.stack([_pad(torch.cat([e[key] for e in r]), t, fill) for r in rows])
+    batch["doc_ids"] = torch.stack(
+        [
+            _pad(torch.cat([torch.full((len(e["input_ids"]),), d) for d, e in enumerate(r)]), t, -1)
+            for r in rows
+        ]
+    )
+    batch["attention_mask"] = (batch["doc_ids"] >= 0).long()
+    return batch
+
+
+def _pad(x: torch.Tensor, t: int, fill: int) -> torch.Tensor:
+    return torch.cat([x, torch.full((t - len(x),), fill, dtype=x.dtype)])
+
+
+def test_docwise_attention_equals_the_block_mask_in_logits_and_gradients(cfg, tok, proc, model):
+    """sdpa_docwise (documents regrouped by length) == one SDPA call with the (B, 1, T, T) mask,
+    forward and backward, with activation checkpointing (the groups ride through recomputation)."""
+    batch = _packed_rows(proc, tok)
+    groups = doc_groups(batch["attention_mask"].bool(), batch["doc_ids"], batch["conv_ids"], None)
+    slots = torch.cat([s.flatten() for s in groups.slots])[groups.src]
+    real = batch["attention_mask"].flatten().nonzero().squeeze(1)
+    assert sorted(slots.tolist()) == real.tolist()  # every real token in exactly one group slot
+    assert len(groups.slots) >= 2  # the five documents do not all fit one length bucket
+    filled = torch.zeros(sum(s.numel() for s in groups.slots), dtype=torch.bool)
+    filled[groups.src] = True
+    for slot, used in zip(groups.slots, filled.split([s.numel() for s in groups.slots]), strict=True):
+        assert used.view(slot.shape).sum(1).min() >= MIN_FILL * slot.shape[1]  # documents of similar length
+
+    outs = {}
+    for attn in ("sdpa", "sdpa_docwise"):
+        c = copy.deepcopy(cfg)
+        c.llm.attn_implementation = attn
+        m = build_vlm(c, tok).train()
+        m.load_state_dict(model.state_dict())
+        m.set_activation_checkpointing(True)
+        out = m(**batch, loss_reduction="sum")
+        out.loss.backward()
+        outs[attn] = (out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    (ref, ref_grads), (got, got_grads) = outs["sdpa"], outs["sdpa_docwise"]
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.logits[real], ref.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-4)
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) > 10
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_docwise_falls_back_to_the_full_mask_for_split_documents(tok, proc, model):
+    """A document id in two separate runs of a row (the packer never writes that) gives no groups,
+    and the forward still follows the attention rule through the 4D mask."""
+    batch = _packed_rows(proc, tok)
+    split = batch["doc_ids"].clone()
+    split[0, -1] = 0  # doc 0 of row 0 again at the end
+    assert doc_groups(batch["attention_mask"].bool() | True, split, batch["conv_ids"], None) is None
+    assert model.cfg.llm.attn_implementation == "sdpa_docwise"
+    sdpa_cfg = copy.deepcopy(model.cfg)
+    sdpa_cfg.llm.attn_implementation = "sdpa"
+    ref = build_vlm(sdpa_cfg, tok).eval()
+    ref.load_state_dict(model.state_dict())
+    batch["doc_ids"], batch["attention_mask"] = split, (split >= 0).long()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_bidirectional_image_attention_switch(cfg, proc, tok, model):

@@ -237,7 +237,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         pixel_values: torch.Tensor | None = None,
         image_token_pooling: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
@@ -262,7 +262,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         vlm = self.vlm
         b, t = input_ids.shape
         device = input_ids.device
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        past = 0 if cache is None else cache.get_seq_length()
         if past == 0:
             embeds = vlm.embed(input_ids, pixel_values, image_token_pooling)  # (B, T, H)
             is_image = torch.isin(input_ids, vlm.image_token_ids) if vlm.bidirectional_image else None
@@ -286,7 +286,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
             inputs_embeds=embeds,
             attention_mask=vlm._llm_mask(allowed, embeds.dtype),
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
         )
@@ -294,7 +294,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         if labels is not None:
             logits = out.logits[:, :-1].flatten(0, 1).float()  # ((B*(T-1)), V)
             loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, is_first_iteration: bool = False, **kwargs

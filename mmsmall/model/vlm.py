@@ -2,11 +2,14 @@
 
 Composition, not inheritance: ``vision`` (:class:`VisionTower`), ``connector``
 (:class:`Connector`) and ``llm`` (any transformers ``AutoModelForCausalLM``) are plain
-submodules. The 4D attention mask is built here from a :class:`Batch` (see docs/INTERFACES.md):
-token i sees token j iff same row, same ``doc_ids`` (not -1), ``j <= i``, and ``conv_ids[j]`` is 0
-(the shared prefix) or ``conv_ids[i]``; with ``bidirectional_image`` the image tokens of one doc
-also see each other in both directions (transformers' Molmo2 does this). It goes to the LLM as a
-boolean mask for SDPA (an additive float mask for eager attention).
+submodules. The attention rule comes from a :class:`Batch` (see docs/INTERFACES.md and
+:func:`mmsmall.model.attention.build_attention_mask`): token i sees token j iff same row, same
+``doc_ids`` (not -1), ``j <= i``, and ``conv_ids[j]`` is 0 (the shared prefix) or ``conv_ids[i]``;
+with ``bidirectional_image`` the image tokens of one doc also see each other in both directions
+(transformers' Molmo2 does this). ``model.llm.attn_implementation`` picks how it reaches the LLM:
+``sdpa`` a boolean (B, 1, T, T) mask, ``eager`` the same as an additive float mask,
+``sdpa_docwise`` documents regrouped by length so attention skips the blocks between packed
+documents (:mod:`mmsmall.model.attention`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
 from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
+from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
 from mmsmall.model.connector import Connector
 from mmsmall.model.vision import VisionTower
 
@@ -43,7 +47,7 @@ IMAGE_TOKENS: tuple[str, ...] = (
 PATCH_TOKEN = "<im_patch>"
 # Batch keys the model reads, and those it is handed but has no use for.
 _IGNORED_BATCH_KEYS = frozenset({"sample_ids", "sample_id", "image_grids", "image_num_crops"})
-_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+_MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")
 
 
 @dataclass
@@ -51,39 +55,6 @@ class VLMOutput:
     loss: torch.Tensor | None  # mean or sum of token cross-entropy over targets (None without labels)
     logits: torch.Tensor  # (B, T, V)
     n_targets: torch.Tensor  # () int64 count of target tokens (labels != -100 after the shift)
-
-
-def build_attention_mask(
-    attention_mask: torch.Tensor | None,
-    doc_ids: torch.Tensor | None,
-    conv_ids: torch.Tensor | None,
-    is_image: torch.Tensor | None,
-    shape: tuple[int, int],
-    device: torch.device,
-) -> torch.Tensor:
-    """The attention rule as a boolean (B, 1, T, T) mask, True = may attend.
-
-    attention_mask (B, T) 1 real / 0 pad; doc_ids (B, T) with -1 for padding (derived from
-    attention_mask when None); conv_ids (B, T) (all 0 when None); is_image (B, T) bool or None
-    (no bidirectional image block). Query rows of padding see only themselves, so no softmax
-    row is empty.
-    """
-    b, t = shape
-    real = (
-        torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-    )
-    doc = torch.zeros(b, t, dtype=torch.long, device=device) if doc_ids is None else doc_ids.long()
-    doc = torch.where(real, doc, -1)  # (B, T)
-    conv = torch.zeros(b, t, dtype=torch.long, device=device) if conv_ids is None else conv_ids.long()
-    same_doc = (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B, Tq, Tk)
-    conv_ok = (conv[:, None, :] == 0) | (conv[:, None, :] == conv[:, :, None])  # (B, Tq, Tk)
-    order = torch.arange(t, device=device)
-    visible = (order[None, :] <= order[:, None])[None]  # (1, Tq, Tk) causal
-    if is_image is not None:
-        visible = visible | (is_image[:, :, None] & is_image[:, None, :])  # (B, Tq, Tk)
-    allowed = same_doc & conv_ok & visible
-    allowed = allowed | (torch.eye(t, dtype=torch.bool, device=device)[None] & (doc < 0)[:, :, None])
-    return allowed[:, None]  # (B, 1, T, T)
 
 
 class VLM(nn.Module):
@@ -123,7 +94,7 @@ class VLM(nn.Module):
             pad_embed=cfg.connector.pad_embed,
         )
         for name in ("vision", "connector", "llm"):
-            n = sum(p.numel() for p in getattr(self, name).parameters())
+            n = sum(getattr(p, "ds_numel", p.numel()) for p in getattr(self, name).parameters())
             logger.info("VLM %-9s %14s parameters", name, f"{n:,}")
 
     # ------------------------------------------------------------------ pieces
@@ -184,7 +155,7 @@ class VLM(nn.Module):
         return embeds + added
 
     def _llm_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.cfg.llm.attn_implementation == "sdpa":
+        if self.cfg.llm.attn_implementation != "eager":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
@@ -220,17 +191,25 @@ class VLM(nn.Module):
             raise ValueError(f"loss_reduction={loss_reduction!r}; valid: mean, sum")
         b, t = input_ids.shape
         embeds = self.embed(input_ids, pixel_values, image_token_pooling)  # (B, T, H)
-        allowed = build_attention_mask(
-            attention_mask, doc_ids, conv_ids, self._is_image(input_ids), (b, t), input_ids.device
-        )
+        is_image = self._is_image(input_ids)
+        groups = None
+        if self.cfg.llm.attn_implementation == DOCWISE:
+            real = (
+                torch.ones_like(input_ids, dtype=torch.bool)
+                if attention_mask is None
+                else attention_mask.bool()
+            )
+            groups = doc_groups(real, doc_ids, conv_ids, is_image)
+        if groups is not None:  # documents attend within themselves; no (B, 1, T, T) mask is built
+            llm_kwargs = {"attention_mask": None, "doc_groups": groups}
+        else:
+            allowed = build_attention_mask(
+                attention_mask, doc_ids, conv_ids, is_image, (b, t), input_ids.device
+            )
+            llm_kwargs = {"attention_mask": self._llm_mask(allowed, embeds.dtype)}
         if position_ids is None:
             position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=self._llm_mask(allowed, embeds.dtype),
-            position_ids=position_ids,
-            use_cache=False,
-        )
+        out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
         logits = out.logits  # (B, T, V)
         if labels is None:
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
@@ -295,7 +274,7 @@ class VLM(nn.Module):
             inputs_embeds=embeds,
             attention_mask=self._llm_mask(allowed, embeds.dtype),
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -324,7 +303,7 @@ class VLM(nn.Module):
                 input_ids=token[:, None],
                 attention_mask=self._llm_mask(step_mask, embeds.dtype),
                 position_ids=(next_pos + step)[:, None],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
         return [new_tokens[i, : int(lengths[i])].tolist() for i in range(b)]
