@@ -233,6 +233,34 @@ def test_docwise_attention_equals_the_block_mask_in_logits_and_gradients(cfg, to
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_loss_without_logits_runs_the_lm_head_only_where_targets_are(tok, proc, model):
+    """keep_logits=False (what training uses): same loss and gradients, LM head on K < T positions."""
+    batch = _packed_rows(proc, tok)
+    has_target = (batch["labels"][:, 1:] != -100).any(0)
+    shapes = []
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, i, o: shapes.append(i[0].shape))
+    results = {}
+    try:
+        for keep in (True, False):
+            model.zero_grad()
+            out = model(**batch, loss_reduction="sum", keep_logits=keep)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[keep] = (out, grads)
+    finally:
+        hook.remove()
+        model.zero_grad()
+    b, t = batch["input_ids"].shape
+    assert shapes[0][:2] == (b, t) and shapes[1][:2] == (b, int(has_target.sum()))
+    assert int(has_target.sum()) < t // 2  # the answers are a small part of the rows
+    (full, full_grads), (lean, lean_grads) = results[True], results[False]
+    assert lean.logits is None and int(lean.n_targets) == int(full.n_targets) > 0
+    torch.testing.assert_close(lean.loss, full.loss, rtol=1e-5, atol=1e-4)
+    assert full_grads.keys() == lean_grads.keys()
+    for name, g in full_grads.items():
+        torch.testing.assert_close(lean_grads[name], g, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_docwise_falls_back_to_the_full_mask_for_split_documents(tok, proc, model):
     """A document id in two separate runs of a row (the packer never writes that) gives no groups,
     and the forward still follows the attention rule through the 4D mask."""

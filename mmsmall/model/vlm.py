@@ -53,7 +53,7 @@ _MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")
 @dataclass
 class VLMOutput:
     loss: torch.Tensor | None  # mean or sum of token cross-entropy over targets (None without labels)
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None with keep_logits=False
     n_targets: torch.Tensor  # () int64 count of target tokens (labels != -100 after the shift)
 
 
@@ -177,9 +177,16 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_token_pooling: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        keep_logits: bool = True,
         **extra,
     ) -> VLMOutput:
-        """A Batch (see INTERFACES.md) -> VLMOutput; loss over labels != -100 with the usual shift."""
+        """A Batch (see INTERFACES.md) -> VLMOutput; loss over labels != -100 with the usual shift.
+
+        ``keep_logits=False`` (training): the LM head runs only at positions where some row has a
+        target next, and no logits are returned; at a 152k vocabulary that saves the (B, T, V)
+        fp32 logits and their gradient (2.5 GB each for one 4096-token row), since targets (the
+        answers) are a small part of a sequence made mostly of image tokens.
+        """
         unknown = sorted(set(extra) - _IGNORED_BATCH_KEYS)
         if unknown:
             raise TypeError(
@@ -209,18 +216,23 @@ class VLM(nn.Module):
             llm_kwargs = {"attention_mask": self._llm_mask(allowed, embeds.dtype)}
         if position_ids is None:
             position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
+        targets = None if labels is None else labels[:, 1:]  # (B, T-1)
+        if targets is not None and not keep_logits:
+            keep = (targets != -100).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
+            llm_kwargs["logits_to_keep"] = keep
+            targets = targets[:, keep]  # (B, K)
         out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
-        logits = out.logits  # (B, T, V)
-        if labels is None:
+        logits = out.logits  # (B, T, V), or (B, K, V) at the kept positions
+        if targets is None:
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
-        targets = labels[:, 1:]  # (B, T-1)
         n_targets = (targets != -100).sum()
+        predicting = logits[:, :-1] if keep_logits else logits  # aligned with targets
         loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
         )
         if loss_reduction == "mean":
             loss = loss / n_targets.clamp(min=1)
-        return VLMOutput(loss, logits, n_targets)
+        return VLMOutput(loss, logits if keep_logits else None, n_targets)
 
     # ------------------------------------------------------------------ generation
 
