@@ -1,7 +1,9 @@
 """Model FLOPs of a training step (useful tokens only) and the device peak, for the MFU estimate.
 
 Per useful (non-pad) LLM token: ``k * N_llm`` for the matmuls (``k`` = 6 when the LLM trains,
-4 when it is frozen but gradients flow through it to the connector) plus causal attention,
+4 when it is frozen but gradients flow through it to the connector), where ``N_llm`` leaves out
+the LM head: training runs the head only where a target follows (``keep_logits=False``), so it
+counts ``k * N_head`` per target token, work done rather than work skipped. Then causal attention,
 ``k * n_layers * d * len`` summed per packed document (``len`` = its token count, so the cost
 is ``k * L * d * sum(len^2) / 2`` with ``k/2`` for the causal half). Per crop of the vision tower:
 ``k * N_vision * n_patches`` plus its full attention ``2 * k * L * d * n_patches^2``, with
@@ -35,7 +37,9 @@ class FlopCounter:
 
     def __init__(self, model: nn.Module, freeze: list[str]):
         llm_cfg = model.llm.config
-        self.n_llm = _dense_params(model.llm)
+        head = model.llm.get_output_embeddings()
+        self.n_head = _dense_params(head)
+        self.n_llm = _dense_params(model.llm) - self.n_head
         self.n_vis = _dense_params(model.vision) + _dense_params(model.connector)
         self.L, self.d = llm_cfg.num_hidden_layers, llm_cfg.hidden_size
         self.k_llm = 6 if "llm" not in freeze else 4
@@ -50,7 +54,9 @@ class FlopCounter:
         width = int(doc.max()) + 1 if useful else 1
         flat = (torch.arange(doc.shape[0]).unsqueeze(1) * width + doc)[doc >= 0]
         sq = float((torch.bincount(flat).double() ** 2).sum())
-        flops = self.k_llm * self.n_llm * useful + self.k_llm * self.L * self.d * sq / 2
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        flops = self.k_llm * (self.n_llm * useful + self.n_head * targets)
+        flops += self.k_llm * self.L * self.d * sq / 2
         pv = batch.get("pixel_values")
         if pv is not None:
             n_crops, P = pv.shape[0], pv.shape[1]
