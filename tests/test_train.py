@@ -6,7 +6,9 @@ Runs are few and short (each DeepSpeed start costs seconds), so one test checks 
   step-15 save, resume again, finish: per-step losses and sample ids equal the straight run's;
   the killed save left ``latest`` at step 10, which loaded.
 - ZeRO-3, two processes through launch/train.sh, with activation checkpointing and a frozen
-  tower: the loss goes down, ranks read disjoint samples, the gathered model is saved.
+  tower: each rank holds half the parameters from construction on (zero.Init), the loss goes
+  down, ranks read disjoint samples, the gathered model is saved; a second stage from that model
+  (train.init_from, lr 0) saves exactly the weights it started from.
 - A packed row gives the same per-sample logits as each sample run alone (no DeepSpeed).
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from data_tools.shards import ShardWriter
 from mmsmall.train.monitor import read_log
@@ -140,10 +144,9 @@ def test_zero2_trains_resumes_exactly_and_survives_kill_in_save(tmp_path, shards
     assert _samples(resumed) == _samples(straight)  # same samples, none repeated, none skipped
 
 
-@pytest.mark.slow
-def test_zero3_two_processes_lower_the_loss(tmp_path, shards):
-    out = tmp_path / "z3"
-    env = _env(1) | {"NPROC": "2"}
+def _train_zero3(out: Path, shards: Path, *overrides: str, launcher: bool = True) -> str:
+    """Two CPU ranks through launch/train.sh: its DeepSpeed launcher, or (``launcher=False``) two
+    processes with RANK set, as torchrun / SLURM start them. Returns the (rank 0) output."""
     cmd = [
         "bash",
         str(ROOT / "launch" / "train.sh"),
@@ -151,15 +154,45 @@ def test_zero3_two_processes_lower_the_loss(tmp_path, shards):
         f"out_dir={out}",
         f"data.train=[{{path: {shards}}}]",
         "train.deepspeed=configs/deepspeed/zero3.json",
-        "train.steps=8",
         "train.grad_accum=1",
         "train.save_every=0",
-        "train.activation_checkpointing=true",
-        "train.freeze=[vision]",
+        *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"vision +frozen", proc.stderr) and re.search(r"llm +trainable", proc.stderr)
+    if launcher:
+        envs = [_env(1) | {"NPROC": "2"}]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            rendezvous = {
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(s.getsockname()[1]),
+            }
+        envs = [_env(1) | rendezvous | {"RANK": str(r), "LOCAL_RANK": str(r)} for r in range(2)]
+    logs = [out.with_name(f"{out.name}.{r}.log") for r in range(len(envs))]  # files: no pipe to fill up
+    files = [log.open("w") for log in logs]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=f, stderr=subprocess.STDOUT)
+        for e, f in zip(envs, files)
+    ]
+    codes = [p.wait() for p in procs]
+    for f in files:
+        f.close()
+    text = logs[0].read_text()
+    assert codes == [0] * len(procs), text[-6000:]
+    held = re.search(r"held after construction, per rank: \[(\d+), (\d+)\] of (\d+)", text)
+    assert held, text[-3000:]
+    *per_rank, total = map(int, held.groups())
+    assert all(0.45 * total < n < 0.55 * total for n in per_rank), held.group(0)  # partitioned when built
+    return text
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_lower_the_loss(tmp_path, shards):
+    out = tmp_path / "z3"
+    overrides = ["train.activation_checkpointing=true", "train.freeze=[vision]"]
+    err = _train_zero3(out, shards, "train.steps=8", *overrides)
+    assert re.search(r"vision +frozen", err) and re.search(r"llm +trainable", err)
     assert list((out / "tensorboard").glob("events.*"))  # TensorBoard on by default
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 9))
@@ -168,6 +201,14 @@ def test_zero3_two_processes_lower_the_loss(tmp_path, shards):
     first_epoch = [i for s in sorted(r0) for i in r0[s]][:10], [i for s in sorted(r1) for i in r1[s]][:10]
     assert not set(first_epoch[0]) & set(first_epoch[1])  # each rank reads its own shards
     assert (out / "model" / "model.safetensors").exists()  # ZeRO-3 shards gathered for the save
+
+    # a later stage from the trained model: loaded into the partitions, unchanged at lr 0, saved again
+    lr0 = ["train.lr.connector=0", "train.lr.vision=0", "train.lr.llm=0", "train.tensorboard=false"]
+    stage2 = [f"train.init_from={out / 'model'}", "train.steps=1", *lr0]
+    _train_zero3(tmp_path / "stage2", shards, *stage2, launcher=False)
+    start = load_file(out / "model" / "model.safetensors")
+    end = load_file(tmp_path / "stage2" / "model" / "model.safetensors")
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
 
 
 def test_packed_row_matches_samples_run_alone(shards):

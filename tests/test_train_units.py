@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mmsmall.config import load_config
-from mmsmall.train.engine import ds_config, freeze_modules, param_groups
+from mmsmall.train.engine import ds_config, freeze_modules, param_groups, zero_stage
 from mmsmall.train.schedule import build_scheduler, warmup_cosine
 
 
@@ -35,6 +35,27 @@ def test_ds_config_fills_auto_from_run_config():
     assert z3["bf16"]["enabled"] is True and z3["zero_optimization"]["reduce_bucket_size"] == 64
     with pytest.raises(ValueError, match="no source"):  # ZeRO-3 buckets need the model's width
         ds_config(_cfg("train.deepspeed=configs/deepspeed/zero3.json"), 1)
+
+
+def test_zero3_pieces_need_no_built_model(tmp_path):
+    """ZeRO-3 builds the model partitioned, so its bucket sizes come from configs alone, and a
+    partitioned matrix (a 1-D slice with ds_shape) still goes to a decayed group."""
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+    from mmsmall.train.zero_init import llm_hidden_size
+
+    cfg = _cfg("train.deepspeed=configs/deepspeed/zero3.json")
+    assert zero_stage(cfg) == 3 and zero_stage(_cfg()) == 2
+    assert llm_hidden_size(cfg) == 64  # model.llm.custom
+    assert ds_config(cfg, 1, hidden_size=64)["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    wide = _cfg()
+    wide.model.llm.custom = {**wide.model.llm.custom, "hidden_size": 96}
+    folder = build_vlm(wide.model, build_tokenizer(wide.model.tokenizer)).save_pretrained(tmp_path / "m")
+    assert llm_hidden_size(_cfg(f"train.init_from={folder}")) == 96  # the folder's LLM, not model.llm
+    model = _Toy()
+    model.connector.weight.data, model.connector.weight.ds_shape = torch.empty(0), (8, 4)
+    groups = {g["name"]: g["params"] for g in param_groups(model, cfg.train)}
+    assert any(p is model.connector.weight for p in groups["connector"])
 
 
 def test_schedule_per_module_warmup_then_cosine():

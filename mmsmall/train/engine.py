@@ -8,9 +8,13 @@
 - ``param_groups`` builds AdamW groups per module (connector / vision / llm), each split into
   decayed (matrices) and undecayed (biases, norms: ``ndim < 2``) parameters.
 - ``ds_config`` reads ``train.deepspeed`` and fills each ``"auto"`` from the run config (micro
-  batch, accumulation, clipping, bf16 or fp32) or, for ZeRO-3 bucket sizes, from the LLM width;
-  an ``"auto"`` it has no source for is an error, never a guess. Gradients are reduced in fp32.
+  batch, accumulation, clipping, bf16 or fp32) or, for ZeRO-3 bucket sizes, from the LLM width
+  (given, or read from a built model; ``zero_init.llm_hidden_size`` reads it before the model
+  exists); an ``"auto"`` it has no source for is an error, never a guess. Gradients are reduced
+  in fp32.
 - ``build_engine`` hands the model, a torch AdamW and the per-module LambdaLR to DeepSpeed.
+  Under ZeRO-3 the model arrives already partitioned (``mmsmall/train/zero_init.py``), so
+  parameter sizes and shapes are read from ``ds_numel`` / ``ds_shape`` where DeepSpeed set them.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or getattr(p, "ds_shape", p.shape).__len__() < 2
+        no_decay = len(getattr(p, "ds_shape", p.shape)) < 2  # a partitioned p is a 1-D slice
         buckets.setdefault((_module_of(name), no_decay), []).append(p)
     groups = []
     for (module, no_decay), params in sorted(buckets.items()):
@@ -127,16 +131,33 @@ def _llm_hidden(model: nn.Module) -> int | None:
     return getattr(cfg, "hidden_size", None)
 
 
-def ds_config(run_cfg: Any, world_size: int, model: nn.Module | None = None) -> dict[str, Any]:
-    """The DeepSpeed config of ``train.deepspeed`` with every ``"auto"`` filled from the run config."""
-    t = run_cfg.train
-    path = Path(t.deepspeed)
+def _read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
+    path = Path(train_cfg.deepspeed)
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path
     if not path.exists():
-        raise FileNotFoundError(f"train.deepspeed: {t.deepspeed} not found (also looked in {REPO_ROOT})")
-    cfg = json.loads(path.read_text())
-    h = _llm_hidden(model) if model is not None else None
+        raise FileNotFoundError(
+            f"train.deepspeed: {train_cfg.deepspeed} not found (also looked in {REPO_ROOT})"
+        )
+    return path, json.loads(path.read_text())
+
+
+def zero_stage(run_cfg: Any) -> int:
+    """``zero_optimization.stage`` of ``train.deepspeed`` (0 when the json has none)."""
+    _, cfg = _read_ds_json(run_cfg.train)
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def ds_config(
+    run_cfg: Any, world_size: int, model: nn.Module | None = None, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config of ``train.deepspeed`` with every ``"auto"`` filled from the run config.
+
+    ZeRO-3 bucket sizes come from the LLM width: ``hidden_size``, else the built ``model``'s LLM.
+    """
+    t = run_cfg.train
+    path, cfg = _read_ds_json(t)
+    h = hidden_size if hidden_size is not None else _llm_hidden(model) if model is not None else None
     fill: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -183,8 +204,12 @@ def ds_config(run_cfg: Any, world_size: int, model: nn.Module | None = None) -> 
     return cfg
 
 
-def build_engine(run_cfg: Any, model: nn.Module, world_size: int):
-    """Freeze, group, schedule and wrap the model; returns the DeepSpeed engine."""
+def build_engine(run_cfg: Any, model: nn.Module, world_size: int, config: dict[str, Any] | None = None):
+    """Freeze, group, schedule and wrap the model; returns the DeepSpeed engine.
+
+    ``config``: the filled DeepSpeed config the model was built with (``zero_init.build_model``);
+    by default ``ds_config`` of the run and this model.
+    """
     import deepspeed
 
     t = run_cfg.train
@@ -194,7 +219,7 @@ def build_engine(run_cfg: Any, model: nn.Module, world_size: int):
     groups = param_groups(model, t)
     optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(t.betas), eps=t.eps)
     scheduler = build_scheduler(optimizer, t)
-    config = ds_config(run_cfg, world_size, model)
+    config = ds_config(run_cfg, world_size, model) if config is None else config
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )

@@ -28,6 +28,7 @@ from mmsmall.train import checkpoint
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
 from mmsmall.train.monitor import RunMonitor
+from mmsmall.train.zero_init import build_model, held_elements
 
 log = logging.getLogger("mmsmall.train")
 
@@ -107,23 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    from mmsmall.model.vlm import VLM, build_vlm
     from mmsmall.processing.processor import Processor
-    from mmsmall.processing.tokenizer import build_tokenizer
 
-    seed_everything(cfg.seed)  # the same initial weights on every rank
-    if t.init_from:  # a later stage: weights, model config and tokenizer of the previous one
-        model = VLM.from_pretrained(t.init_from).train()
-        tokenizer, cfg.model = model.tokenizer, model.cfg
-        log.info(
-            "model, its config and tokenizer from %s (the config's model section is not used)", t.init_from
-        )
-    else:
-        tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name)
-        model = build_vlm(cfg.model, tokenizer)
+    seed_everything(cfg.seed)  # the same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
+    # ZeRO-3: partitioned while it is built; a later stage (train.init_from): the previous model
+    # with its config and tokenizer. `built` keeps transformers' ZeRO-3 view alive for the run.
+    built = build_model(cfg, world)
+    model, tokenizer = built.model, built.tokenizer
+    held, total = held_elements(model)
     processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
-    engine = build_engine(cfg, model, world)
+    engine = build_engine(cfg, model, world, built.ds_config)
+    per_rank = _all_reduce([held if r == rank else 0 for r in range(world)], engine.device)
+    log.info(
+        "parameter elements held after construction, per rank: %s of %d", [int(n) for n in per_rank], total
+    )
     if rank == 0:
         save_config(cfg, out / "config.yaml")  # resolved, beside the run
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
