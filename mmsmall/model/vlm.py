@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
 
 from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
 from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
@@ -51,10 +52,12 @@ _MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")
 
 
 @dataclass
-class VLMOutput:
-    loss: torch.Tensor | None  # mean or sum of token cross-entropy over targets (None without labels)
-    logits: torch.Tensor | None  # (B, T, V); None with keep_logits=False
-    n_targets: torch.Tensor  # () int64 count of target tokens (labels != -100 after the shift)
+class VLMOutput(ModelOutput):
+    """A dict as well as a dataclass, so that DeepSpeed's ZeRO-3 hooks see the tensors inside."""
+
+    loss: torch.Tensor | None = None  # mean or sum of token cross-entropy over targets (None without labels)
+    logits: torch.Tensor | None = None  # (B, T, V); None with keep_logits=False
+    n_targets: torch.Tensor | None = None  # () int64 count of target tokens (labels != -100 after the shift)
 
 
 class VLM(nn.Module):

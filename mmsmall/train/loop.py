@@ -68,7 +68,7 @@ def train_step(engine, micro: list[dict], world: int, dtype: torch.dtype, step: 
     (n_global,) = _all_reduce([n_local], engine.device)
     loss_sum = 0.0
     for b in micro:
-        out = engine(**_to_device(b, engine.device, dtype), loss_reduction="sum")
+        out = engine(**_to_device(b, engine.device, dtype), loss_reduction="sum", keep_logits=False)
         if int(out.n_targets) != int((b["labels"][:, 1:] != -100).sum()):
             raise RuntimeError("the model counts targets differently from the loop (labels[:, 1:] != -100)")
         (bad,) = _all_reduce([0.0 if torch.isfinite(out.loss).item() else 1.0], engine.device)
