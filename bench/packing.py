@@ -86,7 +86,7 @@ class Trainer:
 
     def step(self, batch: dict, record: bool = True) -> None:
         w0, c0 = time.perf_counter(), time.process_time()
-        self.model(**batch, loss_reduction="mean").loss.backward()
+        self.model(**batch, loss_reduction="mean", keep_logits=False).loss.backward()  # as the loop
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if record:
