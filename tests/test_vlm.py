@@ -204,7 +204,10 @@ def test_docwise_attention_equals_the_block_mask_in_logits_and_gradients(cfg, to
     """sdpa_docwise (documents regrouped by length) == one SDPA call with the (B, 1, T, T) mask,
     forward and backward, with activation checkpointing (the groups ride through recomputation)."""
     batch = _packed_rows(proc, tok)
-    groups = doc_groups(batch["attention_mask"].bool(), batch["doc_ids"], batch["conv_ids"], None)
+    shape = tuple(batch["input_ids"].shape)
+    groups = doc_groups(
+        batch["attention_mask"], batch["doc_ids"], batch["conv_ids"], None, shape, torch.device("cpu")
+    )
     slots = torch.cat([s.flatten() for s in groups.slots])[groups.src]
     real = batch["attention_mask"].flatten().nonzero().squeeze(1)
     assert sorted(slots.tolist()) == real.tolist()  # every real token in exactly one group slot
@@ -267,7 +270,8 @@ def test_docwise_falls_back_to_the_full_mask_for_split_documents(tok, proc, mode
     batch = _packed_rows(proc, tok)
     split = batch["doc_ids"].clone()
     split[0, -1] = 0  # doc 0 of row 0 again at the end
-    assert doc_groups(batch["attention_mask"].bool() | True, split, batch["conv_ids"], None) is None
+    shape = tuple(split.shape)
+    assert doc_groups(None, split, batch["conv_ids"], None, shape, torch.device("cpu")) is None
     assert model.cfg.llm.attn_implementation == "sdpa_docwise"
     sdpa_cfg = copy.deepcopy(model.cfg)
     sdpa_cfg.llm.attn_implementation = "sdpa"
@@ -409,3 +413,16 @@ def test_save_then_load_gives_identical_logits(config, tok, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     answers = Predictor(tmp_path / "ckpt").predict([_image(7)], [QUESTIONS[0]], max_new_tokens=3)
     assert answers == Predictor(model).predict([_image(7)], [QUESTIONS[0]], max_new_tokens=3)
+
+
+def test_an_attention_kernel_that_cannot_take_the_mask_is_refused_with_the_valid_ones(cfg, tok):
+    bad = copy.deepcopy(cfg)
+    bad.llm.attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2'.*sdpa_docwise"):
+        build_vlm(bad, tok)
+
+
+def test_from_pretrained_names_the_missing_weights_file_even_without_loading(tmp_path):
+    for load_weights in (True, False):
+        with pytest.raises(FileNotFoundError, match=r"model\.safetensors not found.*save_pretrained"):
+            VLM.from_pretrained(tmp_path, load_weights=load_weights)

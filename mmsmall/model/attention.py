@@ -40,6 +40,17 @@ class DocGroups:
     dst: torch.Tensor  # (R,) int64: the flat batch position each of those came from
 
 
+def _doc_of_tokens(
+    attention_mask: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, T) int64 document of every token, -1 for padding (one document per row without doc_ids)."""
+    doc = torch.zeros(shape, dtype=torch.long, device=device) if doc_ids is None else doc_ids.long()
+    return doc if attention_mask is None else torch.where(attention_mask.bool(), doc, -1)
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     doc_ids: torch.Tensor | None,
@@ -56,11 +67,7 @@ def build_attention_mask(
     row is empty.
     """
     b, t = shape
-    real = (
-        torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-    )
-    doc = torch.zeros(b, t, dtype=torch.long, device=device) if doc_ids is None else doc_ids.long()
-    doc = torch.where(real, doc, -1)  # (B, T)
+    doc = _doc_of_tokens(attention_mask, doc_ids, shape, device)  # (B, T)
     conv = torch.zeros(b, t, dtype=torch.long, device=device) if conv_ids is None else conv_ids.long()
     same_doc = (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B, Tq, Tk)
     conv_ok = (conv[:, None, :] == 0) | (conv[:, None, :] == conv[:, :, None])  # (B, Tq, Tk)
@@ -74,27 +81,28 @@ def build_attention_mask(
 
 
 def doc_groups(
-    real: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     doc_ids: torch.Tensor | None,
     conv_ids: torch.Tensor | None,
     is_image: torch.Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
     min_fill: float = MIN_FILL,
 ) -> DocGroups | None:
-    """real (B, T) bool, doc_ids / conv_ids (B, T) or None, is_image (B, T) bool or None -> groups.
+    """The documents of a batch regrouped by length; arguments as for :func:`build_attention_mask`.
 
     Returns None when a document is split into several runs of a row (the packer never does
     that); the caller then uses the full 4D mask.
     """
-    b, t = real.shape
-    device = real.device
-    doc = torch.zeros(b, t, dtype=torch.long, device=device) if doc_ids is None else doc_ids.long()
-    doc = torch.where(real, doc, -1).flatten()  # (B*T,)
+    b, t = shape
+    doc = _doc_of_tokens(attention_mask, doc_ids, shape, device).flatten()  # (B*T,)
     pos = torch.arange(b * t, device=device)
     starts_run = torch.ones_like(doc, dtype=torch.bool)
     starts_run[1:] = (doc[1:] != doc[:-1]) | (pos[1:] % t == 0)
-    run_start = pos[starts_run & (doc >= 0)]  # (n_docs,)
-    run_end = torch.cat([pos[starts_run], pos.new_tensor([b * t])])  # a run ends where the next begins
-    run_end = run_end[torch.searchsorted(pos[starts_run], run_start, right=True)]
+    run_start = pos[starts_run]  # (n_runs,) documents and padding alike
+    run_end = torch.cat([run_start[1:], pos.new_tensor([b * t])])  # a run ends where the next begins
+    is_doc = doc[run_start] >= 0
+    run_start, run_end = run_start[is_doc], run_end[is_doc]  # (n_docs,)
     keys = torch.stack([run_start // t, doc[run_start]], 1)  # (n_docs, 2) row and doc id
     if len(keys) == 0 or len(torch.unique(keys, dim=0)) != len(keys):
         return None

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import ModelOutput
 
 from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
@@ -204,12 +210,7 @@ class VLM(nn.Module):
         is_image = self._is_image(input_ids)
         groups = None
         if self.cfg.llm.attn_implementation == DOCWISE:
-            real = (
-                torch.ones_like(input_ids, dtype=torch.bool)
-                if attention_mask is None
-                else attention_mask.bool()
-            )
-            groups = doc_groups(real, doc_ids, conv_ids, is_image)
+            groups = doc_groups(attention_mask, doc_ids, conv_ids, is_image, (b, t), input_ids.device)
         if groups is not None:  # documents attend within themselves; no (B, 1, T, T) mask is built
             llm_kwargs = {"attention_mask": None, "doc_groups": groups}
         else:
@@ -352,8 +353,14 @@ class VLM(nn.Module):
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
-        """Rebuild from a ``save_pretrained`` folder (no hub access; weights from safetensors only)."""
+    def from_pretrained(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", load_weights: bool = True
+    ) -> VLM:
+        """Rebuild from a ``save_pretrained`` folder (no hub access; weights from safetensors only).
+
+        ``load_weights=False`` builds the model without reading ``model.safetensors`` (ZeRO-3
+        loads it into the partitions itself: ``mmsmall.train.zero_init.load_partitioned``).
+        """
         from mmsmall.processing.tokenizer import build_tokenizer
 
         model_dir = Path(model_dir)
@@ -365,6 +372,8 @@ class VLM(nn.Module):
         tokenizer = build_tokenizer(TokenizerConfig(name=str(model_dir)))
         model = cls(build_cfg, tokenizer)
         model.cfg = cfg  # keep the original provenance (names, pretrained tags) for the next save
+        if not load_weights:
+            return model
         missing, unexpected = load_model(model, str(weights), strict=True, device=str(device))
         return model.to(device).eval()
 
@@ -377,6 +386,13 @@ def build_vlm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> VLM:
 # ----------------------------------------------------------------------------- helpers
 
 
+def custom_llm_config(custom: dict) -> PreTrainedConfig:
+    """The transformers config of a ``model.llm.custom`` dict (random-init LLMs)."""
+    if "model_type" not in custom:
+        raise ValueError("model.llm.custom needs a model_type (e.g. qwen2, olmo2, llama)")
+    return AutoConfig.for_model(**custom)
+
+
 def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     ids = {
         "pad_token_id": tokenizer.pad_token_id,
@@ -386,11 +402,9 @@ def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Modul
     attn = cfg.llm.attn_implementation
     if cfg.llm.custom is not None:
         custom = dict(cfg.llm.custom)
-        if "model_type" not in custom:
-            raise ValueError("model.llm.custom needs a model_type (e.g. qwen2, olmo2, llama)")
         custom["vocab_size"] = max(int(custom.get("vocab_size") or 0), len(tokenizer))
         custom.update(ids)
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**custom), attn_implementation=attn)
+        llm = AutoModelForCausalLM.from_config(custom_llm_config(custom), attn_implementation=attn)
     else:
         llm = AutoModelForCausalLM.from_pretrained(
             cfg.llm.name, attn_implementation=attn, dtype=torch.float32

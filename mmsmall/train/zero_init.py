@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmsmall.train.engine import ds_config, zero_stage
+from mmsmall.train.engine import _numel, ds_config, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,14 @@ def llm_hidden_size(run_cfg: Any) -> int:
     from transformers import AutoConfig
 
     from mmsmall.config import ModelConfig, load_config
-    from mmsmall.model.vlm import _offline_config
+    from mmsmall.model.vlm import _offline_config, custom_llm_config
 
     llm = run_cfg.model.llm
     if run_cfg.train.init_from:
         folder = Path(run_cfg.train.init_from)
         llm = _offline_config(load_config(folder / "model_config.yaml", cls=ModelConfig), folder).llm
     if llm.custom is not None:
-        if "model_type" not in llm.custom:
-            raise ValueError("model.llm.custom needs a model_type (e.g. qwen2, olmo2, llama)")
-        config = AutoConfig.for_model(**llm.custom)
+        config = custom_llm_config(llm.custom)
     else:
         config = AutoConfig.from_pretrained(llm.name)
     return int(config.get_text_config().hidden_size)
@@ -88,26 +86,15 @@ def build_model(run_cfg: Any, world_size: int) -> BuiltModel:
 
 
 def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
-    from mmsmall.config import ModelConfig, TokenizerConfig, load_config
-    from mmsmall.model.vlm import VLM, _offline_config, build_vlm
+    from mmsmall.model.vlm import VLM, build_vlm
     from mmsmall.processing.tokenizer import build_tokenizer
 
     folder = run_cfg.train.init_from
     if not folder:
         tokenizer = build_tokenizer(run_cfg.model.tokenizer, run_cfg.model.llm.name)
         return build_vlm(run_cfg.model, tokenizer), tokenizer
-    folder = Path(folder)
-    if load_weights:
-        model = VLM.from_pretrained(folder)
-    else:  # VLM.from_pretrained without its load_state_dict, which partitioned parameters refuse
-        if not (folder / "model.safetensors").exists():
-            raise FileNotFoundError(
-                f"train.init_from: {folder / 'model.safetensors'} not found; expected a folder written "
-                "by VLM.save_pretrained (a previous stage's out_dir/model)"
-            )
-        cfg = load_config(folder / "model_config.yaml", cls=ModelConfig)
-        model = VLM(_offline_config(cfg, folder), build_tokenizer(TokenizerConfig(name=str(folder))))
-        model.cfg = cfg
+    # without weights under ZeRO-3: load_state_dict would refuse the partitioned parameters
+    model = VLM.from_pretrained(folder, load_weights=load_weights)
     run_cfg.model = model.cfg
     log.info("model, its config and tokenizer from %s (the config's model section is not used)", folder)
     return model.train(), model.tokenizer
@@ -171,6 +158,6 @@ def held_elements(model: nn.Module) -> tuple[int, int]:
     """(parameter elements this rank holds, elements of the whole model); equal unless partitioned."""
     held = full = 0
     for p in model.parameters():
-        full += int(getattr(p, "ds_numel", p.numel()))
+        full += _numel(p)
         held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
     return held, full
