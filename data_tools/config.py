@@ -30,6 +30,8 @@ class InputConfig:
     task: str = ""  # task written into the samples ("" = caption, vqa or pointing as found)
     coords: str = "normalized"  # points kind: normalized [0,1] | pixels | percent (0-100)
     split: str = "train"  # hf kind: split to read from a DatasetDict
+    config: str = ""  # hf kind: dataset config name (e.g. DocVQA / InfographicVQA)
+    streaming: bool = False  # hf kind: stream the data (one unit per data file) instead of materializing
 
 
 @dataclass

@@ -87,8 +87,8 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="a saved mmsmall model folder or an exported HF folder")],
-    tasks: Annotated[str, typer.Option(help="comma-separated task names")],
+    model: Annotated[str | None, typer.Option(help="a saved mmsmall model folder or an exported HF folder")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (see --list-tasks)")] = None,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
     data: Annotated[
         list[str] | None, typer.Option(help="task=path of its data (local copy or hub id)")
@@ -101,8 +101,17 @@ def eval_(
     molmo_style: Annotated[
         bool, typer.Option(help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval's")
     ] = False,
+    list_tasks: Annotated[bool, typer.Option("--list-tasks", help="print the task names and exit")] = False,
 ) -> None:
     """Run the chart/document/counting/pointing suite with standard metrics."""
+    if list_tasks:
+        from eval.tasks import TASKS
+
+        for name, t in sorted(TASKS.items()):
+            typer.echo(f"{name:20s} {t.default_data or '(--data DIR)':28s} {t.description}")
+        return
+    if not model or not tasks:
+        raise typer.BadParameter("give --model and --tasks (task names: mmsmall eval --list-tasks)")
     from eval.runner import evaluate
 
     results = evaluate(
