@@ -69,6 +69,14 @@ def curate(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def download(ctx: typer.Context) -> None:
+    """Fetch the image URLs of a parquet/jsonl/csv file: ROWS --out DIR [--url-field] [--retry-failed]."""
+    from data_tools.__main__ import main as data_main
+
+    raise typer.Exit(data_main(["download", *ctx.args]))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     config: Annotated[Path, typer.Argument(help="training YAML, e.g. configs/train/tiny-pretrain.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
