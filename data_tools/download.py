@@ -1,7 +1,7 @@
 """Image URL download stage: rows carrying URLs (PixMo, LAION/DataComp parquet) become local images.
 
 ``download(rows_file, out_dir, cfg)`` reads a parquet / jsonl / csv file of rows with a URL
-column (and an optional sha256 column), fetches every URL with ``httpx`` and writes:
+column (and an optional sha256 column), fetches every URL with ``aiohttp`` and writes:
 
 - ``out_dir/images/ab/abcdef....{ext}``: the fetched images, named by the sha256 of their URL;
 - ``out_dir/fetch_log.jsonl``: one line per finished URL (``ok`` or a failure reason), appended as
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from mmsmall.config import ConfigError
 
@@ -101,24 +101,25 @@ class Fetcher:
         host = urlsplit(url).netloc
         return self.hosts.setdefault(host, asyncio.Semaphore(self.cfg.per_host))
 
-    async def _once(self, client: httpx.AsyncClient, url: str, sha256: str | None) -> tuple[Fetched, bool]:
+    async def _once(
+        self, session: aiohttp.ClientSession, url: str, sha256: str | None
+    ) -> tuple[Fetched, bool]:
         """One attempt: (result, retryable)."""
         cap = self.cfg.max_bytes
-        async with client.stream("GET", url) as r:
-            if r.status_code == 429 or r.status_code >= 500:
-                return Fetched(
-                    url, f"fetch_http_{r.status_code}", detail=r.headers.get("retry-after", "")
-                ), True
-            if r.status_code != 200:
-                return Fetched(url, f"fetch_http_{r.status_code}"), False
+        async with session.get(url, max_redirects=self.cfg.max_redirects) as r:
+            if r.status == 429 or r.status >= 500:
+                return Fetched(url, f"fetch_http_{r.status}", detail=r.headers.get("retry-after", "")), True
+            if r.status != 200:
+                return Fetched(url, f"fetch_http_{r.status}"), False
             ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
             if not ctype.startswith("image/"):
                 return Fetched(url, "fetch_not_image", detail=ctype or "no content-type"), False
-            length = r.headers.get("content-length")
-            if length and length.isdigit() and int(length) > cap:
-                return Fetched(url, "fetch_too_large", detail=f"content-length {length} > {cap}"), False
+            if r.content_length is not None and r.content_length > cap:
+                return Fetched(
+                    url, "fetch_too_large", detail=f"content-length {r.content_length} > {cap}"
+                ), False
             buf = bytearray()
-            async for chunk in r.aiter_bytes():
+            async for chunk in r.content.iter_chunked(1 << 16):
                 buf += chunk
                 if len(buf) > cap:
                     return Fetched(url, "fetch_too_large", detail=f"body passed {cap} bytes"), False
@@ -126,7 +127,7 @@ class Fetcher:
         digest = hashlib.sha256(data).hexdigest()
         if sha256 and digest != sha256.lower():
             return Fetched(url, "fetch_sha256_mismatch", sha256=digest, bytes=len(data)), False
-        fmt = await asyncio.to_thread(_check_image, data)
+        fmt = _check_image(data)
         if fmt is None:
             return Fetched(url, "fetch_undecodable", bytes=len(data), detail=ctype), False
         key = url_key(url)
@@ -138,7 +139,7 @@ class Fetcher:
         os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
         return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data)), False
 
-    async def fetch(self, client: httpx.AsyncClient, url: str, sha256: str | None) -> Fetched:
+    async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
         cfg = self.cfg
         if not url:
             return Fetched(url, "fetch_no_url")
@@ -148,18 +149,18 @@ class Fetcher:
         async with self.limit, self._host(url):
             for attempt in range(cfg.retries + 1):
                 try:
-                    result, retry = await self._once(client, url, sha256)
-                except httpx.TooManyRedirects:
+                    result, retry = await self._once(session, url, sha256)
+                except aiohttp.TooManyRedirects:
                     result, retry = Fetched(url, "fetch_too_many_redirects"), False
-                except httpx.TimeoutException as e:
+                except aiohttp.InvalidURL as e:
+                    result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
+                except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
                     result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
-                except (httpx.TransportError, OSError) as e:
+                except (aiohttp.ClientError, OSError) as e:
                     result, retry = (
                         Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),
                         True,
                     )
-                except httpx.InvalidURL as e:
-                    result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
                 result.attempts = attempt + 1
                 if not retry or attempt == cfg.retries:
                     break
@@ -172,13 +173,14 @@ class Fetcher:
 
     async def run(self, items: list[tuple[str, str | None]]) -> list[Fetched]:
         cfg = self.cfg
-        timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=30.0, pool=None)
-        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-        async with httpx.AsyncClient(
-            timeout=timeout, limits=limits, follow_redirects=True, max_redirects=cfg.max_redirects,
-            headers={"user-agent": cfg.user_agent},
-        ) as client:  # fmt: skip
-            return await asyncio.gather(*(self.fetch(client, u, s) for u, s in items))
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
+        )
+        connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.per_host)
+        async with aiohttp.ClientSession(
+            timeout=timeout, connector=connector, headers={"user-agent": cfg.user_agent}, auto_decompress=True
+        ) as session:
+            return await asyncio.gather(*(self.fetch(session, u, s) for u, s in items))
 
 
 # ----------------------------------------------------------------------------- rows in, rows out

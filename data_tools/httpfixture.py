@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # listen backlog: many clients connect at once
+    daemon_threads = True
+
+
 @dataclass
 class Route:
     body: bytes = b""
@@ -37,6 +42,7 @@ class LocalServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body leave at once (no delayed-ACK stall)
 
             def log_message(self, *args) -> None:  # quiet
                 pass
@@ -44,8 +50,7 @@ class LocalServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server._serve(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
