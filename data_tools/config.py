@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mmsmall.config import ConfigError, apply_override, from_dict
 
-INPUT_KINDS = ("folder", "jsonl", "csv", "parquet", "hf", "webdataset", "points")
+INPUT_KINDS = ("folder", "jsonl", "csv", "parquet", "hf", "webdataset", "points", "pixmo")
 COORD_SPACES = ("normalized", "pixels", "percent")
 
 
@@ -32,6 +32,8 @@ class InputConfig:
     split: str = "train"  # hf kind: split to read from a DatasetDict
     config: str = ""  # hf kind: dataset config name (e.g. DocVQA / InfographicVQA)
     streaming: bool = False  # hf kind: stream the data (one unit per data file) instead of materializing
+    layout: str = ""  # pixmo kind: points | count | cap | ama | docs | clocks (data_tools/pixmo.py)
+    downloads: str = ""  # pixmo kind: the download stage's folder holding the rows' image_url images
 
 
 @dataclass

@@ -193,7 +193,7 @@ def read_rows(path: Path) -> list[dict]:
     if path.is_dir() or path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]  # a hub-layout folder too
         return [row for f in files for row in pq.read_table(f).to_pylist()]
     if path.suffix == ".csv":
         import csv

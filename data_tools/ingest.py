@@ -89,6 +89,10 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
                     units.append({**base, "file": str(f), "start": a, "stop": b})
         elif inp.kind == "hf":
             units.extend({**base, **u} for u in _hf_units(inp, cfg.unit_size))
+        elif inp.kind == "pixmo":
+            from .pixmo import pixmo_units
+
+            units.extend({**base, **u} for u in pixmo_units(inp, _load_hf(inp), cfg.unit_size))
         elif inp.kind == "webdataset":
             tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
             if not tars or not tars[0].exists():
@@ -374,3 +378,7 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
         yield from _table_records(*_hf_rows(unit, inp), inp)
     elif inp.kind == "webdataset":
         yield from _tar_records(unit, inp)
+    elif inp.kind == "pixmo":
+        from .pixmo import pixmo_records
+
+        yield from pixmo_records(unit, inp, _load_hf(inp), _record)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import datasets
 import pytest
-import yaml
+from hub_layout import save_hub_layout
 from PIL import Image
 
 from data_tools.curate import run_curation
@@ -25,27 +23,9 @@ from data_tools.fixtures import encode, natural_image
 from eval.tasks import get_task
 from mmsmall.data.hfdata import HFDataError, iter_hf_rows, load_hf
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _img(seed: int, size=(96, 72)) -> Image.Image:
     return Image.open(io.BytesIO(encode(natural_image(seed, size), "PNG")))
-
-
-def save_hub_layout(ds: datasets.DatasetDict, root: Path, config: str | None = None) -> Path:
-    """Write ``ds`` as a hub dataset repo does: ``{config or data}/{split}-00000-of-00001.parquet``,
-    with the README front matter listing each config and its data files."""
-    folder = config or "data"
-    readme = root / "README.md"
-    configs = yaml.safe_load(readme.read_text().split("---")[1])["configs"] if readme.exists() else []
-    files = []
-    for split, d in ds.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        d.to_parquet(str(root / folder / f"{split}-00000-of-00001.parquet"))
-        files.append({"split": split, "path": f"{folder}/{split}-*"})
-    configs.append({"config_name": config or "default", "data_files": files})
-    readme.write_text("---\n" + yaml.safe_dump({"configs": configs}) + "---\n")
-    return root
 
 
 def _captions(n: int) -> datasets.Dataset:
@@ -162,12 +142,20 @@ def test_every_eval_task_loads_its_hub_layout_from_a_local_folder(tmp_path):
 
 
 def test_list_tasks_command():
-    out = subprocess.run(
-        [sys.executable, "-m", "mmsmall.cli", "eval", "--list-tasks"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
-    names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    assert {"chartqa", "docvqa", "infovqa", "textvqa", "ai2d", "ocrbench", "pointing"} <= set(names)
+    """`mmsmall eval --list-tasks`, through the typer app the `mmsmall` command runs (in process)."""
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    out = CliRunner().invoke(app, ["eval", "--list-tasks"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: line.split()[1] for line in out.output.splitlines() if line.strip()}
+    assert {"chartqa", "docvqa", "infovqa", "textvqa", "ai2d", "ocrbench", "pointing"} <= set(rows)
+    assert rows["chartqa"] == "lmms-lab-encoder/ChartQA"
+
+
+def test_two_local_folders_of_the_same_name_give_their_own_rows(tmp_path):
+    """`load_dataset(folder)` alone caches by the folder's name; load_hf must not serve stale rows."""
+    for n in (1, 2):
+        save_hub_layout(datasets.DatasetDict({"train": _captions(n)}), tmp_path / str(n) / "same")
+    assert [len(load_hf(tmp_path / str(n) / "same", split="train")) for n in (1, 2)] == [1, 2]

@@ -81,6 +81,22 @@ def _readme_configs(root: Path) -> bool:
     return readme.exists() and "\nconfigs:" in readme.read_text(encoding="utf-8", errors="replace")
 
 
+def _load_local_folder(root: Path, config: str | None, streaming: bool):
+    """A hub-layout folder: ``datasets`` resolves its splits and files (README configs, file naming
+    conventions) as for a hub repo, then the files are loaded by their own builder. Loading the
+    folder directly would cache by the folder's name alone, so two folders of the same name would
+    return the first one's rows."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(str(root), config)
+    files = {split: list(f) for split, f in (builder.config.data_files or {}).items()}
+    suffixes = {Path(f).suffix.lower() for fs in files.values() for f in fs}
+    kinds = {FILE_BUILDERS.get(x) for x in suffixes}
+    if not files or len(kinds) != 1 or None in kinds:
+        raise HFDataError(f"{root}: no data files of one known type (found {sorted(suffixes) or 'none'})")
+    return datasets.load_dataset(kinds.pop(), data_files=files, streaming=streaming)
+
+
 def _load_any(path: str, config: str | None, streaming: bool):
     """A Dataset / DatasetDict (or their iterable forms) from a hub id or a local path."""
     import datasets
@@ -102,8 +118,8 @@ def _load_any(path: str, config: str | None, streaming: bool):
     if p.is_dir():
         _check_local_parquet(p)
         if config and not _readme_configs(p) and (p / config).is_dir():
-            return datasets.load_dataset(str(p / config), streaming=streaming)
-        return datasets.load_dataset(str(p), config if _readme_configs(p) else None, streaming=streaming)
+            p, config = p / config, None
+        return _load_local_folder(p, config if _readme_configs(p) else None, streaming)
     if not looks_like_hub_id(path):
         raise HFDataError(f"{path}: no such file or folder (and not a hub id of the form owner/name)")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
