@@ -147,3 +147,24 @@ def test_killed_download_resumes_without_refetching(tmp_path):
             if srv.url(path) in logged:
                 assert srv.hits[path] == 1, path  # fetched before the kill, never again
         assert sum(srv.hits.values()) <= 12 + 1  # at most the one in flight at the kill is fetched twice
+
+
+def test_mmsmall_download_command(tmp_path):
+    """`mmsmall download ROWS --out DIR --url-field image_url --sha256-field image_sha256` (PixMo's columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    with LocalServer({"/a.jpg": Route(_jpg(30)), "/b.jpg": Route(_jpg(31))}) as srv:
+        sha = hashlib.sha256(_jpg(30)).hexdigest()
+        pq.write_table(pa.table({"image_url": [srv.url("/a.jpg"), srv.url("/b.jpg"), srv.url("/c.jpg")],
+                                 "image_sha256": [sha, "1" * 64, None]}), tmp_path / "rows.parquet")  # fmt: skip
+        args = ["download", str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "dl"), "--url-field",
+                "image_url", "--sha256-field", "image_sha256", "--retries", "0"]  # fmt: skip
+        out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
+    assert report["n_ok"] == 1 and report["failed"] == {"fetch_http_404": 1, "fetch_sha256_mismatch": 1}
+    assert '"fetch_sha256_mismatch": 1' in out.output
