@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsmall.config import ConfigError
+from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
 
 from .config import CurateConfig, InputConfig
 
@@ -93,6 +94,8 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
             from .pixmo import pixmo_units
 
             units.extend({**base, **u} for u in pixmo_units(inp, _load_hf(inp), cfg.unit_size))
+        elif inp.kind == "webdataset" and is_remote(inp.path):  # http(s):// shards or pipe: commands
+            units.extend({**base, "file": t} for t in resolve_remote(inp.path))
         elif inp.kind == "webdataset":
             tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
             if not tars or not tars[0].exists():
@@ -299,7 +302,8 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     groups: dict[str, dict[str, bytes]] = {}
     bad: list[str] = []
     try:
-        with tarfile.open(unit["file"], "r:*") as tar:
+        remote = is_remote(unit["file"])
+        with (tarfile.open(fileobj=io.BytesIO(fetch_shard(unit["file"]))) if remote else tarfile.open(unit["file"], "r:*")) as tar:
             for m in tar:
                 name = m.name
                 base = name.rsplit("/", 1)[-1]
