@@ -92,7 +92,7 @@ class ClipConfig:
     quantile: float | None = None  # or drop the lowest share, e.g. 0.1 (computed globally)
     batch_size: int = 64
     device: str = "cpu"
-    threads: int = 0  # CPU: torch threads per scoring process (0 = torch's default); workers x threads <= cores
+    threads: int = 0  # CPU torch threads per scoring process (0 = default); workers x threads <= cores
     bf16: bool = True  # on CUDA, run the towers under bf16 autocast (scores are still compared in fp32)
 
 

@@ -302,8 +302,8 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     groups: dict[str, dict[str, bytes]] = {}
     bad: list[str] = []
     try:
-        remote = is_remote(unit["file"])
-        with (tarfile.open(fileobj=io.BytesIO(fetch_shard(unit["file"]))) if remote else tarfile.open(unit["file"], "r:*")) as tar:
+        src = io.BytesIO(fetch_shard(unit["file"])) if is_remote(unit["file"]) else None  # http(s)/pipe:
+        with tarfile.open(fileobj=src) if src else tarfile.open(unit["file"], "r:*") as tar:
             for m in tar:
                 name = m.name
                 base = name.rsplit("/", 1)[-1]

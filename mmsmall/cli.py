@@ -95,7 +95,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str | None, typer.Option(help="a saved mmsmall model folder or an exported HF folder")] = None,
+    model: Annotated[str | None, typer.Option(help="saved mmsmall model or exported HF folder")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated task names (see --list-tasks)")] = None,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
     data: Annotated[
