@@ -1,4 +1,5 @@
-"""``python -m data_tools curate CONFIG [key=value ...] [--executor local|ray] [--workers N]``."""
+"""``python -m data_tools curate CONFIG [key=value ...] [--executor local|ray] [--workers N]``;
+``python -m data_tools download ROWS --out DIR [--url-field url] [--retry-failed]``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,32 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("overrides", nargs="*", help="dotted overrides such as dedup.max_distance=6")
     cur.add_argument("--executor", choices=("local", "ray"), default="local")
     cur.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    dl = sub.add_parser("download", help="fetch the image URLs of a parquet/jsonl/csv file of rows")
+    dl.add_argument("rows", help="parquet file or folder, .jsonl or .csv with a URL column")
+    dl.add_argument("--out", required=True, help="folder for images/, images.jsonl and the fetch log")
+    dl.add_argument("--url-field", default="url", help="URL column (PixMo: image_url)")
+    dl.add_argument("--sha256-field", default="sha256", help="expected-sha256 column (PixMo: image_sha256)")
+    dl.add_argument("--concurrency", type=int, default=64, help="requests in flight in total")
+    dl.add_argument("--per-host", type=int, default=16, help="requests in flight to one host")
+    dl.add_argument("--timeout", type=float, default=30.0, help="read timeout in seconds")
+    dl.add_argument("--retries", type=int, default=3, help="retries on 429/5xx/timeouts")
+    dl.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="size cap per image")
+    dl.add_argument("--retry-failed", action="store_true", help="fetch again only what failed last time")
     args = parser.parse_args(argv)
+    if args.command == "download":
+        from .download import DownloadConfig, download
+
+        cfg = DownloadConfig(
+            url_field=args.url_field, sha256_field=args.sha256_field, concurrency=args.concurrency,
+            per_host=args.per_host, read_timeout_s=args.timeout, retries=args.retries, max_bytes=args.max_bytes,
+        )  # fmt: skip
+        try:
+            report = download(args.rows, args.out, cfg, retry_failed=args.retry_failed)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(report, indent=2))
+        return 0
     if args.command == "curate":
         from .curate import run_curation
 

@@ -63,13 +63,19 @@ class ClipScorer:
         )
         self.device = cfg.device
         self.batch_size = cfg.batch_size
+        self.bf16 = cfg.bf16 and str(cfg.device).startswith("cuda")
+        if cfg.threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
 
     def score(self, images: list[Image.Image], texts: list[str]) -> list[float]:
         """Cosine similarity per pair, rounded to 5 decimals (stable across runs)."""
         import torch
 
         out: list[float] = []
-        with torch.inference_mode():
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.inference_mode(), autocast:
             for s in range(0, len(images), self.batch_size):
                 px = torch.stack([self.preprocess(im) for im in images[s : s + self.batch_size]]).to(
                     self.device

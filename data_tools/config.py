@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mmsmall.config import ConfigError, apply_override, from_dict
 
-INPUT_KINDS = ("folder", "jsonl", "csv", "parquet", "hf", "webdataset", "points")
+INPUT_KINDS = ("folder", "jsonl", "csv", "parquet", "hf", "webdataset", "points", "pixmo")
 COORD_SPACES = ("normalized", "pixels", "percent")
 
 
@@ -30,6 +30,10 @@ class InputConfig:
     task: str = ""  # task written into the samples ("" = caption, vqa or pointing as found)
     coords: str = "normalized"  # points kind: normalized [0,1] | pixels | percent (0-100)
     split: str = "train"  # hf kind: split to read from a DatasetDict
+    config: str = ""  # hf kind: dataset config name (e.g. DocVQA / InfographicVQA)
+    streaming: bool = False  # hf kind: stream the data (one unit per data file) instead of materializing
+    layout: str = ""  # pixmo kind: points | count | cap | ama | docs | clocks (data_tools/pixmo.py)
+    downloads: str = ""  # pixmo kind: the download stage's folder holding the rows' image_url images
 
 
 @dataclass
@@ -88,6 +92,8 @@ class ClipConfig:
     quantile: float | None = None  # or drop the lowest share, e.g. 0.1 (computed globally)
     batch_size: int = 64
     device: str = "cpu"
+    threads: int = 0  # CPU torch threads per scoring process (0 = default); workers x threads <= cores
+    bf16: bool = True  # on CUDA, run the towers under bf16 autocast (scores are still compared in fp32)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from mmsmall.config import from_dict, to_dict
+from mmsmall.data.remote import is_remote
 
 from .config import CurateConfig, load_curate_config
 from .decontam import DecontamIndex, hit_record
@@ -470,8 +471,10 @@ def _absolute_paths(cfg: CurateConfig) -> CurateConfig:
         return str(Path(p).expanduser().resolve()) if p else p
 
     for inp in cfg.inputs:
-        if inp.kind != "hf" or Path(inp.path).exists():  # an hf hub id stays as given
+        hub_id = inp.kind in ("hf", "pixmo") and not Path(inp.path).exists()  # an hf hub id stays as given
+        if not hub_id and not is_remote(inp.path):  # so do http(s):// and pipe: shards
             inp.path = absolute(inp.path)
+        inp.downloads = absolute(inp.downloads) or ""
         inp.captions, inp.image_root = absolute(inp.captions), absolute(inp.image_root)
     for b in cfg.decontam.benchmarks:
         b.path = absolute(b.path)

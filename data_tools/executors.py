@@ -69,20 +69,33 @@ def _run_ray(
         ) from None
     started = False
     if not ray.is_initialized():
-        # Joins a running cluster when RAY_ADDRESS is set; otherwise starts a local instance.
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS")
+        if address:  # join the running cluster; its resources are the cluster's, not ours to set
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         started = True
     try:
         remote = ray.remote(fn)
-        refs = {remote.remote(u, *args): i for i, u in enumerate(units)}
+        # at most `workers` units in flight (all of them when not given): `--workers N` caps the
+        # share of a shared cluster this run takes
+        window = workers or len(units)
         results: list[Any] = [None] * len(units)
-        pending = list(refs)
+        refs: dict[Any, int] = {}
+        todo = iter(range(len(units)))
         with tqdm(total=len(units), desc=f"{desc} (ray)", unit="unit", dynamic_ncols=True) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+            for i in todo:
+                refs[remote.remote(units[i], *args)] = i
+                if len(refs) >= window:
+                    break
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
                 for r in done:
-                    results[refs[r]] = ray.get(r)
+                    results[refs.pop(r)] = ray.get(r)
                     bar.update(1)
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        refs[remote.remote(units[nxt], *args)] = nxt
         return results
     finally:
         if started:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsmall.config import ConfigError
+from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
 
 from .config import CurateConfig, InputConfig
 
@@ -88,9 +89,13 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
                 for a, b in _chunks(n, cfg.unit_size):
                     units.append({**base, "file": str(f), "start": a, "stop": b})
         elif inp.kind == "hf":
-            ds = _load_hf(inp)
-            for a, b in _chunks(len(ds), cfg.unit_size):
-                units.append({**base, "start": a, "stop": b})
+            units.extend({**base, **u} for u in _hf_units(inp, cfg.unit_size))
+        elif inp.kind == "pixmo":
+            from .pixmo import pixmo_units
+
+            units.extend({**base, **u} for u in pixmo_units(inp, _load_hf(inp), cfg.unit_size))
+        elif inp.kind == "webdataset" and is_remote(inp.path):  # http(s):// shards or pipe: commands
+            units.extend({**base, "file": t} for t in resolve_remote(inp.path))
         elif inp.kind == "webdataset":
             tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
             if not tars or not tars[0].exists():
@@ -143,18 +148,30 @@ def _point_groups(inp: InputConfig) -> list[dict]:
 
 
 def _load_hf(inp: InputConfig):
+    """The input's split through the loader eval shares (hub id, hub-repo folder, save_to_disk
+    folder, parquet/arrow file); images stay encoded ``{bytes, path}`` until validation decodes them."""
+    from mmsmall.data.hfdata import HFDataError, load_hf
+
     try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            f"input kind 'hf' ({inp.path}) needs the `datasets` package: pip install datasets; "
-            "or export the dataset to parquet and use kind: parquet"
-        ) from None
-    path = Path(inp.path)
-    ds = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(inp.path)
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[inp.split]
-    return ds
+        return load_hf(inp.path, split=inp.split, config=inp.config or None, streaming=inp.streaming)
+    except HFDataError as e:
+        raise ConfigError(f"input kind 'hf': {e}") from None
+
+
+def _hf_units(inp: InputConfig, unit_size: int) -> list[dict]:
+    """Row ranges of a materialized dataset; with ``streaming``, one unit per stream shard (file)."""
+    ds = _load_hf(inp)
+    if inp.streaming:
+        return [{"shard": k, "num_shards": ds.num_shards} for k in range(ds.num_shards)]
+    return [{"start": a, "stop": b} for a, b in _chunks(len(ds), unit_size)]
+
+
+def _hf_rows(unit: dict, inp: InputConfig) -> tuple[list[dict], int]:
+    """(rows, first row number) of one hf unit; a streamed shard is read start to end."""
+    ds = _load_hf(inp)
+    if "shard" in unit:
+        return list(ds.shard(num_shards=unit["num_shards"], index=unit["shard"])), unit["shard"] * 10**9
+    return list(ds.select(range(unit["start"], unit["stop"]))), unit["start"]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -285,7 +302,8 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     groups: dict[str, dict[str, bytes]] = {}
     bad: list[str] = []
     try:
-        with tarfile.open(unit["file"], "r:*") as tar:
+        src = io.BytesIO(fetch_shard(unit["file"])) if is_remote(unit["file"]) else None  # http(s)/pipe:
+        with tarfile.open(fileobj=src) if src else tarfile.open(unit["file"], "r:*") as tar:
             for m in tar:
                 name = m.name
                 base = name.rsplit("/", 1)[-1]
@@ -361,7 +379,10 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
             _parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp
         )
     elif inp.kind == "hf":
-        ds = _load_hf(inp)
-        yield from _table_records([ds[j] for j in range(unit["start"], unit["stop"])], unit["start"], inp)
+        yield from _table_records(*_hf_rows(unit, inp), inp)
     elif inp.kind == "webdataset":
         yield from _tar_records(unit, inp)
+    elif inp.kind == "pixmo":
+        from .pixmo import pixmo_records
+
+        yield from pixmo_records(unit, inp, _load_hf(inp), _record)

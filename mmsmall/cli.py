@@ -69,6 +69,14 @@ def curate(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def download(ctx: typer.Context) -> None:
+    """Fetch the image URLs of a parquet/jsonl/csv file: ROWS --out DIR [--url-field] [--retry-failed]."""
+    from data_tools.__main__ import main as data_main
+
+    raise typer.Exit(data_main(["download", *ctx.args]))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     config: Annotated[Path, typer.Argument(help="training YAML, e.g. configs/train/tiny-pretrain.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
@@ -87,8 +95,8 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="a saved mmsmall model folder or an exported HF folder")],
-    tasks: Annotated[str, typer.Option(help="comma-separated task names")],
+    model: Annotated[str | None, typer.Option(help="saved mmsmall model or exported HF folder")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (see --list-tasks)")] = None,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
     data: Annotated[
         list[str] | None, typer.Option(help="task=path of its data (local copy or hub id)")
@@ -101,8 +109,17 @@ def eval_(
     molmo_style: Annotated[
         bool, typer.Option(help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval's")
     ] = False,
+    list_tasks: Annotated[bool, typer.Option("--list-tasks", help="print the task names and exit")] = False,
 ) -> None:
     """Run the chart/document/counting/pointing suite with standard metrics."""
+    if list_tasks:
+        from eval.tasks import TASKS
+
+        for name, t in sorted(TASKS.items()):
+            typer.echo(f"{name:20s} {t.default_data or '(--data DIR)':28s} {t.description}")
+        return
+    if not model or not tasks:
+        raise typer.BadParameter("give --model and --tasks (task names: mmsmall eval --list-tasks)")
     from eval.runner import evaluate
 
     results = evaluate(

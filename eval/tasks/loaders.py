@@ -1,15 +1,14 @@
 """Reading benchmark data: Hugging Face parquet layouts, the official JSON files, our shards.
 
-Hugging Face datasets store an image column as a struct ``{bytes, path}``; a local copy is a
-folder of parquet files (``data/test-00000-of-00002.parquet``, ``DocVQA/validation-...``) or one
-parquet file. A hub id is read with the ``datasets`` package, only when it is installed and
-the hub is reachable (``HF_HUB_OFFLINE`` unset).
+Hugging Face layouts (a hub id, or a local folder laid out like the hub repo:
+``data/test-00000-of-00002.parquet``, ``DocVQA/validation-...``, a ``save_to_disk`` folder, one
+parquet file) are all read by ``datasets`` through :mod:`mmsmall.data.hfdata`, the loader curation
+shares; image cells stay ``{bytes, path}`` until a DataLoader worker decodes them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,103 +16,28 @@ from typing import Any
 from .base import EvalDataError, Record
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~"))
-
-
-def _parquet_files(root: Path, split: str | None, config: str | None) -> list[Path]:
-    """The parquet files of ``split`` (and ``config`` sub-folder) under ``root``, sorted."""
-    if root.is_file():
-        return [root]
-    files = sorted(root.rglob("*.parquet"))
-    if not files:
-        raise EvalDataError(
-            f"{root}: no *.parquet files in this folder; expected a Hugging Face dataset copy"
-        )
-    if config:
-        in_config = [f for f in files if config in f.relative_to(root).parts[:-1]]
-        files = in_config or files
-    if split:
-        in_split = [
-            f
-            for f in files
-            if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet" or split in f.parts[:-1]
-        ]
-        files = in_split or files
-    return files
-
-
-def iter_parquet_rows(
-    path: str | Path,
+def iter_rows(
+    path: str,
     columns: list[str],
     *,
-    split: str | None = None,
+    split: str | None,
     config: str | None = None,
     limit: int | None = None,
     optional: tuple[str, ...] = (),
+    streaming: bool = False,
 ) -> Iterator[tuple[dict[str, Any], str, int]]:
-    """Rows ``(row, source_file, row_index)`` with ``columns`` (missing ones are an error) and
-    whichever of the ``optional`` columns the file has."""
-    import pyarrow.parquet as pq
+    """Rows ``(row, source, index)`` of a hub id or local copy, through the one loader curation
+    uses too (:func:`mmsmall.data.hfdata.iter_hf_rows`); images stay undecoded."""
+    from mmsmall.data.hfdata import HFDataError, iter_hf_rows
 
-    count = 0
-    for f in _parquet_files(Path(path), split, config):
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:
-            raise EvalDataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise EvalDataError(
-                f"{f}: missing column(s) {missing}; found {sorted(names)}. "
-                f"Expected the lmms-eval layout with columns {columns} (see EVAL_FORMATS.md)"
-            )
-        index = 0
-        wanted = columns + [c for c in optional if c in names]
-        for batch in pf.iter_batches(batch_size=256, columns=wanted):
-            for row in batch.to_pylist():
-                yield row, str(f), index
-                index += 1
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-
-
-def iter_hub_rows(
-    hub_id: str, columns: list[str], *, split: str | None, config: str | None = None, limit: int | None = None
-) -> Iterator[tuple[dict[str, Any], str, int]]:
-    """Rows of a hub dataset through ``datasets`` (online only); same contract as parquet rows."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        raise EvalDataError(
-            f"{hub_id}: not a local path, and HF_HUB_OFFLINE is set; download the dataset and pass its "
-            f"folder (e.g. --data task=/data/{hub_id.split('/')[-1]})"
-        )
+    rows = iter_hf_rows(
+        path, columns, split=split, config=config, limit=limit, optional=optional, streaming=streaming
+    )
     try:
-        import datasets
-    except ImportError:
-        raise EvalDataError(
-            f"{hub_id}: reading from the hub needs the `datasets` package (pip install datasets), "
-            "or pass a local folder of the dataset's parquet files"
-        ) from None
-    ds = datasets.load_dataset(hub_id, config, split=split)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise EvalDataError(f"{hub_id}: missing column(s) {missing}; found {ds.column_names}")
-    n = len(ds) if limit is None else min(limit, len(ds))
-    for i in range(n):
-        yield {c: ds[i][c] for c in columns}, hub_id, i
-
-
-def iter_rows(
-    path: str, columns: list[str], *, split: str | None, config: str | None = None, limit=None, optional=()
-):
-    """Parquet rows from a local path, else from the hub id ``path``."""
-    if Path(path).exists():
-        return iter_parquet_rows(path, columns, split=split, config=config, limit=limit, optional=optional)
-    if _looks_like_hub_id(path):
-        return iter_hub_rows(path, columns, split=split, config=config, limit=limit)
-    raise EvalDataError(f"{path}: no such file or folder (and not a hub id of the form owner/name)")
+        for row, index in rows:
+            yield row, str(path), index
+    except HFDataError as e:
+        raise EvalDataError(str(e)) from None
 
 
 def image_fields(value: Any, source: str, row_id: str) -> dict[str, Any]:

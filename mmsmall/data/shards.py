@@ -30,6 +30,8 @@ from typing import Any, TypedDict
 import numpy as np
 from PIL import Image
 
+from .remote import fetch_shard, is_remote, resolve_remote
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -60,6 +62,8 @@ def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list
     """
     if isinstance(shard_dir_or_tars, (list, tuple)):
         return [p for item in shard_dir_or_tars for p in resolve_shards(item)]
+    if is_remote(shard_dir_or_tars):  # http(s):// URLs and pipe: commands stay strings
+        return resolve_remote(shard_dir_or_tars)  # type: ignore[return-value]
     path = Path(shard_dir_or_tars)
     if path.is_dir():
         manifest = path / "manifest.json"
@@ -103,13 +107,20 @@ def _skip(counters: dict[str, int] | None, reason: str, shard: Path, key: str, d
         log.warning("skipping sample %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
 
+def _open_tar(shard: Path | str) -> tarfile.TarFile:
+    """A local tar, or a remote one (URL / ``pipe:``) fetched whole with retries (``remote.py``)."""
+    if is_remote(shard):
+        return tarfile.open(fileobj=io.BytesIO(fetch_shard(str(shard))), mode="r")
+    return tarfile.open(shard, "r")
+
+
 def read_shard_members(
     shard: Path, counters: dict[str, int] | None = None
 ) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of one tar as ``(key, {ext: bytes})`` in tar order; an unreadable tar gives ``[]``."""
     groups: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(shard, "r") as tar:
+        with _open_tar(shard) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

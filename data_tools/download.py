@@ -1,0 +1,275 @@
+"""Image URL download stage: rows carrying URLs (PixMo, LAION/DataComp parquet) become local images.
+
+``download(rows_file, out_dir, cfg)`` reads a parquet / jsonl / csv file of rows with a URL
+column (and an optional sha256 column), fetches every URL with ``aiohttp`` and writes:
+
+- ``out_dir/images/ab/abcdef....{ext}``: the fetched images, named by the sha256 of their URL;
+- ``out_dir/fetch_log.jsonl``: one line per finished URL (``ok`` or a failure reason), appended as
+  results arrive, so a killed run resumes without refetching what it already has or tried;
+- ``out_dir/images.jsonl``: every input row with ``image`` set to its local file, or with
+  ``_error`` set to the failure reason (curation then drops it under that reason, so the reason
+  shows in the funnel and the HTML report): curate it with ``{kind: jsonl, path: out_dir/images.jsonl}``;
+- ``out_dir/download_report.json``: counts in, ok and per failure reason.
+
+A rerun fetches only URLs that have no log entry; ``retry_failed=True`` (``--retry-failed``)
+also fetches the URLs whose last attempt failed, and nothing else.
+
+Failure reasons: ``fetch_http_<status>``, ``fetch_timeout``, ``fetch_connect_error``,
+``fetch_too_large`` (Content-Length over the cap, or the streamed body passing it),
+``fetch_not_image`` (content-type not ``image/*``), ``fetch_undecodable`` (PIL cannot read it),
+``fetch_sha256_mismatch``, ``fetch_too_many_redirects``, ``fetch_bad_url``, ``fetch_no_url``.
+429 and 5xx responses, timeouts and connection errors are retried with exponential backoff
+(``Retry-After`` honoured up to ``max_backoff_s``) before they count as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mmsmall.config import ConfigError
+
+IMAGE_EXTS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+
+
+@dataclass
+class DownloadConfig:
+    url_field: str = "url"  # column with the image URL (PixMo: image_url)
+    sha256_field: str = "sha256"  # column with the expected sha256 of the image bytes (PixMo: image_sha256)
+    concurrency: int = 64  # requests in flight in total
+    per_host: int = 16  # requests in flight to one host
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0  # longest wait for the next bytes of a response
+    retries: int = 3  # extra attempts after a 429 / 5xx / timeout / connection error
+    backoff_s: float = 0.5  # first backoff; doubles each attempt, with jitter
+    max_backoff_s: float = 30.0
+    max_bytes: int = 20 * 1024 * 1024  # size cap, from Content-Length and while streaming
+    max_redirects: int = 5
+    user_agent: str = "mmsmall-download/0.1 (+https://github.com/mmsmall)"
+
+
+@dataclass
+class Fetched:
+    url: str
+    reason: str  # "ok" or a failure reason
+    file: str = ""  # path relative to out_dir
+    sha256: str = ""
+    bytes: int = 0
+    attempts: int = 0
+    detail: str = ""
+
+    def line(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def url_key(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()
+
+
+def _check_image(data: bytes) -> str | None:
+    """The PIL format name of ``data``, or None when it does not decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+            return str(im.format or "")
+    except Exception:
+        return None
+
+
+class Fetcher:
+    """Concurrent fetching into ``out_dir`` with a global and a per-host concurrency cap."""
+
+    def __init__(self, out_dir: Path, cfg: DownloadConfig, on_done: Callable[[Fetched], None]):
+        self.out_dir, self.cfg, self.on_done = out_dir, cfg, on_done
+        self.limit = asyncio.Semaphore(cfg.concurrency)
+        self.hosts: dict[str, asyncio.Semaphore] = {}
+
+    def _host(self, url: str) -> asyncio.Semaphore:
+        host = urlsplit(url).netloc
+        return self.hosts.setdefault(host, asyncio.Semaphore(self.cfg.per_host))
+
+    async def _once(
+        self, session: aiohttp.ClientSession, url: str, sha256: str | None
+    ) -> tuple[Fetched, bool]:
+        """One attempt: (result, retryable)."""
+        cap = self.cfg.max_bytes
+        async with session.get(url, max_redirects=self.cfg.max_redirects) as r:
+            if r.status == 429 or r.status >= 500:
+                return Fetched(url, f"fetch_http_{r.status}", detail=r.headers.get("retry-after", "")), True
+            if r.status != 200:
+                return Fetched(url, f"fetch_http_{r.status}"), False
+            ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not ctype.startswith("image/"):
+                return Fetched(url, "fetch_not_image", detail=ctype or "no content-type"), False
+            if r.content_length is not None and r.content_length > cap:
+                return Fetched(
+                    url, "fetch_too_large", detail=f"content-length {r.content_length} > {cap}"
+                ), False
+            buf = bytearray()
+            async for chunk in r.content.iter_chunked(1 << 16):
+                buf += chunk
+                if len(buf) > cap:
+                    return Fetched(url, "fetch_too_large", detail=f"body passed {cap} bytes"), False
+        data = bytes(buf)
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 and digest != sha256.lower():
+            return Fetched(url, "fetch_sha256_mismatch", sha256=digest, bytes=len(data)), False
+        fmt = _check_image(data)
+        if fmt is None:
+            return Fetched(url, "fetch_undecodable", bytes=len(data), detail=ctype), False
+        key = url_key(url)
+        rel = f"images/{key[:2]}/{key}.{IMAGE_EXTS.get(ctype, fmt.lower() or 'img')}"
+        path = self.out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
+        return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data)), False
+
+    async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
+        cfg = self.cfg
+        if not url:
+            return Fetched(url, "fetch_no_url")
+        if urlsplit(url).scheme not in ("http", "https"):
+            return Fetched(url, "fetch_bad_url", detail="not an http(s) URL")
+        result = Fetched(url, "fetch_bad_url")
+        async with self.limit, self._host(url):
+            for attempt in range(cfg.retries + 1):
+                try:
+                    result, retry = await self._once(session, url, sha256)
+                except aiohttp.TooManyRedirects:
+                    result, retry = Fetched(url, "fetch_too_many_redirects"), False
+                except aiohttp.InvalidURL as e:
+                    result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
+                except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+                    result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
+                except (aiohttp.ClientError, OSError) as e:
+                    result, retry = (
+                        Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),
+                        True,
+                    )
+                result.attempts = attempt + 1
+                if not retry or attempt == cfg.retries:
+                    break
+                wait = cfg.backoff_s * 2**attempt * (1 + random.random() / 4)
+                if result.detail.isdigit():  # Retry-After in seconds
+                    wait = max(wait, float(result.detail))
+                await asyncio.sleep(min(wait, cfg.max_backoff_s))
+        self.on_done(result)
+        return result
+
+    async def run(self, items: list[tuple[str, str | None]]) -> list[Fetched]:
+        cfg = self.cfg
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
+        )
+        connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.per_host)
+        async with aiohttp.ClientSession(
+            timeout=timeout, connector=connector, headers={"user-agent": cfg.user_agent}, auto_decompress=True
+        ) as session:
+            return await asyncio.gather(*(self.fetch(session, u, s) for u, s in items))
+
+
+# ----------------------------------------------------------------------------- rows in, rows out
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a parquet file (or folder of them), .jsonl or .csv."""
+    if not path.exists():
+        raise ConfigError(f"download input not found: {path}; give a parquet, jsonl or csv file of rows")
+    if path.is_dir() or path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]  # a hub-layout folder too
+        return [row for f in files for row in pq.read_table(f).to_pylist()]
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            return [dict(r) for r in csv.DictReader(f)]
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
+    """The last result per URL; an ``ok`` whose file has gone is forgotten (fetched again)."""
+    done: dict[str, Fetched] = {}
+    if log.exists():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                f = Fetched(**json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a line cut short by a kill
+            if f.reason != "ok" or (out_dir / f.file).exists():
+                done[f.url] = f
+            else:
+                done.pop(f.url, None)
+    return done
+
+
+def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | None = None,
+             retry_failed: bool = False) -> dict:  # fmt: skip
+    """Fetch the URLs of ``rows_file`` into ``out_dir`` (see the module docstring); the report dict."""
+    cfg = cfg or DownloadConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(Path(rows_file))
+    if rows and cfg.url_field not in rows[0]:
+        raise ConfigError(
+            f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(rows[0])}); "
+            "set --url-field (PixMo: image_url)"
+        )
+    log_path = out / "fetch_log.jsonl"
+    done = read_log(log_path, out)
+    wanted: dict[str, str | None] = {}
+    for row in rows:
+        url = str(row.get(cfg.url_field) or "")
+        prev = done.get(url)
+        if url and (prev is None or (retry_failed and prev.reason != "ok")):
+            wanted.setdefault(url, row.get(cfg.sha256_field) or None)
+    with open(log_path, "a", encoding="utf-8") as log:
+
+        def record(f: Fetched) -> None:
+            log.write(f.line() + "\n")
+            log.flush()
+            done[f.url] = f
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(wanted), desc="download", unit="img", dynamic_ncols=True)
+        fetcher = Fetcher(out, cfg, lambda f: (record(f), bar.update(1)))
+        asyncio.run(fetcher.run(list(wanted.items())))
+        bar.close()
+    reasons: Counter[str] = Counter()
+    with open(out / "images.jsonl.tmp", "w", encoding="utf-8") as f:
+        for n, row in enumerate(rows):
+            url = str(row.get(cfg.url_field) or "")
+            res = done.get(url, Fetched(url, "fetch_no_url"))
+            reasons[res.reason] += 1
+            keep = {
+                k: v for k, v in row.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))
+            }
+            if res.reason == "ok":
+                keep["image"] = res.file
+            else:
+                keep.update({"_error": res.reason, "_line": n + 1})
+            f.write(json.dumps(keep) + "\n")
+    os.replace(out / "images.jsonl.tmp", out / "images.jsonl")
+    failed = {k: v for k, v in sorted(reasons.items()) if k != "ok"}
+    report = {"n_in": len(rows), "n_ok": reasons["ok"], "failed": failed, "fetched_now": len(wanted),
+              "rows": str(out / "images.jsonl")}  # fmt: skip
+    (out / "download_report.json").write_text(json.dumps(report, indent=2))
+    return report

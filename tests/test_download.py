@@ -1,0 +1,170 @@
+"""The image URL stage against a local HTTP server: every bad case has its reason, good images are
+kept, a killed run resumes without refetching, and --retry-failed fetches only the failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_tools.curate import run_curation
+from data_tools.download import DownloadConfig, download
+from data_tools.fixtures import encode, natural_image, write_jsonl
+from data_tools.httpfixture import LocalServer, Route
+
+ROOT = Path(__file__).resolve().parent.parent
+CAP = 60_000
+
+
+def _jpg(seed: int) -> bytes:
+    return encode(natural_image(seed, (96, 72)), "JPEG")
+
+
+def _routes() -> dict[str, Route]:
+    big = b"\xff" * (CAP * 2)
+    return {
+        "/good.jpg": Route(_jpg(1)),
+        "/good.png": Route(encode(natural_image(2, (96, 72)), "PNG"), "image/png"),
+        "/moved": Route(redirect="/target.jpg"),
+        "/target.jpg": Route(_jpg(3)),
+        "/flaky.jpg": Route(_jpg(4), fail_first=1),
+        "/sha_ok.jpg": Route(_jpg(5)),
+        "/stall.jpg": Route(_jpg(6), stall_s=3.0),
+        "/page.html": Route(b"<html>hello</html>", "text/html"),
+        "/big.jpg": Route(big),
+        "/big_nolength.jpg": Route(big, send_length=False),
+        "/sha_bad.jpg": Route(_jpg(7)),
+        "/garbage.jpg": Route(b"this is not a jpeg at all"),
+        "/loop": Route(redirect="/loop"),
+        "/gone.jpg": Route(status=410),
+    }
+
+
+EXPECTED = {
+    "/good.jpg": "ok", "/good.png": "ok", "/moved": "ok", "/flaky.jpg": "ok", "/sha_ok.jpg": "ok",
+    "/missing.jpg": "fetch_http_404", "/gone.jpg": "fetch_http_410", "/stall.jpg": "fetch_timeout",
+    "/page.html": "fetch_not_image", "/big.jpg": "fetch_too_large", "/big_nolength.jpg": "fetch_too_large",
+    "/sha_bad.jpg": "fetch_sha256_mismatch", "/garbage.jpg": "fetch_undecodable",
+    "/loop": "fetch_too_many_redirects",
+}  # fmt: skip
+
+
+def _rows(srv: LocalServer, paths) -> list[dict]:
+    sha = {"/sha_ok.jpg": hashlib.sha256(_jpg(5)).hexdigest(), "/sha_bad.jpg": "0" * 64}
+    return [
+        {"url": srv.url(p), "caption": f"picture of thing {i}", "sha256": sha.get(p)}
+        for i, p in enumerate(paths)
+    ]
+
+
+def _cfg(**kw) -> DownloadConfig:
+    base = dict(concurrency=8, per_host=4, read_timeout_s=0.5, connect_timeout_s=2.0, retries=1,
+                backoff_s=0.05, max_bytes=CAP)  # fmt: skip
+    return DownloadConfig(**{**base, **kw})
+
+
+def _reasons(out: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    return {"/" + r["url"].split("/", 3)[3]: r.get("_error", "ok") for r in rows}
+
+
+def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
+    routes = _routes()
+    with LocalServer(routes) as srv:
+        rows = _rows(srv, list(EXPECTED))
+        write_jsonl(tmp_path / "rows.jsonl", rows)
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg())
+        assert _reasons(tmp_path / "dl") == EXPECTED
+        assert report["n_ok"] == 5 and report["failed"]["fetch_too_large"] == 2
+        assert srv.hits["/flaky.jpg"] == 2 and srv.hits["/stall.jpg"] == 2  # retried once
+        assert srv.hits["/missing.jpg"] == 1 and srv.hits["/page.html"] == 1  # not retried
+        kept = [json.loads(x) for x in (tmp_path / "dl" / "images.jsonl").read_text().splitlines()]
+        files = {
+            r["url"].rsplit("/", 1)[1]: (tmp_path / "dl" / r["image"]).read_bytes()
+            for r in kept
+            if "image" in r
+        }
+        assert files["good.jpg"] == routes["/good.jpg"].body and files["moved"] == routes["/target.jpg"].body
+
+        # a rerun fetches nothing; --retry-failed fetches exactly the failures
+        before = dict(srv.hits)
+        assert download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg())["fetched_now"] == 0
+        assert dict(srv.hits) == before
+        routes["/missing.jpg"] = Route(_jpg(8))  # the server gets the file meanwhile
+        download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(), retry_failed=True)
+        for path, reason in EXPECTED.items():
+            if reason == "ok":
+                assert srv.hits[path] == before.get(path, 0), path
+            elif path != "/loop":  # a redirect loop is several requests per attempt
+                assert srv.hits[path] > before[path], path
+        assert _reasons(tmp_path / "dl")["/missing.jpg"] == "ok"
+
+    # the failures reach curation's funnel under their reasons; good images become samples
+    summary = run_curation(
+        {"inputs": [{"kind": "jsonl", "path": str(tmp_path / "dl" / "images.jsonl"), "text_field": "caption"}],
+         "out_dir": str(tmp_path / "cur"), "dedup": {"near": False}},
+        workers=1,
+    )  # fmt: skip
+    assert summary["n_kept"] == 6
+    dropped = dict(summary["dropped"])
+    assert dropped.pop("fetch_too_large") == 2 and "fetch_http_404" not in dropped
+    assert dropped == {
+        r: 1 for p, r in EXPECTED.items() if r not in ("ok", "fetch_too_large", "fetch_http_404")
+    }
+    assert "fetch_sha256_mismatch" in (tmp_path / "cur" / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_killed_download_resumes_without_refetching(tmp_path):
+    routes = {f"/img{i}.jpg": Route(_jpg(20 + i)) for i in range(12)}
+    with LocalServer(routes, latency_s=0.25) as srv:
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, list(routes)))
+        out = tmp_path / "dl"
+        cmd = [sys.executable, "-m", "data_tools", "download", str(tmp_path / "rows.jsonl"), "--out", str(out),
+               "--concurrency", "1"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = out / "fetch_log.jsonl"
+        deadline = time.time() + 60
+        try:
+            while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        logged = {json.loads(x)["url"] for x in log.read_text().splitlines()}
+        assert 3 <= len(logged) < 12, "the kill should land mid-run"
+        report = download(tmp_path / "rows.jsonl", out, _cfg())
+        assert report["n_ok"] == 12 and report["fetched_now"] == 12 - len(logged)
+        for path in routes:
+            if srv.url(path) in logged:
+                assert srv.hits[path] == 1, path  # fetched before the kill, never again
+        assert sum(srv.hits.values()) <= 12 + 1  # at most the one in flight at the kill is fetched twice
+
+
+def test_mmsmall_download_command(tmp_path):
+    """`mmsmall download ROWS --out DIR --url-field image_url --sha256-field image_sha256` (PixMo's columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    with LocalServer({"/a.jpg": Route(_jpg(30)), "/b.jpg": Route(_jpg(31))}) as srv:
+        sha = hashlib.sha256(_jpg(30)).hexdigest()
+        pq.write_table(pa.table({"image_url": [srv.url("/a.jpg"), srv.url("/b.jpg"), srv.url("/c.jpg")],
+                                 "image_sha256": [sha, "1" * 64, None]}), tmp_path / "rows.parquet")  # fmt: skip
+        args = ["download", str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "dl"), "--url-field",
+                "image_url", "--sha256-field", "image_sha256", "--retries", "0"]  # fmt: skip
+        out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
+    assert report["n_ok"] == 1 and report["failed"] == {"fetch_http_404": 1, "fetch_sha256_mismatch": 1}
+    assert '"fetch_sha256_mismatch": 1' in out.output
