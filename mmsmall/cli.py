@@ -85,9 +85,24 @@ def train(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
+# --device / --dtype / --max-crops: shared by eval, chat and predict.
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: the GPU if any, else cpu)")]
+DType = Annotated[str, typer.Option(help="fp32 | bf16 | fp16")]
+MaxCrops = Annotated[int | None, typer.Option(help="high-resolution crops per image (default: the model's)")]
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="a saved mmsmall model folder or an exported HF folder")],
+    model: Annotated[
+        str,
+        typer.Option(help="a saved mmsmall model, run, checkpoint, our HF release or a stock Molmo2 folder"),
+    ],
     tasks: Annotated[str, typer.Option(help="comma-separated task names")],
     out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
     data: Annotated[
@@ -101,6 +116,9 @@ def eval_(
     molmo_style: Annotated[
         bool, typer.Option(help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval's")
     ] = False,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
 ) -> None:
     """Run the chart/document/counting/pointing suite with standard metrics."""
     from eval.runner import evaluate
@@ -116,6 +134,9 @@ def eval_(
         max_new_tokens=max_new_tokens,
         num_workers=num_workers,
         molmo_style=molmo_style,
+        device=device,
+        dtype=dtype,
+        max_crops=max_crops,
     )
     typer.echo(json.dumps(results, indent=2, default=str))
 
@@ -141,11 +162,23 @@ def chat(
     model: Annotated[str, typer.Option(help="model folder")],
     image: Annotated[Path | None, typer.Option(help="image file")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
 ) -> None:
     """Ask one question about one image."""
     from mmsmall.export.chat import chat as run_chat
 
-    typer.echo(run_chat(model, str(image) if image else None, question, max_new_tokens=max_new_tokens))
+    answer = run_chat(
+        model,
+        str(image) if image else None,
+        question,
+        max_new_tokens=max_new_tokens,
+        device=_device(device),
+        max_crops=max_crops,
+        dtype=dtype,
+    )
+    typer.echo(answer)
 
 
 @app.command()
@@ -154,11 +187,28 @@ def predict(
     model: Annotated[str, typer.Option(help="model folder")],
     out: Annotated[Path, typer.Option(help="where predictions and drawn points go")] = Path("predictions"),
     question: Annotated[str | None, typer.Option(help="question for every image (shards: their own)")] = None,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
 ) -> None:
     """Answer questions over a folder or shard set; points are drawn onto PNGs."""
     from mmsmall.export.chat import predict as run_predict
 
-    run_predict(model, inputs, str(out), question=question)
+    run_predict(
+        model, inputs, str(out), question=question, device=_device(device), max_crops=max_crops, dtype=dtype
+    )
+
+
+@app.command("import")
+def import_(
+    source: Annotated[str, typer.Argument(help="a stock transformers Molmo2 folder or hub id")],
+    out: Annotated[Path, typer.Argument(help="the mmsmall model folder to write")],
+) -> None:
+    """Turn a released Molmo2 checkpoint into a model folder that train, eval and export take."""
+    from mmsmall.export.importer import import_molmo2
+
+    vlm = import_molmo2(source, out)
+    typer.echo(f"imported {source} to {out} (prompt format: {vlm.cfg.prompt})")
 
 
 @app.command()

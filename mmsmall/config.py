@@ -79,6 +79,12 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     style_prefix: bool = False  # prepend Molmo task-style prefixes ("chart_qa:", ...)
     bidirectional_image: bool = True  # image tokens of one sample attend to each other both ways (Molmo2)
+    # Released checkpoints (mmsmall import): ids >= emit_vocab are input-only (stock Molmo2's extra
+    # vocabulary) and get logit -inf; 0 = every id can be emitted.
+    emit_vocab: int = 0
+    # How eval / chat / predict prompt the model: "mmsmall" (` User: ... Assistant:`) or
+    # "chat_template" (the tokenizer's own chat template through transformers' Molmo2 processor).
+    prompt: str = "mmsmall"
 
 
 # ----------------------------------------------------------------------------- data
@@ -292,6 +298,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+PROMPT_FORMATS = ("mmsmall", "chat_template")
+
+
 def validate(cfg: Any) -> None:
     """Cross-field checks that types alone cannot express."""
     if isinstance(cfg, RunConfig):
@@ -307,6 +316,8 @@ def validate(cfg: Any) -> None:
         parse_pool(cfg.connector.pool)
         if cfg.llm.name is None and cfg.llm.custom is None:
             raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
+        if cfg.prompt not in PROMPT_FORMATS:
+            raise ConfigError(f"model.prompt: {cfg.prompt!r}; valid: {', '.join(PROMPT_FORMATS)}")
 
 
 def parse_pool(pool: str) -> tuple[int, int]:

@@ -6,7 +6,8 @@ A source is any of:
 * a checkpoint root (the ``checkpoints`` folder with its ``latest`` file),
 * one checkpoint folder (``step_00000010/``: DeepSpeed ZeRO-1/2/3 files + ``config.yaml``),
 * a folder written by ``VLM.save_pretrained`` (``model_config.yaml`` + ``model.safetensors``),
-* a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``).
+* a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``),
+* a stock transformers Molmo2 folder (``model_type: molmo2``), prompted through its chat template.
 
 DeepSpeed checkpoints are consolidated from the fp32 master weights held in the optimizer shards
 of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read through
@@ -148,10 +149,10 @@ def load_vlm(src: str | Path) -> tuple[VLM, Source]:
         from mmsmall.model.hf import MMSmallForConditionalGeneration
 
         return MMSmallForConditionalGeneration.from_pretrained(source.path).vlm.float().eval(), source
-    if source.kind == "molmo2":
-        from mmsmall.export.release import load_molmo2
+    if source.kind == "molmo2":  # stock transformers Molmo2: mapped as `mmsmall import` does
+        from mmsmall.export.importer import read_molmo2
 
-        return load_molmo2(source.path), source
+        return read_molmo2(source.path), source
     from mmsmall.config import RunConfig, load_config
     from mmsmall.processing.tokenizer import build_tokenizer
 
