@@ -148,11 +148,14 @@ def export(
     format: Annotated[
         str, typer.Option("--format", help="mmsmall | molmo2 (stock transformers)")
     ] = "mmsmall",
+    adapter_only: Annotated[
+        bool, typer.Option(help="LoRA runs: write the peft adapter folders instead of merged weights")
+    ] = False,
 ) -> None:
     """Write a Hugging Face release folder (safetensors, config, processor, model card)."""
     from mmsmall.export import run_export
 
-    path = run_export(src, out, fmt=format)
+    path = run_export(src, out, fmt=format, adapter_only=adapter_only)
     typer.echo(f"exported to {path}")
 
 

@@ -118,6 +118,29 @@ class ModuleFloats:
     llm: float = 0.0
 
 
+_LLM_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAModuleConfig:
+    rank: int = 0  # 0 = no adapters: the module stays frozen
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # peft names (suffixes) of the Linear layers
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA on the LLM (and optionally the ViT); the connector trains fully, the rest is frozen."""
+
+    enabled: bool = False
+    llm: LoRAModuleConfig = field(
+        default_factory=lambda: LoRAModuleConfig(rank=16, alpha=32.0, target_modules=list(_LLM_PROJ))
+    )
+    vision: LoRAModuleConfig = field(default_factory=LoRAModuleConfig)
+    qlora: bool = False  # 4-bit base weights through bitsandbytes (CUDA only)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -140,6 +163,7 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     init_from: str | None = None  # a saved model folder (a previous stage's out_dir/model) to start from
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # parameter-efficient fine-tuning (mmsmall/train/lora.py)
     debug_kill_at_step: int = 0  # tests: SIGKILL this process at that step, after its checkpoint is complete
     debug_kill_during_save: bool = (
         False  # tests: with debug_kill_at_step, die inside that step's save instead

@@ -138,8 +138,12 @@ def consolidate_deepspeed(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     return dict(z.to_torch_tensor(lazy))  # ZeRO-3 yields lazily gathered tensors
 
 
-def load_vlm(src: str | Path) -> tuple[VLM, Source]:
-    """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`."""
+def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:
+    """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`.
+
+    A checkpoint of a LoRA run (``train.lora.enabled``) gets its adapters back and, with
+    ``merge_lora``, folded into the base weights (a plain VLM); without, they stay peft layers.
+    """
     from mmsmall.model.vlm import VLM, build_vlm
 
     source = resolve_source(src)
@@ -173,6 +177,11 @@ def load_vlm(src: str | Path) -> tuple[VLM, Source]:
         llm = dataclasses.replace(llm, name=None, custom=AutoConfig.from_pretrained(llm.name).to_dict())
     vlm = build_vlm(dataclasses.replace(model_cfg, vision=vision, llm=llm), tokenizer)
     vlm.cfg = model_cfg  # keep the original names for the model card and later saves
+    lora = run_cfg.train.lora
+    if lora.enabled:
+        from mmsmall.model.lora import inject_lora
+
+        inject_lora(vlm, lora)
     state = consolidate_deepspeed(source.path)
     missing, unexpected = vlm.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -180,4 +189,8 @@ def load_vlm(src: str | Path) -> tuple[VLM, Source]:
             f"{source.path}: consolidated weights do not fit the model in config.yaml: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    if lora.enabled and merge_lora:
+        from mmsmall.model.lora import merge_lora as merge
+
+        merge(vlm)
     return vlm.float().eval(), source

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -358,7 +358,13 @@ class VLM(nn.Module):
             # the unpruned depth, so that negative model.vision.layers resolve to the same blocks
             vision_config["num_hidden_layers"] = self.vision.backbone.num_blocks
             (out_dir / "vision_config.json").write_text(json.dumps(vision_config, indent=2))
-        save_model(self, str(out_dir / "model.safetensors"))
+        from mmsmall.model.lora import has_lora, merged_state_dict, save_adapter
+
+        if has_lora(self):  # LoRA-trained: the adapters merged into plain weights, and kept beside them
+            save_file(merged_state_dict(self), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+            save_adapter(self, out_dir / "adapter")
+        else:
+            save_model(self, str(out_dir / "model.safetensors"))
         return out_dir
 
     @classmethod
