@@ -87,7 +87,15 @@ def train(
 
 # --device / --dtype / --max-crops: shared by eval, chat and predict.
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: the GPU if any, else cpu)")]
-DType = Annotated[str, typer.Option(help="fp32 | bf16 | fp16")]
+
+
+def _check_dtype(value: str) -> str:
+    if value not in ("fp32", "bf16", "fp16"):
+        raise typer.BadParameter(f"{value!r}; valid: fp32, bf16, fp16")
+    return value
+
+
+DType = Annotated[str, typer.Option(help="fp32 | bf16 | fp16", callback=_check_dtype)]
 MaxCrops = Annotated[int | None, typer.Option(help="high-resolution crops per image (default: the model's)")]
 
 

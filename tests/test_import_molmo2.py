@@ -250,3 +250,46 @@ def test_eval_stock_folder_equals_stock_generate_batch_1_and_8(stock, tmp_path):
         assert results["prompt_format"] == "chat_template" and results["dtype"] == "fp32"
         assert results["max_crops"] == 3 and results["transformers"]
         assert results["tasks"]["docvqa"]["max_new_tokens"] == task.max_new_tokens
+
+
+def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported):
+    from mmsmall.config import ConfigError, RunConfig, load_config
+    from mmsmall.model.vlm import VLM
+    from mmsmall.train.zero_init import _build, llm_hidden_size
+
+    cfg = load_config(ROOT / "configs/train/tiny-finetune.yaml", [f"train.init_from={stock}"], cls=RunConfig)
+    model, _ = _build(cfg, load_weights=True)
+    assert cfg.model is model.cfg and model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
+    assert model.cfg.prompt == "mmsmall"  # training encodes our format, and the trained model says so
+    ref = VLM.from_pretrained(imported)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    with pytest.raises(ConfigError, match="mmsmall import"):
+        llm_hidden_size(cfg)  # what ZeRO-3 asks first: it cannot read a stock folder partitioned
+
+
+def test_max_crops_dtype_and_qlora_refusal(imported):
+    from mmsmall.config import LoRAConfig
+    from mmsmall.model.lora import apply_lora
+    from mmsmall.model.predict import Predictor
+
+    img = image(5).resize((160, 120))
+    few, many = Predictor(str(imported), max_crops=1), Predictor(str(imported))
+    assert few.max_crops == 1 and many.max_crops == 3
+    n_few = few.processor.encode_prompt(img, "q")["pixel_values"].shape[0]
+    n_many = many.processor.encode_prompt(img, "q")["pixel_values"].shape[0]
+    assert n_few < n_many  # crops (plus the low-res view) follow --max-crops
+    half = Predictor(str(imported), dtype="bf16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert len(half.predict([img], ["What is the color?"], max_new_tokens=3)) == 1
+    with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
+        Predictor(str(imported), dtype="int8")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        apply_lora(many.model, LoRAConfig(enabled=True, qlora=True))
+    path = imported.parent / "chat.png"
+    img.save(path)
+    args = ["--model", str(imported), "--image", str(path), "--max-new-tokens", "3"]
+    proc = _run("chat", "What is the color?", *args, "--dtype", "bf16", "--max-crops", "1", "--device", "cpu")
+    expected = Predictor(str(imported), dtype="bf16", max_crops=1).predict([img], ["What is the color?"], 3)[
+        0
+    ]
+    assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr[-2000:]

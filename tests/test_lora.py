@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from test_import_molmo2 import build_stock_molmo2
+from test_import_molmo2 import build_stock_molmo2, stock_inputs
 
 from data_tools.shards import ShardWriter
 from mmsmall.train.monitor import read_log
@@ -68,13 +68,14 @@ def setup(tmp_path_factory):
 
 def _train(root: Path, out: str, *extra: str, killed: bool = False) -> Path:
     cmd = [
-        "bash", str(ROOT / "launch" / "train.sh"), "configs/train/tiny-finetune.yaml",
+        "bash", str(ROOT / "launch" / "train.sh"), "configs/train/lora-finetune.yaml",
         f"out_dir={root / out}", f"data.train=[{{path: {root / 'shards'}}}]", f"train.init_from={root / 'imported'}",
         "train.steps=10", "train.save_every=5", "train.tensorboard=false", "train.activation_checkpointing=true",
         "train.lora.enabled=true", "train.lora.llm.rank=4", "train.lora.llm.alpha=8", "train.lora.llm.dropout=0.05",
         "train.lora.vision.rank=2", "train.lora.vision.alpha=4", "train.lora.vision.target_modules=[q_proj,v_proj]",
         "train.lr={connector: 1.0e-2, vision: 1.0e-2, llm: 1.0e-2}", "train.warmup={connector: 1, vision: 1, llm: 1}",
-        "train.grad_accum=1", *extra,
+        "train.grad_accum=1", "train.micro_batch_size=2", "train.precision=fp32", "train.log_every=1",
+        "data.seq_len=384", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert (proc.returncode != 0) == killed, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,7 +94,7 @@ def _inputs(vlm, seed: int) -> dict:
 def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmsmall.export.consolidate import consolidate_deepspeed, load_vlm
     from mmsmall.model.vlm import VLM
@@ -131,8 +132,10 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     )
     batch = _inputs(merged, 3)
     with torch.no_grad():
+        n = merged.cfg.emit_vocab  # the ids from n on are input-only: -inf in both
         ours = unmerged(**{k: batch[k] for k in KEYS}).logits
-        assert (merged(**{k: batch[k] for k in KEYS}).logits - ours).abs().max().item() < 1e-5
+        assert torch.isneginf(ours[..., n:]).all() and ours.shape[-1] > n
+        assert (merged(**{k: batch[k] for k in KEYS}).logits - ours)[..., :n].abs().max().item() < 1e-5
 
     env = _env()
     mm = [sys.executable, "-m", "mmsmall.cli", "export", str(straight)]
@@ -146,13 +149,16 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     for name in (proj, qkv):
         assert not torch.equal(stock.state_dict()[name], source.state_dict()[name]), name
     with torch.no_grad():
-        ref = stock(**{k: batch[k] for k in KEYS}).logits  # (1, T, text vocab)
-    n = ref.shape[-1]
-    assert (ref - ours[..., :n]).abs().max().item() < 1e-4
+        stock_in = stock_inputs(AutoProcessor.from_pretrained(setup / "release"), _picture(3), "What color?")
+        assert torch.equal(
+            stock_in["input_ids"], batch["input_ids"]
+        )  # the release's own processor, same prompt
+        ref = stock(**stock_in).logits  # (1, T, text vocab)
+    assert ref.shape[-1] == n and (ref - ours[..., :n]).abs().max().item() < 1e-4
 
     llm = PeftModel.from_pretrained(base.llm, str(setup / "adapters" / "llm"))
     base.llm = llm
     base.vision = PeftModel.from_pretrained(base.vision, str(setup / "adapters" / "vision"))
     base.connector.load_state_dict(load_file(setup / "adapters" / "connector.safetensors"))
     with torch.no_grad():
-        assert (base(**{k: batch[k] for k in KEYS}).logits - ours).abs().max().item() < 1e-5
+        assert (base(**{k: batch[k] for k in KEYS}).logits - ours)[..., :n].abs().max().item() < 1e-5
