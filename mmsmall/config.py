@@ -163,7 +163,7 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     init_from: str | None = None  # a saved model folder (a previous stage's out_dir/model) to start from
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # parameter-efficient fine-tuning (mmsmall/train/lora.py)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # peft LoRA (mmsmall/model/lora.py)
     debug_kill_at_step: int = 0  # tests: SIGKILL this process at that step, after its checkpoint is complete
     debug_kill_during_save: bool = (
         False  # tests: with debug_kill_at_step, die inside that step's save instead

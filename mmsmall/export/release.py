@@ -96,7 +96,9 @@ def run_export(
 
         vlm, _ = load_vlm(src, merge_lora=False)
         if not has_lora(vlm):
-            raise ValueError(f"--adapter-only: {src} holds no LoRA adapters (it was not trained with train.lora)")
+            raise ValueError(
+                f"--adapter-only: {src} holds no LoRA adapters (it was not trained with train.lora)"
+            )
         path = save_adapter(vlm, out)
         log.info("exported the LoRA adapters of %s to %s", src, path)
         return path
