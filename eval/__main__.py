@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval prompts",
     )
+    ap.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else cpu)"
+    )
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--max-crops", type=int, default=None, help="high-resolution crops per image")
     return ap  # fmt: skip
 
 
@@ -76,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         num_workers=args.num_workers,
         molmo_style=args.molmo_style,
+        device=args.device,
+        dtype=args.dtype,
+        max_crops=args.max_crops,
     )
     import torch.distributed as dist
 

@@ -51,15 +51,36 @@ class PredictorLike(Protocol):
     ) -> list[str]: ...
 
 
-def load_predictor(model: str | os.PathLike | PredictorLike) -> PredictorLike:
-    """A Predictor from a checkpoint / export folder, or the given predictor object unchanged."""
+def load_predictor(
+    model: str | os.PathLike | PredictorLike,
+    device: str | None = None,
+    dtype: str = "fp32",
+    max_crops: int | None = None,
+) -> PredictorLike:
+    """A Predictor from a checkpoint / export folder, or the given predictor object unchanged.
+
+    ``device`` None: this rank's GPU when there is one, else the CPU. The Predictor picks the
+    prompt format from the checkpoint (``model.prompt``: ours, or its own chat template).
+    """
     if isinstance(model, PredictorLike):
         return model
     from mmsmall.model.predict import Predictor
 
-    if torch.cuda.is_available():
-        return Predictor(str(model), device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return Predictor(str(model))
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return Predictor(str(model), device=device, dtype=dtype, max_crops=max_crops)
+
+
+def model_settings(predictor: PredictorLike) -> dict[str, Any]:
+    """What about the model changes a score besides its weights: prompt format, crops, dtype, library."""
+    import transformers
+
+    return {
+        "prompt_format": getattr(predictor, "prompt_format", None),
+        "max_crops": getattr(predictor, "max_crops", None),
+        "dtype": getattr(predictor, "dtype", None),
+        "transformers": transformers.__version__,
+    }
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -307,6 +328,9 @@ def evaluate(
     num_workers: int = 2,
     molmo_style: bool = False,
     show_progress: bool = True,
+    device: str | None = None,
+    dtype: str = "fp32",
+    max_crops: int | None = None,
 ) -> dict:
     """Evaluate ``model`` on ``tasks``; writes predictions, results.json and results.md under ``out``.
 
@@ -315,6 +339,7 @@ def evaluate(
     limit: the first ``limit`` samples of each task. blind: every image replaced by a mid-grey
     one of the same size. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
     the bare question with the Molmo task style and keep the text after ``Answer:``.
+    device / dtype (fp32, bf16, fp16) / max_crops: how a model folder is loaded and its images cut.
     Returns the results dict (on rank 0; other ranks return ``{}``).
     """
     if isinstance(tasks, str):
@@ -333,8 +358,9 @@ def evaluate(
     pred_dir, samples_dir = out / "predictions", out / "samples"
     pred_dir.mkdir(parents=True, exist_ok=True)
     samples_dir.mkdir(parents=True, exist_ok=True)
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, device=device, dtype=dtype, max_crops=max_crops)
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    setup = model_settings(predictor)
 
     results: dict[str, Any] = {
         "model": model_name,
@@ -342,6 +368,7 @@ def evaluate(
         "prompt_style": "molmo" if molmo_style else "lmms-eval",
         "blind": blind,
         "limit": limit,
+        **setup,
         "tasks": {},
     }
     for task in specs:
@@ -360,6 +387,7 @@ def evaluate(
             "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
             "blind": bool(blind),
             "prompt_style": results["prompt_style"],
+            **{k: setup[k] for k in ("prompt_format", "max_crops", "dtype")},
         }
         cached = read_cache(pred_dir, task.name, settings)
         mine = records[rank::world]
@@ -384,6 +412,17 @@ def evaluate(
             raise RuntimeError(
                 f"task {task.name}: no prediction for {len(missing)} samples, e.g. {missing[:3]}"
             )
+        from .submission import is_test_split, write_submission
+
+        if is_test_split(records):  # no answers: the benchmark's server scores it
+            sub = write_submission(task.name, records, cached, molmo_style, out)
+            results.setdefault("submissions", {})[task.name] = {
+                "file": sub.name,
+                "n": len(records),
+                "data": str(path),
+            }
+            log.info("%s: no answers in %s; wrote %s for the test server", task.name, path, sub)
+            continue
         metrics = _score(task, records, cached, molmo_style, samples_dir / f"{task.name}.jsonl")
         skipped = records[0].meta.get("skipped")
         results["tasks"][task.name] = {

@@ -93,9 +93,32 @@ def train(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
+# --device / --dtype / --max-crops: shared by eval, chat and predict.
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: the GPU if any, else cpu)")]
+
+
+def _check_dtype(value: str) -> str:
+    if value not in ("fp32", "bf16", "fp16"):
+        raise typer.BadParameter(f"{value!r}; valid: fp32, bf16, fp16")
+    return value
+
+
+DType = Annotated[str, typer.Option(help="fp32 | bf16 | fp16", callback=_check_dtype)]
+MaxCrops = Annotated[int | None, typer.Option(help="high-resolution crops per image (default: the model's)")]
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @app.command("eval")
 def eval_(
-    model: Annotated[str | None, typer.Option(help="saved mmsmall model or exported HF folder")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="a saved mmsmall model, run, checkpoint, our HF release or a stock Molmo2 folder"),
+    ] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated task names (see --list-tasks)")] = None,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
     data: Annotated[
@@ -110,6 +133,9 @@ def eval_(
         bool, typer.Option(help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval's")
     ] = False,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="print the task names and exit")] = False,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
 ) -> None:
     """Run the chart/document/counting/pointing suite with standard metrics."""
     if list_tasks:
@@ -133,6 +159,9 @@ def eval_(
         max_new_tokens=max_new_tokens,
         num_workers=num_workers,
         molmo_style=molmo_style,
+        device=device,
+        dtype=dtype,
+        max_crops=max_crops,
     )
     typer.echo(json.dumps(results, indent=2, default=str))
 
@@ -144,11 +173,14 @@ def export(
     format: Annotated[
         str, typer.Option("--format", help="mmsmall | molmo2 (stock transformers)")
     ] = "mmsmall",
+    adapter_only: Annotated[
+        bool, typer.Option(help="LoRA runs: write the peft adapter folders instead of merged weights")
+    ] = False,
 ) -> None:
     """Write a Hugging Face release folder (safetensors, config, processor, model card)."""
     from mmsmall.export import run_export
 
-    path = run_export(src, out, fmt=format)
+    path = run_export(src, out, fmt=format, adapter_only=adapter_only)
     typer.echo(f"exported to {path}")
 
 
@@ -158,11 +190,23 @@ def chat(
     model: Annotated[str, typer.Option(help="model folder")],
     image: Annotated[Path | None, typer.Option(help="image file")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
 ) -> None:
     """Ask one question about one image."""
     from mmsmall.export.chat import chat as run_chat
 
-    typer.echo(run_chat(model, str(image) if image else None, question, max_new_tokens=max_new_tokens))
+    answer = run_chat(
+        model,
+        str(image) if image else None,
+        question,
+        max_new_tokens=max_new_tokens,
+        device=_device(device),
+        max_crops=max_crops,
+        dtype=dtype,
+    )
+    typer.echo(answer)
 
 
 @app.command()
@@ -171,11 +215,28 @@ def predict(
     model: Annotated[str, typer.Option(help="model folder")],
     out: Annotated[Path, typer.Option(help="where predictions and drawn points go")] = Path("predictions"),
     question: Annotated[str | None, typer.Option(help="question for every image (shards: their own)")] = None,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
 ) -> None:
     """Answer questions over a folder or shard set; points are drawn onto PNGs."""
     from mmsmall.export.chat import predict as run_predict
 
-    run_predict(model, inputs, str(out), question=question)
+    run_predict(
+        model, inputs, str(out), question=question, device=_device(device), max_crops=max_crops, dtype=dtype
+    )
+
+
+@app.command("import")
+def import_(
+    source: Annotated[str, typer.Argument(help="a stock transformers Molmo2 folder or hub id")],
+    out: Annotated[Path, typer.Argument(help="the mmsmall model folder to write")],
+) -> None:
+    """Turn a released Molmo2 checkpoint into a model folder that train, eval and export take."""
+    from mmsmall.export.importer import import_molmo2
+
+    vlm = import_molmo2(source, out)
+    typer.echo(f"imported {source} to {out} (prompt format: {vlm.cfg.prompt})")
 
 
 @app.command()

@@ -79,6 +79,12 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     style_prefix: bool = False  # prepend Molmo task-style prefixes ("chart_qa:", ...)
     bidirectional_image: bool = True  # image tokens of one sample attend to each other both ways (Molmo2)
+    # Released checkpoints (mmsmall import): ids >= emit_vocab are input-only (stock Molmo2's extra
+    # vocabulary) and get logit -inf; 0 = every id can be emitted.
+    emit_vocab: int = 0
+    # How eval / chat / predict prompt the model: "mmsmall" (` User: ... Assistant:`) or
+    # "chat_template" (the tokenizer's own chat template through transformers' Molmo2 processor).
+    prompt: str = "mmsmall"
 
 
 # ----------------------------------------------------------------------------- data
@@ -112,6 +118,29 @@ class ModuleFloats:
     llm: float = 0.0
 
 
+_LLM_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAModuleConfig:
+    rank: int = 0  # 0 = no adapters: the module stays frozen
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # peft names (suffixes) of the Linear layers
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA on the LLM (and optionally the ViT); the connector trains fully, the rest is frozen."""
+
+    enabled: bool = False
+    llm: LoRAModuleConfig = field(
+        default_factory=lambda: LoRAModuleConfig(rank=16, alpha=32.0, target_modules=list(_LLM_PROJ))
+    )
+    vision: LoRAModuleConfig = field(default_factory=LoRAModuleConfig)
+    qlora: bool = False  # 4-bit base weights through bitsandbytes (CUDA only)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -134,6 +163,7 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     init_from: str | None = None  # a saved model folder (a previous stage's out_dir/model) to start from
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # peft LoRA (mmsmall/model/lora.py)
     debug_kill_at_step: int = 0  # tests: SIGKILL this process at that step, after its checkpoint is complete
     debug_kill_during_save: bool = (
         False  # tests: with debug_kill_at_step, die inside that step's save instead
@@ -292,6 +322,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+PROMPT_FORMATS = ("mmsmall", "chat_template")
+
+
 def validate(cfg: Any) -> None:
     """Cross-field checks that types alone cannot express."""
     if isinstance(cfg, RunConfig):
@@ -307,6 +340,8 @@ def validate(cfg: Any) -> None:
         parse_pool(cfg.connector.pool)
         if cfg.llm.name is None and cfg.llm.custom is None:
             raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
+        if cfg.prompt not in PROMPT_FORMATS:
+            raise ConfigError(f"model.prompt: {cfg.prompt!r}; valid: {', '.join(PROMPT_FORMATS)}")
 
 
 def parse_pool(pool: str) -> tuple[int, int]:

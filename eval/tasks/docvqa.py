@@ -3,7 +3,9 @@
 Data: the lmms-eval parquet layout (``lmms-lab-encoder/DocVQA``, config ``DocVQA``; columns
 questionId, question, answers, image), or the RRC json (``val_v1.0.json``:
 ``{"dataset_name", "dataset_split", "data": [{"questionId", "question", "image":
-"documents/....png", "answers", ...}]}``) with images relative to the json's folder.
+"documents/....png", "answers", ...}]}``) with images relative to the json's folder. An RRC
+file without answers (the test split) loads with empty answers; the runner then writes the RRC
+submission file instead of a score (eval/submission.py).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ def load_rrc_json(path: Path, limit: int | None = None, image_keys=("image",)) -
         if not isinstance(item, dict) or "question" not in item:
             raise EvalDataError(f"{path}: data[{i}] is not a question object: {item!r:.120}")
         rid = str(item.get("questionId", i))
-        if "answers" not in item:
+        if ("answers" in item) != ("answers" in doc["data"][0]):
             raise EvalDataError(
-                f"{path}: question {rid} has no 'answers' (a test split?); score test sets on the RRC server"
+                f"{path}: question {rid} {'lacks' if 'answers' not in item else 'has'} 'answers' unlike "
+                "question 0; a file is either a scored split (every question answered) or a test split (none)"
             )
         image = next((item[k] for k in image_keys if item.get(k)), None)
         if image is None:
@@ -44,7 +47,7 @@ def load_rrc_json(path: Path, limit: int | None = None, image_keys=("image",)) -
             Record(
                 id=rid,
                 question=str(item["question"]),
-                answers=answers_list(item["answers"], rid, str(path)),
+                answers=answers_list(item["answers"], rid, str(path)) if "answers" in item else [],
                 image_path=str(path.parent / image),
                 source=str(path),
             )
@@ -76,8 +79,13 @@ def prompt(record: Record, molmo: bool) -> str:
     return record.question if molmo else f"{record.question}{SHORT_ANSWER}"
 
 
+def answer(raw: str, molmo: bool = False) -> str:
+    """The answer scored (and sent to the RRC server for test splits)."""
+    return clean(raw, molmo)
+
+
 def score(raw: str, record: Record, molmo: bool = False) -> dict[str, float]:
-    return {"anls": anls(clean(raw, molmo), record.answers)}
+    return {"anls": anls(answer(raw, molmo), record.answers)}
 
 
 TASK = register(

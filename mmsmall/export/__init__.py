@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily, so ``import mmsmall.export`` stays light):
 ``run_export(src, out, fmt="mmsmall"|"molmo2", eval_results=None) -> Path``,
-``load_molmo2(path) -> VLM``, ``chat(...)``, ``predict(...)``.
+``load_molmo2(path) -> VLM``, ``import_molmo2(source, out) -> VLM``, ``chat(...)``, ``predict(...)``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ _LAZY = {
     "run_export": "mmsmall.export.release",
     "load_molmo2": "mmsmall.export.release",
     "save_molmo2": "mmsmall.export.release",
+    "import_molmo2": "mmsmall.export.importer",
     "save_mmsmall": "mmsmall.export.release",
     "chat": "mmsmall.export.chat",
     "predict": "mmsmall.export.chat",

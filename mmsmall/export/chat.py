@@ -21,12 +21,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 DEFAULT_QUESTION = "Describe this image."
 
 
-def _predictor(model: str, device: str = "cpu", max_crops: int | None = None):
+def _predictor(model: str, device: str = "cpu", max_crops: int | None = None, dtype: str = "fp32"):
     from mmsmall.export.consolidate import load_vlm
     from mmsmall.model.predict import Predictor
 
     vlm, _ = load_vlm(model)
-    return Predictor(vlm, device=device, max_crops=max_crops)
+    return Predictor(vlm, device=device, max_crops=max_crops, dtype=dtype)
 
 
 def _open_image(path: str | Path) -> Image.Image:
@@ -44,9 +44,11 @@ def chat(
     max_new_tokens: int = 64,
     task: str | None = None,
     device: str = "cpu",
+    max_crops: int | None = None,
+    dtype: str = "fp32",
 ) -> str:
     """Answer ``question`` about ``image`` (None: text only) with greedy decoding."""
-    predictor = _predictor(model, device=device)
+    predictor = _predictor(model, device=device, max_crops=max_crops, dtype=dtype)
     img = _open_image(image) if image else None
     return predictor.predict([img], [question], max_new_tokens=max_new_tokens, task=task)[0]
 
@@ -112,11 +114,13 @@ def predict(
     task: str | None = None,
     device: str = "cpu",
     limit: int | None = None,
+    max_crops: int | None = None,
+    dtype: str = "fp32",
 ) -> Path:
     """Answer a question for every image of ``inputs`` (the first ``limit`` when given); writes
     ``out/predictions.jsonl`` and, for answers that contain points, ``out/{key}.png`` with the
     points drawn. Returns the jsonl path."""
-    predictor = _predictor(model, device=device)
+    predictor = _predictor(model, device=device, max_crops=max_crops, dtype=dtype)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "predictions.jsonl"

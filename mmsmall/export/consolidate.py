@@ -6,7 +6,8 @@ A source is any of:
 * a checkpoint root (the ``checkpoints`` folder with its ``latest`` file),
 * one checkpoint folder (``step_00000010/``: DeepSpeed ZeRO-1/2/3 files + ``config.yaml``),
 * a folder written by ``VLM.save_pretrained`` (``model_config.yaml`` + ``model.safetensors``),
-* a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``).
+* a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``),
+* a stock transformers Molmo2 folder (``model_type: molmo2``), prompted through its chat template.
 
 DeepSpeed checkpoints are consolidated from the fp32 master weights held in the optimizer shards
 of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read through
@@ -137,8 +138,12 @@ def consolidate_deepspeed(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     return dict(z.to_torch_tensor(lazy))  # ZeRO-3 yields lazily gathered tensors
 
 
-def load_vlm(src: str | Path) -> tuple[VLM, Source]:
-    """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`."""
+def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:
+    """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`.
+
+    A checkpoint of a LoRA run (``train.lora.enabled``) gets its adapters back and, with
+    ``merge_lora``, folded into the base weights (a plain VLM); without, they stay peft layers.
+    """
     from mmsmall.model.vlm import VLM, build_vlm
 
     source = resolve_source(src)
@@ -148,10 +153,10 @@ def load_vlm(src: str | Path) -> tuple[VLM, Source]:
         from mmsmall.model.hf import MMSmallForConditionalGeneration
 
         return MMSmallForConditionalGeneration.from_pretrained(source.path).vlm.float().eval(), source
-    if source.kind == "molmo2":
-        from mmsmall.export.release import load_molmo2
+    if source.kind == "molmo2":  # stock transformers Molmo2: mapped as `mmsmall import` does
+        from mmsmall.export.importer import read_molmo2
 
-        return load_molmo2(source.path), source
+        return read_molmo2(source.path), source
     from mmsmall.config import RunConfig, load_config
     from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -172,6 +177,11 @@ def load_vlm(src: str | Path) -> tuple[VLM, Source]:
         llm = dataclasses.replace(llm, name=None, custom=AutoConfig.from_pretrained(llm.name).to_dict())
     vlm = build_vlm(dataclasses.replace(model_cfg, vision=vision, llm=llm), tokenizer)
     vlm.cfg = model_cfg  # keep the original names for the model card and later saves
+    lora = run_cfg.train.lora
+    if lora.enabled:
+        from mmsmall.model.lora import inject_lora
+
+        inject_lora(vlm, lora)
     state = consolidate_deepspeed(source.path)
     missing, unexpected = vlm.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -179,4 +189,8 @@ def load_vlm(src: str | Path) -> tuple[VLM, Source]:
             f"{source.path}: consolidated weights do not fit the model in config.yaml: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    if lora.enabled and merge_lora:
+        from mmsmall.model.lora import merge_lora as merge
+
+        merge(vlm)
     return vlm.float().eval(), source

@@ -39,8 +39,9 @@ What does not fit, and why (:func:`check_molmo2_fit` raises :class:`Molmo2Incomp
 Reverse (stock Molmo2 -> ours, :func:`model_config_from_molmo2` / :func:`from_molmo2_state_dict`):
 the inverse of the above. A checkpoint with ``additional_vocab_size > 0`` (the released Molmo2
 models: 128 extra image tokens) gets an LLM with ``vocab_size + additional_vocab_size`` embeddings
-and an ``lm_head`` whose extra rows are zero, so those tokens score 0 where stock Molmo2 cannot
-emit them at all; the logits of every other token are identical.
+and ``model.emit_vocab = vocab_size``: the extra ids, which stock Molmo2's ``lm_head`` cannot score,
+get logit -inf (never generated, never in a softmax), and every other logit is identical. Exporting
+such a model back writes ``vocab_size = emit_vocab`` and the rest as ``additional_vocab_size``.
 """
 
 from __future__ import annotations
@@ -379,6 +380,7 @@ def molmo2_config(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, crop_size:
         raise Molmo2Incompatible(
             f"LLM: input embeddings have {n_embed} rows but lm_head has {vocab}; resize them to the same size"
         )
+    emit = int(getattr(vlm.cfg, "emit_vocab", 0) or vocab)  # ids from emit on are input-only
     ids = tokenizer.convert_tokens_to_ids(list(TOKEN_ID_FIELDS))
     rope = dict(getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": tc.rope_theta})
     text_head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -401,8 +403,8 @@ def molmo2_config(vlm: nn.Module, tokenizer: PreTrainedTokenizerBase, crop_size:
             "num_attention_heads": tc.num_attention_heads,
             "num_key_value_heads": tc.num_key_value_heads,
             "head_dim": text_head_dim,
-            "vocab_size": vocab,
-            "additional_vocab_size": 0,
+            "vocab_size": emit,
+            "additional_vocab_size": vocab - emit,
             "attention_bias": False,
             "qk_norm_type": qk_norm,
             "num_hidden_layers": tc.num_hidden_layers,
@@ -452,7 +454,8 @@ def to_molmo2_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:
         if parts[0] == "layers" and parts[2] in renames:
             parts[2] = renames[parts[2]]
         out["model.language_model." + ".".join(parts)] = t
-    out["lm_head.weight"] = vlm.llm.get_output_embeddings().weight.detach()
+    head = vlm.llm.get_output_embeddings().weight.detach()  # (V, H)
+    out["lm_head.weight"] = head[: int(getattr(vlm.cfg, "emit_vocab", 0) or head.shape[0])]
     return out
 
 
@@ -590,6 +593,7 @@ def model_config_from_molmo2(cfg: Molmo2Config, image_processor: Any, tokenizer_
         raise Molmo2Incompatible(f"image processor crop size {size} differs from the ViT's image_size {crop}")
     pool_h, pool_w = ip.pooling_size
     return ModelConfig(
+        emit_vocab=int(tc.vocab_size) if tc.additional_vocab_size else 0,
         vision=VisionConfig(
             backend="hf",
             name="siglip-from-molmo2",

@@ -75,8 +75,12 @@ def run_export(
     fmt: str = "mmsmall",
     eval_results: str | Path | None = None,
     max_shard_size: str = "5GB",
+    adapter_only: bool = False,
 ) -> Path:
     """Export ``src`` (run folder -> its ``latest`` checkpoint, checkpoint folder, or saved model) to ``out``.
+
+    A LoRA run's adapters are merged into the weights, so the release needs no adapter code;
+    ``adapter_only`` writes the peft adapter folders instead (:func:`mmsmall.model.lora.save_adapter`).
 
     ``eval_results``: eval/runner.py's ``results.json`` (or its folder) for the model card; when
     None, ``{run}/eval/results.json`` is used if the run has one.
@@ -87,6 +91,17 @@ def run_export(
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if adapter_only:
+        from mmsmall.model.lora import has_lora, save_adapter
+
+        vlm, _ = load_vlm(src, merge_lora=False)
+        if not has_lora(vlm):
+            raise ValueError(
+                f"--adapter-only: {src} holds no LoRA adapters (it was not trained with train.lora)"
+            )
+        path = save_adapter(vlm, out)
+        log.info("exported the LoRA adapters of %s to %s", src, path)
+        return path
     vlm, source = load_vlm(src)
     if fmt == "molmo2":
         from mmsmall.export.molmo2 import check_molmo2_fit

@@ -291,10 +291,11 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
         )
         loss = None
+        logits = vlm.emittable(out.logits)  # (B, T, V); input-only ids at -inf
         if labels is not None:
-            logits = out.logits[:, :-1].flatten(0, 1).float()  # ((B*(T-1)), V)
-            loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache)
+            flat = logits[:, :-1].flatten(0, 1).float()  # ((B*(T-1)), V)
+            loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, is_first_iteration: bool = False, **kwargs

@@ -14,6 +14,8 @@ from mmsmall.model.vlm import VLM
 
 logger = logging.getLogger(__name__)
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Predictor:
     """Answer questions about images with a :class:`VLM`.
@@ -23,26 +25,47 @@ class Predictor:
             release (our HF format or the stock Molmo2 format), a training run or a checkpoint.
         device: where to run.
         max_crops: high-resolution crops per image (default: ``model.image.max_crops_eval``).
+        dtype: ``fp32``, ``bf16`` or ``fp16`` weights and activations.
+
+    The prompt format follows the checkpoint (``model.prompt``): ours (`` User: ... Assistant:``)
+    or, for imported releases, their own chat template (:mod:`mmsmall.processing.chat_template`).
     """
 
     def __init__(
-        self, model_or_dir: VLM | str | Path, device: str | torch.device = "cpu", max_crops: int | None = None
+        self,
+        model_or_dir: VLM | str | Path,
+        device: str | torch.device = "cpu",
+        max_crops: int | None = None,
+        dtype: str = "fp32",
     ):
         from mmsmall.processing.processor import Processor  # processing sits beside model, built lazily
 
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        if max_crops is not None and max_crops < 1:
+            raise ValueError(f"max_crops={max_crops}; must be >= 1")
         if isinstance(model_or_dir, VLM):
-            self.model = model_or_dir.to(device).eval()
+            model = model_or_dir
         else:
             from mmsmall.export.consolidate import load_vlm
 
-            self.model = load_vlm(model_or_dir)[0].to(device).eval()
+            model = load_vlm(model_or_dir)[0]
+        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.device = torch.device(device)
+        self.dtype = dtype
         cfg = self.model.cfg
         image_cfg = copy.deepcopy(cfg.image)
         crops = max_crops if max_crops is not None else image_cfg.max_crops_eval
         image_cfg.max_crops = image_cfg.max_crops_eval = crops
+        self.max_crops = crops
+        self.prompt_format = cfg.prompt
         self.tokenizer = self.model.tokenizer
-        self.processor = Processor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
+        if cfg.prompt == "chat_template":
+            from mmsmall.processing.chat_template import ChatTemplateProcessor
+
+            self.processor = ChatTemplateProcessor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
+        else:
+            self.processor = Processor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
 
     @torch.no_grad()
     def predict(

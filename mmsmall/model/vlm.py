@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -121,6 +121,15 @@ class VLM(nn.Module):
                 )
             else:
                 self.llm.activation_checkpointing_disable()
+
+    def emittable(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits (..., V)`` with ids >= ``cfg.emit_vocab`` at -inf (input-only tokens, e.g. the
+        image tokens of stock Molmo2's extra vocabulary, which its ``lm_head`` cannot score)."""
+        n = self.cfg.emit_vocab
+        if not n or n >= logits.shape[-1]:
+            return logits
+        blocked = torch.arange(logits.shape[-1], device=logits.device) >= n  # (V,)
+        return logits.masked_fill(blocked, float("-inf"))
 
     @property
     def device(self) -> torch.device:
@@ -226,7 +235,7 @@ class VLM(nn.Module):
             llm_kwargs["logits_to_keep"] = keep
             targets = targets[:, keep]  # (B, K)
         out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
-        logits = out.logits  # (B, T, V), or (B, K, V) at the kept positions
+        logits = self.emittable(out.logits)  # (B, T, V), or (B, K, V) at the kept positions
         if targets is None:
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
         n_targets = (targets != -100).sum()
@@ -302,7 +311,7 @@ class VLM(nn.Module):
         lengths = torch.zeros(b, dtype=torch.long)
         stop_strings = tuple(s for s in stop_strings if s)
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()  # (B, V)
+            logits = self.emittable(out.logits[:, -1].float())  # (B, V)
             token = _next_token(logits, do_sample, temperature, top_p, generator)  # (B,)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)  # (B, step+1)
@@ -349,7 +358,13 @@ class VLM(nn.Module):
             # the unpruned depth, so that negative model.vision.layers resolve to the same blocks
             vision_config["num_hidden_layers"] = self.vision.backbone.num_blocks
             (out_dir / "vision_config.json").write_text(json.dumps(vision_config, indent=2))
-        save_model(self, str(out_dir / "model.safetensors"))
+        from mmsmall.model.lora import has_lora, merged_state_dict, save_adapter
+
+        if has_lora(self):  # LoRA-trained: the adapters merged into plain weights, and kept beside them
+            save_file(merged_state_dict(self), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+            save_adapter(self, out_dir / "adapter")
+        else:
+            save_model(self, str(out_dir / "model.safetensors"))
         return out_dir
 
     @classmethod

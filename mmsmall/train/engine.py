@@ -214,6 +214,10 @@ def build_engine(run_cfg: Any, model: nn.Module, world_size: int, config: dict[s
 
     t = run_cfg.train
     freeze_modules(model, t.freeze)
+    if t.lora.enabled:  # adapters + connector train, every base weight is frozen
+        from mmsmall.model.lora import apply_lora
+
+        apply_lora(model, t.lora)
     if t.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(model, t)

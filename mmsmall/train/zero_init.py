@@ -58,6 +58,7 @@ def llm_hidden_size(run_cfg: Any) -> int:
     llm = run_cfg.model.llm
     if run_cfg.train.init_from:
         folder = Path(run_cfg.train.init_from)
+        _refuse_stock_under_zero3(folder)
         llm = _offline_config(load_config(folder / "model_config.yaml", cls=ModelConfig), folder).llm
     if llm.custom is not None:
         config = custom_llm_config(llm.custom)
@@ -94,10 +95,40 @@ def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
         tokenizer = build_tokenizer(run_cfg.model.tokenizer, run_cfg.model.llm.name)
         return build_vlm(run_cfg.model, tokenizer), tokenizer
     # without weights under ZeRO-3: load_state_dict would refuse the partitioned parameters
-    model = VLM.from_pretrained(folder, load_weights=load_weights)
+    if _is_stock_molmo2(Path(folder)):
+        from mmsmall.export.importer import read_molmo2
+
+        model = read_molmo2(folder)  # a stock transformers Molmo2 folder, mapped as `mmsmall import` does
+    else:
+        model = VLM.from_pretrained(folder, load_weights=load_weights)
+    if (
+        model.cfg.prompt != "mmsmall"
+    ):  # training encodes ` User: ... Assistant:`; the model keeps what it learns
+        log.warning(
+            "init_from %s was prompted with model.prompt=%s; trained (and saved) as mmsmall",
+            folder,
+            model.cfg.prompt,
+        )
+        model.cfg.prompt = "mmsmall"
     run_cfg.model = model.cfg
     log.info("model, its config and tokenizer from %s (the config's model section is not used)", folder)
     return model.train(), model.tokenizer
+
+
+def _is_stock_molmo2(folder: Path) -> bool:
+    from mmsmall.export.importer import is_molmo2_folder
+
+    return not (folder / "model_config.yaml").exists() and is_molmo2_folder(folder)
+
+
+def _refuse_stock_under_zero3(folder: Path) -> None:
+    if _is_stock_molmo2(folder):
+        from mmsmall.config import ConfigError
+
+        raise ConfigError(
+            f"train.init_from={folder} is a stock transformers Molmo2 folder, which ZeRO-3 cannot load "
+            f"partitioned; convert it once with `mmsmall import {folder} OUT` and set train.init_from=OUT"
+        )
 
 
 def load_partitioned(model: nn.Module, path: str | Path) -> None:

@@ -1,0 +1,106 @@
+"""``mmsmall import SOURCE OUT``: a stock transformers Molmo2 checkpoint -> an mmsmall model folder.
+
+SOURCE is a local folder or a hub id (read through the hub cache; offline with ``HF_HUB_OFFLINE=1``
+once cached). OUT is a ``VLM.save_pretrained`` folder, what ``train.init_from``, ``mmsmall eval``,
+``chat``, ``predict`` and ``export`` take, holding besides the weights:
+
+* the tokenizer with the checkpoint's chat template (``model.prompt: chat_template``, so eval
+  prompts it the way it was trained); the image settings in ``model_config.yaml``'s ``image``;
+* ``generation_config.json`` copied unchanged, and ``import.json`` (source, transformers version).
+
+Refused with the reason (:class:`~mmsmall.export.molmo2.Molmo2Incompatible`): a folder that is not
+Molmo2, a Molmo2 variant our VLM cannot express (see :mod:`mmsmall.export.molmo2`), and processor
+settings our token layout does not reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from mmsmall.export.molmo2 import Molmo2Incompatible
+
+log = logging.getLogger(__name__)
+
+# Molmo2Processor attribute -> the value our image token layout (processing/tokens.py) uses.
+_LAYOUT = {
+    "image_use_col_tokens": True,
+    "use_single_crop_col_tokens": None,
+    "use_single_crop_start_token": True,
+}
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A local folder as is; otherwise ``source`` is a hub id, fetched into (or read from) the hub cache."""
+    p = Path(source)
+    if p.exists():
+        return p
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source)))
+    except Exception as e:  # offline without a cached copy, unknown repo, no access
+        raise FileNotFoundError(
+            f"{source}: neither a local folder nor a hub checkpoint that could be fetched ({e}); "
+            "give a local copy, or set HF_HUB_OFFLINE=0 with network access"
+        ) from e
+
+
+def is_molmo2_folder(path: str | Path) -> bool:
+    """True for a transformers Molmo2 folder (``config.json`` with ``model_type: molmo2``)."""
+    cfg = Path(path) / "config.json"
+    return cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "molmo2"
+
+
+def _check_processor(processor) -> None:
+    wrong = [
+        f"{k}={getattr(processor, k, v)!r} (mmsmall lays image tokens out with {k}={v!r})"
+        for k, v in _LAYOUT.items()
+        if getattr(processor, k, v) != v
+    ]
+    if wrong:
+        raise Molmo2Incompatible("processor settings mmsmall cannot reproduce: " + "; ".join(wrong))
+
+
+def read_molmo2(source: str | Path):
+    """The VLM (fp32, eval) of a stock Molmo2 checkpoint, with its chat template (``model.prompt``)."""
+    from transformers import AutoProcessor
+
+    from mmsmall.export.release import load_molmo2
+
+    path = resolve_checkpoint(source)
+    if not is_molmo2_folder(path):
+        raise Molmo2Incompatible(
+            f"{path}: not a transformers Molmo2 checkpoint (config.json with model_type molmo2); "
+            "mmsmall import reads Molmo2ForConditionalGeneration folders"
+        )
+    processor = AutoProcessor.from_pretrained(str(path))
+    _check_processor(processor)
+    vlm = load_molmo2(path)
+    template = getattr(processor, "chat_template", None) or vlm.tokenizer.chat_template
+    if template:
+        vlm.tokenizer.chat_template = template
+        vlm.cfg.prompt = "chat_template"
+    else:
+        log.warning("%s has no chat template: the imported model is prompted in mmsmall's format", source)
+    vlm.cfg.tokenizer.name = str(source)  # provenance; a saved folder holds the tokenizer itself
+    return vlm
+
+
+def import_molmo2(source: str | Path, out: str | Path):
+    """Import ``source`` into ``out`` (see module docstring); returns the imported VLM."""
+    import transformers
+
+    vlm = read_molmo2(source)
+    path = resolve_checkpoint(source)
+    out = Path(out)
+    vlm.save_pretrained(out)
+    gen = path / "generation_config.json"
+    if gen.exists():
+        shutil.copyfile(gen, out / "generation_config.json")
+    meta = {"source": str(source), "format": "molmo2", "transformers": transformers.__version__}
+    (out / "import.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("imported %s into %s (prompt format: %s)", source, out, vlm.cfg.prompt)
+    return vlm

@@ -1,0 +1,300 @@
+"""Released models: a tiny *stock* Molmo2 (built from a transformers ``Molmo2Config``, saved with
+``save_pretrained``, with its own Molmo2-style chat template and two extra-vocabulary tokens) is
+imported with ``mmsmall import``; its logits equal stock transformers' (the extra ids at -inf, never
+emitted), and ``mmsmall eval --model <stock folder>`` answers exactly what stock ``generate`` says
+on the same chat-template prompts, at batch 1 and batch 8."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsmall.config import TokenizerConfig
+from mmsmall.processing.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = shutil.which("mmsmall", path=str(Path(sys.executable).parent)) or "mmsmall"
+# Molmo2's prompt: the image first, then the Qwen-style turn markers.
+MOLMO2_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}<|image|>{%- endfor -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+BUDGET = 12  # new tokens per answer in the eval comparison
+N_EXTRA = 2  # extra-vocabulary ids: embedded, never scored by stock Molmo2's lm_head
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    return subprocess.run([EXE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def stock_tokenizer():
+    tok = build_tokenizer(TokenizerConfig())  # the tiny BPE with Molmo2's image tokens
+    tok.add_special_tokens(
+        {"extra_special_tokens": ["<|im_start|>", "<|im_end|>", *[f"<|extra_{i}|>" for i in range(N_EXTRA)]]},
+        replace_extra_special_tokens=False,
+    )
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = MOLMO2_TEMPLATE
+    return tok
+
+
+def build_stock_molmo2(out: Path, seed: int = 0) -> Path:
+    """A random tiny Molmo2ForConditionalGeneration + Molmo2Processor folder, as transformers saves it."""
+    from transformers import (
+        GenerationConfig,
+        Molmo2Config,
+        Molmo2ForConditionalGeneration,
+        Molmo2ImageProcessor,
+        Molmo2Processor,
+        Molmo2VideoProcessor,
+    )
+
+    tok = stock_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tok.get_vocab()}
+    common = {"size": {"height": 56, "width": 56}, "patch_size": 14, "pooling_size": [2, 2]}
+    common.update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    cfg = Molmo2Config(
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "head_dim": 8, "image_size": [56, 56], "patch_size": 14,
+            "hidden_act": "gelu_pytorch_tanh", "attention_bias": True,
+        },
+        adapter_config={
+            "vision_feature_layer": [-1, -2], "hidden_size": 32, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "head_dim": 8, "attention_bias": True, "hidden_act": "silu",
+            "intermediate_size": 64, "text_hidden_size": 64, "mlp_bias": False,
+        },
+        text_config={
+            "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "vocab_size": len(tok) - N_EXTRA, "additional_vocab_size": N_EXTRA, "attention_bias": False,
+            "qk_norm_type": "olmo", "norm_after": True, "num_hidden_layers": 2, "intermediate_size": 96,
+            "max_position_embeddings": 1024, "tie_word_embeddings": False,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        image_start_token_id=ids["<im_start>"],
+        low_res_image_start_token_id=ids["<low_res_im_start>"],
+        image_end_token_id=ids["<im_end>"],
+        image_patch_id=ids["<im_patch>"],
+        frame_start_token_id=ids["<frame_start>"],
+        frame_end_token_id=ids["<frame_end>"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Molmo2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # no weight left at an init constant (norms at 1, biases at 0)
+            p.add_(0.1 * torch.randn_like(p))
+        # make <|im_end|> likely after a few tokens, so generations end at different lengths
+        model.lm_head.weight[tok.eos_token_id] *= 3.0
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        do_sample=False, max_new_tokens=16,
+    )  # fmt: skip
+    model.save_pretrained(out)
+    Molmo2Processor(
+        image_processor=Molmo2ImageProcessor(max_crops=3, overlap_margins=[1, 1], **common),
+        video_processor=Molmo2VideoProcessor(**common),
+        tokenizer=tok,
+        chat_template=MOLMO2_TEMPLATE,
+    ).save_pretrained(out)
+    return out
+
+
+def image(seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    h, w = int(rng.randint(40, 160)), int(rng.randint(40, 160))
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+
+
+def stock_inputs(processor, img: Image.Image | None, question: str) -> dict:
+    content = ([{"type": "image", "image": img}] if img is not None else []) + [
+        {"type": "text", "text": question}
+    ]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory) -> Path:
+    return build_stock_molmo2(tmp_path_factory.mktemp("stock") / "molmo2-tiny")
+
+
+@pytest.fixture(scope="module")
+def imported(stock, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imported") / "model"
+    proc = _run("import", str(stock), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_import_carries_everything_and_logits_match(stock, imported):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmsmall.model.predict import Predictor
+    from mmsmall.model.vlm import VLM
+    from mmsmall.processing.processor import collate
+
+    vlm = VLM.from_pretrained(imported)
+    assert vlm.cfg.prompt == "chat_template" and vlm.tokenizer.chat_template == MOLMO2_TEMPLATE
+    assert vlm.cfg.image.max_crops_eval == 3 and vlm.cfg.image.overlap_margins == [1, 1]
+    n_text = len(vlm.tokenizer) - N_EXTRA
+    assert vlm.cfg.emit_vocab == n_text
+    gen = json.loads((imported / "generation_config.json").read_text())
+    assert (
+        gen["eos_token_id"] == vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        and gen["max_new_tokens"] == 16
+    )
+    assert json.loads((imported / "import.json").read_text())["source"] == str(stock)
+
+    model = AutoModelForImageTextToText.from_pretrained(stock).eval()
+    processor = AutoProcessor.from_pretrained(stock)
+    predictor = Predictor(vlm)
+    for seed in (1, 2):
+        img = image(seed)
+        ref_in = stock_inputs(processor, img, "What is the color?")
+        ours = collate(
+            [predictor.processor.encode_prompt(img, "What is the color?")], vlm.tokenizer.pad_token_id, True
+        )
+        assert torch.equal(ours["input_ids"], ref_in["input_ids"])  # the checkpoint's own prompt
+        with torch.no_grad():
+            ref = model(**ref_in).logits  # (1, T, n_text)
+            got = vlm(
+                **{k: ours[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_token_pooling")}
+            )
+        assert ref.shape[-1] == n_text and got.logits.shape[-1] == n_text + N_EXTRA
+        assert (got.logits[..., :n_text] - ref).abs().max().item() < 1e-4
+        assert torch.isneginf(got.logits[..., n_text:]).all()  # input-only ids: never emitted
+
+
+def test_unmappable_checkpoint_is_refused_with_reason(stock, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(stock, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["text_config"]["attention_bias"] = True
+    (bad / "config.json").write_text(json.dumps(cfg))
+    proc = _run("import", str(bad), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "q/k/v biases" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
+    from mmsmall.export import Molmo2Incompatible, import_molmo2
+
+    with pytest.raises(Molmo2Incompatible, match="not a transformers Molmo2 checkpoint"):
+        import_molmo2(bad, tmp_path / "out")
+
+
+def _eval_data(tmp_path: Path, n: int) -> Path:
+    """A docvqa-layout local set (RRC-style json + images) of ``n`` questions."""
+    root = tmp_path / "docvqa"
+    (root / "images").mkdir(parents=True)
+    data = []
+    for i in range(n):
+        image(100 + i).save(root / "images" / f"d{i}.png")
+        q = ["What is the title?", "How many rows?", "What is the total?"][i % 3]
+        data.append({"questionId": i, "question": q, "image": f"images/d{i}.png", "answers": ["x"]})
+    (root / "val_v1.0.json").write_text(json.dumps({"data": data}))
+    return root
+
+
+@pytest.mark.slow
+def test_eval_stock_folder_equals_stock_generate_batch_1_and_8(stock, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from eval.tasks.base import get_task
+
+    data = _eval_data(tmp_path, 9)
+    task = get_task("docvqa")
+    records = task.load(str(data), None)
+    model = AutoModelForImageTextToText.from_pretrained(stock).eval()
+    processor = AutoProcessor.from_pretrained(stock)
+    want = {}
+    for r in records:
+        inputs = stock_inputs(processor, r.load_image(), task.prompt(r, False))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=BUDGET, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        want[r.id] = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert len(set(want.values())) > 1  # the answers differ between samples: the check is sharp
+    for bs in (1, 8):
+        out = tmp_path / f"bs{bs}"
+        proc = _run(
+            "eval", "--model", str(stock), "--tasks", "docvqa", "--data", f"docvqa={data}", "--out", str(out),
+            "--batch-size", str(bs), "--num-workers", str(bs // 4), "--dtype", "fp32", "--device", "cpu",
+            "--max-new-tokens", str(BUDGET),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = {
+            json.loads(line)["id"]: json.loads(line)["response"]
+            for line in (out / "predictions" / "docvqa.jsonl").read_text().splitlines()
+        }
+        assert got == want, (bs, got, want)
+        results = json.loads((out / "results.json").read_text())
+        assert results["prompt_format"] == "chat_template" and results["dtype"] == "fp32"
+        assert results["max_crops"] == 3 and results["transformers"]
+        assert results["tasks"]["docvqa"]["max_new_tokens"] == BUDGET
+
+
+def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported):
+    from mmsmall.config import ConfigError, RunConfig, load_config
+    from mmsmall.model.vlm import VLM
+    from mmsmall.train.zero_init import _build, llm_hidden_size
+
+    cfg = load_config(ROOT / "configs/train/tiny-finetune.yaml", [f"train.init_from={stock}"], cls=RunConfig)
+    model, _ = _build(cfg, load_weights=True)
+    assert cfg.model is model.cfg and model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
+    assert model.cfg.prompt == "mmsmall"  # training encodes our format, and the trained model says so
+    ref = VLM.from_pretrained(imported)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    with pytest.raises(ConfigError, match="mmsmall import"):
+        llm_hidden_size(cfg)  # what ZeRO-3 asks first: it cannot read a stock folder partitioned
+
+
+def test_max_crops_dtype_and_qlora_refusal(imported):
+    from mmsmall.config import LoRAConfig
+    from mmsmall.model.lora import apply_lora
+    from mmsmall.model.predict import Predictor
+
+    img = image(5).resize((160, 120))
+    few, many = Predictor(str(imported), max_crops=1), Predictor(str(imported))
+    assert few.max_crops == 1 and many.max_crops == 3
+    n_few = few.processor.encode_prompt(img, "q")["pixel_values"].shape[0]
+    n_many = many.processor.encode_prompt(img, "q")["pixel_values"].shape[0]
+    assert n_few < n_many  # crops (plus the low-res view) follow --max-crops
+    half = Predictor(str(imported), dtype="bf16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert len(half.predict([img], ["What is the color?"], max_new_tokens=3)) == 1
+    with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
+        Predictor(str(imported), dtype="int8")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        apply_lora(many.model, LoRAConfig(enabled=True, qlora=True))
+    path = imported.parent / "chat.png"
+    img.save(path)
+    args = ["--model", str(imported), "--image", str(path), "--max-new-tokens", "3"]
+    proc = _run("chat", "What is the color?", *args, "--dtype", "bf16", "--max-crops", "1", "--device", "cpu")
+    expected = Predictor(str(imported), dtype="bf16", max_crops=1).predict([img], ["What is the color?"], 3)[
+        0
+    ]
+    assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr[-2000:]
