@@ -32,7 +32,7 @@ def tiny_shape():
     return model_shape(load_config(TINY, []))
 
 
-def test_shape_from_the_meta_build_counts_the_real_model(tiny_shape):
+def test_shape_from_the_meta_build_counts_the_real_model(tiny_shape, tmp_path):
     from mmsmall.model.vlm import build_vlm
     from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -40,6 +40,11 @@ def test_shape_from_the_meta_build_counts_the_real_model(tiny_shape):
     model = build_vlm(cfg.model, build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name))
     real = {n: sum(p.numel() for p in getattr(model, n).parameters()) for n in ("vision", "connector", "llm")}
     assert tiny_shape.params == real and tiny_shape.trainable == sum(real.values())
+    # a later stage (train.init_from) is planned from the folder's model, not the config's
+    model.save_pretrained(tmp_path / "stage1")
+    wide = load_config(TINY, [WIDE, f"train.init_from={tmp_path / 'stage1'}", "train.freeze=[vision]"])
+    later = model_shape(wide)
+    assert later.params == real and later.trainable == real["connector"] + real["llm"]
 
 
 @pytest.mark.parametrize("gpus,nodes", [(8, 1), (4, 2)])

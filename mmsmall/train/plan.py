@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +93,14 @@ def model_shape(run_cfg: Any) -> ModelShape:
     from mmsmall.processing.tokenizer import build_tokenizer
 
     mcfg = copy.deepcopy(run_cfg.model)
+    tokenizer_cfg = mcfg.tokenizer
+    if run_cfg.train.init_from:  # a later stage trains the folder's model, not the config's
+        from mmsmall.config import ModelConfig, TokenizerConfig, load_config
+        from mmsmall.model.vlm import _offline_config
+
+        folder = Path(run_cfg.train.init_from)
+        mcfg = _offline_config(load_config(folder / "model_config.yaml", cls=ModelConfig), folder)
+        tokenizer_cfg = TokenizerConfig(name=str(folder))
     vision = replace(mcfg.vision, pretrained=None)
     if vision.backend == "hf" and vision.custom is None:  # config only, never the weights
         config = AutoConfig.from_pretrained(vision.name)
@@ -100,7 +109,7 @@ def model_shape(run_cfg: Any) -> ModelShape:
     llm = mcfg.llm
     if llm.custom is None:
         llm = replace(llm, custom=AutoConfig.from_pretrained(llm.name).get_text_config().to_dict())
-    tokenizer = build_tokenizer(mcfg.tokenizer, mcfg.llm.name)
+    tokenizer = build_tokenizer(tokenizer_cfg, mcfg.llm.name)
     mcfg = replace(mcfg, vision=vision, llm=llm)
     with torch.device("meta"):
         model = build_vlm(mcfg, tokenizer)
