@@ -99,7 +99,11 @@ def plan(
     from mmsmall.train.plan import as_dict, report
     from mmsmall.train.plan import plan as make_plan
 
-    result = make_plan(load_config(config, list(overrides or ())), gpus, gpu_mem, nodes)
+    try:
+        result = make_plan(load_config(config, list(overrides or ())), gpus, gpu_mem, nodes)
+    except ValueError as e:  # bad numbers or a DeepSpeed json the planner cannot read
+        typer.echo(f"mmsmall plan: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(as_dict(result), indent=2) if as_json else report(result))
     raise typer.Exit(0 if result.fits else 1)
 

@@ -133,3 +133,8 @@ def test_a_run_that_does_not_fit_names_what_to_change(tiny_shape):
     # model states alone too big: the message points at ZeRO-3 and more GPUs
     message = advice(plan(load_config(TINY, []), 1, 0.001, shape=tiny_shape))
     assert "train.deepspeed=configs/deepspeed/zero3.json" in message and "more GPUs" in message
+
+
+def test_bad_numbers_are_refused_in_one_line(tiny_shape):
+    with pytest.raises(ValueError, match="--gpus 0 --nodes 1 --gpu-mem 80: give positive numbers"):
+        plan(load_config(TINY, []), 0, 80, shape=tiny_shape)
