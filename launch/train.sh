@@ -9,6 +9,7 @@
 #   NPROC=N        processes on this node (default: every visible GPU; 1 on CPU)
 #   HOSTFILE=path  multi-node: DeepSpeed hostfile ("node1 slots=8" per line, passwordless ssh),
 #                  with MASTER_ADDR=<first node's address> (and optionally MASTER_PORT)
+#   NODE_RANK=k    with HOSTFILE, no ssh: start the same command on each node, k = 0..N-1
 #   PYTHON=path    interpreter (default: the repo's .venv/bin/python, else python3)
 #   TORCH_EXTENSIONS_DIR  cache for DeepSpeed's compiled ops (default: .cache/torch_extensions)
 #
@@ -43,6 +44,8 @@ launcher=("$PY" -m deepspeed.launcher.runner)
 if [ -n "${HOSTFILE:-}" ]; then
   : "${MASTER_ADDR:?set MASTER_ADDR to the first node of $HOSTFILE}"
   launcher+=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+  # Without ssh: run this same command on every node with NODE_RANK=0..N-1 (DeepSpeed's --no_ssh).
+  if [ -n "${NODE_RANK:-}" ]; then launcher+=(--no_ssh --node_rank "$NODE_RANK"); fi
 else
   ngpu=0
   if [ "${DS_ACCELERATOR:-}" != "cpu" ]; then

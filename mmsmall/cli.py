@@ -113,6 +113,29 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(
+    config: Annotated[Path, typer.Argument(help="training YAML, e.g. configs/train/caption-pretrain.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per node")] = 8,
+    gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="memory of one GPU in GiB")] = 80.0,
+    nodes: Annotated[int, typer.Option(help="nodes")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+) -> None:
+    """Per-GPU memory of a training run and the largest micro-batch that fits (exit 1: does not fit)."""
+    from mmsmall.config import load_config
+    from mmsmall.train.plan import as_dict, report
+    from mmsmall.train.plan import plan as make_plan
+
+    try:
+        result = make_plan(load_config(config, list(overrides or ())), gpus, gpu_mem, nodes)
+    except ValueError as e:  # bad numbers or a DeepSpeed json the planner cannot read
+        typer.echo(f"mmsmall plan: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(as_dict(result), indent=2) if as_json else report(result))
+    raise typer.Exit(0 if result.fits else 1)
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[

@@ -69,7 +69,9 @@ class _OpenClipBackbone(_Backbone):
                 path = Path(tmp) / f"{cfg.name}.json"
                 path.write_text(json.dumps(cfg.custom))
                 open_clip.add_model_config(path)
-                model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained)
+                model = open_clip.create_model(
+                    cfg.name, pretrained=cfg.pretrained, device=torch.get_default_device()
+                )
         else:
             if cfg.name not in open_clip.list_models():
                 raise ValueError(
@@ -77,7 +79,9 @@ class _OpenClipBackbone(_Backbone):
                     f"open_clip.list_models() (e.g. ViT-L-14-336, ViT-SO400M-14-SigLIP2-378), or give "
                     f"model.vision.custom with an open_clip config dict"
                 )
-            model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained)
+            model = open_clip.create_model(
+                cfg.name, pretrained=cfg.pretrained, device=torch.get_default_device()
+            )
         self.visual = model.visual  # keep only the image tower; the text tower is dropped here
         del model
         self.visual.output_tokens = False

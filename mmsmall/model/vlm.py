@@ -156,6 +156,8 @@ class VLM(nn.Module):
                     f"input_ids hold {n_placeholders} {PATCH_TOKEN} tokens but the batch has no pixel_values; "
                     "encode images with the Processor, or drop the image tokens"
                 )
+            if self.training and torch.is_grad_enabled():
+                embeds = embeds + self._zero_weighted_image_pass(embeds)
             return embeds
         if image_token_pooling is None:
             raise ValueError(
@@ -171,6 +173,20 @@ class VLM(nn.Module):
             )
         added = torch.zeros_like(embeds).masked_scatter(is_patch[..., None], feats)  # (B, T, H)
         return embeds + added
+
+    def _zero_weighted_image_pass(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A () zero from one blank crop through the vision tower and connector.
+
+        A training micro-batch without images still runs both towers, so under ZeRO-3 every rank
+        gathers the vision and connector parameters in the same order (a rank that skipped them
+        would wait in a different all-gather than the others: the text-only hang). Weighted 0,
+        it changes neither the loss nor any gradient; the skipped modules' gradients are zeros.
+        """
+        grid, ps = self.vision.grid, self.vision.patch_size
+        pixels = torch.zeros(1, grid * grid, 3 * ps * ps, dtype=self.vision.dtype, device=embeds.device)
+        k = self.cfg.image.pooling_size[0] * self.cfg.image.pooling_size[1]
+        pooling = torch.arange(k, device=embeds.device)[None]  # (1, K): one window of the crop
+        return 0.0 * self.image_features(pixels, pooling).sum().to(embeds.dtype)
 
     def _llm_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.cfg.llm.attn_implementation != "eager":

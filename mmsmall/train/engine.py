@@ -12,7 +12,11 @@
   (given, or read from a built model; ``zero_init.llm_hidden_size`` reads it before the model
   exists); an ``"auto"`` it has no source for is an error, never a guess. Gradients are reduced
   in fp32.
-- ``build_engine`` hands the model, a torch AdamW and the per-module LambdaLR to DeepSpeed.
+- ``build_optimizer`` picks the optimizer: torch AdamW from our groups, or, where the DeepSpeed
+  config offloads optimizer states (``offload_optimizer``) or names an ``optimizer`` itself,
+  DeepSpeed's own (CPU Adam under offload, its C++ op compiled once into ``TORCH_EXTENSIONS_DIR``)
+  built by ``deepspeed.initialize`` from the config's ``optimizer`` section and the same groups.
+- ``build_engine`` hands the model, the optimizer and the per-module LambdaLR to DeepSpeed.
   Under ZeRO-3 the model arrives already partitioned (``mmsmall/train/zero_init.py``), so
   parameter sizes and shapes are read from ``ds_numel`` / ``ds_shape`` where DeepSpeed set them.
 """
@@ -197,11 +201,47 @@ def ds_config(
                 f"{path}: {key}={cfg[key]} disagrees with the run config ({fill[key]}); use 'auto'"
             )
         cfg[key] = fill[key]
+    _fill_optimizer_section(cfg, t, path)
     cfg.setdefault("bf16", {})["enabled"] = fill["bf16.enabled"]
     cfg.setdefault("communication_data_type", "fp32")
-    cfg["zero_allow_untested_optimizer"] = True  # torch AdamW is the client optimizer
+    cfg["zero_allow_untested_optimizer"] = True  # torch AdamW, where it is the client optimizer
     cfg.setdefault("steps_per_print", 10**9)  # the loop logs; DeepSpeed stays quiet
     return cfg
+
+
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config keeps optimizer states off the accelerator (ZeRO-Offload)."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def _fill_optimizer_section(cfg: dict[str, Any], t: Any, path: Path) -> None:
+    """Offload needs DeepSpeed's CPU Adam: give the config an AdamW ``optimizer`` section (when it
+    has none) and fill its ``"auto"`` params from the run config. Per-group lr and weight decay
+    come from ``param_groups`` and override these defaults."""
+    if offloads_optimizer(cfg):
+        cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if "optimizer" not in cfg:
+        return
+    params = cfg["optimizer"].setdefault("params", {})
+    own = {"lr": t.lr.llm, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
+    for key, value in own.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    if str(cfg["optimizer"].get("type", "")).lower() not in ("adam", "adamw"):
+        raise ValueError(
+            f"{path}: optimizer.type={cfg['optimizer'].get('type')!r}; mmsmall trains with AdamW "
+            "(give type AdamW, or drop the optimizer section)"
+        )
+
+
+def build_optimizer(groups: list[dict[str, Any]], train_cfg: Any, config: dict[str, Any]):
+    """torch AdamW over ``groups``, or None when the DeepSpeed config has an ``optimizer`` section
+    (``ds_config`` adds one under offload): then ``deepspeed.initialize`` builds it (CPU Adam
+    under offload) from ``model_parameters=groups``, so per-module lr and weight decay are kept."""
+    if "optimizer" in config:
+        return None
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(train_cfg.betas), eps=train_cfg.eps)
 
 
 def build_engine(run_cfg: Any, model: nn.Module, world_size: int, config: dict[str, Any] | None = None):
@@ -219,12 +259,17 @@ def build_engine(run_cfg: Any, model: nn.Module, world_size: int, config: dict[s
 
         apply_lora(model, t.lora)
     if t.activation_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.set_activation_checkpointing(True)
     groups = param_groups(model, t)
-    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(t.betas), eps=t.eps)
-    scheduler = build_scheduler(optimizer, t)
     config = ds_config(run_cfg, world_size, model) if config is None else config
+    optimizer = build_optimizer(groups, t, config)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        model=model,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        lr_scheduler=lambda opt: build_scheduler(opt, t),  # on the optimizer DeepSpeed ends up with
+        config=config,
     )
+    source = "the DeepSpeed config" if optimizer is None else "mmsmall"
+    log.info("optimizer %s (from %s)", type(engine.basic_optimizer).__name__, source)
     return engine

@@ -1,0 +1,140 @@
+"""``mmsmall plan``: model states against DeepSpeed's own estimates, the whole figure against a
+peak measured on CPU (torch's MemTracker over a real training step), and the not-fit message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsmall.config import load_config
+from mmsmall.train.plan import advice, model_shape, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = shutil.which("mmsmall", path=str(Path(sys.executable).parent)) or "mmsmall"
+TINY = ROOT / "configs/train/tiny-pretrain.yaml"
+WIDE = (  # bench/packing.py's 512-wide LLM: model states weigh as much as activations
+    "model.llm.custom={model_type: qwen2, hidden_size: 512, intermediate_size: 1536, num_hidden_layers: 2, "
+    "num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, tie_word_embeddings: false}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_shape():
+    return model_shape(load_config(TINY, []))
+
+
+def test_shape_from_the_meta_build_counts_the_real_model(tiny_shape, tmp_path):
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    cfg = load_config(TINY, [])
+    model = build_vlm(cfg.model, build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name))
+    real = {n: sum(p.numel() for p in getattr(model, n).parameters()) for n in ("vision", "connector", "llm")}
+    assert tiny_shape.params == real and tiny_shape.trainable == sum(real.values())
+    # a later stage (train.init_from) is planned from the folder's model, not the config's
+    model.save_pretrained(tmp_path / "stage1")
+    wide = load_config(TINY, [WIDE, f"train.init_from={tmp_path / 'stage1'}", "train.freeze=[vision]"])
+    later = model_shape(wide)
+    assert later.params == real and later.trainable == real["connector"] + real["llm"]
+
+
+@pytest.mark.parametrize("gpus,nodes", [(8, 1), (4, 2)])
+def test_model_states_equal_deepspeeds_estimates(tiny_shape, gpus, nodes, tmp_path):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    n, layer = tiny_shape.total, tiny_shape.largest_layer
+    cases = {
+        "zero2.json": estimate_zero2_model_states_mem_needs(n, gpus, nodes, cpu_offload=False)[1],
+        "zero2_offload.json": estimate_zero2_model_states_mem_needs(n, gpus, nodes, cpu_offload=True)[1],
+        "zero3.json": estimate_zero3_model_states_mem_needs(n, layer, gpus, nodes, cpu_offload=False)[1],
+        "zero3_offload.json": estimate_zero3_model_states_mem_needs(n, layer, gpus, nodes, True, True)[1],
+    }
+    for config, expected in cases.items():
+        cfg = load_config(TINY, ["train.precision=bf16", f"train.deepspeed=configs/deepspeed/{config}"])
+        got = sum(plan(cfg, gpus, 80, nodes, shape=tiny_shape).states.values())
+        assert abs(got - expected) <= 2, (config, got, expected)  # DeepSpeed rounds to whole bytes
+    # ZeRO-3 with only the optimizer offloaded (DeepSpeed's cpu_offload_params=False)
+    ds = json.loads((ROOT / "configs/deepspeed/zero3_offload.json").read_text())
+    del ds["zero_optimization"]["offload_param"]
+    path = tmp_path / "zero3_offload_optimizer.json"
+    path.write_text(json.dumps(ds))
+    cfg = load_config(TINY, ["train.precision=bf16", f"train.deepspeed={path}"])
+    expected = estimate_zero3_model_states_mem_needs(n, layer, gpus, nodes, True, False)[1]
+    p = plan(cfg, gpus, 80, nodes, shape=tiny_shape)
+    assert abs(sum(p.states.values()) - expected) <= 2 and p.cpu_per_node > 0
+
+
+def _measured_peak(cfg) -> float:
+    """Peak bytes of tensors during a second fp32 training step (the first creates Adam's states)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.processor import Processor, collate
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name)
+    torch.manual_seed(0)
+    model = build_vlm(cfg.model, tok).train()
+    proc = Processor(tok, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
+    rng = np.random.default_rng(0)
+    rows = []
+    for r in range(cfg.train.micro_batch_size):  # a max-crops image and text up to about seq_len
+        image = Image.fromarray(rng.integers(0, 255, (300, 420, 3), dtype=np.uint8))
+        answer = " ".join(f"w{i}" for i in range(95))
+        conv = [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": answer}]
+        rows.append(proc.encode(image, [conv], sample_id=str(r)))
+    batch = collate(rows, tok.pad_token_id)
+    assert batch["input_ids"].shape[1] > 0.9 * cfg.data.seq_len
+    assert batch["pixel_values"].shape[0] == cfg.train.micro_batch_size * (cfg.model.image.max_crops + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+
+    def step():
+        model(**batch, loss_reduction="sum", keep_logits=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    return float(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+@pytest.mark.parametrize("overrides", [[], [WIDE]], ids=["tiny", "wide"])
+def test_plan_is_within_15_percent_of_the_measured_cpu_peak(overrides):
+    cfg = load_config(TINY, overrides)
+    measured = _measured_peak(cfg)
+    planned = plan(cfg, 1, 80, scores_saved=True).total  # a CPU's attention keeps its probabilities
+    assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)
+
+
+def test_a_run_that_does_not_fit_names_what_to_change(tiny_shape):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    args = [EXE, "plan", str(TINY), "train.micro_batch_size=64", "--gpus", "2", "--gpu-mem", "0.1"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("does not fit:") and "train.activation_checkpointing=true" in last
+    fit = int(next(x for x in proc.stdout.splitlines() if x.startswith("largest micro-batch")).split()[-1])
+    assert 1 <= fit < 64 and f"train.micro_batch_size={fit}" in last
+    cfg = load_config(TINY, [f"train.micro_batch_size={fit}"])
+    assert plan(cfg, 2, 0.1, shape=tiny_shape).fits  # the advised micro-batch fits
+    # model states alone too big: the message points at ZeRO-3 and more GPUs
+    message = advice(plan(load_config(TINY, []), 1, 0.001, shape=tiny_shape))
+    assert "train.deepspeed=configs/deepspeed/zero3.json" in message and "more GPUs" in message
+
+
+def test_bad_numbers_are_refused_in_one_line(tiny_shape):
+    with pytest.raises(ValueError, match="--gpus 0 --nodes 1 --gpu-mem 80: give positive numbers"):
+        plan(load_config(TINY, []), 0, 80, shape=tiny_shape)
