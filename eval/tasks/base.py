@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from mmsmall.processing.images import to_rgb_image
+
 
 class EvalDataError(ValueError):
     """Benchmark data is missing or malformed; the message names the file or sample."""
@@ -45,15 +47,15 @@ class Record:
         where = f"sample {self.id!r}" + (f" in {self.source}" if self.source else "")
         try:
             if self.image is not None:
-                return self.image.convert("RGB")
+                return to_rgb_image(self.image)
             if self.image_bytes is not None:
                 with Image.open(io.BytesIO(self.image_bytes)) as im:
                     im.load()
-                    return im.convert("RGB")
+                    return to_rgb_image(im)
             if self.image_path is not None:
                 with Image.open(self.image_path) as im:
                     im.load()
-                    return im.convert("RGB")
+                    return to_rgb_image(im)
         except FileNotFoundError:
             raise EvalDataError(f"{where}: image file not found: {self.image_path}") from None
         except Exception as e:  # PIL raises many types for bad bytes

@@ -30,6 +30,8 @@ from typing import Any, TypedDict
 import numpy as np
 from PIL import Image
 
+from mmsmall.processing.images import to_rgb_image
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -147,7 +149,7 @@ def decode_sample(
         try:
             with Image.open(io.BytesIO(parts[ext])) as im:
                 im.load()  # force a full decode: truncated files fail here, not later
-                image = im.convert("RGB")
+                image = to_rgb_image(im)
         except Exception as e:  # PIL raises many types for bad bytes
             _skip(counters, "bad_image", shard, key, f"{type(e).__name__}: {e}")
             return None

@@ -15,6 +15,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mmsmall.processing.images import to_rgb_image
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -32,7 +34,7 @@ def _predictor(model: str, device: str = "cpu", max_crops: int | None = None):
 def _open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb_image(im)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
