@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .fingerprint import data_fingerprint, model_fingerprint
 from .report import write_reports
 from .tasks.base import EvalDataError, Record, Task, get_task
 
@@ -194,8 +195,11 @@ def read_cache(pred_dir: Path, task: str, settings: dict[str, Any]) -> dict[str,
                 ) from None
             got = {k: entry.get(k) for k in settings}
             if got != settings:
+                changed = ", ".join(
+                    f"{k} {got[k]!r} -> {settings[k]!r}" for k in settings if got[k] != settings[k]
+                )
                 raise EvalDataError(
-                    f"{f}: predictions were made with {got}, this run uses {settings}; "
+                    f"{f}: predictions were made with other settings ({changed}); "
                     "use another --out folder or delete the file"
                 )
             cached[entry["id"]] = entry
@@ -334,6 +338,7 @@ def evaluate(
     pred_dir.mkdir(parents=True, exist_ok=True)
     samples_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model)
+    weights = model_fingerprint(model)
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
 
     results: dict[str, Any] = {
@@ -360,6 +365,8 @@ def evaluate(
             "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
             "blind": bool(blind),
             "prompt_style": results["prompt_style"],
+            "weights": weights,  # the cache key covers what changes answers: weights, data, prompts
+            "data": data_fingerprint(records, prompts),
         }
         cached = read_cache(pred_dir, task.name, settings)
         mine = records[rank::world]
