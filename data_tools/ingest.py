@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsmall.config import ConfigError
+from mmsmall.data.keys import member_key
 
 from .config import CurateConfig, InputConfig
 from .records import clean_id, clean_messages, clean_points, scalar_text
@@ -302,25 +303,29 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     source = _source_name(inp)
     groups: dict[str, dict[str, bytes]] = {}
     bad: list[str] = []
+    dups: list[str] = []
     try:
         with tarfile.open(unit["file"], "r:*") as tar:
             for m in tar:
                 name = m.name
-                base = name.rsplit("/", 1)[-1]
-                key = name[: len(name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1].lower() if "." in base else ""
+                key, ext = member_key(name) or (name, "")
                 if not m.isfile():
                     if not m.isdir():
                         bad.append(name)
                     continue
+                if ext in groups.setdefault(key, {}):  # a repeated member: counted, the first kept
+                    dups.append(name)
+                    continue
                 f = tar.extractfile(m)
-                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+                groups[key][ext] = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError):
         yield _record(
             f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard", image_ref=unit["file"]
         )
     for name in bad:
         yield _record(name, source, error="unsafe_member", image_ref=name)
+    for name in dups:
+        yield _record(name, source, error="duplicate_member", image_ref=name)
     for key, parts in groups.items():
         img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
         meta: dict = {}
