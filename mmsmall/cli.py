@@ -127,11 +127,12 @@ def export(
     format: Annotated[
         str, typer.Option("--format", help="mmsmall | molmo2 (stock transformers)")
     ] = "mmsmall",
+    overwrite: Annotated[bool, typer.Option(help="write into a non-empty folder (its other files stay)")] = False,
 ) -> None:
     """Write a Hugging Face release folder (safetensors, config, processor, model card)."""
     from mmsmall.export import run_export
 
-    path = run_export(src, out, fmt=format)
+    path = run_export(src, out, fmt=format, overwrite=overwrite)
     typer.echo(f"exported to {path}")
 
 
@@ -186,7 +187,7 @@ _USER_ERRORS = {
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types_: list[type[BaseException]] = [FileNotFoundError]
+    types_: list[type[BaseException]] = [FileNotFoundError, FileExistsError]
     for module, name in _USER_ERRORS.items():
         if module in sys.modules:
             types_.append(getattr(sys.modules[module], name))

@@ -75,9 +75,12 @@ def run_export(
     fmt: str = "mmsmall",
     eval_results: str | Path | None = None,
     max_shard_size: str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Export ``src`` (run folder -> its ``latest`` checkpoint, checkpoint folder, or saved model) to ``out``.
 
+    ``overwrite``: write into a non-empty ``out`` (refused otherwise); files there that are not
+    part of the release stay, and ``checksums.json`` lists only the release's own shards.
     ``eval_results``: eval/runner.py's ``results.json`` (or its folder) for the model card; when
     None, ``{run}/eval/results.json`` is used if the run has one.
     """
@@ -85,8 +88,16 @@ def run_export(
 
     from mmsmall.export.consolidate import load_vlm
 
+    from mmsmall.config import ConfigError
+
     if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise ConfigError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} is not empty; export into a new or empty folder, or pass --overwrite to replace "
+            "the release files there (other files are left alone)"
+        )
     vlm, source = load_vlm(src)
     if fmt == "molmo2":
         from mmsmall.export.molmo2 import check_molmo2_fit
