@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmsmall.config import from_dict, to_dict
+from mmsmall.config import ConfigError, from_dict, to_dict
 
 from .config import CurateConfig, load_curate_config
 from .decontam import DecontamIndex, hit_record
@@ -402,6 +402,10 @@ def run_curation(
     Summary keys: ``out_dir, manifest, report, n_in, n_kept, dropped {reason: n},
     funnel [{stage, reason, count}], clip_threshold, decontam_hits, units, units_resumed``.
     """
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:  # before any unit is planned or read
+        raise ConfigError(f"--executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     cfg = _absolute_paths(load_curate_config(config, overrides))
     out = Path(cfg.out_dir)
     work = Path(cfg.work_dir) if cfg.work_dir else out / "_work"

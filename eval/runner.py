@@ -323,10 +323,12 @@ def evaluate(
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
+    from mmsmall.config import ConfigError
+
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise ConfigError(f"--limit must be >= 1 or None, got {limit}")
     data = dict(data or {})
     specs = [get_task(t) for t in tasks]
     unknown = sorted(set(data) - {t.name for t in specs})

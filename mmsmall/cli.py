@@ -75,9 +75,10 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="processes per node (default: GPUs, or 1 on CPU)")] = None,
 ) -> None:
     """Train with DeepSpeed through launch/train.sh (the same path GPUs and nodes use)."""
-    from mmsmall.config import load_config
+    from mmsmall.config import load_config, require_training_inputs
 
-    load_config(config, list(overrides or ()))  # a typo fails here, before any process starts
+    # a typo, a bad value, missing data or an unknown model fails here, before any process starts
+    require_training_inputs(load_config(config, list(overrides or ())))
     env = dict(os.environ)
     if nproc is not None:
         env["NPROC"] = str(nproc)
@@ -127,7 +128,9 @@ def export(
     format: Annotated[
         str, typer.Option("--format", help="mmsmall | molmo2 (stock transformers)")
     ] = "mmsmall",
-    overwrite: Annotated[bool, typer.Option(help="write into a non-empty folder (its other files stay)")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="write into a non-empty folder (its other files stay)")
+    ] = False,
 ) -> None:
     """Write a Hugging Face release folder (safetensors, config, processor, model card)."""
     from mmsmall.export import run_export

@@ -22,6 +22,12 @@ class EvalDataError(ValueError):
     """Benchmark data is missing or malformed; the message names the file or sample."""
 
 
+class UnknownTaskError(EvalDataError, KeyError):
+    """A task name that is not registered (a KeyError for lookups, a user error for the CLI)."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
+
+
 @dataclass
 class Record:
     """One evaluation question.
@@ -121,5 +127,5 @@ def get_task(name: str) -> Task:
     import eval.tasks  # noqa: F401  (imports every benchmark file, which registers them)
 
     if name not in TASKS:
-        raise KeyError(f"unknown eval task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+        raise UnknownTaskError(f"unknown eval task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]

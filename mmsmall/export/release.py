@@ -86,9 +86,8 @@ def run_export(
     """
     import yaml
 
-    from mmsmall.export.consolidate import load_vlm
-
     from mmsmall.config import ConfigError
+    from mmsmall.export.consolidate import load_vlm
 
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")

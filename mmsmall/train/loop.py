@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmsmall.config import load_config, save_config
+from mmsmall.config import load_config, require_training_inputs, save_config
 from mmsmall.data.loader import TrainData
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cfg = load_config(argv[0], argv[1:])
+    require_training_inputs(cfg)
     # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
