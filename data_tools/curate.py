@@ -409,6 +409,7 @@ def run_curation(
     cfg = _absolute_paths(load_curate_config(config, overrides))
     out = Path(cfg.out_dir)
     work = Path(cfg.work_dir) if cfg.work_dir else out / "_work"
+    units = plan_units(cfg)  # a missing input fails here, before any folder is made
     (work / "units").mkdir(parents=True, exist_ok=True)
     fp = config_fingerprint(cfg)
     if cfg.decontam.benchmarks:
@@ -417,7 +418,6 @@ def run_curation(
         if not (stamp.exists() and stamp.read_text() == bench_fp):
             DecontamIndex.build(cfg.decontam).save(work / "decontam")
             _atomic_write(stamp, bench_fp.encode())
-    units = plan_units(cfg)
     todo, stats_by_uid = [], {}
     for u in units:
         done = work / "units" / f"{u['uid']}.done.json"

@@ -337,8 +337,6 @@ def evaluate(
     rank, world = _dist()
     out = Path(out)
     pred_dir, samples_dir = out / "predictions", out / "samples"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    samples_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model)
     weights = model_fingerprint(model)
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
@@ -374,6 +372,8 @@ def evaluate(
         mine = records[rank::world]
         todo = [r for r in mine if r.id not in cached]
         cache_file = pred_dir / (f"{task.name}.jsonl" if world == 1 else f"{task.name}.rank{rank}.jsonl")
+        pred_dir.mkdir(parents=True, exist_ok=True)  # made once a task's data loaded: a failed start leaves none
+        samples_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             log.info(
                 "%s: %d samples (%d cached) from %s", task.name, len(records), len(records) - len(todo), path

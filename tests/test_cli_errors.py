@@ -110,3 +110,5 @@ def test_export_refuses_a_non_empty_folder_and_lists_only_its_own_shards(saved, 
     assert (out / "other.safetensors").read_bytes() == b"not part of the release"
     listed = json.loads((out / "checksums.json").read_text())["files"]
     assert "other.safetensors" not in listed and listed
+    release = [p for p in out.iterdir() if p.name not in ("notes.txt", "other.safetensors")]
+    assert len({p.stat().st_mode & 0o777 for p in release}) == 1  # one file mode for the whole release

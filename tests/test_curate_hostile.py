@@ -9,6 +9,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -121,3 +122,28 @@ def test_keep_work_false_deletes_only_the_runs_files(tmp_path):
     fresh = tmp_path / "fresh_work"
     run_curation(cfg | {"work_dir": str(fresh), "out_dir": str(tmp_path / "out2")}, workers=1)
     assert not fresh.exists()  # a work folder the run made and emptied goes too
+
+
+def test_clip_config_registration_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile as tf
+
+    from data_tools.clipscore import TINY_CLIP, _register
+
+    monkeypatch.setattr(tf, "tempdir", str(tmp_path))
+    _register("mmsmall-test-clip", TINY_CLIP)
+    import open_clip
+
+    assert "mmsmall-test-clip" in open_clip.list_models()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_start_leaves_no_empty_output_folder(tmp_path):
+    from mmsmall.config import ConfigError
+
+    cfg = {
+        "inputs": [{"kind": "jsonl", "path": str(tmp_path / "missing.jsonl")}],
+        "out_dir": str(tmp_path / "out"),
+    }
+    with pytest.raises(ConfigError, match="input file not found"):
+        run_curation(cfg, workers=1)
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ every shard), config, generation config, tokenizer, processor, chat template and
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +99,7 @@ def run_export(
             f"{out} is not empty; export into a new or empty folder, or pass --overwrite to replace "
             "the release files there (other files are left alone)"
         )
+    started = time.time_ns()
     vlm, source = load_vlm(src)
     if fmt == "molmo2":
         from mmsmall.export.molmo2 import check_molmo2_fit
@@ -118,8 +121,19 @@ def run_export(
     with torch.no_grad():
         (save_molmo2 if fmt == "molmo2" else save_mmsmall)(vlm, out, max_shard_size=max_shard_size)
     (out / "README.md").write_text(model_card(vlm, fmt, run_config=run_cfg, eval_results=results))
+    _same_file_mode(out, since_ns=started)
     log.info("exported %s (%s) to %s in %s format", src, source.kind, out, fmt)
     return out
+
+
+def _same_file_mode(out: Path, since_ns: int) -> None:
+    """Give every file this export wrote the mode a new file gets under the umask (transformers
+    writes weights through a private 0600 temporary file); files that were there before stay."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_mtime_ns >= since_ns:
+            p.chmod(0o666 & ~umask)
 
 
 def load_molmo2(path: str | Path) -> VLM:

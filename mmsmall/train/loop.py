@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mmsmall.config import load_config, require_training_inputs, save_config
-from mmsmall.data.loader import TrainData
+from mmsmall.data.loader import NoUsableData, TrainData
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
                 log.warning("debug: killing rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, NoUsableData) as e:
         log.error("%s", e)
         return 1
     finally:
