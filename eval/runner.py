@@ -372,7 +372,9 @@ def evaluate(
         mine = records[rank::world]
         todo = [r for r in mine if r.id not in cached]
         cache_file = pred_dir / (f"{task.name}.jsonl" if world == 1 else f"{task.name}.rank{rank}.jsonl")
-        pred_dir.mkdir(parents=True, exist_ok=True)  # made once a task's data loaded: a failed start leaves none
+        pred_dir.mkdir(
+            parents=True, exist_ok=True
+        )  # made once a task's data loaded: a failed start leaves none
         samples_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             log.info(

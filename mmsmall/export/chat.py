@@ -89,14 +89,18 @@ def _iter_inputs(inputs: str, question: str | None) -> Iterator[tuple[str, Image
             try:
                 image = _open_image(f)
             except ImageLoadError as e:  # skip and count; every good image is still answered
-                log.warning("predict: skipped %s", e)
-                skipped.append(f.name)
+                skipped.append((f.name, str(e)))
                 continue
             yield f.stem, image, question or DEFAULT_QUESTION
-        if skipped:
-            log.warning("predict: skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:10]))
         if len(skipped) == len(images):
-            raise FileNotFoundError(f"{inputs}: none of its {len(images)} images could be read")
+            raise FileNotFoundError(
+                f"{inputs}: none of its {len(images)} images could be read, e.g. {skipped[0][1]}"
+            )
+        if skipped:
+            names = ", ".join(name for name, _ in skipped[:10])
+            log.warning(
+                "predict: skipped %d unreadable image(s): %s (first: %s)", len(skipped), names, skipped[0][1]
+            )
         return
     from mmsmall.data.shards import iter_samples
 
