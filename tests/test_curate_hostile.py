@@ -9,6 +9,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +19,7 @@ from data_tools.curate import run_curation
 from data_tools.fixtures import encode, natural_image, write_jsonl
 
 GOOD = "A small red ball rests on a wooden table."
-_JPEGS = [encode(natural_image(seed, (64, 64)), quality=90) for seed in range(6)]
+_JPEGS = [encode(natural_image(seed, (64, 64)), quality=90) for seed in range(8)]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just("long id " * 40),
@@ -39,7 +41,10 @@ def _tar(path: Path, samples: dict[str, dict]) -> None:
 
 
 def _hostile_inputs(root: Path, rows: dict, points: dict, shard: dict) -> dict:
-    """Three inputs (jsonl captions, points, webdataset), each one good record and one hostile one."""
+    """Four inputs (jsonl, points, webdataset, parquet), each one good record and one hostile one.
+
+    Parquet (like csv and hf datasets) holds text columns: the hostile values go in JSON-encoded.
+    """
     for i in range(4):
         (root / f"im{i}.jpg").write_bytes(_JPEGS[i])
     good_row = {"id": "good_row", "image": "im0.jpg", "caption": GOOD}
@@ -54,8 +59,16 @@ def _hostile_inputs(root: Path, rows: dict, points: dict, shard: dict) -> dict:
     msgs = [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": GOOD}]
     _tar(root / "wds" / "s-000000.tar", {"good": {"id": "good_wds", "messages": msgs},
                                          "bad": {"id": "bad_wds", "messages": msgs} | shard})  # fmt: skip
+    for i in (4, 5):
+        (root / f"im{i}.jpg").write_bytes(_JPEGS[2 + i])
+    table = [{"id": "good_pq", "image": "im4.jpg", "caption": GOOD},
+             {"id": "bad_pq", "image": "im5.jpg", "caption": GOOD} | {k: json.dumps(v) for k, v in rows.items()}]  # fmt: skip
+    keys = sorted({k for row in table for k in row})  # every column in every row (None where unset)
+    table = [{k: row.get(k) for k in keys} for row in table]
+    pq.write_table(pa.Table.from_pylist(table), root / "rows.parquet")
     return {
         "inputs": [
+            {"kind": "parquet", "path": str(root / "rows.parquet"), "name": "pq"},
             {"kind": "jsonl", "path": str(root / "rows.jsonl"), "name": "rows"},
             {"kind": "points", "path": str(root / "points.jsonl"), "coords": "pixels", "name": "pts"},
             {"kind": "webdataset", "path": str(root / "wds"), "name": "wds"},
@@ -84,12 +97,12 @@ def test_any_json_in_any_field_is_a_reason_coded_drop_or_a_clean_sample(rows, po
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         summary = run_curation(_hostile_inputs(root, rows, points, shard), workers=1)
-        assert summary["n_in"] == 6
+        assert summary["n_in"] == 8
         assert summary["n_in"] == summary["n_kept"] + sum(summary["dropped"].values())
         assert "record_error" not in summary["dropped"], summary["dropped"]  # every drop has a real reason
         kept = _kept(root / "out")
         ids = {s["id"] for s in kept}
-        assert {"good_row", "good_pt", "good_wds"} <= ids  # a hostile neighbour loses nothing good
+        assert {"good_row", "good_pt", "good_wds", "good_pq"} <= ids  # a hostile neighbour loses nothing good
         for s in kept:  # what is kept has the schema's shapes, whatever came in
             assert all(isinstance(s[k], str) for k in ("id", "source", "task"))
             assert s["messages"] and all(
@@ -105,8 +118,8 @@ def test_any_json_in_any_field_is_a_reason_coded_drop_or_a_clean_sample(rows, po
 def test_issue_examples_are_dropped_as_bad_annotation(tmp_path):
     cfg = _hostile_inputs(tmp_path, {"messages": [7]}, {"width": "wide"}, {"points": 5})
     summary = run_curation(cfg, workers=1)
-    assert summary["n_kept"] == 3
-    assert summary["dropped"] == {"bad_annotation": 2, "point_malformed": 1}
+    assert summary["n_kept"] == 4
+    assert summary["dropped"] == {"bad_annotation": 3, "point_malformed": 1}
 
 
 def test_keep_work_false_deletes_only_the_runs_files(tmp_path):
@@ -115,7 +128,7 @@ def test_keep_work_false_deletes_only_the_runs_files(tmp_path):
     (work / "notes.txt").write_text("my notes")
     (work / "units" / "todo.md").write_text("mine too")
     cfg = _hostile_inputs(tmp_path, {}, {}, {}) | {"work_dir": str(work), "keep_work": False}
-    assert run_curation(cfg, workers=1)["n_kept"] == 6
+    assert run_curation(cfg, workers=1)["n_kept"] == 8
     assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == [
         "notes.txt", "units", "units/todo.md"
     ]  # fmt: skip
@@ -127,12 +140,12 @@ def test_keep_work_false_deletes_only_the_runs_files(tmp_path):
 def test_clip_config_registration_leaves_no_temporary_folder(tmp_path, monkeypatch):
     import tempfile as tf
 
+    import open_clip  # imported first: its own imports make temporary folders of their own
+
     from data_tools.clipscore import TINY_CLIP, _register
 
     monkeypatch.setattr(tf, "tempdir", str(tmp_path))
     _register("mmsmall-test-clip", TINY_CLIP)
-    import open_clip
-
     assert "mmsmall-test-clip" in open_clip.list_models()
     assert list(tmp_path.iterdir()) == []
 
