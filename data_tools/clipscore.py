@@ -28,9 +28,11 @@ TINY_CLIP = {
 def _register(name: str, custom: dict) -> None:
     import open_clip
 
-    folder = Path(tempfile.mkdtemp(prefix="mmsmall_clip_cfg_"))
-    (folder / f"{name}.json").write_text(json.dumps(custom))
-    open_clip.add_model_config(folder / f"{name}.json")
+    # open_clip reads the file into its registry at once, so the folder goes right after (no /tmp litter)
+    with tempfile.TemporaryDirectory(prefix="mmsmall_clip_cfg_") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(custom))
+        open_clip.add_model_config(path)
 
 
 @lru_cache(maxsize=2)

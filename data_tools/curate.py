@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmsmall.config import from_dict, to_dict
+from mmsmall.config import ConfigError, from_dict, to_dict
 from mmsmall.data.remote import is_remote
 
 from .config import CurateConfig, load_curate_config
@@ -118,6 +117,8 @@ def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
         rec["points"] = pts
         if not rec["messages"]:
             rec["messages"] = pointing_messages(pts)
+        if not rec["messages"]:
+            return out | {"reason": "text_empty", "stage": "text", "detail": "no labels and no messages"}
         return out
     reason, detail = text_filter(rec["messages"], cfg.text)
     return out | {"reason": reason, "stage": "text", "detail": detail}
@@ -192,7 +193,15 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     n_in = 0
     for pos, rec in enumerate(read_unit(unit, cfg)):
         n_in += 1
-        chk = _check_sample(rec, cfg, draft)
+        try:
+            chk = _check_sample(rec, cfg, draft)
+        except Exception as e:  # noqa: BLE001 - last guard: one record never stops a run
+            chk = {
+                "reason": "record_error",
+                "stage": "ingest",
+                "detail": f"{type(e).__name__}: {e}",
+                "im": None,
+            }
         base = {"pos": pos, "id": rec["id"], "source": rec["source"], "text": _short(rec["messages"])}
         if chk["reason"] is not None:
             drop(pos, base, chk["stage"], chk["reason"], chk["detail"], chk["im"], rec["image_bytes"])
@@ -394,9 +403,14 @@ def run_curation(
     Summary keys: ``out_dir, manifest, report, n_in, n_kept, dropped {reason: n},
     funnel [{stage, reason, count}], clip_threshold, decontam_hits, units, units_resumed``.
     """
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:  # before any unit is planned or read
+        raise ConfigError(f"--executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     cfg = _absolute_paths(load_curate_config(config, overrides))
     out = Path(cfg.out_dir)
     work = Path(cfg.work_dir) if cfg.work_dir else out / "_work"
+    units = plan_units(cfg)  # a missing input fails here, before any folder is made
     (work / "units").mkdir(parents=True, exist_ok=True)
     fp = config_fingerprint(cfg)
     if cfg.decontam.benchmarks:
@@ -405,7 +419,6 @@ def run_curation(
         if not (stamp.exists() and stamp.read_text() == bench_fp):
             DecontamIndex.build(cfg.decontam).save(work / "decontam")
             _atomic_write(stamp, bench_fp.encode())
-    units = plan_units(cfg)
     todo, stats_by_uid = [], {}
     for u in units:
         done = work / "units" / f"{u['uid']}.done.json"
@@ -460,8 +473,26 @@ def run_curation(
         )
     (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
     if not cfg.keep_work:
-        shutil.rmtree(work)
+        remove_work(work)
     return summary
+
+
+# Everything a run writes under its work folder; nothing else there is ever deleted.
+_WORK_FILES = (
+    "units/u[0-9]*.tar", "units/u[0-9]*.done.json", "units/*.tmp", "shards/[0-9]*.json", "shards/*.tmp",
+    "decontam.npy", "decontam.json", "decontam.fingerprint", "decontam.fingerprint.tmp",
+)  # fmt: skip
+
+
+def remove_work(work: Path) -> None:
+    """Delete the run's own stage files, then each folder of ``work`` that is left empty."""
+    for pattern in _WORK_FILES:
+        for f in work.glob(pattern):
+            if f.is_file() and not f.is_symlink():
+                f.unlink()
+    for d in (work / "units", work / "shards", work):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 def _absolute_paths(cfg: CurateConfig) -> CurateConfig:

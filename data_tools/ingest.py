@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from mmsmall.config import ConfigError
+from mmsmall.data.keys import member_key
 from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
 
 from .config import CurateConfig, InputConfig
+from .records import clean_id, clean_messages, clean_points, scalar_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_PROMPT = "Describe this image."
@@ -135,7 +137,9 @@ def _point_groups(inp: InputConfig) -> list[dict]:
         if "_error" in row or not isinstance(img, str):
             bad.append({"_error": row.get("_error", "bad_annotation"), "_line": row.get("_line")})
             continue
-        g = groups.setdefault(img, {"image": img, "id": row.get(inp.id_field) or img, "labels": []})
+        g = groups.setdefault(
+            img, {"image": img, "id": clean_id(row.get(inp.id_field) or img) or img, "labels": []}
+        )
         g["labels"].append(
             {
                 "label": row.get("label", ""),
@@ -191,45 +195,58 @@ def _read_file(path: Path) -> tuple[bytes | None, str | None]:
         return path.read_bytes(), None
     except FileNotFoundError:
         return None, "missing_image"
-    except (IsADirectoryError, PermissionError, OSError):
+    except (IsADirectoryError, PermissionError, OSError, ValueError):  # ValueError: a NUL in the path
         return None, "unreadable"
 
 
-def _messages_from_row(row: dict, inp: InputConfig) -> tuple[list[dict], str]:
+def _messages_from_row(row: dict, inp: InputConfig) -> tuple[list[dict] | None, str]:
+    """The row's conversation and task; messages None when a text field has the wrong shape."""
     msgs = row.get("messages")
     if isinstance(msgs, str):
         try:
             msgs = json.loads(msgs)
         except ValueError:
-            msgs = None
-    if isinstance(msgs, list) and msgs:
-        return [
-            {"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in msgs
-        ], inp.task or "vqa"
+            return None, inp.task or "vqa"
+    if msgs is not None and msgs != []:
+        return clean_messages(msgs), inp.task or "vqa"
     q, a = row.get(inp.question_field), row.get(inp.answer_field)
     if q is not None and a is not None:
         if isinstance(a, list):
             a = a[0] if a else ""
-        return [
-            {"role": "user", "content": str(q)},
-            {"role": "assistant", "content": str(a)},
-        ], inp.task or "vqa"
+        q, a = scalar_text(q), scalar_text(a)
+        if q is None or a is None:
+            return None, inp.task or "vqa"
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}], inp.task or "vqa"
     cap = row.get(inp.text_field)
     if cap is None:
         cap = row.get("text", "")
+    cap = scalar_text(cap)
+    if cap is None:
+        return None, inp.task or "caption"
     return [
         {"role": "user", "content": CAPTION_PROMPT},
-        {"role": "assistant", "content": str(cap)},
+        {"role": "assistant", "content": cap},
     ], inp.task or "caption"
+
+
+def _row_id(row: dict, inp: InputConfig, fallback: str) -> tuple[str, str | None]:
+    """(id, error): a container or bool id keeps the row-number id and marks the row bad."""
+    value = row.get(inp.id_field)
+    if value is None or value == "":
+        return fallback, None
+    rid = clean_id(value)
+    return (rid, None) if rid is not None else (fallback, "bad_annotation")
 
 
 def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]:
     """(bytes, ref, error) from bytes, a path, or an HF ``{"bytes", "path"}`` struct."""
     if isinstance(value, dict):
         if value.get("bytes"):
+            if not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
+                return None, "<bytes>", "bad_annotation"
             return bytes(value["bytes"]), str(value.get("path") or "<bytes>"), None
         value = value.get("path")
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), "<bytes>", None
     if hasattr(value, "save"):  # a PIL image from `datasets`
         buf = io.BytesIO()
@@ -260,13 +277,14 @@ def _record(rid: str, source: str, **kw: Any) -> dict:
 def _rows_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     source, root = _source_name(inp), _root(inp)
     for n, row in enumerate(unit["rows"]):
-        rid = str(row.get(inp.id_field) or f"{source}_{unit['offset'] + n}")
+        rid, id_err = _row_id(row, inp, f"{source}_{unit['offset'] + n}")
         if "_error" in row:
             yield _record(rid, source, error=row["_error"], image_ref=f"line {row.get('_line')}")
             continue
         data, ref, err = _image_value(row.get(inp.image_field), root)
         msgs, task = _messages_from_row(row, inp)
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs, error=err)
+        err = id_err or (err if msgs is not None else "bad_annotation")
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err)
 
 
 def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -290,10 +308,11 @@ def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
 def _table_records(table_rows: list[dict], start: int, inp: InputConfig) -> Iterator[dict]:
     source, root = _source_name(inp), _root(inp)
     for n, row in enumerate(table_rows):
-        rid = str(row.get(inp.id_field) or f"{source}_{start + n}")
+        rid, id_err = _row_id(row, inp, f"{source}_{start + n}")
         data, ref, err = _image_value(row.get(inp.image_field), root)
         msgs, task = _messages_from_row(row, inp)
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs, error=err)
+        err = id_err or (err if msgs is not None else "bad_annotation")
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err)
 
 
 def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -301,26 +320,30 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     source = _source_name(inp)
     groups: dict[str, dict[str, bytes]] = {}
     bad: list[str] = []
+    dups: list[str] = []
     try:
         src = io.BytesIO(fetch_shard(unit["file"])) if is_remote(unit["file"]) else None  # http(s)/pipe:
         with tarfile.open(fileobj=src) if src else tarfile.open(unit["file"], "r:*") as tar:
             for m in tar:
                 name = m.name
-                base = name.rsplit("/", 1)[-1]
-                key = name[: len(name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1].lower() if "." in base else ""
+                key, ext = member_key(name) or (name, "")
                 if not m.isfile():
                     if not m.isdir():
                         bad.append(name)
                     continue
+                if ext in groups.setdefault(key, {}):  # a repeated member: counted, the first kept
+                    dups.append(name)
+                    continue
                 f = tar.extractfile(m)
-                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+                groups[key][ext] = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError):
         yield _record(
             f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard", image_ref=unit["file"]
         )
     for name in bad:
         yield _record(name, source, error="unsafe_member", image_ref=name)
+    for name in dups:
+        yield _record(name, source, error="duplicate_member", image_ref=name)
     for key, parts in groups.items():
         img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
         meta: dict = {}
@@ -332,20 +355,25 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
                     raise ValueError
             except ValueError:
                 meta, err = {}, "bad_annotation"
-        msgs = meta.get("messages") or []
+        msgs = clean_messages(meta.get("messages") or [])
         if not msgs and "txt" in parts:
             cap = parts["txt"].decode("utf-8", "replace")
             msgs = [{"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": cap}]
         points = meta.get("points")
-        if points is not None:
-            points = [
-                {"label": p.get("label", ""), "raw": p.get("xy", []), "width": None, "height": None}
-                for p in points
-            ]
+        points = clean_points(points) if points is not None else None
+        names = [
+            clean_id(meta.get(k) or dflt)
+            for k, dflt in (("id", key), ("source", source), ("task", inp.task or "caption"))
+        ]
+        extra = meta.get("meta", {})
+        shape_ok = msgs is not None and (points is not None or meta.get("points") is None)
+        if not (shape_ok and None not in names and isinstance(extra, dict)):
+            err, msgs, points, extra = err or "bad_annotation", [], None, {}
+            names = [n if n is not None else d for n, d in zip(names, (key, source, "caption"))]
         yield _record(
-            str(meta.get("id") or key), str(meta.get("source") or source), task=str(meta.get("task") or inp.task or "caption"),
+            names[0], names[1], task=names[2],
             image_bytes=parts.get(img_ext) if img_ext else None, image_ref=f"{unit['file']}:{key}",
-            messages=msgs, points=points, meta={**meta.get("meta", {}), "coords": "normalized"} if points is not None else meta.get("meta", {}),
+            messages=msgs, points=points, meta={**extra, "coords": "normalized"} if points is not None else extra,
             error=err or (None if img_ext else "missing_image"),
         )  # fmt: skip
 

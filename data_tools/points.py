@@ -37,13 +37,19 @@ def _pairs(raw) -> list[tuple[float, float]] | None:
     return out
 
 
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def normalize_points(
     labels: list[dict], coords: str, width: int, height: int
 ) -> tuple[list[dict] | None, str | None, str]:
     """``[{"label", "raw", "width", "height"}]`` -> ``([{"label", "xy"}], reason, detail)``."""
     out = []
     for lab in labels:
-        label = str(lab.get("label") or "").strip()
+        if not isinstance(lab.get("label") or "", str):
+            return None, "point_malformed", f"label {lab.get('label')!r} is not text"
+        label = (lab.get("label") or "").strip()
         if not label:
             return None, "point_label_empty", "a pointing label is empty"
         pairs = _pairs(lab.get("raw"))
@@ -51,6 +57,12 @@ def normalize_points(
             return None, "point_malformed", f"label {label!r}: points are not a list of (x, y)"
         if coords == "pixels":
             w, h = lab.get("width") or width, lab.get("height") or height
+            if not all(_positive(v) for v in (w, h)):
+                return (
+                    None,
+                    "point_malformed",
+                    f"label {label!r}: width/height {w!r}x{h!r} is not a positive size",
+                )
             xy = [(x / w, y / h) for x, y in pairs]
         elif coords == "percent":
             xy = [(x / 100.0, y / 100.0) for x, y in pairs]

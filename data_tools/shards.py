@@ -20,9 +20,17 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+MAX_KEY = 80  # a ustar member name holds 100 bytes: key, a "_N" de-dup suffix and ".json" must fit
+
+
 def safe_key(text: str) -> str:
-    """A webdataset key from any id: no dots, no slashes, only [A-Za-z0-9_-]."""
+    """A webdataset key from any id: no dots, no slashes, only [A-Za-z0-9_-], at most ``MAX_KEY`` long.
+
+    A longer id keeps its first characters and ends in a hash of the whole id, so distinct ids stay distinct.
+    """
     key = re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+    if len(key) > MAX_KEY:
+        key = key[: MAX_KEY - 17] + "_" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
     return key or "_"
 
 

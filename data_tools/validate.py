@@ -12,6 +12,8 @@ import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from mmsmall.processing.images import to_rgb_image
+
 from .config import NormalizeConfig, ValidateConfig
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -84,13 +86,7 @@ def normalize_image(
     if out is not im:
         changed = True
     if out.mode != "RGB":
-        if out.mode in ("RGBA", "LA", "PA") or (out.mode == "P" and "transparency" in out.info):
-            rgba = out.convert("RGBA")
-            bg = Image.new("RGB", rgba.size, (255, 255, 255))
-            bg.paste(rgba, mask=rgba.getchannel("A"))
-            out = bg
-        else:
-            out = out.convert("RGB")
+        out = to_rgb_image(out)  # 16-bit, float, alpha, palette, CMYK ... with the value range kept
         changed = True
     if cfg.max_side and max(out.size) > cfg.max_side:
         scale = cfg.max_side / max(out.size)

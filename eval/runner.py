@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .fingerprint import data_fingerprint, model_fingerprint
 from .report import write_reports
 from .tasks.base import EvalDataError, Record, Task, get_task
 
@@ -215,8 +216,11 @@ def read_cache(pred_dir: Path, task: str, settings: dict[str, Any]) -> dict[str,
                 ) from None
             got = {k: entry.get(k) for k in settings}
             if got != settings:
+                changed = ", ".join(
+                    f"{k} {got[k]!r} -> {settings[k]!r}" for k in settings if got[k] != settings[k]
+                )
                 raise EvalDataError(
-                    f"{f}: predictions were made with {got}, this run uses {settings}; "
+                    f"{f}: predictions were made with other settings ({changed}); "
                     "use another --out folder or delete the file"
                 )
             cached[entry["id"]] = entry
@@ -344,10 +348,12 @@ def evaluate(
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
+    from mmsmall.config import ConfigError
+
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise ConfigError(f"--limit must be >= 1 or None, got {limit}")
     data = dict(data or {})
     specs = [get_task(t) for t in tasks]
     unknown = sorted(set(data) - {t.name for t in specs})
@@ -356,9 +362,8 @@ def evaluate(
     rank, world = _dist()
     out = Path(out)
     pred_dir, samples_dir = out / "predictions", out / "samples"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    samples_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model, device=device, dtype=dtype, max_crops=max_crops)
+    weights = model_fingerprint(model)
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     setup = model_settings(predictor)
 
@@ -388,11 +393,17 @@ def evaluate(
             "blind": bool(blind),
             "prompt_style": results["prompt_style"],
             **{k: setup[k] for k in ("prompt_format", "max_crops", "dtype")},
+            "weights": weights,  # the cache key covers what changes answers: weights, data, prompts
+            "data": data_fingerprint(records, prompts),
         }
         cached = read_cache(pred_dir, task.name, settings)
         mine = records[rank::world]
         todo = [r for r in mine if r.id not in cached]
         cache_file = pred_dir / (f"{task.name}.jsonl" if world == 1 else f"{task.name}.rank{rank}.jsonl")
+        pred_dir.mkdir(
+            parents=True, exist_ok=True
+        )  # made once a task's data loaded: a failed start leaves none
+        samples_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             log.info(
                 "%s: %d samples (%d cached) from %s", task.name, len(records), len(records) - len(todo), path

@@ -83,9 +83,10 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="processes per node (default: GPUs, or 1 on CPU)")] = None,
 ) -> None:
     """Train with DeepSpeed through launch/train.sh (the same path GPUs and nodes use)."""
-    from mmsmall.config import load_config
+    from mmsmall.config import load_config, require_training_inputs
 
-    load_config(config, list(overrides or ()))  # a typo fails here, before any process starts
+    # a typo, a bad value, missing data or an unknown model fails here, before any process starts
+    require_training_inputs(load_config(config, list(overrides or ())))
     env = dict(os.environ)
     if nproc is not None:
         env["NPROC"] = str(nproc)
@@ -199,11 +200,14 @@ def export(
     adapter_only: Annotated[
         bool, typer.Option(help="LoRA runs: write the peft adapter folders instead of merged weights")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="write into a non-empty folder (its other files stay)")
+    ] = False,
 ) -> None:
     """Write a Hugging Face release folder (safetensors, config, processor, model card)."""
     from mmsmall.export import run_export
 
-    path = run_export(src, out, fmt=format, adapter_only=adapter_only)
+    path = run_export(src, out, fmt=format, adapter_only=adapter_only, overwrite=overwrite)
     typer.echo(f"exported to {path}")
 
 
@@ -287,7 +291,7 @@ _USER_ERRORS = {
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types_: list[type[BaseException]] = [FileNotFoundError]
+    types_: list[type[BaseException]] = [FileNotFoundError, FileExistsError]
     for module, name in _USER_ERRORS.items():
         if module in sys.modules:
             types_.append(getattr(sys.modules[module], name))

@@ -205,6 +205,11 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path | None) -> Any:
         raise ConfigError(f"{where}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str):  # a section given as another YAML file
+            if not value.endswith((".yaml", ".yml")):
+                keys = ", ".join(f.name for f in dataclasses.fields(tp))
+                raise ConfigError(
+                    f"{where}: {value!r} is not a section; give a mapping ({keys}) or a .yaml file"
+                )
             path = Path(value)
             if not path.is_absolute() and base_dir is not None and not path.exists():
                 path = base_dir / path
@@ -334,6 +339,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.freeze: unknown module {bad[0]!r}; valid: connector, llm, vision")
         if cfg.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.train.precision!r}; valid: bf16, fp32")
+        _check_ranges(cfg)
     if isinstance(cfg, ModelConfig):
         if cfg.vision.backend not in ("open_clip", "hf"):
             raise ConfigError(f"model.vision.backend: {cfg.vision.backend!r}; valid: hf, open_clip")
@@ -342,6 +348,67 @@ def validate(cfg: Any) -> None:
             raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
         if cfg.prompt not in PROMPT_FORMATS:
             raise ConfigError(f"model.prompt: {cfg.prompt!r}; valid: {', '.join(PROMPT_FORMATS)}")
+
+
+# (key, smallest allowed value): counts and sizes a run cannot work with below these.
+_MINIMUMS = (
+    ("train.steps", 1), ("train.micro_batch_size", 1), ("train.grad_accum", 1), ("train.save_every", 0),
+    ("train.keep_last", 1), ("train.log_every", 1), ("train.eps", 0), ("train.weight_decay", 0),
+    ("train.clip_grad", 0), ("train.min_lr_ratio", 0), ("data.seq_len", 1), ("data.max_conversations", 1),
+    ("data.num_workers", 0), ("data.shuffle_buffer", 0), ("data.response_dropout", 0),
+    *((f"train.{group}.{m}", 0) for group in ("lr", "warmup") for m in ("connector", "vision", "llm")),
+)  # fmt: skip
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, low in _MINIMUMS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value < low:
+            raise ConfigError(f"{key}: {value!r} is below the smallest allowed value, {low}")
+
+
+def require_training_inputs(cfg: RunConfig) -> None:
+    """What a training run needs that a config alone does not show: readable data and known models.
+
+    Called by ``mmsmall train`` and the training entry point before any process or engine starts.
+    """
+    if not cfg.data.train:
+        raise ConfigError("data.train: empty; give shard folders, e.g. data.train='[{path: curated/}]'")
+    from mmsmall.data.shards import resolve_shards
+
+    for i, entry in enumerate(cfg.data.train):
+        if not entry.path:
+            raise ConfigError(f"data.train[{i}].path: empty; give a shard folder or a .tar pattern")
+        try:
+            if not resolve_shards(entry.path):
+                raise FileNotFoundError(entry.path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.train[{i}].path: no shards at {entry.path!r} ({e})") from None
+    _require_model_names(cfg.model)
+
+
+def _require_model_names(m: ModelConfig) -> None:
+    if m.vision.backend == "open_clip" and m.vision.custom is None:
+        import open_clip
+
+        if m.vision.name not in open_clip.list_models():
+            raise ConfigError(
+                f"model.vision.name: {m.vision.name!r} is not an open_clip model; see open_clip.list_models(), "
+                "or set model.vision.custom"
+            )
+    if m.llm.custom is None and m.llm.name and not Path(m.llm.name).exists():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(m.llm.name)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"model.llm.name: {m.llm.name!r} is neither a local folder nor a hub model this machine can "
+                f"reach or has cached ({first})"
+            ) from None
 
 
 def parse_pool(pool: str) -> tuple[int, int]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
-from test_eval_tasks import make_chartqa_parquet
+from test_eval_tasks import img_cell, make_chartqa_parquet, write_parquet
 
 from eval.runner import evaluate
 
@@ -120,3 +121,34 @@ def test_cli_killed_mid_run_resumes_with_identical_scores(tmp_path, predictor):
     assert r_res["n_generated"] <= 40 - done_at_kill + 1  # only what was missing (plus a torn line)
     assert r_res["metrics"] == r_full["metrics"] and r_res["n"] == 40
     assert _responses(tmp_path / "killed") == _responses(tmp_path / "full")
+
+
+def test_cache_refuses_new_weights_or_data_in_the_same_places(tmp_path, predictor):
+    """Re-exported weights in the same folder, or new task data at the same path, never reuse old answers."""
+    from eval.tasks import EvalDataError
+
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    predictor.model.save_pretrained(model_dir)
+    data_dir = make_chartqa_parquet(tmp_path / "c", n=4)
+    kw = dict(data={"chartqa": str(data_dir)}, num_workers=0, max_new_tokens=4, show_progress=False)
+    assert evaluate(str(model_dir), ["chartqa"], out, **kw)["tasks"]["chartqa"]["n_generated"] == 4
+    assert evaluate(str(model_dir), ["chartqa"], out, **kw)["tasks"]["chartqa"]["n_generated"] == 0
+
+    weight = next(p for p in predictor.model.parameters() if p.ndim == 2)
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        predictor.model.save_pretrained(model_dir)  # new weights, same folder
+    finally:
+        with torch.no_grad():
+            weight.sub_(1.0)
+    with pytest.raises(EvalDataError, match="weights"):
+        evaluate(str(model_dir), ["chartqa"], out, **kw)
+
+    fresh = tmp_path / "out2"
+    assert evaluate(str(model_dir), ["chartqa"], fresh, **kw)["tasks"]["chartqa"]["n_generated"] == 4
+    table = pq.read_table(data_dir / "data" / "test-00000-of-00001.parquet").to_pydict()
+    table["image"] = [img_cell(i + 7) for i in range(4)]  # other charts, same file, same ids and questions
+    write_parquet(data_dir / "data" / "test-00000-of-00001.parquet", table)
+    with pytest.raises(EvalDataError, match="data"):
+        evaluate(str(model_dir), ["chartqa"], fresh, **kw)

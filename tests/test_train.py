@@ -138,8 +138,24 @@ def test_zero2_trains_resumes_exactly_and_survives_kill_in_save(tmp_path, shards
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     assert (resumed / "checkpoints" / "step_00000015").exists()  # the half-written one
-    # resume from the previous latest and finish
-    _train(resumed, shards)
+    # a resume that changes what training does is refused before DeepSpeed starts, in one line
+    p = _train(resumed, shards, "train.lr.llm=0.05", check=False)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "train.lr.llm=0.05" in errors[0], p.stderr[-2000:]
+    # latest deleted and the newest complete checkpoint damaged: resume from the newest verified one
+    ckpts = resumed / "checkpoints"
+    (ckpts / "latest").unlink()
+    damaged = ckpts / "step_00000010" / "client_rank00000.pt"
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    p = _train(resumed, shards)
+    assert "step_00000010 skipped: client_rank00000.pt has 64 bytes" in p.stderr, p.stderr[-3000:]
+    assert f"resumed from {ckpts / 'step_00000005'} (step 5)" in p.stderr
+    assert (
+        ckpts / "step_00000010.old1" / "client_rank00000.pt"
+    ).stat().st_size == 64  # kept, not overwritten
+    assert (ckpts / "step_00000015.old1").is_dir()  # the killed save's files too
+    events = [json.loads(x) for x in (resumed / "log.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [(e["step"], e["checkpoint"]) for e in events] == [(10, "step_00000010"), (5, "step_00000005")]
     assert _losses(resumed) == losses  # identical per-step losses (bit for bit through json)
     assert _samples(resumed) == _samples(straight)  # same samples, none repeated, none skipped
 

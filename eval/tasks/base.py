@@ -15,9 +15,17 @@ from typing import Any
 
 from PIL import Image
 
+from mmsmall.processing.images import to_rgb_image
+
 
 class EvalDataError(ValueError):
     """Benchmark data is missing or malformed; the message names the file or sample."""
+
+
+class UnknownTaskError(EvalDataError, KeyError):
+    """A task name that is not registered (a KeyError for lookups, a user error for the CLI)."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
 
 
 @dataclass
@@ -45,15 +53,15 @@ class Record:
         where = f"sample {self.id!r}" + (f" in {self.source}" if self.source else "")
         try:
             if self.image is not None:
-                return self.image.convert("RGB")
+                return to_rgb_image(self.image)
             if self.image_bytes is not None:
                 with Image.open(io.BytesIO(self.image_bytes)) as im:
                     im.load()
-                    return im.convert("RGB")
+                    return to_rgb_image(im)
             if self.image_path is not None:
                 with Image.open(self.image_path) as im:
                     im.load()
-                    return im.convert("RGB")
+                    return to_rgb_image(im)
         except FileNotFoundError:
             raise EvalDataError(f"{where}: image file not found: {self.image_path}") from None
         except Exception as e:  # PIL raises many types for bad bytes
@@ -119,5 +127,5 @@ def get_task(name: str) -> Task:
     import eval.tasks  # noqa: F401  (imports every benchmark file, which registers them)
 
     if name not in TASKS:
-        raise KeyError(f"unknown eval task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+        raise UnknownTaskError(f"unknown eval task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]

@@ -30,6 +30,10 @@ from mmsmall.data.shards import Sample, SampleStream, sample_id
 log = logging.getLogger(__name__)
 
 
+class NoUsableData(RuntimeError):
+    """Every sample of the training data is skipped (too long, or the processor refuses it)."""
+
+
 @contextlib.contextmanager
 def seeded_rng(*seed: int) -> Iterator[torch.Generator]:
     """Run a block under python / numpy / torch random state seeded from ``seed``; restore after."""
@@ -134,6 +138,7 @@ class TrainData:
         self.num_workers = d.num_workers
         self.pool: ProcessPoolExecutor | None = None
         self.ahead: deque[tuple[dict, Sample, Future]] = deque()  # (stream state before it, sample, encoding)
+        self._accepted_seen, self._unusable_run = 0, {}  # see _check_progress
 
     @property
     def counters(self) -> dict[str, int]:
@@ -163,9 +168,31 @@ class TrainData:
         _, sample, future = self.ahead.popleft()
         return sample, future.result
 
+    def _check_progress(self, sample: Sample) -> None:
+        """Stop once a whole pass over every data entry has yielded no usable example.
+
+        ``_unusable_run`` maps entry -> (first, last) epoch drawn since the packer last took an
+        example; a full epoch between them for every entry means every sample was skipped.
+        """
+        if self.packer.accepted != self._accepted_seen:
+            self._accepted_seen, self._unusable_run = self.packer.accepted, {}
+        i, epoch = sample["ref"][0], sample["ref"][1]
+        first, _ = self._unusable_run.get(i, (epoch, epoch))
+        self._unusable_run[i] = (first, epoch)
+        spans = self._unusable_run.values()
+        if len(self._unusable_run) == len(self.stream.entries) and all(
+            last - first >= 2 for first, last in spans
+        ):
+            raise NoUsableData(
+                "a whole pass over data.train gave no usable example; skipped so far: "
+                f"{self.counters}. too_long: raise data.seq_len or lower model.image.max_crops; "
+                "encode_error: see the warnings above"
+            )
+
     def _pull(self) -> Example:
         while True:
             sample, result = self._next_encoded()
+            self._check_progress(sample)
             try:
                 return result()
             except ValueError as e:  # a sample the processor cannot encode: skip, count, go on

@@ -102,6 +102,7 @@ class Packer:
         self.counters = counters if counters is not None else {}
         self.pending: list[Example] = []  # examples pulled but not yet placed, in pull order
         self.min_len = seq_len  # shortest example seen: a row with less free space is "full"
+        self.accepted = 0  # examples taken so far (the loader notices when none are, pass after pass)
 
     def _pull(self, pull: Callable[[], Example]) -> Example:
         while True:
@@ -109,6 +110,7 @@ class Packer:
             L = example_len(ex)
             if L <= self.seq_len:
                 self.min_len = min(self.min_len, L)
+                self.accepted += 1
                 return ex
             self.counters["too_long"] = self.counters.get("too_long", 0) + 1
             log.warning(

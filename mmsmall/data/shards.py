@@ -30,7 +30,9 @@ from typing import Any, TypedDict
 import numpy as np
 from PIL import Image
 
-from .remote import fetch_shard, is_remote, resolve_remote
+from mmsmall.data.keys import member_key
+from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
+from mmsmall.processing.images import to_rgb_image
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,17 @@ def read_shard_members(
             for member in tar:
                 if not member.isfile():
                     continue
-                name = member.name.rsplit("/", 1)[-1]
-                if "." not in name:
+                split = member_key(member.name)
+                if split is None:
                     continue
-                key, ext = name.split(".", 1)
+                key, ext = split
+                parts = groups.setdefault(key, {})
+                if ext in parts:  # the same member twice: keep the first, count the other
+                    _skip(counters, "duplicate_member", shard, key, f"{member.name} repeated")
+                    continue
                 f = tar.extractfile(member)
                 if f is not None:
-                    groups.setdefault(key, {})[ext.lower()] = f.read()
+                    parts[ext] = f.read()
     except (tarfile.TarError, OSError, EOFError) as e:
         _skip(counters, "unreadable_tar", shard, "*", str(e))
         if not groups:
@@ -158,7 +164,7 @@ def decode_sample(
         try:
             with Image.open(io.BytesIO(parts[ext])) as im:
                 im.load()  # force a full decode: truncated files fail here, not later
-                image = im.convert("RGB")
+                image = to_rgb_image(im)
         except Exception as e:  # PIL raises many types for bad bytes
             _skip(counters, "bad_image", shard, key, f"{type(e).__name__}: {e}")
             return None

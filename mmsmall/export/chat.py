@@ -30,11 +30,11 @@ def _predictor(model: str, device: str = "cpu", max_crops: int | None = None, dt
 
 
 def _open_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    """The image fully decoded, or ``ImageLoadError`` (a one-line user error) for zero-byte, truncated,
+    unreadable or bomb files: the same loader as training and eval."""
+    from mmsmall.processing.crops import load_image
+
+    return load_image(path)
 
 
 def chat(
@@ -84,8 +84,25 @@ def _iter_inputs(inputs: str, question: str | None) -> Iterator[tuple[str, Image
     p = Path(inputs)
     images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
     if images:
+        from mmsmall.processing.crops import ImageLoadError
+
+        skipped = []
         for f in images:
-            yield f.stem, _open_image(f), question or DEFAULT_QUESTION
+            try:
+                image = _open_image(f)
+            except ImageLoadError as e:  # skip and count; every good image is still answered
+                skipped.append((f.name, str(e)))
+                continue
+            yield f.stem, image, question or DEFAULT_QUESTION
+        if len(skipped) == len(images):
+            raise FileNotFoundError(
+                f"{inputs}: none of its {len(images)} images could be read, e.g. {skipped[0][1]}"
+            )
+        if skipped:
+            names = ", ".join(name for name, _ in skipped[:10])
+            log.warning(
+                "predict: skipped %d unreadable image(s): %s (first: %s)", len(skipped), names, skipped[0][1]
+            )
         return
     from mmsmall.data.shards import iter_samples
 

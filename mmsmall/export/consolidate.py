@@ -54,14 +54,19 @@ def resolve_source(src: str | Path) -> Source:
     if _is_ds_checkpoint(p):
         run = p.parent.parent if p.parent.name == "checkpoints" else None
         return Source("deepspeed", p, run)
+    from mmsmall.train.resume import find_resume
+
     for root in (p / "checkpoints", p):
-        latest = root / "latest"
-        if latest.exists():
-            tag = latest.read_text().strip()
-            ckpt = root / tag
-            if not _is_ds_checkpoint(ckpt):
-                raise FileNotFoundError(f"{latest} names {tag!r} but {ckpt} holds no DeepSpeed checkpoint")
-            return Source("deepspeed", ckpt, root.parent if root.name == "checkpoints" else None)
+        if not (root / "latest").exists() and not any(root.glob("step_*")):
+            continue
+        point = find_resume(root)  # the newest verified checkpoint, as a restart would take it
+        for note in point.notes:
+            log.warning("export: %s", note)
+        if point.tag is None or not _is_ds_checkpoint(root / point.tag):
+            raise FileNotFoundError(
+                f"{root}: no intact checkpoint ({'; '.join(point.notes) or 'none saved'})"
+            )
+        return Source("deepspeed", root / point.tag, root.parent if root.name == "checkpoints" else None)
     raise FileNotFoundError(
         f"{p}: not a run folder (checkpoints/latest), checkpoint root (latest), checkpoint folder "
         "(*_model_states.pt + config.yaml), VLM.save_pretrained folder (model_config.yaml + model.safetensors) "

@@ -14,6 +14,8 @@ every shard), config, generation config, tokenizer, processor, chat template and
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,32 +78,43 @@ def run_export(
     eval_results: str | Path | None = None,
     max_shard_size: str = "5GB",
     adapter_only: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Export ``src`` (run folder -> its ``latest`` checkpoint, checkpoint folder, or saved model) to ``out``.
 
     A LoRA run's adapters are merged into the weights, so the release needs no adapter code;
     ``adapter_only`` writes the peft adapter folders instead (:func:`mmsmall.model.lora.save_adapter`).
 
+    ``overwrite``: write into a non-empty ``out`` (refused otherwise); files there that are not
+    part of the release stay, and ``checksums.json`` lists only the release's own shards.
     ``eval_results``: eval/runner.py's ``results.json`` (or its folder) for the model card; when
     None, ``{run}/eval/results.json`` is used if the run has one.
     """
     import yaml
 
+    from mmsmall.config import ConfigError
     from mmsmall.export.consolidate import load_vlm
 
     if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise ConfigError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} is not empty; export into a new or empty folder, or pass --overwrite to replace "
+            "the release files there (other files are left alone)"
+        )
     if adapter_only:
         from mmsmall.model.lora import has_lora, save_adapter
 
         vlm, _ = load_vlm(src, merge_lora=False)
         if not has_lora(vlm):
-            raise ValueError(
+            raise ConfigError(
                 f"--adapter-only: {src} holds no LoRA adapters (it was not trained with train.lora)"
             )
         path = save_adapter(vlm, out)
         log.info("exported the LoRA adapters of %s to %s", src, path)
         return path
+    started = time.time_ns()
     vlm, source = load_vlm(src)
     if fmt == "molmo2":
         from mmsmall.export.molmo2 import check_molmo2_fit
@@ -123,8 +136,19 @@ def run_export(
     with torch.no_grad():
         (save_molmo2 if fmt == "molmo2" else save_mmsmall)(vlm, out, max_shard_size=max_shard_size)
     (out / "README.md").write_text(model_card(vlm, fmt, run_config=run_cfg, eval_results=results))
+    _same_file_mode(out, since_ns=started)
     log.info("exported %s (%s) to %s in %s format", src, source.kind, out, fmt)
     return out
+
+
+def _same_file_mode(out: Path, since_ns: int) -> None:
+    """Give every file this export wrote the mode a new file gets under the umask (transformers
+    writes weights through a private 0600 temporary file); files that were there before stay."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_mtime_ns >= since_ns:
+            p.chmod(0o666 & ~umask)
 
 
 def load_molmo2(path: str | Path) -> VLM:

@@ -109,12 +109,10 @@ def shard_files(model_dir: str | Path) -> list[Path]:
 
 
 def write_checksums(model_dir: str | Path) -> Path:
-    """Record size and sha256 of every safetensors file in ``model_dir`` in ``checksums.json``."""
+    """Record size and sha256 of the model's own shards (its index, else ``model.safetensors``) in
+    ``checksums.json``; other ``*.safetensors`` in the folder are not part of the release."""
     model_dir = Path(model_dir)
-    files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(model_dir.glob("*.safetensors"))
-    }
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in shard_files(model_dir)}
     path = model_dir / CHECKSUMS_NAME
     path.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=2) + "\n")
     return path

@@ -380,6 +380,7 @@ class MMSmallProcessor(ProcessorMixin):
             )
         from PIL import Image
 
+        from mmsmall.processing.images import to_rgb_image
         from mmsmall.processing.processor import collate
 
         convs = [conversation] if conversation and isinstance(conversation[0], dict) else conversation
@@ -395,7 +396,7 @@ class MMSmallProcessor(ProcessorMixin):
                 for part in parts:
                     if part.get("type") == "image":
                         found = part.get("image", part.get("path", part.get("url")))
-                        image = Image.open(found).convert("RGB") if isinstance(found, (str, Path)) else found
+                        image = to_rgb_image(Image.open(found)) if isinstance(found, (str, Path)) else found
                 text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
                 turns.append({"role": msg["role"], "content": text})
             examples.append(self.processor.encode(image, [turns], train=False))

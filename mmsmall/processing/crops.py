@@ -30,10 +30,11 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .images import to_rgb_image
 
 _RESCALE = 1 / 255  # the stock processor's rescale_factor; mean/std are scaled by its inverse
-_ORIENTATION = 0x0112  # EXIF tag
 
 
 class ImageLoadError(ValueError):
@@ -90,9 +91,10 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = 
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """An ``(H, W, 3)`` uint8 array: EXIF orientation applied, any alpha composited on white.
 
-    Grayscale, palette, CMYK, 16-bit and other modes go through Pillow's ``convert("RGB")``;
-    images with an alpha band or palette transparency are composited on white first, as
-    transformers' ``convert_to_rgb`` does. Arrays must already be ``(H, W, 3)`` uint8 RGB.
+    16- and 32-bit integer and float grayscale are scaled into 0-255 with their value range kept
+    (:func:`high_depth_to_l`); palette, CMYK, YCbCr and other 8-bit modes go through Pillow's
+    ``convert("RGB")``; images with an alpha band or palette transparency are composited on white
+    first, as transformers' ``convert_to_rgb`` does. Arrays must already be ``(H, W, 3)`` uint8 RGB.
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -104,21 +106,6 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
     return np.asarray(to_rgb_image(image))
-
-
-def to_rgb_image(image: Image.Image) -> Image.Image:
-    """The PIL side of :func:`to_rgb_array` (returns ``image`` itself when it is already upright RGB)."""
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"the image is empty ({image.width}x{image.height})")
-    if image.getexif().get(_ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba).convert("RGB")
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
 
 
 # ----------------------------------------------------------------------------- geometry

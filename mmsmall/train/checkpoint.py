@@ -5,7 +5,8 @@ Layout under ``{out_dir}/checkpoints``::
     step_00000010/            DeepSpeed's files (model, optimizer, scheduler; per-rank shards)
         client_rank00000.pt   this rank's {"step", "data", "rng"} (a plain dict)
         config.yaml           the resolved run config
-    latest                    the tag of the newest *complete* checkpoint
+        complete.json         written last: every file's size (restarts verify it, resume.py)
+    latest                    the tag of the newest *complete* checkpoint (a hint; see resume.py)
 
 ``latest`` is written through a temporary file and ``os.replace`` only after every rank has
 finished writing, so a process killed in the middle of a save leaves the previous ``latest``
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mmsmall.config import save_config
+from mmsmall.train import resume
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,10 @@ def save(
     ckpt_root = Path(ckpt_root)
     tag = tag_of(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        resume.set_aside(ckpt_root / tag)  # a folder of this step is an earlier run's: keep it
+    if dist.is_initialized():
+        dist.barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"step": step}, save_latest=False)
     if kill_during_save:  # tests: die with DeepSpeed's files written but the checkpoint unfinished
         log.warning("debug: killing rank %d in the middle of saving %s", rank, tag)
@@ -99,6 +105,7 @@ def save(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        resume.write_complete(ckpt_root / tag, dist.get_world_size() if dist.is_initialized() else 1)
         _write_latest(ckpt_root, tag)
         _prune(ckpt_root, keep_last, tag)
         log.info("saved checkpoint %s", ckpt_root / tag)
@@ -110,11 +117,12 @@ def save(
 _NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
 
 
-def load_latest(engine: Any, ckpt_root: str | Path) -> dict[str, Any] | None:
-    """Load the checkpoint ``latest`` names into the engine; returns this rank's client state
-    (step, data position; RNG states already restored) or None when there is none."""
+def load_latest(engine: Any, ckpt_root: str | Path, tag: str | None = None) -> dict[str, Any] | None:
+    """Load checkpoint ``tag`` (default: the newest intact one, see ``resume.find_resume``) into
+    the engine; returns this rank's client state (step, data position; RNG states already
+    restored) or None when there is none."""
     ckpt_root = Path(ckpt_root)
-    tag = read_latest(ckpt_root)
+    tag = tag if tag is not None else resume.find_resume(ckpt_root).tag
     if tag is None:
         return None
     rank = dist.get_rank() if dist.is_initialized() else 0

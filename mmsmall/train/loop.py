@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmsmall.config import load_config, save_config
-from mmsmall.data.loader import TrainData
-from mmsmall.train import checkpoint
+from mmsmall.config import load_config, require_training_inputs, save_config
+from mmsmall.data.loader import NoUsableData, TrainData
+from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
 from mmsmall.train.monitor import RunMonitor
@@ -91,12 +91,29 @@ def train_step(engine, micro: list[dict], world: int, dtype: torch.dtype, step: 
     return loss_all / max(n_global, 1.0), n_global
 
 
+def _resume_point(cfg, ckpt_root: Path, rank: int) -> resume.ResumePoint:
+    """The verified checkpoint to resume from, with the reasons for any passed over; the config
+    must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
+    point = resume.find_resume(ckpt_root)
+    for note in point.notes:
+        if rank == 0:
+            log.warning("resume: %s", note)
+    if point.tag is not None:
+        applied = resume.check_resume_config(cfg, ckpt_root / point.tag)
+        if rank == 0:
+            log.info(
+                "resume: from %s%s", ckpt_root / point.tag, f" with {'; '.join(applied)}" if applied else ""
+            )
+    return point
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     cfg = load_config(argv[0], argv[1:])
+    require_training_inputs(cfg)
     # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     t, out = cfg.train, Path(cfg.out_dir)
+    start = _resume_point(cfg, out / "checkpoints", rank)  # refuses a changed config before any build
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -129,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     flops, peak = FlopCounter(model, t.freeze), peak_flops()
 
     step, ckpt_root = 0, out / "checkpoints"
-    client = checkpoint.load_latest(engine, ckpt_root)
+    client = checkpoint.load_latest(engine, ckpt_root, start.tag) if start.tag else None
     if client is not None:
         step = client["step"]
         data.load_state_dict(client["data"])
     else:
         seed_everything(cfg.seed * 1000 + rank)  # per-rank training randomness
     monitor = RunMonitor(cfg, rank, step)
+    if client is not None:  # mark the restart: the steps after it are logged again, by this run
+        monitor.event({"event": "resume", "step": step, "checkpoint": start.tag, "notes": start.notes})
     try:
         while step < t.steps:
             t0 = time.perf_counter()
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
                 log.warning("debug: killing rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, NoUsableData) as e:
         log.error("%s", e)
         return 1
     finally:

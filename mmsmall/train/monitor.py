@@ -46,6 +46,12 @@ class RunMonitor:
         self.samples_file.write(json.dumps({"step": step, "ids": ids}) + "\n")
         self.samples_file.flush()
 
+    def event(self, record: dict[str, Any]) -> None:
+        """A non-metric line in log.jsonl (e.g. ``{"event": "resume", "step": ...}``); rank 0 only."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
     def log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
@@ -86,7 +92,8 @@ def read_log(path: str | Path) -> list[dict]:
     for line in Path(path).read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            by_step[rec["step"]] = rec
+            if "event" not in rec:  # a resume marker, not a step
+                by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 
 
