@@ -1,0 +1,101 @@
+"""Evaluation during training (train.eval), through the real entry points, in one short run:
+
+- the in-training scores and answers at a step equal what `mmsmall eval` gives on the checkpoint
+  saved at that step (same answers per sample, same scores);
+- the scores land in eval.jsonl, TensorBoard and a wandb run logged offline (WANDB_MODE=offline)
+  together with the loss, and loss.png draws them;
+- training with evaluation gives the same losses as training without it (its own random state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_tools.synth import generate
+from data_tools.synth.scenes import EASY_COUNT
+from mmsmall.train.monitor import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("synth_scenes_count", "synth_scenes_point")
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(
+        os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)
+    )
+    env |= {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd: list[str], env: dict) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _answers(folder: Path, task: str) -> dict[str, str]:
+    lines = (folder / "predictions" / f"{task}.jsonl").read_text().splitlines()
+    return {e["id"]: e["response"] for e in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_in_training_eval_equals_mmsmall_eval_of_the_checkpoint_and_logs_to_wandb(tmp_path):
+    pytest.importorskip("wandb")
+    scenes = {**EASY_COUNT, "question_types": ["count", "point"]}
+    generate("scenes", n=32, seed=0, out=tmp_path / "train", split="train", shard_size=100, **scenes)
+    generate("scenes", n=12, seed=0, out=tmp_path / "heldout", split="eval", shard_size=100, **scenes)
+    env = _env(tmp_path)
+    tasks = "{" + ", ".join(f"{t}: {tmp_path / 'heldout'}" for t in TASKS) + "}"
+    base = [sys.executable, "-m", "mmsmall.train", "configs/train/tiny-pretrain.yaml",
+            f"data.train=[{{path: {tmp_path / 'train'}}}]", "train.steps=6", "train.save_every=3",
+            "train.keep_last=2", "train.lr.llm=3e-3"]  # fmt: skip
+    run = tmp_path / "run"
+    _run([*base, f"out_dir={run}", "train.eval.every=3", "train.eval.limit=8",
+          f"train.eval.tasks={tasks}", "train.wandb=true"], env)  # fmt: skip
+    plain = tmp_path / "plain"
+    _run([*base, f"out_dir={plain}", "train.tensorboard=false"], env)
+
+    evals = read_log(run / "eval.jsonl")
+    assert [r["step"] for r in evals] == [3, 6]
+    for step in (3, 6):
+        tag = f"step_{step:08d}"
+        out = tmp_path / f"eval_{step}"
+        data = [a for t in TASKS for a in ("--data", f"{t}={tmp_path / 'heldout'}")]
+        exe = shutil.which("mmsmall", path=str(Path(sys.executable).parent)) or "mmsmall"
+        _run([exe, "eval", "--model", str(run / "checkpoints" / tag), "--tasks", ",".join(TASKS),
+              "--out", str(out), "--limit", "8", "--num-workers", "0", *data], env)  # fmt: skip
+        offline = json.loads((out / "results.json").read_text())["tasks"]
+        live = json.loads((run / "eval" / tag / "results.json").read_text())["tasks"]
+        rec = next(r for r in evals if r["step"] == step)
+        for t in TASKS:
+            assert _answers(out, t) == _answers(run / "eval" / tag, t)  # the same answer to every sample
+            assert live[t]["metrics"] == offline[t]["metrics"]
+            assert rec[f"eval/{t}"] == pytest.approx(offline[t]["score"])
+    # evaluation does not disturb training: the same losses as the run without it
+    assert [r["loss"] for r in read_log(run / "log.jsonl")] == [
+        r["loss"] for r in read_log(plain / "log.jsonl")
+    ]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    assert {"loss", *(f"eval/{t}" for t in TASKS)} <= set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars(f"eval/{TASKS[0]}")] == [3, 6]
+
+    (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    summary = json.loads((wandb_run / "files" / "wandb-summary.json").read_text())
+    assert summary["_step"] == 6 and "loss" in summary
+    for t in TASKS:
+        assert summary[f"eval/{t}"] == pytest.approx(evals[-1][f"eval/{t}"])
+    history = (next(wandb_run.glob("*.wandb"))).read_bytes()
+    assert b"eval/synth_scenes_count" in history and b"loss" in history
+    assert (run / "loss.png").stat().st_size > 0
