@@ -142,7 +142,7 @@ def plot_loss(log_path: Path, png: Path, eval_path: Path | None = None) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name[5:])
         ax.set_xlabel("step")
         ax.set_ylabel("held-out score (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
