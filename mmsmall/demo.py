@@ -59,7 +59,7 @@ FAMILIES = {
 }  # fmt: skip
 FULL = DemoPlan(FAMILIES, train_steps=1500, eval_limit=200, live_eval_every=500, live_eval_limit=40)
 QUICK = DemoPlan(
-    {k: replace(f, n_train=12, n_eval=8) for k, f in FAMILIES.items()},
+    {k: replace(f, n_train=12, n_eval=16 if k == "scenes" else 8) for k, f in FAMILIES.items()},
     train_steps=4,
     eval_limit=8,
     live_eval_every=2,
