@@ -51,7 +51,7 @@ def chat(
     return predictor.predict([img], [question], max_new_tokens=max_new_tokens, task=task)[0]
 
 
-PRED_COLOR, GOLD_COLOR = (230, 20, 20), (0, 160, 60)
+PRED_COLOR, GOLD_COLOR, HALO = (0, 90, 255), (0, 170, 60), (255, 255, 255)
 
 
 def draw_points(
@@ -62,7 +62,7 @@ def draw_points(
     caption: list[str] | None = None,
     min_side: int = 448,
 ) -> Image.Image:
-    """A viewable copy of ``image`` with each predicted (x, y) pixel point as a red ring.
+    """A viewable copy of ``image`` with each predicted (x, y) pixel point as a blue ring.
 
     The image is enlarged to at least ``min_side`` pixels on its short side (a 112 px scene is too
     small to read); ``gold`` points are green crosses; ``caption`` lines (question, parsed answer)
@@ -74,18 +74,20 @@ def draw_points(
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
     font = _font(max(12, round(min(im.size) * 0.035)))
     line_h = round(font.size * 1.35)
-    lines = [*(caption or []), "red ring = predicted" + (", green cross = gold" if gold is not None else "")]
+    lines = [*(caption or []), "blue ring = predicted" + (", green cross = gold" if gold is not None else "")]
     out = Image.new("RGB", (im.width, im.height + line_h * len(lines) + 8), (255, 255, 255))
     out.paste(im, (0, 0))
     draw = ImageDraw.Draw(out)
     r = radius or max(5, round(min(im.size) * 0.03))
     w = max(2, r // 3)
-    for x, y in gold or []:
+    for x, y in gold or []:  # white under each mark, so it shows on any colour
         x, y = x * scale, y * scale
-        draw.line((x - r, y - r, x + r, y + r), fill=GOLD_COLOR, width=w)
-        draw.line((x - r, y + r, x + r, y - r), fill=GOLD_COLOR, width=w)
+        for color, width in ((HALO, w + 2), (GOLD_COLOR, w)):
+            draw.line((x - r, y - r, x + r, y + r), fill=color, width=width)
+            draw.line((x - r, y + r, x + r, y - r), fill=color, width=width)
     for x, y in points:
         x, y = x * scale, y * scale
+        draw.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), outline=HALO, width=w + 2)
         draw.ellipse((x - r, y - r, x + r, y + r), outline=PRED_COLOR, width=w)
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=PRED_COLOR)
     for n, text in enumerate(lines):
