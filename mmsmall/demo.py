@@ -111,8 +111,12 @@ def _same_synth(manifest: Path, kind: str, n: int, split: str, opts: dict) -> bo
 
 
 def _curate(out: Path, synth: dict[str, Path], plan: DemoPlan) -> dict[str, dict]:
-    """Curate each family into its own shard set (so the training mixture can interleave them by
-    rate), decontaminated against every held-out split."""
+    """Curate each family into its own shard set, decontaminated against every held-out split.
+
+    One shard set per family lets the training mixture draw a family per sample by rate. With one
+    curated folder (shards filled in input order) the 200 charts were one shard, read as one block
+    once per epoch: the old demo's loss jumped from ~0.5 to 2-4 exactly when it came up (steps
+    ~140, 420, 850, 1010, 1170, 1480, as SampleStream's shard order per epoch predicts)."""
     from data_tools.curate import run_curation
 
     benchmarks = ", ".join(f"{{path: {synth[f'{k}_eval']}}}" for k in plan.families)
