@@ -128,3 +128,20 @@ def test_in_training_eval_equals_mmsmall_eval_of_the_checkpoint_and_logs_to_wand
         for t in TASKS:
             assert history[rec["step"]][f"eval/{t}"] == pytest.approx(rec[f"eval/{t}"])
     assert (run / "loss.png").stat().st_size > 0
+
+
+def test_loss_curve_is_smoothed_like_tensorboard(tmp_path):
+    """TensorBoard's smoothing: a debiased exponential moving average (starts at the first value,
+    a constant stays constant); loss.png draws it over the faint raw values, with the eval panel."""
+    from mmsmall.train.monitor import plot_loss, smooth
+
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    s = smooth([1.0] * 5 + [3.0] * 5, weight=0.5)
+    assert s[0] == 1.0 and s[4] == pytest.approx(1.0) and 1.0 < s[5] < s[9] < 3.0
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 30)))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"step": 10, "eval/synth_charts": 40.0}) + "\n")
+    plot_loss(log, tmp_path / "loss.png", tmp_path / "eval.jsonl")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "loss.png").width > 1000  # two panels side by side
