@@ -179,8 +179,8 @@ def predict(
     limit: int | None = None,
 ) -> Path:
     """Answer a question for every image of ``inputs`` (the first ``limit`` when given); writes
-    ``out/predictions.jsonl`` and, for answers that contain points (and shard samples of task
-    ``pointing``, whose gold points are drawn too), ``out/{key}.png``. Returns the jsonl path."""
+    ``out/predictions.jsonl`` and, for answers that contain points, ``out/{key}.png`` with the
+    points drawn. Returns the jsonl path."""
     predictor = _predictor(model, device=device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
