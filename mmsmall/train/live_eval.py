@@ -15,6 +15,7 @@ Evaluation runs under its own random state, so training continues exactly as wit
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class LiveEval:
     def __init__(self, cfg: Any, engine: Any):
         self.cfg = cfg.train.eval
         self.out = Path(cfg.out_dir) / "eval"
+        self.precision = cfg.train.precision
         self.last_step = cfg.train.steps
         if not self.cfg.every:
             return
@@ -59,10 +61,12 @@ class LiveEval:
 
         model = engine.module
         was_training = model.training
+        # a Predictor that casts its model (a `dtype` argument) must keep the training precision
+        keep = {"dtype": self.precision} if "dtype" in inspect.signature(Predictor).parameters else {}
         with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed from the global RNG
             try:
                 results = evaluate(
-                    Predictor(model, device=engine.device),
+                    Predictor(model, device=engine.device, **keep),
                     list(self.cfg.tasks),
                     self.out / tag_of(step),
                     batch_size=self.cfg.batch_size,
