@@ -142,6 +142,16 @@ class LoRAConfig:
 
 
 @dataclass
+class TrainEvalConfig:
+    """Evaluation during training (mmsmall/train/live_eval.py): the eval harness's task metrics."""
+
+    every: int = 0  # evaluate every N optimizer steps and after the last; 0 = never
+    tasks: dict = field(default_factory=dict)  # eval task name -> held-out data (shard folder or path)
+    limit: int = 0  # the first N samples of each task; 0 = all
+    batch_size: int = 8
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 1
@@ -162,6 +172,7 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = True
     wandb: bool = False
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     init_from: str | None = None  # a saved model folder (a previous stage's out_dir/model) to start from
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # peft LoRA (mmsmall/model/lora.py)
     debug_kill_at_step: int = 0  # tests: SIGKILL this process at that step, after its checkpoint is complete
@@ -340,6 +351,14 @@ def validate(cfg: Any) -> None:
         if cfg.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.train.precision!r}; valid: bf16, fp32")
         _check_ranges(cfg)
+        ev = cfg.train.eval
+        if ev.every < 0 or ev.limit < 0 or ev.batch_size < 1:
+            raise ConfigError("train.eval: every and limit must be >= 0 and batch_size >= 1")
+        if ev.every and not ev.tasks:
+            raise ConfigError(
+                "train.eval.every is set but train.eval.tasks is empty; name held-out sets, e.g. "
+                "train.eval.tasks='{synth_charts: data/synth/charts_eval}'"
+            )
     if isinstance(cfg, ModelConfig):
         if cfg.vision.backend not in ("open_clip", "hf"):
             raise ConfigError(f"model.vision.backend: {cfg.vision.backend!r}; valid: hf, open_clip")

@@ -141,7 +141,12 @@ def test_garbage_output_scores_zero_on_every_task(tmp_path):
     assert res["tasks"]["ai2d"]["score"] == 0.0
     # pointing: garbage holds no points: 0 on the one-mask question, and right on the question whose
     # gold list is empty (pointing at nothing is the right answer there)
-    assert res["tasks"]["pointing"]["metrics"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert res["tasks"]["pointing"]["metrics"] == {
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "points_outside": 0.0,
+    }
 
 
 def test_missing_image_fails_naming_the_sample(tmp_path):

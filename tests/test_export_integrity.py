@@ -124,12 +124,22 @@ def test_chat_and_predict_draw_points(saved, tmp_path):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert sorted((r["key"], r["question"]) for r in rows) == [(f"s{i}", f"Question {i}?") for i in range(3)]
     # A random model rarely points: an answer with points is saved as a PNG with them drawn.
-    from mmsmall.export.chat import answer_record
+    from mmsmall.export.chat import GOLD_COLOR, PRED_COLOR, answer_record
 
     blank = Image.new("RGB", (50, 40))
-    rec = answer_record("k", blank, "Point.", '<point x="50.0" y="50.0" alt="dot">dot</point>', tmp_path)
+    rec = answer_record("k", blank, "Point.", '<point x="50.0" y="50.0" alt="dot">dot</point>', tmp_path,
+                        gold=[(10.0, 10.0)])  # fmt: skip
     assert rec["points"] == [[25.0, 20.0]] and rec["drawn"] == "k.png"
-    drawn = Image.open(tmp_path / "k.png")
-    assert drawn.getpixel((25, 20)) == (255, 255, 255) and drawn.getpixel((0, 0)) == (0, 0, 0)
-    assert drawn.getpixel((25 + 2, 20)) != (0, 0, 0) or drawn.getpixel((25 + 3, 20)) != (0, 0, 0)  # the ring
+    drawn = Image.open(tmp_path / "k.png").convert("RGB")
+    scale = 448 / 40  # enlarged to a viewable size: 448 px on the short side
+    assert drawn.width == round(50 * scale) and drawn.height > round(40 * scale)  # + the caption band
+    assert (
+        drawn.getpixel((round(25 * scale), round(20 * scale))) == PRED_COLOR
+    )  # predicted: red dot in a ring
+    assert drawn.getpixel((round(10 * scale), round(10 * scale))) == GOLD_COLOR  # gold: a green cross
+    band = np.asarray(drawn)[round(40 * scale) :]  # question and parsed answer written under the image
+    assert (band < 128).any() and (band == 255).mean() > 0.5
+    # a coordinate off the image is no point: dropped, counted, and without points nothing is drawn
+    rec = answer_record("o", blank, "Point.", '<point x="130.0" y="50.0" alt="dot">dot</point>', tmp_path)
+    assert rec["points"] == [] and rec["points_outside"] == 1 and "drawn" not in rec
     assert "drawn" not in answer_record("n", blank, "Point.", "There are none.", tmp_path)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmsmall.processing.points import NO_POINTS, parse_points, render_points
+from mmsmall.processing.points import NO_POINTS, parse_points, read_points, render_points
 
 unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
@@ -45,6 +45,19 @@ def test_render_rejects_non_finite():
 def test_parse_other_forms():
     assert parse_points("Click(50.0, 25.0)", 200, 100) == [(100.0, 25.0)]
     assert parse_points("at (10, 20) and (300, 5)", 100, 100) == [(10.0, 20.0)]
+
+
+def test_coordinates_off_the_image_are_not_points():
+    text = (
+        '<points x1="10.0" y1="20.0" x2="100.5" y2="50.0" x3="-3.0" y3="5.0" x4="50.0" y4="100.0" '
+        'alt="a">a</points> <point x="101" y="7" alt="a">a</point>'
+    )
+    points, dropped = read_points(text, 200, 100)
+    assert points == [(20.0, 20.0), (100.0, 100.0)] and dropped == 3  # 0 and 100 are on the edge
+    assert parse_points(text, 200, 100) == points
+    assert read_points('<point x="250.0" y="9000" alt="a">a</point>', 200, 100) == ([], 1)
+    assert read_points('<point x="nan" y="5" alt="a">a</point>', 200, 100) == ([], 0)  # not a number at all
+    assert read_points("near (150, 20)", 200, 100) == ([], 0)  # a bare pair off the image is prose
 
 
 @settings(max_examples=500, deadline=None)

@@ -98,3 +98,18 @@ def test_stream_mixture_partition_and_resume(tmp_path):
     s3 = SampleStream(entries, seed=3)
     first = next(s3)
     assert sample_id(s3.sample_at(first["ref"])) == sample_id(first) == head[0]
+
+
+def test_mixture_reads_each_shard_once_while_switching_entries(tmp_path, monkeypatch):
+    """A mixture draws its entry per sample; each entry keeps its current shard open, so switching
+    entries does not re-read a tar (it did: one tar read per switch, the demo's slowest part)."""
+    import mmsmall.data.shards as shards
+
+    a = _write(tmp_path / "a", "a", 8, 8)
+    b = _write(tmp_path / "b", "b", 8, 8)
+    reads = []
+    real = shards.read_shard_members
+    monkeypatch.setattr(shards, "read_shard_members", lambda p, c=None: reads.append(p.name) or real(p, c))
+    stream = SampleStream([{"path": str(a)}, {"path": str(b)}], seed=0)
+    ids = [sample_id(s) for s in itertools.islice(stream, 8)]
+    assert {i[0] for i in ids} == {"a", "b"} and sorted(reads) == ["a-000000.tar", "b-000000.tar"]

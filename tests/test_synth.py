@@ -325,3 +325,35 @@ def test_gallery_uses_the_report_format(shards, tmp_path):
     assert text.count("Q: ") == 4 and "A: " in text  # question and answer of each sample
     assert page.with_suffix(".png").exists()
     assert np.asarray(Image.open(page.with_suffix(".png"))).std() > 0
+
+
+@pytest.mark.parametrize(
+    "kind, preset, question, answers",
+    [
+        ("charts", "EASY_CHART", r"Which category has the (highest|lowest) .+\?", {"North", "East", "South", "West"}),
+        ("docs", "EASY_DOC", r"What is the name of the store\?", {"FRESH MART", "Corner Grocer", "QuickStop", "Green Basket"}),
+        ("clocks", "EASY_CLOCK", r"(What|Read).*(time|clock).*", {f"{h}:00" for h in range(1, 13)}),
+    ],
+)  # fmt: skip
+def test_demo_presets_are_real_tasks_checked_like_any_sample(kind, preset, question, answers):
+    """The demo's easy presets (charts.EASY_CHART, docs.EASY_DOC, clocks.EASY_CLOCK): one kind of
+    question with a small answer set, and each sample's answer re-derived by its generator's check,
+    which refuses a wrong one."""
+    import importlib
+    import re
+
+    opts = getattr(importlib.import_module(f"data_tools.synth.{kind}"), preset)
+    gen, built = core.get_generator(kind), core.build_options(kind, opts)
+    built.validate()
+    seen = set()
+    for index in range(12):
+        draft = gen.make(core.sample_rng(kind, 0, "train", index), built)
+        gen.check(draft)  # the independent re-check accepts the preset's sample
+        q, a = (m["content"] for m in draft.messages)
+        assert re.fullmatch(question, q) and a in answers, (q, a)
+        seen.add(a)
+        wrong = next(x for x in sorted(answers) if x != a)
+        draft.messages[1]["content"] = wrong
+        with pytest.raises(core.CheckFailed):
+            gen.check(draft)
+    assert len(seen) >= 3  # the answers vary

@@ -11,6 +11,12 @@ unanswerable answer is ``UNANSWERABLE``. ``meta`` stores the data table, the que
 its arguments, so ``checks.check_chart`` can re-derive every answer, and ``aux`` carries the
 text that actually landed inside the figure, so the check can also refuse a question about a
 category whose label was cut off.
+
+``EASY_CHART`` is the demo's preset that a tiny random-init model learns in minutes: a small bar
+chart of four fixed categories and "Which category has the highest/lowest ...?" (read the label of
+the tallest or shortest bar; blind baseline ~25%)::
+
+    generate("charts", n, seed, out, **EASY_CHART)
 """
 
 from __future__ import annotations
@@ -86,11 +92,22 @@ TOPICS = (  # measure, unit (may be ""), value scale
 )
 
 
+EASY_CHART = dict(  # task "chart_qa"; the check verifies the answer like any other chart's
+    chart_types=["bar"], question_types=["extremum"], categories=["North", "East", "South", "West"],
+    styles=["default"], dpi=30,
+)  # fmt: skip
+QUESTION_TYPES = ("lookup", "extremum", "comparison", "difference", "ratio", "count", "multiple_choice",
+                  "yes_no", "unanswerable", "trend", "total")  # fmt: skip
+
+
 @dataclass
 class ChartOptions:
     chart_types: list[str] = field(default_factory=lambda: list(CHART_TYPES))
     dpi: int = 100
     ext: str = "png"
+    question_types: list[str] = field(default_factory=list)  # [] = every type the chart allows
+    categories: list[str] = field(default_factory=list)  # fixed category names, in order; [] = drawn
+    styles: list[str] = field(default_factory=list)  # matplotlib style sheets to pick from; [] = STYLES
 
     def validate(self) -> None:
         bad = sorted(set(self.chart_types) - set(CHART_TYPES)) or ([] if self.chart_types else ["(empty)"])
@@ -102,6 +119,15 @@ class ChartOptions:
             raise SynthError(f"synth charts: dpi={self.dpi} must be in [30, 300]")
         if self.ext not in ("png", "jpg"):
             raise SynthError(f"synth charts: ext={self.ext!r}; valid: png, jpg")
+        for name, given, valid in (("question_types", self.question_types, QUESTION_TYPES),
+                                   ("styles", self.styles, STYLES)):  # fmt: skip
+            bad = sorted(set(given) - set(valid))
+            if bad:
+                raise SynthError(f"synth charts: {name} {bad} not valid; choose from {', '.join(valid)}")
+        if self.categories and not 2 <= len(set(self.categories)) == len(self.categories) <= 12:
+            raise SynthError(f"synth charts: categories must be 2-12 distinct names, got {self.categories}")
+        if self.categories and "scatter" in self.chart_types:
+            raise SynthError("synth charts: categories do not apply to scatter charts; drop one of them")
         self.chart_types = list(self.chart_types)
 
 
@@ -144,11 +170,13 @@ def _values(
     return np.round(v, decimals)
 
 
-def _make_data(rng: np.random.Generator, ctype: str) -> dict:
+def _make_data(rng: np.random.Generator, ctype: str, fixed: list[str]) -> dict:
     measure, unit, scale = _pick(rng, TOPICS)
     decimals = int(rng.choice(3, p=[0.55, 0.35, 0.1]))
     log = False
-    if ctype in ("line", "area"):
+    if fixed:  # the given categories, in order
+        n, kind = len(fixed), "fixed"
+    elif ctype in ("line", "area"):
         n, kind = int(rng.integers(5, 11)), _pick(rng, ("year", "month", "quarter"))
     elif ctype == "pie":
         n, kind = int(rng.integers(3, 7)), _pick(rng, ("country", "product", "department", "fruit", "city"))
@@ -157,7 +185,7 @@ def _make_data(rng: np.random.Generator, ctype: str) -> dict:
         kinds = ("year", "country", "city", "product", "department", "fruit", "quarter")
         kind = "long" if (ctype in ("hbar", "bar") and rng.random() < 0.2) else _pick(rng, kinds)
         n = min(n, 6) if kind == "long" else n
-    cats, noun = _categories(rng, n, kind)
+    cats, noun = (list(fixed), "category") if fixed else _categories(rng, n, kind)
     n_series = 1
     if ctype in ("grouped_bar", "stacked_bar", "area"):
         n_series = int(rng.integers(2, 4))
@@ -231,7 +259,7 @@ def _absent_categories(data: dict) -> list[str]:
         q, y = cats[-1].split()
         cands = [f"{q} {int(y) + 2}"]
     else:
-        cands = list(CATEGORY_POOLS[kind])
+        cands = list(CATEGORY_POOLS.get(kind, ()))  # none for fixed categories
     return [c for c in cands if c not in cats] or ["Atlantis"]
 
 
@@ -241,8 +269,8 @@ def _unique_arg(values: list[float], fn) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _question(rng: np.random.Generator, data: dict) -> tuple[str, str, dict]:
-    """(question, answer, {"qtype", ...args}) from the data table."""
+def _question(rng: np.random.Generator, data: dict, only: list[str]) -> tuple[str, str, dict]:
+    """(question, answer, {"qtype", ...args}) from the data table; ``only`` restricts the types."""
     if data["chart_type"] == "scatter":
         return _scatter_question(rng, data)
     ctype, cats, series, d = data["chart_type"], data["categories"], data["series"], data["decimals"]
@@ -267,6 +295,8 @@ def _question(rng: np.random.Generator, data: dict) -> tuple[str, str, dict]:
         qtypes += ["trend", "trend"]
     if ctype == "stacked_bar":
         qtypes += ["total"]
+    if only:
+        qtypes = [q for q in qtypes if q in only] or [only[0]]
     qtype = _pick(rng, qtypes)
     args: dict = {"qtype": qtype, "series": s}
     i, j = (int(x) for x in rng.choice(len(cats), size=2, replace=False))
@@ -280,7 +310,7 @@ def _question(rng: np.random.Generator, data: dict) -> tuple[str, str, dict]:
         highest = rng.random() < 0.5
         k = _unique_arg(row, max if highest else min)
         if k is None:
-            return _question(rng, data)
+            return _question(rng, data, only)
         word = "highest" if highest else "lowest"
         args.update(highest=highest)
         q = f"Which {noun} has the {word} {measure}{of_series}?"
@@ -296,7 +326,7 @@ def _question(rng: np.random.Generator, data: dict) -> tuple[str, str, dict]:
         return f"{q}\n{lines}\nAnswer with the option's letter.", letters[opts.index(k)], args
     if qtype in ("comparison", "yes_no"):
         if row[i] == row[j]:
-            return _question(rng, data)
+            return _question(rng, data, only)
         args.update(cat=i, other=j)
         if qtype == "comparison":
             return (
@@ -332,7 +362,7 @@ def _question(rng: np.random.Generator, data: dict) -> tuple[str, str, dict]:
         return f"How many {word} are shown in the chart?", str(len(cats)), args
     if qtype == "trend":
         if row[0] == row[-1]:
-            return _question(rng, data)
+            return _question(rng, data, only)
         up = row[-1] > row[0]
         return (
             f"Overall, does the {measure}{of_series} increase or decrease from {cats[0]} to {cats[-1]}?",
@@ -401,9 +431,9 @@ def _colors(rng: np.random.Generator, name: str | None, k: int) -> list | None:
     return [cmap(x) for x in np.linspace(0.1, 0.85, k)]
 
 
-def _draw(rng: np.random.Generator, data: dict, dpi: int) -> tuple[Image.Image, dict, set[str]]:
-    ctype = data["chart_type"]
-    style_name = _pick(rng, STYLES)
+def _draw(rng: np.random.Generator, data: dict, opts: ChartOptions) -> tuple[Image.Image, dict, set[str]]:
+    ctype, dpi = data["chart_type"], opts.dpi
+    style_name = _pick(rng, opts.styles or STYLES)
     family = _pick(rng, fonts.matplotlib_families())
     fsize = float(rng.integers(16, 24)) / 2  # half points: matplotlib's font cache keys on size
     w, h = float(rng.uniform(4.2, 6.4)), float(rng.uniform(3.2, 4.8))
@@ -590,9 +620,9 @@ def _visible_text(fig: Figure, ax, canvas: FigureCanvasAgg) -> set[str]:
 @register("charts", ChartOptions, check_chart, "matplotlib charts (8 types) with data-derived QA")
 def make_chart(rng: np.random.Generator, opts: ChartOptions) -> Draft:
     ctype = _pick(rng, opts.chart_types)
-    data = _make_scatter(rng) if ctype == "scatter" else _make_data(rng, ctype)
-    question, answer, qargs = _question(rng, data)
-    img, style_meta, visible = _draw(rng, data, opts.dpi)
+    data = _make_scatter(rng) if ctype == "scatter" else _make_data(rng, ctype, opts.categories)
+    question, answer, qargs = _question(rng, data, opts.question_types)
+    img, style_meta, visible = _draw(rng, data, opts)
     return Draft(
         image=img,
         task="chart_qa",

@@ -52,10 +52,18 @@ METRICS = ("New customers", "Orders shipped", "Support tickets", "Active users",
 CENT = Decimal("0.01")
 
 
+RECEIPT_QUESTIONS = ("total", "tax", "subtotal", "store", "date", "time", "payment", "item_amount", "n_items")
+EASY_DOC = dict(  # task "doc_qa": "What is the name of the store?" on receipts of four stores
+    doc_types=["receipt"], receipt_questions=["store"], n_stores=4,
+)  # fmt: skip
+
+
 @dataclass
 class DocOptions:
     doc_types: list[str] = field(default_factory=lambda: list(DOC_TYPES))
     ext: str = "png"
+    receipt_questions: list[str] = field(default_factory=list)  # RECEIPT_QUESTIONS to ask; [] = all
+    n_stores: int = 0  # receipts come from the first n of STORES; 0 = all
 
     def validate(self) -> None:
         bad = sorted(set(self.doc_types) - set(DOC_TYPES)) or ([] if self.doc_types else ["(empty)"])
@@ -63,6 +71,13 @@ class DocOptions:
             raise SynthError(f"synth docs: doc_types {bad} not valid; choose from {', '.join(DOC_TYPES)}")
         if self.ext not in ("png", "jpg"):
             raise SynthError(f"synth docs: ext={self.ext!r}; valid: png, jpg")
+        bad = sorted(set(self.receipt_questions) - set(RECEIPT_QUESTIONS))
+        if bad:
+            raise SynthError(
+                f"synth docs: receipt_questions {bad} not valid; choose from {', '.join(RECEIPT_QUESTIONS)}"
+            )
+        if not 0 <= self.n_stores <= len(STORES):
+            raise SynthError(f"synth docs: n_stores={self.n_stores} must be in [0, {len(STORES)}]")
         self.doc_types = list(self.doc_types)
 
 
@@ -125,12 +140,12 @@ def _totals(items: list[dict], rate: Decimal) -> dict:
 # ----------------------------------------------------------------------------- receipt
 
 
-def _receipt(rng) -> tuple[TextCanvas, dict, tuple[str, str, dict]]:
+def _receipt(rng, opts: DocOptions) -> tuple[TextCanvas, dict, tuple[str, str, dict]]:
     items = _lines(rng, GOODS, int(rng.integers(2, 8)))
     rate = Decimal(_rnd(rng, ("5", "7", "8", "10", "6.5")))
     money = _totals(items, rate)
     cur = _rnd(rng, ("$", "€", "£"))
-    fields = {"store": _rnd(rng, STORES), "date": _date(rng), "time": f"{int(rng.integers(7, 22)):02d}:{int(rng.integers(0, 60)):02d}",
+    fields = {"store": _rnd(rng, STORES[: opts.n_stores or len(STORES)]), "date": _date(rng), "time": f"{int(rng.integers(7, 22)):02d}:{int(rng.integers(0, 60)):02d}",
               "payment": _rnd(rng, ("VISA", "CASH", "MASTERCARD", "DEBIT"))}  # fmt: skip
     family = _rnd(rng, ("mono", "sans"))
     size = int(rng.integers(14, 19))
@@ -187,12 +202,16 @@ def _receipt(rng) -> tuple[TextCanvas, dict, tuple[str, str, dict]]:
     meta = {"doc_type": "receipt", "fields": fields, "items": items, "money": money, "currency": cur}
     # questions
     qtype = _rnd(rng, ("total", "total", "tax", "subtotal", "field", "item_amount", "n_items"))
+    only = opts.receipt_questions
+    if only:  # the preset's questions: a field name asks that printed field
+        qtype = _rnd(rng, only)
+        qtype, key = ("field", qtype) if qtype in fields else (qtype, None)
     if qtype in ("total", "tax", "subtotal"):
         q = {"total": "What is the total amount on the receipt?", "tax": "How much tax was charged?",
              "subtotal": "What is the subtotal before tax?"}[qtype]  # fmt: skip
         return cv, meta, (q, _money(Decimal(money[qtype]), cur), {"qtype": qtype})
     if qtype == "field":
-        key = _rnd(rng, ("store", "date", "time", "payment"))
+        key = key if only else _rnd(rng, ("store", "date", "time", "payment"))
         q = {"store": "What is the name of the store?", "date": "What date is printed on the receipt?",
              "time": "At what time was the purchase made?", "payment": "How was the purchase paid?"}[key]  # fmt: skip
         return cv, meta, (q, fields[key], {"qtype": "field", "key": key})
@@ -502,12 +521,8 @@ def _report(rng) -> tuple[TextCanvas, dict, tuple[str, str, dict]]:
 @register("docs", DocOptions, check_doc, "receipts, invoices, forms, reports (PIL + TTF fonts)")
 def make_doc(rng: np.random.Generator, opts: DocOptions) -> Draft:
     kind = _rnd(rng, opts.doc_types)
-    cv, meta, (question, answer, args) = {
-        "receipt": _receipt,
-        "invoice": _invoice,
-        "form": _form,
-        "report": _report,
-    }[kind](rng)
+    make = {"receipt": lambda r: _receipt(r, opts), "invoice": _invoice, "form": _form, "report": _report}
+    cv, meta, (question, answer, args) = make[kind](rng)
     return Draft(
         image=cv.image,
         task="doc_qa",

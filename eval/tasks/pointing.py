@@ -6,6 +6,8 @@ inside; PixMo-Points style) and/or ``points`` (a list of ``[x, y]`` normalized t
 masks a prediction matches an object when it lies inside its mask; with points only, when it is
 within ``DIST_THRESHOLD`` x the image diagonal. Matching is one-to-one (Hungarian). A question
 whose gold list is empty is right only when the model points at nothing (``There are none.``).
+Coordinates outside 0-100 (or non-finite) are not points: they are dropped before matching and
+counted per question as ``points_outside``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import io
 
 import numpy as np
 
-from mmsmall.processing.points import parse_points
+from mmsmall.processing.points import read_points
 
 from ..metrics import pointing_scores_distance, pointing_scores_masks
 from .base import EvalDataError, Record, Task, register
@@ -74,7 +76,7 @@ def score_points(raw: str, record: Record, molmo: bool = False) -> dict[str, flo
         masks = np.stack([_mask_array(c, record.id, record.source) for c in record.meta["mask_cells"]]) if record.meta[
             "mask_cells"] else np.zeros((0, 1, 1), dtype=bool)  # fmt: skip
         h, w = masks.shape[1:] if len(masks) else record.meta.get("size", (1, 1))[::-1]
-        pred = parse_points(text, w, h)
+        pred, outside = read_points(text, w, h)
         out = pointing_scores_masks(np.asarray(pred, dtype=np.float64).reshape(-1, 2), masks)
     else:
         if "size" not in record.meta:
@@ -84,9 +86,11 @@ def score_points(raw: str, record: Record, molmo: bool = False) -> dict[str, flo
             [xy for group in record.meta.get("points", []) for xy in group["xy"]], dtype=np.float64
         )
         gold = gold.reshape(-1, 2) * np.array([w, h], dtype=np.float64)  # (G, 2) pixels
-        pred = np.asarray(parse_points(text, w, h), dtype=np.float64).reshape(-1, 2)  # (P, 2)
+        pred, outside = read_points(text, w, h)
+        pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)  # (P, 2) on the image
         out = pointing_scores_distance(pred, gold, DIST_THRESHOLD * float(np.hypot(w, h)))
     out.pop("n_match", None)
+    out["points_outside"] = float(outside)  # coordinates off the image (not 0-100), not counted as points
     return out
 
 

@@ -250,9 +250,11 @@ class SampleStream:
         rates = np.array([e.rate for e in self.entries], dtype=np.float64)
         self.probs = rates / rates.sum()
         self.rng = np.random.default_rng([self.seed, self.rank, 7919])
-        self._cache: (
-            tuple[tuple[int, int, int], Path, list[tuple[str, dict[str, bytes]]], np.ndarray] | None
-        ) = None
+        # the shard each entry is reading: entry -> ((epoch, shard), path, members, permutation); one per
+        # entry, so a mixture that switches entries every sample does not re-read a tar each time
+        self._cache: dict[
+            int, tuple[tuple[int, int], Path, list[tuple[str, dict[str, bytes]]], np.ndarray]
+        ] = {}
         self._empty_epochs = 0
 
     # --- orders -------------------------------------------------------------------------
@@ -266,13 +268,13 @@ class SampleStream:
         return order, True
 
     def _shard_samples(self, i: int, epoch: int, shard_idx: int):
-        key = (i, epoch, shard_idx)
-        if self._cache is None or self._cache[0] != key:
+        key = (epoch, shard_idx)
+        if i not in self._cache or self._cache[i][0] != key:
             shard = self.entries[i].shards[shard_idx]
             members = read_shard_members(shard, self.counters)
             perm = np.random.default_rng([self.seed, i, epoch, shard_idx, 2]).permutation(len(members))
-            self._cache = (key, shard, members, perm)
-        return self._cache[1:]
+            self._cache[i] = (key, shard, members, perm)
+        return self._cache[i][1:]
 
     # --- reading ------------------------------------------------------------------------
 

@@ -53,34 +53,98 @@ def chat(
     return predictor.predict([img], [question], max_new_tokens=max_new_tokens, task=task)[0]
 
 
+PRED_COLOR, GOLD_COLOR, HALO = (0, 90, 255), (0, 170, 60), (255, 255, 255)
+
+
 def draw_points(
-    image: Image.Image, points: list[tuple[float, float]], radius: int | None = None
+    image: Image.Image,
+    points: list[tuple[float, float]],
+    radius: int | None = None,
+    gold: list[tuple[float, float]] | None = None,
+    caption: list[str] | None = None,
+    min_side: int = 448,
 ) -> Image.Image:
-    """A copy of ``image`` with a ring at each (x, y) pixel point."""
-    out = image.convert("RGB").copy()
+    """A viewable copy of ``image`` with each predicted (x, y) pixel point as a blue ring.
+
+    The image is enlarged to at least ``min_side`` pixels on its short side (a 112 px scene is too
+    small to read); ``gold`` points are green crosses; ``caption`` lines (question, parsed answer)
+    are written in a band under the image with a legend.
+    """
+    im = image.convert("RGB")
+    scale = max(1.0, min_side / min(im.size))
+    if scale > 1.0:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+    font = _font(max(12, round(min(im.size) * 0.035)))
+    line_h = round(font.size * 1.35)
+    lines = [*(caption or []), "blue ring = predicted" + (", green cross = gold" if gold is not None else "")]
+    out = Image.new("RGB", (im.width, im.height + line_h * len(lines) + 8), (255, 255, 255))
+    out.paste(im, (0, 0))
     draw = ImageDraw.Draw(out)
-    r = radius or max(3, round(min(out.size) * 0.02))
+    r = radius or max(5, round(min(im.size) * 0.03))
+    w = max(2, r // 3)
+    for x, y in gold or []:  # white under each mark, so it shows on any colour
+        x, y = x * scale, y * scale
+        for color, width in ((HALO, w + 2), (GOLD_COLOR, w)):
+            draw.line((x - r, y - r, x + r, y + r), fill=color, width=width)
+            draw.line((x - r, y + r, x + r, y - r), fill=color, width=width)
     for x, y in points:
-        draw.ellipse((x - r, y - r, x + r, y + r), outline=(255, 0, 0), width=max(1, r // 2))
-        draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(255, 255, 255))
+        x, y = x * scale, y * scale
+        draw.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), outline=HALO, width=w + 2)
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=PRED_COLOR, width=w)
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=PRED_COLOR)
+    for n, text in enumerate(lines):
+        draw.text((6, im.height + 4 + n * line_h), text, fill=(0, 0, 0), font=font)
     return out
 
 
-def answer_record(key: str, image: Image.Image | None, question: str, answer: str, out_dir: Path) -> dict:
-    """The jsonl record of one answer; when it holds points, ``out_dir/{key}.png`` gets them drawn."""
-    from mmsmall.processing.points import parse_points
+def _font(size: int):
+    from PIL import ImageFont
 
-    points = parse_points(answer, *image.size) if image is not None else []
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def answer_record(
+    key: str,
+    image: Image.Image | None,
+    question: str,
+    answer: str,
+    out_dir: Path,
+    gold: list[tuple[float, float]] | None = None,
+) -> dict:
+    """The jsonl record of one answer; when it holds points (or gold points are known),
+    ``out_dir/{key}.png`` shows them with the question and the parsed answer."""
+    from mmsmall.processing.points import read_points
+
+    points, outside = read_points(answer, *image.size) if image is not None else ([], 0)
     record = {"key": key, "question": question, "answer": answer, "points": [list(p) for p in points]}
-    if points:
+    if outside:
+        record["points_outside"] = outside
+    if image is not None and (points or gold):
         png = out_dir / f"{key}.png"
-        draw_points(image, points).save(png)
+        parsed = ", ".join(f"({100 * x / image.width:.1f}, {100 * y / image.height:.1f})" for x, y in points)
+        caption = [
+            f"Q: {question}",
+            f"parsed: {parsed or 'no points'}" + (f"; {outside} off the image" if outside else ""),
+        ]
+        draw_points(image, points, gold=gold, caption=caption).save(png)
         record["drawn"] = png.name
     return record
 
 
-def _iter_inputs(inputs: str, question: str | None) -> Iterator[tuple[str, Image.Image | None, str]]:
-    """(key, image, question) from a folder of images or a shard set (its first user turn)."""
+def _gold_points(meta: dict, image: Image.Image) -> list[tuple[float, float]] | None:
+    """A pointing sample's gold points in pixels (its ``points`` field), or None for other tasks."""
+    if meta.get("task") != "pointing":
+        return None
+    return [(x * image.width, y * image.height) for g in meta.get("points", []) for x, y in g["xy"]]
+
+
+def _iter_inputs(
+    inputs: str, question: str | None
+) -> Iterator[tuple[str, Image.Image | None, str, list[tuple[float, float]] | None]]:
+    """(key, image, question, gold points) from a folder of images or a shard set (its first user turn)."""
     p = Path(inputs)
     images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
     if images:
@@ -93,7 +157,7 @@ def _iter_inputs(inputs: str, question: str | None) -> Iterator[tuple[str, Image
             except ImageLoadError as e:  # skip and count; every good image is still answered
                 skipped.append((f.name, str(e)))
                 continue
-            yield f.stem, image, question or DEFAULT_QUESTION
+            yield f.stem, image, question or DEFAULT_QUESTION, None
         if len(skipped) == len(images):
             raise FileNotFoundError(
                 f"{inputs}: none of its {len(images)} images could be read, e.g. {skipped[0][1]}"
@@ -112,7 +176,8 @@ def _iter_inputs(inputs: str, question: str | None) -> Iterator[tuple[str, Image
         msgs = sample["json"].get("messages") or []
         q = question or next((m["content"] for m in msgs if m.get("role") == "user"), DEFAULT_QUESTION)
         n += 1
-        yield sample["key"], sample["image"], q
+        gold = _gold_points(sample["json"], sample["image"]) if question is None else None
+        yield sample["key"], sample["image"], q, gold
     if counters:
         log.warning("predict: skipped corrupt shard members: %s", counters)
     if n == 0:
@@ -147,10 +212,11 @@ def predict(
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             answers = predictor.predict(
-                [im for _, im, _ in chunk], [q for _, _, q in chunk], max_new_tokens=max_new_tokens, task=task
-            )
-            for (key, im, q), answer in zip(chunk, answers):
-                record = answer_record(key, im, q, answer, out_dir)
+                [im for _, im, _, _ in chunk], [q for _, _, q, _ in chunk], max_new_tokens=max_new_tokens,
+                task=task,
+            )  # fmt: skip
+            for (key, im, q, gold), answer in zip(chunk, answers):
+                record = answer_record(key, im, q, answer, out_dir, gold=gold)
                 n_drawn += "drawn" in record
                 f.write(json.dumps(record) + "\n")
             bar.update(len(chunk))

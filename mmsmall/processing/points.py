@@ -5,7 +5,8 @@ Several:     ``<points x1="10.0" y1="20.0" x2="30.5" y2="40.0" alt="mug">mug</po
 None:        ``There are none.``
 
 Coordinates are percentages (0-100) of the image width and height with one decimal, and
-points are sorted left to right (then top to bottom).
+points are sorted left to right (then top to bottom). A parsed coordinate outside 0-100 or not
+finite lies off the image: it is not a point, and ``read_points`` counts it as dropped.
 """
 
 from __future__ import annotations
@@ -45,22 +46,34 @@ def render_points(points: list[tuple[float, float]], label: str) -> str:
     return f'<points {attrs} alt="{alt}">{text}</points>'
 
 
-def _to_pixels(x: float, y: float, width: int, height: int, scale: float) -> tuple[float, float] | None:
-    if not (math.isfinite(x) and math.isfinite(y)):
-        return None
-    return x / scale * width, y / scale * height
+def _on_image(x: float, y: float) -> bool:
+    return math.isfinite(x) and math.isfinite(y) and 0.0 <= x <= 100.0 and 0.0 <= y <= 100.0
 
 
 def parse_points(text: str, width: int, height: int) -> list[tuple[float, float]]:
     """Read points from model output as pixel coordinates; never raises on any text.
 
     Understands ``<point>``/``<points>`` tags (percent coordinates), ``Click(x, y)`` and bare
-    ``(x, y)`` pairs. Bare pairs are read as percentages when both are within 0-100, else
-    ignored (they are too ambiguous to be pixels of an unknown image).
+    ``(x, y)`` pairs. Coordinates outside 0-100 or non-finite are not points and are dropped
+    (``read_points`` also says how many); bare pairs outside 0-100 are ignored the same way.
     """
+    return read_points(text, width, height)[0]
+
+
+def read_points(text: str, width: int, height: int) -> tuple[list[tuple[float, float]], int]:
+    """``(points in pixels, number of tagged coordinates dropped as off the image)`` for ``text``."""
     if not isinstance(text, str):
-        return []
+        return [], 0
     out: list[tuple[float, float]] = []
+    dropped = 0
+
+    def _to_pixels(x: float, y: float, width: int, height: int, scale: float) -> tuple[float, float] | None:
+        nonlocal dropped
+        if not _on_image(x, y):
+            dropped += 1
+            return None
+        return x / scale * width, y / scale * height
+
     try:
         for m in _POINT_RE.finditer(text):
             p = _to_pixels(float(m.group(1)), float(m.group(2)), width, height, 100.0)
@@ -76,18 +89,16 @@ def parse_points(text: str, width: int, height: int) -> list[tuple[float, float]
                     p = _to_pixels(c["x"], c["y"], width, height, 100.0)
                     if p is not None:
                         out.append(p)
-        if out:
-            return out
+        if out or dropped:
+            return out, dropped
         tagless = _POINT_RE.sub("", _POINTS_RE.sub("", text))
         for regex in (_CLICK_RE, _PAIR_RE):
             for m in regex.finditer(tagless):
                 x, y = float(m.group(1)), float(m.group(2))
-                if 0.0 <= x <= 100.0 and 0.0 <= y <= 100.0:
-                    p = _to_pixels(x, y, width, height, 100.0)
-                    if p is not None:
-                        out.append(p)
+                if _on_image(x, y):  # bare pairs off the image are prose, not dropped points
+                    out.append((x / 100.0 * width, y / 100.0 * height))
             if out:
-                return out
+                return out, dropped
     except (ValueError, OverflowError, RecursionError):
-        return out
-    return out
+        return out, dropped
+    return out, dropped

@@ -27,6 +27,7 @@ from mmsmall.data.loader import NoUsableData, TrainData
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
+from mmsmall.train.live_eval import LiveEval
 from mmsmall.train.monitor import RunMonitor
 from mmsmall.train.zero_init import build_model, held_elements
 
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = RunMonitor(cfg, rank, step)
     if client is not None:  # mark the restart: the steps after it are logged again, by this run
         monitor.event({"event": "resume", "step": step, "checkpoint": start.tag, "notes": start.notes})
+    live_eval = LiveEval(cfg, engine)  # train.eval: the eval harness on the in-training model
     try:
         while step < t.steps:
             t0 = time.perf_counter()
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     keep_last=t.keep_last,
                     kill_during_save=kill_here and t.debug_kill_during_save,
                 )
+            live_eval(step, engine, monitor)
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
                 log.warning("debug: killing rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)

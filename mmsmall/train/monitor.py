@@ -1,5 +1,7 @@
 """Rank-0 run logging: jsonl always, TensorBoard by default, wandb when installed and enabled,
-a tqdm bar (loss, tokens/s, samples/s, MFU, ETA) and a loss-curve PNG at the end.
+a tqdm bar (loss, tokens/s, samples/s, MFU, ETA) and a loss-curve PNG at the end (the loss
+smoothed the way TensorBoard smooths, raw values faint behind; in-training eval scores from
+``eval.jsonl`` in a panel beside it).
 
 Every rank also appends the sample ids it consumed per step to ``samples_rank{r}.jsonl``, which
 is how a resumed run is checked to have repeated and skipped nothing.
@@ -73,6 +75,19 @@ class RunMonitor:
         )
         self.bar.update(step - self.bar.n)
 
+    def log_eval(self, step: int, scores: dict[str, float]) -> None:
+        """In-training eval scores (``{"eval/TASK": percent}``) to eval.jsonl, TensorBoard and wandb."""
+        if self.rank != 0:
+            return
+        with open(self.out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scores}) + "\n")
+        if self.tb is not None:
+            for k, v in scores.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scores, step=step)
+
     def close(self) -> None:
         self.samples_file.close()
         if self.rank != 0:
@@ -83,7 +98,7 @@ class RunMonitor:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        plot_loss(self.out / "log.jsonl", self.out / "loss.png")
+        plot_loss(self.out / "log.jsonl", self.out / "loss.png", self.out / "eval.jsonl")
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -97,7 +112,17 @@ def read_log(path: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_loss(log_path: Path, png: Path) -> None:
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so it starts at the data."""
+    out, avg = [], 0.0
+    for n, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**n))
+    return out
+
+
+def plot_loss(log_path: Path, png: Path, eval_path: Path | None = None) -> None:
+    """loss.png: raw loss faint, smoothed loss on top; in-training eval scores in a second panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,11 +131,27 @@ def plot_loss(log_path: Path, png: Path) -> None:
     recs = read_log(log_path)
     if not recs:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
+    evals = read_log(eval_path) if eval_path is not None and Path(eval_path).exists() else []
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    steps, loss = [r["step"] for r in recs], [r["loss"] for r in recs]
+    (raw,) = ax.plot(steps, loss, lw=1, alpha=0.25)
+    ax.plot(steps, smooth(loss), lw=1.6, color=raw.get_color(), label="loss (smoothed 0.9)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per target token)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if evals:
+        ax = axes[0, 1]
+        names = sorted({k for r in evals for k in r if k.startswith("eval/")})
+        for name in names:
+            pts = [(r["step"], r[name]) for r in evals if name in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name[5:])
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out score (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
