@@ -228,6 +228,26 @@ class TrainData:
         self.skipped.clear()
         self.skipped.update(state["skipped"])
 
+    def load_elastic(self, states: list[dict]) -> None:
+        """Continue from the positions of all N ranks of a run with another world size
+        (``elastic.py``): the held examples of every old rank are drawn again by the new ranks."""
+        from mmsmall.data.elastic import elastic_stream_state
+
+        for _, _, future in self.ahead:
+            future.cancel()
+        self.ahead.clear()
+        stream = elastic_stream_state(
+            self.stream, [s["stream"] for s in states], [s["pending"] for s in states]
+        )
+        self.stream.load_state_dict(stream)
+        self.packer.pending = []
+        self.packer.min_len = min(int(s["min_len"]) for s in states)
+        self.skipped.clear()
+        for r, s in enumerate(states):  # old rank r's counts go to new rank r % M: totals kept
+            if r % self.stream.world_size == self.stream.rank:
+                for k, v in s["skipped"].items():
+                    self.skipped[k] = self.skipped.get(k, 0) + v
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)

@@ -91,7 +91,7 @@ def train_step(engine, micro: list[dict], world: int, dtype: torch.dtype, step: 
     return loss_all / max(n_global, 1.0), n_global
 
 
-def _resume_point(cfg, ckpt_root: Path, rank: int) -> resume.ResumePoint:
+def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> resume.ResumePoint:
     """The verified checkpoint to resume from, with the reasons for any passed over; the config
     must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
     point = resume.find_resume(ckpt_root)
@@ -99,7 +99,7 @@ def _resume_point(cfg, ckpt_root: Path, rank: int) -> resume.ResumePoint:
         if rank == 0:
             log.warning("resume: %s", note)
     if point.tag is not None:
-        applied = resume.check_resume_config(cfg, ckpt_root / point.tag)
+        applied = resume.check_resume_config(cfg, ckpt_root / point.tag, world)
         if rank == 0:
             log.info(
                 "resume: from %s%s", ckpt_root / point.tag, f" with {'; '.join(applied)}" if applied else ""
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     t, out = cfg.train, Path(cfg.out_dir)
-    start = _resume_point(cfg, out / "checkpoints", rank)  # refuses a changed config before any build
+    start = _resume_point(cfg, out / "checkpoints", rank, world)  # refuses a changed config before any build
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     held, total = held_elements(model)
     processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
+    saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None
+    if saved_world not in (None, world):  # elastic resume: DeepSpeed loads a universal checkpoint
+        built.ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine = build_engine(cfg, model, world, built.ds_config)
     per_rank = _all_reduce([held if r == rank else 0 for r in range(world)], engine.device)
     log.info(
@@ -150,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     client = checkpoint.load_latest(engine, ckpt_root, start.tag) if start.tag else None
     if client is not None:
         step = client["step"]
-        data.load_state_dict(client["data"])
+        if "data_all" in client:  # saved by another number of ranks
+            data.load_elastic(client["data_all"])
+        else:
+            data.load_state_dict(client["data"])
+        if client["rng"] is None:
+            seed_everything(cfg.seed * 1000 + rank)
     else:
         seed_everything(cfg.seed * 1000 + rank)  # per-rank training randomness
     monitor = RunMonitor(cfg, rank, step)
