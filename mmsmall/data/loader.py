@@ -117,6 +117,12 @@ def _worker_encode(sample: Sample) -> Example:
     return encode_sample(processor, sample, seed, max_conversations, response_dropout)
 
 
+def batch_counts(batch: dict) -> tuple[int, int]:
+    """(target tokens, real tokens) of a micro-batch, read from its host tensors: the targets are
+    the model's shifted ones (``labels[:, 1:] != -100``, what ``VLMOutput.n_targets`` counts)."""
+    return int((batch["labels"][:, 1:] != -100).sum()), int(batch["attention_mask"].sum())
+
+
 class TrainData:
     """Endless, resumable micro-batches for one rank.
 
