@@ -31,15 +31,16 @@ def _key(stream: SampleStream, ref) -> tuple[int, int, int, int]:
     return i, epoch, stream._epoch_shards(i, epoch)[0][shard_pos], pos
 
 
-def _run(streams, draws, held):
-    """Each stream draws ``draws[r]`` samples, the last ``held[r]`` kept back (pending); returns the
-    trained sample keys, the states and the held refs."""
+def _run(streams, draws, held, hold_first=False):
+    """Each stream draws ``draws[r]`` samples, the last ``held[r]`` (``hold_first``: the first) kept
+    back (pending); returns the trained sample keys, the states and the held refs."""
     trained, states, pending = [], [], []
     for stream, n, h in zip(streams, draws, held):
         refs = [s["ref"] for s in itertools.islice(stream, n)]
-        trained += [_key(stream, r) for r in refs[: n - h]]
+        kept, held_refs = (refs[h:], refs[:h]) if hold_first else (refs[: n - h], refs[n - h :])
+        trained += [_key(stream, r) for r in kept]
         states.append(stream.state_dict())
-        pending.append([list(r) for r in refs[n - h :]])
+        pending.append([list(r) for r in held_refs])
     return trained, states, pending
 
 
@@ -54,11 +55,16 @@ def _epoch0(keys):
     return Counter((i, shard, pos) for i, epoch, shard, pos in keys if epoch == 0)
 
 
-@pytest.mark.parametrize("path", [(1,), (3,), (3, 1)])
+@pytest.mark.parametrize("path", [(1,), (3,), (3, 1), "wrapped"])
 def test_every_sample_of_the_epoch_trained_once_across_world_sizes(tmp_path, path):
     entries = _entries(tmp_path)
     first = [SampleStream(entries, seed=3, rank=r, world_size=2) for r in range(2)]
-    trained, states, pending = _run(first, draws=[11, 5], held=[3, 1])
+    if path == "wrapped":  # both old ranks are past epoch 0 but still hold examples drawn in it
+        trained, states, pending = _run(first, draws=[40, 36], held=[2, 1], hold_first=True)
+        assert all(int(s["entries"][0]["epoch"]) >= 1 for s in states)
+        path = (1,)
+    else:
+        trained, states, pending = _run(first, draws=[11, 5], held=[3, 1])
     for k, world in enumerate(path):
         streams = _resume(entries, world, states, pending)
         if k + 1 < len(path):  # a middle run: a few more draws, uneven, some held back again

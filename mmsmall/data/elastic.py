@@ -3,7 +3,7 @@
 Each rank of a run reads its own shards of every epoch (``SampleStream``), so a rank's position
 means nothing to a run with another world size. The saved positions of *all* N ranks say
 exactly which samples were trained: per entry, every sample of the shards a rank finished in
-the epochs since the slowest rank's, the first ``sample_pos`` of the shard it is in, minus the
+the epochs since the slowest rank's (or the oldest held example's), the first ``sample_pos`` of the shard it is in, minus the
 examples its packer still held (pulled, not yet trained). ``elastic_stream_state`` turns that
 into the state of one of the M new ranks: each entry restarts at the slowest old rank's epoch,
 split over M ranks as usual, with the trained samples marked ``done`` so the new stream passes
@@ -31,11 +31,20 @@ def _mark(done: dict[str, Any], key: str, positions: Any) -> None:
         done.setdefault(key, set()).update(positions)
 
 
+def _start_epochs(n_entries: int, states: list[dict], pending: list[list]) -> list[int]:
+    """Per entry, the first epoch the new ranks read: the slowest old rank's, or older where a
+    held example comes from an older epoch."""
+    start = [min(int(s["entries"][i]["epoch"]) for s in states) for i in range(n_entries)]
+    for refs in pending:
+        for ref in refs:
+            start[int(ref[0])] = min(start[int(ref[0])], int(ref[1]))
+    return start
+
+
 def trained_marks(stream: SampleStream, states: list[dict], pending: list[list]) -> dict[str, Any]:
     """The samples the ranks of ``states`` (their stream states, rank order) trained, as marks."""
     world = len(states)
-    n_entries = len(stream.entries)
-    start = [min(int(s["entries"][i]["epoch"]) for s in states) for i in range(n_entries)]
+    start = _start_epochs(len(stream.entries), states, pending)
     counts: dict[tuple[int, int], int] = {}
 
     def count(i: int, shard_idx: int) -> int:  # samples in a shard (read only where needed)
@@ -84,8 +93,7 @@ def elastic_stream_state(stream: SampleStream, states: list[dict], pending: list
             f"{len(states[0]['entries'])} mixture entries (now {len(stream.entries)}); resume with the "
             "same data.train"
         )
-    n_entries = len(stream.entries)
-    start = [min(int(s["entries"][i]["epoch"]) for s in states) for i in range(n_entries)]
+    start = _start_epochs(len(stream.entries), states, pending)
     counters: dict[str, int] = {}
     for r, s in enumerate(states):  # old rank r's skip counts go to new rank r % M (totals kept)
         if r % stream.world_size == stream.rank:

@@ -167,8 +167,11 @@ def load_latest(engine: Any, ckpt_root: str | Path, tag: str | None = None) -> d
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved = saved_world_size(ckpt_root / tag) or world
     client_path = ckpt_root / tag / f"client_rank{rank:05d}.pt"
-    if saved == world and not client_path.exists():
-        raise FileNotFoundError(f"{client_path} missing: checkpoint {tag} is incomplete")
+    if saved == world and not client_path.exists():  # only a checkpoint without complete.json
+        raise FileNotFoundError(
+            f"{client_path} missing: checkpoint {tag} predates complete.json and was written by fewer "
+            f"ranks than this run has ({world}); resume it with the world size it was saved on"
+        )
     load_tag = tag if saved == world else _to_universal(ckpt_root, tag)
     load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_module_strict=True)
     if load_path is None:
