@@ -68,3 +68,17 @@ def test_changed_hyperparameter_is_refused_by_name_and_run_keys_are_applied(tmp_
     changed = load_config(ROOT / "configs/train/tiny-pretrain.yaml", ["train.lr.llm=0.05", "seed=3"])
     with pytest.raises(ConfigError, match=r"changed seed=3 \(checkpoint: 0\), train\.lr\.llm=0\.05"):
         check_resume_config(changed, d)
+
+
+def test_grad_accum_may_change_with_the_world_size_only_when_the_global_batch_stays(tmp_path):
+    from mmsmall.config import save_config
+
+    cfg = load_config(ROOT / "configs/train/tiny-pretrain.yaml", ["train.grad_accum=1"])
+    d = tmp_path / "step_00000010"
+    d.mkdir()
+    save_config(cfg, d / "config.yaml")
+    write_complete(d, 2)  # saved by 2 processes
+    doubled = load_config(ROOT / "configs/train/tiny-pretrain.yaml", ["train.grad_accum=2"])
+    assert check_resume_config(doubled, d, world_size=1) == ["train.grad_accum: 1 -> 2"]
+    with pytest.raises(ConfigError, match=r"train\.grad_accum=2"):  # 2 x 2 != 1 x 2: another batch
+        check_resume_config(doubled, d, world_size=2)

@@ -13,6 +13,7 @@ shards of tests/test_train.py:
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -85,3 +86,61 @@ def test_each_deepspeed_config_trains_on_two_processes(tmp_path, shards, config)
         want = trained(input_ids=ids).logits
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 weights on both sides
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory) -> Path:
+    """32 good samples in 4 shards of 8: each of 2 ranks reads 16 of them per epoch."""
+    from test_train import _image
+
+    from data_tools.shards import ShardWriter
+
+    out = tmp_path_factory.mktemp("even")
+    with ShardWriter(out, prefix="even", max_count=8) as w:
+        for i in range(32):
+            img, caption = _image(i)
+            msgs = [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": caption}]
+            w.write(f"even_{i:03d}", img, "png", {"id": f"e{i:02d}", "task": "caption", "messages": msgs})
+    return out
+
+
+def _ids(out: Path) -> list[str]:
+    return [i for f in sorted(out.glob("samples_rank*.jsonl")) for line in f.read_text().splitlines()
+            for i in json.loads(line)["ids"]]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_saved_on_two_processes_resumes_on_one(tmp_path, even_shards):
+    """3 steps on 2 processes (grad_accum 1), then 5 more on 1 (grad_accum 2: the same global
+    batch): DeepSpeed's universal checkpoint carries weights and optimizer, the data position of
+    both old ranks continues on the one, so the 32 samples consumed (unpacked: 4 a step) equal
+    those of an uninterrupted 1-process run of 8 steps: the epoch, each sample once."""
+    common = [f"data.train=[{{path: {even_shards}}}]", "data.pack=false", "train.tensorboard=false"]
+    out, ref = tmp_path / "elastic", tmp_path / "ref"
+    _launch(out, even_shards, "data.pack=false", steps=3)
+    assert (
+        json.loads((out / "checkpoints" / "step_00000003" / "complete.json").read_text())["world_size"] == 2
+    )
+    one = [
+        "configs/train/tiny-pretrain.yaml",
+        f"out_dir={out}",
+        *common,
+        "train.steps=8",
+        "train.grad_accum=2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmsmall.train", *one], cwd=ROOT, env=_env(1), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed a 2-rank checkpoint on 1 ranks" in proc.stderr, proc.stderr[-3000:]
+    assert not list((out / "checkpoints").glob("*.universal"))  # the conversion is not kept
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1], losses
+    straight = ["configs/train/tiny-pretrain.yaml", f"out_dir={ref}", *common, "train.steps=8"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmsmall.train", *straight, "train.save_every=0"],
+        cwd=ROOT, env=_env(1), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got, want = _ids(out), _ids(ref)
+    assert len(got) == 32 and sorted(got) == sorted(want) == sorted(set(want)), (got, want)

@@ -117,6 +117,12 @@ def _worker_encode(sample: Sample) -> Example:
     return encode_sample(processor, sample, seed, max_conversations, response_dropout)
 
 
+def batch_counts(batch: dict) -> tuple[int, int]:
+    """(target tokens, real tokens) of a micro-batch, read from its host tensors: the targets are
+    the model's shifted ones (``labels[:, 1:] != -100``, what ``VLMOutput.n_targets`` counts)."""
+    return int((batch["labels"][:, 1:] != -100).sum()), int(batch["attention_mask"].sum())
+
+
 class TrainData:
     """Endless, resumable micro-batches for one rank.
 
@@ -227,6 +233,26 @@ class TrainData:
         self.packer.min_len = int(state["min_len"])
         self.skipped.clear()
         self.skipped.update(state["skipped"])
+
+    def load_elastic(self, states: list[dict]) -> None:
+        """Continue from the positions of all N ranks of a run with another world size
+        (``elastic.py``): the held examples of every old rank are drawn again by the new ranks."""
+        from mmsmall.data.elastic import elastic_stream_state
+
+        for _, _, future in self.ahead:
+            future.cancel()
+        self.ahead.clear()
+        stream = elastic_stream_state(
+            self.stream, [s["stream"] for s in states], [s["pending"] for s in states]
+        )
+        self.stream.load_state_dict(stream)
+        self.packer.pending = []
+        self.packer.min_len = min(int(s["min_len"]) for s in states)
+        self.skipped.clear()
+        for r, s in enumerate(states):  # old rank r's counts go to new rank r % M: totals kept
+            if r % self.stream.world_size == self.stream.rank:
+                for k, v in s["skipped"].items():
+                    self.skipped[k] = self.skipped.get(k, 0) + v
 
     def close(self) -> None:
         if self.pool is not None:

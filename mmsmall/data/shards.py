@@ -216,7 +216,9 @@ class SampleStream:
       ``W``-th sample. Within a shard, samples come in a permutation seeded by ``(seed, i, e, shard)``.
     - Position: ``state_dict()`` holds the per-entry (epoch, shard, sample) cursors and the
       mixture generator state; ``load_state_dict`` restores them, so the next sample after a
-      resume is exactly the one that would have come next.
+      resume is exactly the one that would have come next. A resume on another world size
+      (``mmsmall/data/elastic.py``) instead restarts each entry's current epoch with the samples
+      the earlier ranks trained marked ``done``, which the stream passes over.
     """
 
     def __init__(
@@ -256,15 +258,26 @@ class SampleStream:
             int, tuple[tuple[int, int], Path, list[tuple[str, dict[str, bytes]]], np.ndarray]
         ] = {}
         self._empty_epochs = 0
+        # samples trained before a resume on another world size (elastic.py): "entry/epoch/shard" ->
+        # their positions in the shard's permutation, or "all"; this rank's stream passes over them
+        self.done: dict[str, Any] = {}
+
+    def _is_done(self, i: int, epoch: int, shard_idx: int, pos: int) -> bool:
+        marked = self.done.get(f"{i}/{epoch}/{shard_idx}")
+        return marked is not None and (marked == "all" or pos in marked)
 
     # --- orders -------------------------------------------------------------------------
 
-    def _epoch_shards(self, i: int, epoch: int) -> tuple[list[int], bool]:
-        """This rank's shard indices for entry ``i`` in ``epoch``, and whether samples are strided."""
+    def _epoch_shards(
+        self, i: int, epoch: int, rank: int | None = None, world: int | None = None
+    ) -> tuple[list[int], bool]:
+        """A rank's shard indices for entry ``i`` in ``epoch`` (default: this rank's), and whether
+        samples are strided."""
+        rank, world = (self.rank, self.world_size) if rank is None else (rank, world)
         n = len(self.entries[i].shards)
         order = np.random.default_rng([self.seed, i, epoch, 1]).permutation(n).tolist()
-        if n >= self.world_size:
-            return order[self.rank :: self.world_size], False
+        if n >= world:
+            return order[rank::world], False
         return order, True
 
     def _shard_samples(self, i: int, epoch: int, shard_idx: int):
@@ -312,6 +325,9 @@ class SampleStream:
             cur.sample_pos += 1
             if strided and pos % self.world_size != self.rank:
                 continue
+            if self.done and self._is_done(i, cur.epoch, shard_ids[cur.shard_pos], pos):
+                scanned = 0  # trained before an elastic resume: progress, not an unreadable epoch
+                continue
             key, parts = members[int(perm[pos])]
             sample = decode_sample(shard, key, parts, self.counters)
             if sample is None:
@@ -345,7 +361,18 @@ class SampleStream:
             ],
             "rng": self.rng.bit_generator.state,
             "counters": dict(self.counters),
+            "done": self._live_done(),
         }
+
+    def _live_done(self) -> dict[str, Any]:
+        """``done`` without the epochs this rank has left (another rank keeps those it still needs)."""
+        epochs = [e.cursor.epoch for e in self.entries]
+        out = {}
+        for key, marked in self.done.items():
+            i, epoch, _ = (int(x) for x in key.split("/"))
+            if epoch >= epochs[i]:
+                out[key] = marked if marked == "all" else sorted(marked)
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         if (state["seed"], state["world_size"]) != (self.seed, self.world_size) or len(
@@ -362,3 +389,4 @@ class SampleStream:
         self.rng.bit_generator.state = state["rng"]
         self.counters.clear()
         self.counters.update(state.get("counters", {}))
+        self.done = {k: v if v == "all" else set(v) for k, v in state.get("done", {}).items()}

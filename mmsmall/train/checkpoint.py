@@ -15,6 +15,7 @@ pointing at a complete checkpoint. Older complete checkpoints beyond ``keep_last
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -117,30 +118,87 @@ def save(
 _NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
 
 
+def saved_world_size(ckpt_dir: Path) -> int | None:
+    """How many ranks wrote the checkpoint in ``ckpt_dir`` (from ``complete.json``; None if unknown)."""
+    marker = ckpt_dir / resume.COMPLETE
+    return json.loads(marker.read_text()).get("world_size") if marker.exists() else None
+
+
+def _to_universal(ckpt_root: Path, tag: str) -> str:
+    """Convert checkpoint ``tag`` to DeepSpeed's universal layout in ``{tag}.universal`` (rank 0;
+    every rank waits); returns the tag to load. A world-size change loads through it."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = ckpt_root / f"{tag}.universal"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)  # a conversion killed midway
+        args = Namespace(
+            input_folder=str(ckpt_root / tag),
+            output_folder=str(out),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # no tensor or pipeline parallelism: the default info is right
+        )
+        ds_to_universal.main(args)
+    if dist.is_initialized():
+        dist.barrier()
+    return out.name
+
+
 def load_latest(engine: Any, ckpt_root: str | Path, tag: str | None = None) -> dict[str, Any] | None:
     """Load checkpoint ``tag`` (default: the newest intact one, see ``resume.find_resume``) into
     the engine; returns this rank's client state (step, data position; RNG states already
-    restored) or None when there is none."""
+    restored) or None when there is none.
+
+    A checkpoint written by another number of ranks loads through DeepSpeed's universal
+    checkpoint (``_to_universal``; the engine must be built with ``checkpoint.load_universal``),
+    and the client state holds every old rank's data position under ``"data_all"`` (see
+    ``TrainData.load_elastic``)."""
     ckpt_root = Path(ckpt_root)
     tag = tag if tag is not None else resume.find_resume(ckpt_root).tag
     if tag is None:
         return None
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved = saved_world_size(ckpt_root / tag) or world
     client_path = ckpt_root / tag / f"client_rank{rank:05d}.pt"
-    if not client_path.exists():
+    if saved == world and not client_path.exists():  # only a checkpoint without complete.json
         raise FileNotFoundError(
-            f"{client_path} missing: checkpoint {tag} was written by fewer ranks than this run has "
-            f"({dist.get_world_size() if dist.is_initialized() else 1}); resume with the same world size"
+            f"{client_path} missing: checkpoint {tag} predates complete.json and was written by fewer "
+            f"ranks than this run has ({world}); resume it with the world size it was saved on"
         )
-    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_module_strict=True)
+    load_tag = tag if saved == world else _to_universal(ckpt_root, tag)
+    load_path, _ = engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_module_strict=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
-    # Our own file, still read with weights_only: only the numpy types of its RNG state are allowed.
-    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-        client = torch.load(client_path, weights_only=True)
-    set_rng_state(client["rng"])
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / load_tag}")
+    clients = [_read_client(ckpt_root / tag / f"client_rank{r:05d}.pt") for r in range(saved)]
+    if saved != world:
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(ckpt_root / load_tag, ignore_errors=True)  # made again if needed
+            (ckpt_root / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer
+        log.info("resumed a %d-rank checkpoint on %d ranks (DeepSpeed universal checkpoint)", saved, world)
+    client = dict(clients[rank] if rank < saved else clients[0])
+    if saved != world:
+        client["data_all"] = [c["data"] for c in clients]
+        if rank >= saved:  # no old rank of this number: fresh randomness of its own
+            client["rng"] = None
+    if client["rng"] is not None:
+        set_rng_state(client["rng"])
     log.info("resumed from %s (step %d)", ckpt_root / tag, client["step"])
     return client
+
+
+def _read_client(path: Path) -> dict[str, Any]:
+    # Our own file, still read with weights_only: only the numpy types of its RNG state are allowed.
+    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        return torch.load(path, weights_only=True)
 
 
 def save_model(engine: Any, out: str | Path) -> Path | None:

@@ -5,6 +5,11 @@ sum of per-token losses over the whole accumulation window and all ranks divided
 count of target tokens, which is all-reduced *before* the backward passes; DeepSpeed averages
 gradients over ranks, so each micro-batch's backward gets ``loss_sum * world / n_global``
 (``scale_wrt_gas=False``: the division is already global).
+
+Host syncs: a step reads nothing from the device until its one all-reduce, which carries the
+loss sum, the count of non-finite losses, the next step's target tokens (its micro-batches are
+drawn before it) and the logged counts, read back once; the optimizer step follows, unless a
+loss was non-finite. Only the first step of a run has one all-reduce more (its target count).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mmsmall.config import load_config, require_training_inputs, save_config
-from mmsmall.data.loader import NoUsableData, TrainData
+from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
@@ -52,6 +58,17 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _all_reduce_once(
+    on_device: list[torch.Tensor], on_host: list[float], device: torch.device
+) -> list[float]:
+    """The step's one all-reduce and its one device-to-host read: device scalars (not read
+    before) and host numbers summed over ranks in one float64 tensor."""
+    host = torch.tensor(on_host, dtype=torch.float64).to(device, non_blocking=True)
+    t = torch.cat([torch.stack(on_device).to(torch.float64), host])
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {}
     for k, v in batch.items():
@@ -63,36 +80,50 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def train_step(engine, micro: list[dict], world: int, dtype: torch.dtype, step: int) -> tuple[float, float]:
-    """Forward/backward every micro-batch of one optimizer step; returns (global loss, n_targets)."""
-    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # the model's shifted targets
-    (n_global,) = _all_reduce([n_local], engine.device)
-    loss_sum = 0.0
-    for b in micro:
+def train_step(
+    engine,
+    micro: list[dict],
+    world: int,
+    dtype: torch.dtype,
+    step: int,
+    n_global: float | None = None,
+    fuse: Callable[[], list[float]] | None = None,
+) -> tuple[float, list[float]]:
+    """Forward/backward every micro-batch of one optimizer step, then one all-reduce of the loss
+    sum, the non-finite count and ``fuse()``'s host numbers (read once), then the optimizer step,
+    unless a loss was non-finite. ``n_global``: the step's target tokens over all ranks. Returns
+    (global loss per target token, ``fuse()``'s numbers summed over ranks). Without ``n_global``
+    (a caller outside the loop) it is all-reduced first, one all-reduce more."""
+    if n_global is None:
+        (n_global,) = _all_reduce([sum(batch_counts(b)[0] for b in micro)], engine.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    finite = []
+    for k, b in enumerate(micro):
         out = engine(**_to_device(b, engine.device, dtype), loss_reduction="sum", keep_logits=False)
-        if int(out.n_targets) != int((b["labels"][:, 1:] != -100).sum()):
-            raise RuntimeError("the model counts targets differently from the loop (labels[:, 1:] != -100)")
-        (bad,) = _all_reduce([0.0 if torch.isfinite(out.loss).item() else 1.0], engine.device)
-        if bad:
-            if not torch.isfinite(out.loss):
-                log.error(
-                    "rank %d step %d: loss %s on samples %s",
-                    dist.get_rank(),
-                    step,
-                    out.loss.item(),
-                    b["sample_ids"],
-                )
-            raise NonFiniteLoss(
-                f"non-finite loss at step {step}; step skipped, run stopped (sample ids logged above)"
-            )
+        loss = out.loss.detach()
+        finite.append(torch.isfinite(loss))
+        loss_sum = loss_sum + loss.to(torch.float64)
         engine.backward(out.loss * world / max(n_global, 1.0), scale_wrt_gas=False)
-        engine.step()
-        loss_sum += float(out.loss.detach())
-    (loss_all,) = _all_reduce([loss_sum], engine.device)
-    return loss_all / max(n_global, 1.0), n_global
+        if k < len(micro) - 1:
+            engine.step()  # accumulates; the optimizer steps after the last micro-batch
+    flags = torch.stack(finite)
+    loss_all, n_bad, *fused = _all_reduce_once(
+        [loss_sum, (~flags).sum()], fuse() if fuse else [], engine.device
+    )
+    if n_bad:
+        for ok, b in zip(flags.tolist(), micro):  # the failure path: its own read
+            if not ok:
+                log.error(
+                    "rank %d step %d: non-finite loss on samples %s", dist.get_rank(), step, b["sample_ids"]
+                )
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step}; step skipped, run stopped (sample ids logged above)"
+        )
+    engine.step()
+    return loss_all / max(n_global, 1.0), fused
 
 
-def _resume_point(cfg, ckpt_root: Path, rank: int) -> resume.ResumePoint:
+def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> resume.ResumePoint:
     """The verified checkpoint to resume from, with the reasons for any passed over; the config
     must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
     point = resume.find_resume(ckpt_root)
@@ -100,7 +131,7 @@ def _resume_point(cfg, ckpt_root: Path, rank: int) -> resume.ResumePoint:
         if rank == 0:
             log.warning("resume: %s", note)
     if point.tag is not None:
-        applied = resume.check_resume_config(cfg, ckpt_root / point.tag)
+        applied = resume.check_resume_config(cfg, ckpt_root / point.tag, world)
         if rank == 0:
             log.info(
                 "resume: from %s%s", ckpt_root / point.tag, f" with {'; '.join(applied)}" if applied else ""
@@ -122,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     t, out = cfg.train, Path(cfg.out_dir)
-    start = _resume_point(cfg, out / "checkpoints", rank)  # refuses a changed config before any build
+    start = _resume_point(cfg, out / "checkpoints", rank, world)  # refuses a changed config before any build
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -137,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     held, total = held_elements(model)
     processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
+    saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None
+    if saved_world not in (None, world):  # elastic resume: DeepSpeed loads a universal checkpoint
+        built.ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine = build_engine(cfg, model, world, built.ds_config)
     per_rank = _all_reduce([held if r == rank else 0 for r in range(world)], engine.device)
     log.info(
@@ -151,23 +185,46 @@ def main(argv: list[str] | None = None) -> int:
     client = checkpoint.load_latest(engine, ckpt_root, start.tag) if start.tag else None
     if client is not None:
         step = client["step"]
-        data.load_state_dict(client["data"])
+        if "data_all" in client:  # saved by another number of ranks
+            data.load_elastic(client["data_all"])
+        else:
+            data.load_state_dict(client["data"])
+        if client["rng"] is None:
+            seed_everything(cfg.seed * 1000 + rank)
     else:
         seed_everything(cfg.seed * 1000 + rank)  # per-rank training randomness
     monitor = RunMonitor(cfg, rank, step)
     if client is not None:  # mark the restart: the steps after it are logged again, by this run
         monitor.event({"event": "resume", "step": step, "checkpoint": start.tag, "notes": start.notes})
     live_eval = LiveEval(cfg, engine)  # train.eval: the eval harness on the in-training model
+
+    def draw() -> tuple[list[dict], int]:  # one step's micro-batches and their target tokens
+        micro = [data.next_batch() for _ in range(t.grad_accum)]
+        return micro, sum(batch_counts(b)[0] for b in micro)
+
     try:
+        micro, n_local = draw() if step < t.steps else ([], 0)
+        (n_global,) = _all_reduce([n_local], engine.device)  # later steps: fused into the step's one
         while step < t.steps:
             t0 = time.perf_counter()
-            micro = [data.next_batch() for _ in range(t.grad_accum)]
-            loss, n_targets = train_step(engine, micro, world, dtype, step + 1)
+            saving = step + 1 == t.steps or bool(t.save_every and (step + 1) % t.save_every == 0)
+            ahead: dict = {}
+
+            def fuse(micro=micro, ahead=ahead, saving=saving, last=step + 1 == t.steps) -> list[float]:
+                # the data position of this step's end, then the next step's micro-batches (drawn
+                # now so their target count rides on this step's all-reduce)
+                ahead["data"] = data.state_dict() if saving else None
+                ahead["micro"], n_next = draw() if not last else ([], 0)
+                useful = sum(batch_counts(b)[1] for b in micro)
+                n_samples = sum(len(b["sample_ids"]) for b in micro)
+                return [n_next, useful, n_samples, sum(flops.step_flops(b) for b in micro)]
+
+            loss, (n_next, tokens, samples, total_flops) = train_step(
+                engine, micro, world, dtype, step + 1, n_global, fuse
+            )
             step += 1
             ids = [i for b in micro for i in b["sample_ids"]]
-            useful = sum(int(b["attention_mask"].sum()) for b in micro)
-            step_flops = sum(flops.step_flops(b) for b in micro)
-            tokens, samples, total_flops = _all_reduce([useful, len(ids), step_flops], engine.device)
+            n_targets = n_global
             dt = time.perf_counter() - t0
             monitor.samples(step, ids)
             if step % t.log_every == 0 or step == t.steps:
@@ -188,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             kill_here = t.debug_kill_at_step == step
-            if step == t.steps or (t.save_every and step % t.save_every == 0):
+            if saving:
                 checkpoint.save(
                     engine,
                     ckpt_root,
                     step,
-                    data.state_dict(),
+                    ahead["data"],
                     cfg,
                     keep_last=t.keep_last,
                     kill_during_save=kill_here and t.debug_kill_during_save,
@@ -202,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
                 log.warning("debug: killing rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
+            micro, n_global = ahead["micro"], n_next
     except (NonFiniteLoss, NoUsableData) as e:
         log.error("%s", e)
         return 1

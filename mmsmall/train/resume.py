@@ -105,10 +105,22 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(run_cfg: Any, ckpt_dir: Path) -> list[str]:
+def _same_global_batch(old: dict, new: dict, ckpt_dir: Path, world_size: int | None) -> bool:
+    """Whether ``train.grad_accum`` changed with the world size so that the global batch is kept
+    (a resume on another number of processes)."""
+    marker = ckpt_dir / COMPLETE
+    saved = json.loads(marker.read_text()).get("world_size") if marker.exists() else None
+    if world_size is None or saved is None:
+        return False
+    return old.get("train.grad_accum", 0) * saved == new.get("train.grad_accum", 0) * world_size
+
+
+def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = None) -> list[str]:
     """Refuse a resume whose config differs from the checkpoint's in a key that changes training.
 
-    Returns the applied changes (``key: old -> new``); raises ``ConfigError`` naming every refused key.
+    ``train.grad_accum`` may change when ``world_size`` differs from the checkpoint's and their
+    product (the global batch) stays. Returns the applied changes (``key: old -> new``); raises
+    ``ConfigError`` naming every refused key.
     """
     import yaml
 
@@ -117,7 +129,10 @@ def check_resume_config(run_cfg: Any, ckpt_dir: Path) -> list[str]:
         return []
     old, new = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(to_dict(run_cfg))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    allowed = RESUMABLE_KEYS + (
+        ("train.grad_accum",) if _same_global_batch(old, new, ckpt_dir, world_size) else ()
+    )
+    refused = [k for k in changed if k not in allowed]
     if refused:
         listed = ", ".join(f"{k}={new.get(k)!r} (checkpoint: {old.get(k)!r})" for k in refused)
         raise ConfigError(
