@@ -405,6 +405,13 @@ def require_training_inputs(cfg: RunConfig) -> None:
                 raise FileNotFoundError(entry.path)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.train[{i}].path: no shards at {entry.path!r} ({e})") from None
+    if cfg.train.init_from:  # a later stage trains that folder's model: the config's names are not used
+        if not Path(cfg.train.init_from).is_dir():
+            raise ConfigError(
+                f"train.init_from: {cfg.train.init_from!r} is not a folder; give a saved model folder "
+                "(a run's out_dir/model), an `mmsmall import` output or a stock Molmo2 folder"
+            )
+        return
     _require_model_names(cfg.model)
 
 

@@ -82,6 +82,15 @@ def test_train_refuses_unknown_model_names(monkeypatch, capsys, tmp_path):
             ["model.llm.name=nobody/no-such-llm", "model.llm.custom=null"],
             "model.llm.name: 'nobody/no-such-llm'",
         ),
+        # a later stage trains its folder's model, so only that folder is checked, not the config's names
+        (
+            [
+                "model.llm.name=nobody/no-such-llm",
+                "model.llm.custom=null",
+                f"train.init_from={tmp_path / 'none'}",
+            ],
+            "train.init_from: ",
+        ),
     ):
         code, err = _cli([*train, *overrides], monkeypatch, capsys)
         assert code == 2 and len(err) == 1 and expected in err[0], err
