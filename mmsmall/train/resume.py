@@ -129,6 +129,10 @@ def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = N
         return []
     old, new = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(to_dict(run_cfg))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if new.get("train.init_from") and old.get("train.init_from") == new.get("train.init_from"):
+        # a later stage's model is the init_from folder's (the saved config holds it, the YAML does
+        # not): the same folder is the same model
+        changed = [k for k in changed if not k.startswith("model.")]
     allowed = RESUMABLE_KEYS + (
         ("train.grad_accum",) if _same_global_batch(old, new, ckpt_dir, world_size) else ()
     )
