@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from test_train import _env  # subprocess env: CPU DeepSpeed, offline, no inherited rank
 
 from data_tools.shards import ShardWriter
 
@@ -42,15 +42,6 @@ vlm.load_state_dict(consolidate_deepspeed(src), strict=True)
 engine = build_engine(cfg, vlm, world)
 checkpoint.save(engine, dst, 1, {}, cfg)
 """
-
-
-def _env() -> dict:
-    env = dict(
-        os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)
-    )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _shards(out: Path) -> Path:

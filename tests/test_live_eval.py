@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,13 +26,9 @@ TASKS = ("synth_scenes_count", "synth_scenes_point")
 
 
 def _env(tmp: Path) -> dict:
-    env = dict(
-        os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)
-    )
-    env |= {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    from test_train import _env as train_env
+
+    return train_env() | {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
 
 
 def _run(cmd: list[str], env: dict) -> None:

@@ -12,7 +12,6 @@ activation checkpointing, 10 steps:
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from test_import_molmo2 import build_stock_molmo2, stock_inputs
+from test_train import _env  # subprocess env: CPU DeepSpeed, offline, no inherited rank
 
 from data_tools.shards import ShardWriter
 from mmsmall.train.monitor import read_log
@@ -29,15 +29,6 @@ from mmsmall.train.monitor import read_log
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_token_pooling")
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict:
-    env = dict(
-        os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)
-    )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _picture(i: int) -> Image.Image:
