@@ -71,7 +71,16 @@ def _run_ray(
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:  # join the running cluster; its resources are the cluster's, not ours to set
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as e:
+                raise RuntimeError(
+                    f"executor 'ray' could not join the cluster at RAY_ADDRESS={address} ({e}). Check that "
+                    "`ray status` answers there; a cluster started with token authentication (Ray's "
+                    "default) needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) "
+                    "in this environment too; a head on 127.0.0.1 needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+                    "on every process, or Ray rewrites the address to this machine's outward IP"
+                ) from e
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         started = True

@@ -22,16 +22,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("MMSMALL_TEST_RAY_CLUSTER") != "1",
-    reason="opt-in (MMSMALL_TEST_RAY_CLUSTER=1): on this sandbox a driver could not join a head bound to "
-    "127.0.0.1 (Ray rewrites the loopback address to the machine's outward IP); see issue 13",
-)
 def test_curate_against_a_running_ray_cluster_matches_local(tmp_path):
     """`ray start --head` (2 CPUs, 127.0.0.1), then `mmsmall curate --executor ray --workers 2` with
     RAY_ADDRESS: byte-identical shards to the local executor. The cluster runs in its own process
     group and is stopped by signalling that group (not `ray stop`, which stops every Ray on the host)."""
     import os
+    import secrets
     import signal
     import subprocess
     import sys
@@ -47,7 +43,12 @@ def test_curate_against_a_running_ray_cluster_matches_local(tmp_path):
     local = run_curation({**cfg, "out_dir": str(tmp_path / "local")}, workers=1)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "out_dir": str(tmp_path / "ray")}))
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    # Loopback only: Ray rewrites 127.0.0.1 in RAY_ADDRESS to the machine's outward IP unless clusters
+    # are confined to this host, which RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by the head, its workers
+    # and the driver) does. The head uses token authentication (Ray's default); the driver gets the token.
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": f"127.0.0.1:{port}",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
