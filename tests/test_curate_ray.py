@@ -26,7 +26,6 @@ def test_curate_against_a_running_ray_cluster_matches_local(tmp_path):
     """`ray start --head` (2 CPUs, 127.0.0.1), then `mmsmall curate --executor ray --workers 2` with
     RAY_ADDRESS: byte-identical shards to the local executor. The cluster runs in its own process
     group and is stopped by signalling that group (not `ray stop`, which stops every Ray on the host)."""
-    import os
     import secrets
     import signal
     import subprocess
