@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,distributed,wandb]'
+	$(PY) -m pip install -q -e '.[dev,distributed,wandb,qlora]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

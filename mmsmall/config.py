@@ -138,7 +138,7 @@ class LoRAConfig:
         default_factory=lambda: LoRAModuleConfig(rank=16, alpha=32.0, target_modules=list(_LLM_PROJ))
     )
     vision: LoRAModuleConfig = field(default_factory=LoRAModuleConfig)
-    qlora: bool = False  # 4-bit base weights through bitsandbytes (CUDA only)
+    qlora: bool = False  # 4-bit NF4 LLM base through bitsandbytes (the qlora extra; CUDA, or CPU in tests)
 
 
 @dataclass

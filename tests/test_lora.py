@@ -6,7 +6,9 @@ activation checkpointing, 10 steps:
 - ``mmsmall export --format molmo2`` merges the adapters: stock ``AutoModelForImageTextToText`` loads it
   with no adapter code, its weights differ from the imported ones and its logits equal ours;
   the merged model's logits equal the unmerged (peft layers) model's within 1e-5;
-- ``--adapter-only`` writes peft adapter folders that ``PeftModel.from_pretrained`` puts on the base.
+- ``--adapter-only`` writes peft adapter folders that ``PeftModel.from_pretrained`` puts on the base;
+- QLoRA (bitsandbytes NF4 base, its CPU backend) through the same launcher: the 4-bit base is frozen,
+  a restart is exact, and the export is a plain model stock transformers loads.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def setup(tmp_path_factory):
     return root
 
 
-def _train(root: Path, out: str) -> Path:
+def _train(root: Path, out: str, *extra: str) -> Path:
     cmd = [
         "bash", str(ROOT / "launch" / "train.sh"), "configs/train/lora-finetune.yaml",
         f"out_dir={root / out}", f"data.train=[{{path: {root / 'shards'}}}]", f"train.init_from={root / 'imported'}",
@@ -67,7 +69,7 @@ def _train(root: Path, out: str) -> Path:
         "train.lora.vision.rank=2", "train.lora.vision.alpha=4", "train.lora.vision.target_modules=[q_proj,v_proj]",
         "train.lr={connector: 1.0e-2, vision: 1.0e-2, llm: 1.0e-2}", "train.warmup={connector: 1, vision: 1, llm: 1}",
         "train.grad_accum=1", "train.micro_batch_size=2", "train.precision=fp32", "train.log_every=1",
-        "data.seq_len=384",
+        "data.seq_len=384", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -159,3 +161,57 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     base.connector.load_state_dict(load_file(setup / "adapters" / "connector.safetensors"))
     with torch.no_grad():
         assert (base(**{k: batch[k] for k in KEYS}).logits - ours)[..., :n].abs().max().item() < 1e-5
+
+
+def test_qlora_trains_on_a_4bit_base_resumes_exactly_and_exports_plain(setup):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmsmall.export.consolidate import consolidate_deepspeed, load_vlm
+    from mmsmall.model.lora import quantize_base
+    from mmsmall.model.vlm import VLM
+
+    qlora = ("train.lora.qlora=true", "train.lora.vision.rank=0", "train.steps=6", "train.save_every=3")
+    straight = _train(setup, "q_straight", *qlora)
+    losses = {r["step"]: r["loss"] for r in read_log(straight / "log.jsonl")}
+    assert sorted(losses) == list(range(1, 7)) and losses[5] + losses[6] < losses[1] + losses[2] - 0.2, losses
+
+    state = consolidate_deepspeed(straight / "checkpoints" / "step_00000006")
+    base = VLM.from_pretrained(setup / "imported")
+    assert quantize_base(base.llm) > 0
+    quantized = {k: t for k, t in base.state_dict().items() if k.startswith("llm.")}
+    assert any(t.dtype == torch.uint8 for t in quantized.values())  # the packed NF4 weights
+    for k, t in quantized.items():  # frozen: the checkpoint's base is the imported weights quantized
+        layer, _, rest = k.partition(".weight")
+        saved = state.get(f"{layer}.base_layer.weight{rest}", state.get(k))
+        assert saved is not None and torch.equal(saved, t), k
+    assert all(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
+
+    resumed = setup / "q_resumed"
+    shutil.copytree(straight / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    (resumed / "checkpoints" / "latest").write_text("step_00000003")
+    _train(setup, "q_resumed", *qlora)
+    assert {r["step"]: r["loss"] for r in read_log(resumed / "log.jsonl")} == {
+        s: losses[s] for s in (4, 5, 6)
+    }
+    again = consolidate_deepspeed(resumed / "checkpoints" / "step_00000006")
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+    merged, _ = load_vlm(straight)  # dequantized base + adapters: plain layers only
+    assert not any(t.dtype == torch.uint8 for t in merged.state_dict().values())
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmsmall.cli", "export", str(straight), str(setup / "q_release"), "--format", "molmo2"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = AutoModelForImageTextToText.from_pretrained(setup / "q_release").eval()
+    source = AutoModelForImageTextToText.from_pretrained(setup / "stock").eval()
+    qkv = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(stock.state_dict()[qkv], source.state_dict()[qkv])  # NF4 rounding + adapters
+    batch = _inputs(merged, 3)
+    with torch.no_grad():
+        n = merged.cfg.emit_vocab
+        ours = merged(**{k: batch[k] for k in KEYS}).logits[..., :n]
+        theirs = stock(
+            **stock_inputs(AutoProcessor.from_pretrained(setup / "q_release"), _picture(3), "What color?")
+        )
+    assert (ours - theirs.logits).abs().max().item() < 1e-4

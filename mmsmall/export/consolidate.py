@@ -103,11 +103,13 @@ def consolidate_deepspeed(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils import zero_to_fp32 as z
 
     ckpt_dir = Path(ckpt_dir)
-    model_states = []
+    model_states, extras = [], {}
     for f in z.get_model_state_files(str(ckpt_dir)):
         sd = _load(Path(f))
         if C.BUFFER_NAMES not in sd:
             raise ValueError(f"{f} is not a DeepSpeed model-state file (no {C.BUFFER_NAMES})")
+        if not model_states:
+            extras = _extra_module_state(sd)
         buffers = {
             k: v.float() if v.is_floating_point() else v
             for k, v in sd["module"].items()
@@ -137,10 +139,23 @@ def consolidate_deepspeed(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     if stage <= 2:
         flat = [o[C.SINGLE_PARTITION_OF_FP32_GROUPS] for o in optim]
         paddings = optim[0].get(C.PARAM_ALIGNMENT_PADDINGS)
-        return dict(z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, False, paddings))
+        state = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, False, paddings)
+        return {**state, **extras}
     flat = [o[C.FP32_FLAT_GROUPS] for o in optim]
     lazy = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, False)
-    return dict(z.to_torch_tensor(lazy))  # ZeRO-3 yields lazily gathered tensors
+    return {**z.to_torch_tensor(lazy), **extras}  # ZeRO-3 yields lazily gathered tensors
+
+
+def _extra_module_state(sd: dict) -> dict[str, torch.Tensor]:
+    """Module state entries that are neither parameters nor buffers, which DeepSpeed's consolidation
+    drops: bitsandbytes writes a 4-bit weight's quantization statistics (``<layer>.weight.absmax``,
+    ``...quant_state.bitsandbytes__nf4``, ...) this way, and a QLoRA checkpoint cannot load without them."""
+    from deepspeed.checkpoint import constants as C
+
+    known = set(sd[C.BUFFER_NAMES]) | set(sd.get(C.FROZEN_PARAM_SHAPES) or {})
+    for group in sd[C.PARAM_SHAPES]:
+        known |= set(group)
+    return {k: v for k, v in sd["module"].items() if k not in known and isinstance(v, torch.Tensor)}
 
 
 def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:

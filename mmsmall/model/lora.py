@@ -13,7 +13,14 @@ also writes ``adapter/``); :func:`merge_lora` merges in place (peft ``merge``) f
 :func:`save_adapter` writes peft adapter folders (``llm/``, ``vision/`` loadable with
 ``PeftModel.from_pretrained``) plus ``connector.safetensors``.
 
-QLoRA (4-bit base through bitsandbytes) needs a CUDA GPU and bitsandbytes; elsewhere it is refused.
+QLoRA (``train.lora.qlora=true``, the ``qlora`` extra): :func:`quantize_base` first swaps every
+``nn.Linear`` of the LLM but its head for a bitsandbytes NF4 ``Linear4bit`` (double-quantized
+statistics, as the QLoRA paper), so peft puts its 4-bit LoRA layers on them. bitsandbytes runs
+4-bit matmuls on CUDA and, slower, on CPU (its torch backend): the same code trains either way,
+and the tests run it on CPU. Checkpoints hold the 4-bit weights with their quantization
+statistics; loading one back rebuilds each ``Params4bit`` from them (:func:`_load_prequantized`),
+so resume is exact. Leaving it, the base is dequantized (``dequantize_4bit``) before the adapters
+are added, and the export is a plain full-precision model.
 """
 
 from __future__ import annotations
@@ -55,24 +62,85 @@ def _peft_config(mcfg: Any):
 
 
 def _check_qlora(cfg: Any) -> None:
-    if not cfg.qlora:
-        return
     import importlib.util
 
-    if not torch.cuda.is_available():
+    if cfg.qlora and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
-            "train.lora.qlora=true: QLoRA keeps the base weights in 4 bits with bitsandbytes, which needs a "
-            "CUDA GPU; on CPU set train.lora.qlora=false (plain LoRA)"
+            "train.lora.qlora=true needs bitsandbytes: pip install 'mmsmall[qlora]' (or bitsandbytes)"
         )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("train.lora.qlora=true needs bitsandbytes: pip install bitsandbytes (CUDA only)")
-    raise NotImplementedError(
-        "train.lora.qlora: 4-bit base loading is not built yet; use train.lora.qlora=false"
-    )
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
+
+
+def quantize_base(llm: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``llm`` but ``lm_head`` for an NF4 ``Linear4bit`` in place; returns the count."""
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for name, child in list(llm.named_modules()):
+        if type(child) is not nn.Linear or name.rpartition(".")[2] == "lm_head":
+            continue
+        q = bnb.nn.Linear4bit(
+            child.in_features, child.out_features, bias=child.bias is not None, quant_type="nf4",
+            compress_statistics=True, device="meta",
+        )  # fmt: skip
+        q.weight = bnb.nn.Params4bit(
+            child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+        )
+        if child.bias is not None:
+            q.bias = child.bias
+        q = q.to(child.weight.device)  # bitsandbytes quantizes on this move
+        q.register_load_state_dict_pre_hook(_load_prequantized)
+        parent, leaf = _parent(llm, name)
+        setattr(parent, leaf, q)
+        swapped += 1
+    return swapped
+
+
+def _load_prequantized(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Loading a 4-bit layer: its ``Params4bit`` takes the saved weight and quantization statistics."""
+    import bitsandbytes as bnb
+
+    key = prefix + "weight"
+    stats = {k[len(key) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(key + ".")}
+    if not stats:
+        if key in state_dict and state_dict[key].is_floating_point():
+            raise ValueError(
+                f"{key}: a full-precision weight for a 4-bit layer; load it before quantize_base, or load "
+                "a checkpoint written by a QLoRA run"
+            )
+        return
+    # in place: DeepSpeed maps each parameter object to its name, so the Params4bit must stay the same
+    weight = module.weight
+    weight.data = state_dict[key].to(weight.device)
+    weight.quant_state = bnb.functional.QuantState.from_dict(stats, device=weight.device)
+    module.quant_state = weight.quant_state
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    """The full-precision weight of a ``Linear4bit`` (or a plain layer's own weight)."""
+    if not _is_4bit(layer):
+        return layer.weight.data
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
 
 
 def inject_lora(model: nn.Module, cfg: Any) -> None:
-    """Add LoRA layers (``train.lora``) to ``model.llm`` / ``model.vision`` in place (no freezing)."""
+    """Add LoRA layers (``train.lora``) to ``model.llm`` / ``model.vision`` in place (no freezing); with
+    ``qlora`` the LLM's base layers are quantized to 4 bits first."""
     from peft import inject_adapter_in_model
 
     if any(hasattr(p, "ds_numel") for p in model.parameters()):
@@ -81,6 +149,9 @@ def inject_lora(model: nn.Module, cfg: Any) -> None:
             "ZeRO-3 does at construction; use train.deepspeed=configs/deepspeed/zero2.json (LoRA's "
             "optimizer state is small, ZeRO-2 is what it needs)"
         )
+    _check_qlora(cfg)
+    if cfg.qlora:  # the 4-bit base goes in first, so that peft wraps the 4-bit layers
+        log.info("QLoRA: %d LLM Linear layers quantized to NF4", quantize_base(model.llm))
     for name in ADAPTED:
         mcfg = getattr(cfg, name)
         if mcfg.rank <= 0:
@@ -97,7 +168,6 @@ def inject_lora(model: nn.Module, cfg: Any) -> None:
 
 def apply_lora(model: nn.Module, cfg: Any) -> dict[str, int]:
     """Inject the adapters, then train only them and the connector; returns trainable counts per module."""
-    _check_qlora(cfg)
     inject_lora(model, cfg)
     counts: dict[str, int] = {}
     for name, module in model.named_children():
@@ -115,11 +185,25 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base layer (peft ``merge``) and put the plain layer back, in place."""
+    """Fold every adapter into its base layer and put a plain layer back, in place.
+
+    A 4-bit (QLoRA) base is dequantized first, and 4-bit layers without adapters become plain
+    ``nn.Linear`` too, so the result holds no bitsandbytes or peft layer.
+    """
     for name, layer in _lora_layers(model):
-        layer.merge(adapter_names=[ADAPTER])
         parent, leaf = _parent(model, name)
-        setattr(parent, leaf, layer.get_base_layer())
+        base = layer.get_base_layer()
+        if _is_4bit(base):
+            delta = layer.get_delta_weight(ADAPTER)
+            weight = _dequantized(base)
+            setattr(parent, leaf, _plain_linear(weight + delta.to(weight.dtype), base.bias))
+        else:
+            layer.merge(adapter_names=[ADAPTER])
+            setattr(parent, leaf, base)
+    for name, layer in list(model.named_modules()):
+        if _is_4bit(layer):
+            parent, leaf = _parent(model, name)
+            setattr(parent, leaf, _plain_linear(_dequantized(layer), layer.bias))
     return model
 
 
@@ -129,12 +213,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Tied tensors appear once (under their first name), as ``safetensors.torch.save_model`` writes them.
     """
     layers = dict(_lora_layers(model))
+    four_bit = {f"{n}.weight": m for n, m in model.named_modules() if _is_4bit(m)}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     with torch.no_grad():
         for key, t in model.state_dict().items():
-            if "lora_" in key:
-                continue
+            if "lora_" in key or key.rpartition(".weight.")[0] + ".weight" in four_bit:
+                continue  # adapters, and the quantization statistics of a 4-bit weight
+            if key in four_bit:
+                t = _dequantized(four_bit[key])
             plain = key.replace(".base_layer.", ".")
             mod_name, _, pname = plain.rpartition(".")
             if pname == "weight" and mod_name in layers:
