@@ -265,7 +265,7 @@ def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported)
     cfg = load_config(ROOT / "configs/train/tiny-finetune.yaml", [f"train.init_from={stock}"], cls=RunConfig)
     model, _ = _build(cfg, load_weights=True)
     assert cfg.model is model.cfg and model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
-    assert model.cfg.prompt == "mmsmall"  # training encodes our format, and the trained model says so
+    assert model.cfg.prompt == "chat_template"  # fine-tuned, and saved, in the checkpoint's own template
     ref = VLM.from_pretrained(imported)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     with pytest.raises(ConfigError, match="mmsmall import"):
@@ -294,3 +294,46 @@ def test_max_crops_and_dtype(imported):
         0
     ]
     assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr[-2000:]
+
+
+def test_fine_tuning_an_import_trains_in_its_own_chat_template(imported):
+    """A sample's conversations become one chat in the checkpoint's template: the prompt is token for
+    token the eval prompt (at the training crop count), the targets are each answer and the end of its
+    turn, whole conversations drop from the end to fit, and a template that cannot be split is refused."""
+    import dataclasses
+
+    from mmsmall.model.vlm import VLM
+    from mmsmall.processing.chat_template import ChatTemplateProcessor
+    from mmsmall.processing.template_training import TemplateTrainingProcessor
+
+    vlm = VLM.from_pretrained(imported)
+    tok, cfg = vlm.tokenizer, vlm.cfg.image
+    assert vlm.cfg.prompt == "chat_template"
+    img = image(3)
+    convs = [
+        [{"role": "user", "content": "What color?"}, {"role": "assistant", "content": "red"}],
+        [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "3"},
+         {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes"}],
+    ]  # fmt: skip
+    ex = TemplateTrainingProcessor(tok, cfg).encode(img, convs, sample_id="s0")
+    prompt = ChatTemplateProcessor(tok, dataclasses.replace(cfg, max_crops_eval=cfg.max_crops)).encode_prompt(
+        img, "What color?"
+    )
+    n = len(prompt["input_ids"])
+    assert torch.equal(ex["input_ids"][:n], prompt["input_ids"])
+    assert torch.equal(ex["pixel_values"], prompt["pixel_values"])
+    targets = ex["input_ids"][ex["labels"] != -100]
+    assert tok.decode(targets) == "red<|im_end|>\n3<|im_end|>\nyes<|im_end|>\n"
+    assert tok.decode(ex["input_ids"][n:]).startswith("red<|im_end|>\n<|im_start|>user\nHow many?")
+
+    short = TemplateTrainingProcessor(tok, cfg, max_length=len(ex["input_ids"]) - 1)
+    cut = short.encode(img, convs, sample_id="s1")
+    assert tok.decode(cut["input_ids"][cut["labels"] != -100]) == "red<|im_end|>\n"
+    assert short.counters == {"dropped_conversations": 1}
+    with pytest.raises(ValueError, match="max_length"):
+        TemplateTrainingProcessor(tok, cfg, max_length=n).encode(img, convs[:1])
+
+    odd = tok.__class__.from_pretrained(imported)  # a template that renders the turns out of order
+    odd.chat_template = "{% for m in messages | reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="model.prompt=mmsmall"):
+        TemplateTrainingProcessor(odd, cfg).encode(None, convs[1:])

@@ -77,9 +77,12 @@ def _train(root: Path, out: str, *extra: str) -> Path:
 
 
 def _inputs(vlm, seed: int) -> dict:
-    from mmsmall.processing.processor import Processor, collate
+    """A prompt the way the model was trained: the imported release's own chat template."""
+    from mmsmall.processing.chat_template import ChatTemplateProcessor
+    from mmsmall.processing.processor import collate
 
-    proc = Processor(vlm.tokenizer, vlm.cfg.image)
+    assert vlm.cfg.prompt == "chat_template"  # fine-tuning kept the import's template
+    proc = ChatTemplateProcessor(vlm.tokenizer, vlm.cfg.image)
     return collate(
         [proc.encode_prompt(_picture(seed), "What color?")], vlm.tokenizer.pad_token_id, left_pad=True
     )

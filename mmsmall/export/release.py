@@ -52,10 +52,15 @@ def save_molmo2(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> P
     model = build_molmo2_model(vlm, vlm.tokenizer, vlm.cfg.image.crop_size)
     model.generation_config = _generation_config(vlm.tokenizer)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    processor = build_molmo2_processor(vlm.tokenizer, vlm.cfg.image, CHAT_TEMPLATE)
+    processor = build_molmo2_processor(vlm.tokenizer, vlm.cfg.image, _chat_template(vlm))
     processor.save_pretrained(out_dir)
     write_checksums(out_dir)
     return out_dir
+
+
+def _chat_template(vlm: VLM) -> str:
+    """The template the model was trained in (stock Molmo2 format): an imported release's own, else ours."""
+    return vlm.tokenizer.chat_template if vlm.cfg.prompt == "chat_template" else CHAT_TEMPLATE
 
 
 def save_mmsmall(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
@@ -116,6 +121,11 @@ def run_export(
         return path
     started = time.time_ns()
     vlm, source = load_vlm(src)
+    if fmt == "mmsmall" and vlm.cfg.prompt == "chat_template":
+        raise ConfigError(
+            f"{src} was trained in its own chat template (an imported release); our HF format's processor "
+            "prompts in the mmsmall format, so export it with --format molmo2"
+        )
     if fmt == "molmo2":
         from mmsmall.export.molmo2 import check_molmo2_fit
 

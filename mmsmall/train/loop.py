@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     built = build_model(cfg, world)
     model, tokenizer = built.model, built.tokenizer
     held, total = held_elements(model)
+    if cfg.model.prompt == "chat_template":  # an imported release: fine-tuned in its own chat template
+        from mmsmall.processing.template_training import TemplateTrainingProcessor as Processor
     processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
     saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None

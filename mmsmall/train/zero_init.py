@@ -101,15 +101,6 @@ def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
         model = read_molmo2(folder)  # a stock transformers Molmo2 folder, mapped as `mmsmall import` does
     else:
         model = VLM.from_pretrained(folder, load_weights=load_weights)
-    if (
-        model.cfg.prompt != "mmsmall"
-    ):  # training encodes ` User: ... Assistant:`; the model keeps what it learns
-        log.warning(
-            "init_from %s was prompted with model.prompt=%s; trained (and saved) as mmsmall",
-            folder,
-            model.cfg.prompt,
-        )
-        model.cfg.prompt = "mmsmall"
     run_cfg.model = model.cfg
     log.info("model, its config and tokenizer from %s (the config's model section is not used)", folder)
     return model.train(), model.tokenizer

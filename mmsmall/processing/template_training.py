@@ -1,0 +1,149 @@
+"""Training examples in a checkpoint's own chat template (``model.prompt: chat_template``).
+
+A model imported from a stock Molmo2 release keeps its chat template (``mmsmall import``), and
+it is fine-tuned in it: the conversations of a sample become one multi-turn chat that the
+template renders and transformers' ``Molmo2Processor`` tokenizes with the image expanded (the
+training crop count, ``model.image.max_crops``). The assistant turns are the targets: turn ``i``
+spans from the end of the template's rendering of the turns before it (with the generation
+prompt) to the end of its rendering including it, so each answer is trained together with the
+end-of-turn text the template puts after it (``<|im_end|>`` for Molmo2), which is where
+generation stops at eval. A template that does not render earlier turns as a prefix of later
+ones cannot be split this way; such a sample is refused naming the fix.
+
+The Example has the layout of :mod:`mmsmall.processing.processor` (conv_ids all 0: one chat),
+so packing, collation and the model take it unchanged, and the prompt of a one-turn chat is
+token for token what :class:`~mmsmall.processing.chat_template.ChatTemplateProcessor` gives at eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from mmsmall.config import ImageConfig
+from mmsmall.processing.processor import IGNORE, Example, _check_conversation
+
+
+class TemplateTrainingProcessor:
+    """``encode`` (training) through ``tokenizer.chat_template``; the arguments are :class:`Processor`'s."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        image_cfg: ImageConfig,
+        style_prefix: bool = False,
+        max_length: int | None = None,
+    ):
+        from mmsmall.export.molmo2 import build_molmo2_processor
+
+        if not tokenizer.chat_template:
+            raise ValueError(
+                "model.prompt=chat_template but the tokenizer has no chat template; import the checkpoint "
+                "with `mmsmall import` (it copies the template) or set model.prompt=mmsmall"
+            )
+        self.tokenizer = tokenizer
+        self.image_cfg = image_cfg
+        self.style_prefix = style_prefix
+        self.max_length = max_length
+        self.counters: dict[str, int] = {}
+        train_crops = dataclasses.replace(image_cfg, max_crops_eval=image_cfg.max_crops)
+        self.hf_processor = build_molmo2_processor(tokenizer, train_crops, tokenizer.chat_template)
+
+    def encode(
+        self,
+        image: Any,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        task: str | None = None,
+        train: bool = True,
+        sample_id: str = "",
+    ) -> Example:
+        """One image and its conversations (joined into one chat) -> an Example with answer targets.
+
+        Whole conversations are dropped from the end until the Example fits ``max_length``
+        (counted in ``counters["dropped_conversations"]``); a first one that does not fit raises.
+        """
+        where = f"sample {sample_id!r}" if sample_id else "sample"
+        if not conversations:
+            raise ValueError(f"{where}: no conversations to encode")
+        for k, conv in enumerate(conversations):
+            _check_conversation(conv, f"{where}, conversation {k}")
+        keep = len(conversations)
+        while True:
+            ex = self._encode(image, conversations[:keep], task, sample_id, where)
+            if self.max_length is None or len(ex["input_ids"]) <= self.max_length:
+                break
+            if keep == 1:
+                raise ValueError(
+                    f"{where}: the image and the first conversation take {len(ex['input_ids'])} tokens in the "
+                    f"chat template, over max_length={self.max_length}. Raise data.seq_len, lower "
+                    "model.image.max_crops, or shorten the text."
+                )
+            keep -= 1
+        if keep < len(conversations):
+            dropped = self.counters.get("dropped_conversations", 0) + len(conversations) - keep
+            self.counters["dropped_conversations"] = dropped
+        return ex
+
+    def _messages(self, conversations: Sequence[Sequence[dict[str, str]]], task: str | None) -> list[dict]:
+        out = []
+        for conv in conversations:
+            for m in conv:
+                text = m["content"]
+                if m["role"] == "user" and self.style_prefix and task:
+                    text = f"{task}: {text}"
+                out.append({"role": m["role"], "content": text})
+        return out
+
+    def _text_ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, image: Any, conversations, task, sample_id: str, where: str) -> Example:
+        messages = self._messages(conversations, task)
+        chat = placeholder = messages  # the chat as processed, and as rendered to count text tokens
+        if image is not None:  # the image goes into the first user turn, as at eval
+            text = {"type": "text", "text": messages[0]["content"]}
+            chat = [dict(messages[0], content=[{"type": "image", "image": image}, text]), *messages[1:]]
+            placeholder = [dict(messages[0], content=[{"type": "image"}, text]), *messages[1:]]
+        enc = self.hf_processor.apply_chat_template(
+            chat, tokenize=True, add_generation_prompt=False, return_tensors="pt", return_dict=True
+        )
+        ids = enc["input_ids"][0]  # (T,) with the image expanded
+        text_ids = self._text_ids(placeholder, False)
+        shift = len(ids) - len(text_ids)  # the image block (and any BOS) sits before every answer
+        labels = torch.full_like(ids, IGNORE)
+        for i, m in enumerate(placeholder):
+            if m["role"] != "assistant":
+                continue
+            before = self._text_ids(placeholder[:i], True)  # up to the generation prompt of turn i
+            through = self._text_ids(placeholder[: i + 1], False)  # through turn i's end
+            start, end = len(before), len(through)
+            span = torch.tensor(text_ids[start:end], dtype=torch.long)
+            if (
+                end <= start
+                or text_ids[:start] != before
+                or text_ids[:end] != through
+                or not torch.equal(ids[start + shift : end + shift], span)
+            ):
+                raise ValueError(
+                    f"{where}: the chat template does not render earlier turns as a prefix of later ones, so "
+                    "the answers cannot be located; fine-tune with model.prompt=mmsmall"
+                )
+            labels[start + shift : end + shift] = span
+        t = ids.shape[0]
+        ex: Example = {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": torch.arange(t),
+            "conv_ids": torch.zeros(t, dtype=torch.long),
+            "sample_id": sample_id,
+        }
+        if image is not None:
+            ex.update({k: enc[k] for k in ("pixel_values", "image_token_pooling", "image_grids")})
+        return ex
