@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
+
+from mmsmall.logs import setup_logging
 
 
 def parse_data(items: Sequence[str]) -> dict[str, str]:
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:20s} {t.description}")
         return 0
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     from eval.runner import evaluate
 
     results = evaluate(

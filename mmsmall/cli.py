@@ -7,7 +7,6 @@ imports data_tools or eval at module level.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,16 @@ app = typer.Typer(
     help="mmsmall: synthesize and curate data, train a Molmo-style VLM with DeepSpeed, evaluate, export.",
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="also show third-party INFO logs (open_clip, DeepSpeed)")
+    ] = False,
+) -> None:
+    from mmsmall.logs import set_verbose
+
+    set_verbose(verbose)
 
 
 def _parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
@@ -87,10 +95,12 @@ def train(
 
     # a typo, a bad value, missing data or an unknown model fails here, before any process starts
     require_training_inputs(load_config(config, list(overrides or ())))
-    env = dict(os.environ)
+    from mmsmall.resources import LAUNCHER, find_config, launcher_env
+
+    env = launcher_env()
     if nproc is not None:
         env["NPROC"] = str(nproc)
-    cmd = ["bash", str(REPO_ROOT / "launch" / "train.sh"), str(config), *(overrides or [])]
+    cmd = ["bash", str(LAUNCHER), str(find_config(config)), *(overrides or [])]
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 

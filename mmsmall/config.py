@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mmsmall.resources import find_config
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says where and what is valid."""
@@ -331,7 +333,7 @@ def apply_override(cfg: Any, override: str) -> Any:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig):
     """Load a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
-    cfg = cls() if path is None else _from_file(cls, Path(path))
+    cfg = cls() if path is None else _from_file(cls, find_config(path))
     for ov in overrides:
         apply_override(cfg, ov)
     validate(cfg)

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmsmall.resources import CONFIGS_DIR, find_config, torch_extensions_dir
 from mmsmall.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
 MODULES = ("connector", "vision", "llm")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def on_cpu() -> bool:
@@ -59,7 +59,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     import deepspeed
 
     if on_cpu() and os.environ.get("MMSMALL_CPU_SHM_ALLREDUCE", "0") != "1":
@@ -136,12 +136,10 @@ def _llm_hidden(model: nn.Module) -> int | None:
 
 
 def _read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
-    path = Path(train_cfg.deepspeed)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+    path = find_config(train_cfg.deepspeed)
     if not path.exists():
         raise FileNotFoundError(
-            f"train.deepspeed: {train_cfg.deepspeed} not found (also looked in {REPO_ROOT})"
+            f"train.deepspeed: {train_cfg.deepspeed} not found (also looked among the shipped configs, {CONFIGS_DIR})"
         )
     return path, json.loads(path.read_text())
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from mmsmall.config import load_config, require_training_inputs, save_config
 from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
+from mmsmall.logs import setup_logging
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
@@ -149,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
     t, out = cfg.train, Path(cfg.out_dir)
     start = _resume_point(cfg, out / "checkpoints", rank, world)  # refuses a changed config before any build
     if rank == 0:
