@@ -37,7 +37,7 @@ CONVENTION = "lmms-eval 0.7.3 (reasoning tags stripped, responses stripped)"
 
 @runtime_checkable
 class PredictorLike(Protocol):
-    """What the runner needs from a model: ``mmsmall.model.predict.Predictor`` has this shape.
+    """What the runner needs from a model: ``mmsmall.inference.predictor.Predictor`` has this shape.
 
     ``predict`` answers each (image, question) pair greedily; batch composition must not change
     the answers (left padding), so cached and fresh predictions agree.
@@ -65,7 +65,7 @@ def load_predictor(
     """
     if isinstance(model, PredictorLike):
         return model
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
 
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"

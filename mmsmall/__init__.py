@@ -2,10 +2,10 @@
 
 Importing mmsmall imports no torch or transformers (``mmsmall --help`` and curation workers stay
 fast). Our Hugging Face classes (model_type ``mmsmall``) register with transformers' Auto classes
-when :mod:`mmsmall.model.hf` is imported, which every loader of our format does; a user loading a
+when :mod:`mmsmall.export.hf` is imported, which every loader of our format does; a user loading a
 release with the Auto classes imports it first::
 
-    import mmsmall.model.hf  # registers model_type "mmsmall"
+    import mmsmall.export.hf  # registers model_type "mmsmall"
     model = AutoModelForImageTextToText.from_pretrained(path)
 """
 

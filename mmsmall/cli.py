@@ -91,7 +91,8 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="processes per node (default: GPUs, or 1 on CPU)")] = None,
 ) -> None:
     """Train with DeepSpeed through launch/train.sh (the same path GPUs and nodes use)."""
-    from mmsmall.config import load_config, require_training_inputs
+    from mmsmall.config import load_config
+    from mmsmall.train.inputs import require_training_inputs
 
     # a typo, a bad value, missing data or an unknown model fails here, before any process starts
     require_training_inputs(load_config(config, list(overrides or ())))
@@ -232,7 +233,7 @@ def chat(
     max_crops: MaxCrops = None,
 ) -> None:
     """Ask one question about one image."""
-    from mmsmall.export.chat import chat as run_chat
+    from mmsmall.inference.chat import chat as run_chat
 
     answer = run_chat(
         model,
@@ -257,7 +258,7 @@ def predict(
     max_crops: MaxCrops = None,
 ) -> None:
     """Answer questions over a folder or shard set; points are drawn onto PNGs."""
-    from mmsmall.export.chat import predict as run_predict
+    from mmsmall.inference.chat import predict as run_predict
 
     run_predict(
         model, inputs, str(out), question=question, device=_device(device), max_crops=max_crops, dtype=dtype

@@ -208,7 +208,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     print(f"  {time.time() - t:.0f} s")
 
     t = _step("6/6 draw pointing predictions on held-out scenes")
-    from mmsmall.export.chat import predict
+    from mmsmall.inference.chat import predict
 
     points_dir = out / "pointing_predictions"
     predict(str(release), str(synth["scenes_eval"]), str(points_dir), limit=16, max_new_tokens=192)

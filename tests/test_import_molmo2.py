@@ -153,7 +153,7 @@ def imported(stock, tmp_path_factory) -> Path:
 def test_import_carries_everything_and_logits_match(stock, imported):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
     from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import collate
 
@@ -274,8 +274,8 @@ def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported)
 
 def test_max_crops_dtype_and_qlora_refusal(imported):
     from mmsmall.config import LoRAConfig
+    from mmsmall.inference.predictor import Predictor
     from mmsmall.model.lora import apply_lora
-    from mmsmall.model.predict import Predictor
 
     img = image(5).resize((160, 120))
     few, many = Predictor(str(imported), max_crops=1), Predictor(str(imported))

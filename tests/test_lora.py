@@ -88,7 +88,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmsmall.export.consolidate import consolidate_deepspeed, load_vlm
+    from mmsmall.export.consolidate import consolidate_deepspeed
+    from mmsmall.export.load import load_vlm
     from mmsmall.model.vlm import VLM
 
     straight = _train(setup, "straight")

@@ -28,12 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmsmall.config import load_config, require_training_inputs, save_config
+from mmsmall.config import load_config, save_config
 from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
+from mmsmall.export import intact
 from mmsmall.logs import setup_logging
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
+from mmsmall.train.inputs import require_training_inputs
 from mmsmall.train.live_eval import LiveEval
 from mmsmall.train.monitor import RunMonitor
 from mmsmall.train.zero_init import build_model, held_elements
@@ -124,10 +126,10 @@ def train_step(
     return loss_all / max(n_global, 1.0), fused
 
 
-def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> resume.ResumePoint:
+def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> intact.ResumePoint:
     """The verified checkpoint to resume from, with the reasons for any passed over; the config
     must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
-    point = resume.find_resume(ckpt_root)
+    point = intact.find_resume(ckpt_root)
     for note in point.notes:
         if rank == 0:
             log.warning("resume: %s", note)

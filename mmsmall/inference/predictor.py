@@ -28,7 +28,7 @@ class Predictor:
         dtype: ``fp32``, ``bf16`` or ``fp16`` weights and activations.
 
     The prompt format follows the checkpoint (``model.prompt``): ours (`` User: ... Assistant:``)
-    or, for imported releases, their own chat template (:mod:`mmsmall.processing.chat_template`).
+    or, for imported releases, their own chat template (:mod:`mmsmall.inference.chat_template`).
     """
 
     def __init__(
@@ -47,7 +47,7 @@ class Predictor:
         if isinstance(model_or_dir, VLM):
             model = model_or_dir
         else:
-            from mmsmall.export.consolidate import load_vlm
+            from mmsmall.export.load import load_vlm
 
             model = load_vlm(model_or_dir)[0]
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -61,7 +61,7 @@ class Predictor:
         self.prompt_format = cfg.prompt
         self.tokenizer = self.model.tokenizer
         if cfg.prompt == "chat_template":
-            from mmsmall.processing.chat_template import ChatTemplateProcessor
+            from mmsmall.inference.chat_template import ChatTemplateProcessor
 
             self.processor = ChatTemplateProcessor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
         else:

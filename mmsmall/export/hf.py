@@ -4,7 +4,7 @@ They wrap (compose) the mmsmall :class:`~mmsmall.model.vlm.VLM` and
 :class:`~mmsmall.processing.processor.Processor`, so any tower / LLM combination mmsmall trains
 can be released and loaded with the Auto classes, once this module is imported::
 
-    import mmsmall.model.hf  # registers model_type "mmsmall"
+    import mmsmall.export.hf  # registers model_type "mmsmall"
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     inputs = processor(images=image, text="What is shown?")
