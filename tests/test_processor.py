@@ -9,7 +9,8 @@ from transformers.models.molmo2.video_processing_molmo2 import Molmo2VideoProces
 
 from mmsmall.config import ImageConfig, TokenizerConfig
 from mmsmall.export.molmo2 import molmo2_image_processor
-from mmsmall.processing.processor import IGNORE, Processor, collate
+from mmsmall.processing.batch import IGNORE_INDEX as IGNORE
+from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import IMAGE_SPECIAL_TOKENS, build_tokenizer, special_ids
 from mmsmall.processing.tokens import image_token_ids, image_token_string, user_text
 

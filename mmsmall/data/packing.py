@@ -3,7 +3,7 @@
 A row holds whole examples one after another (an example is never split); each keeps its own
 ``position_ids`` (they restart at 0 for every example) and gets a ``doc_ids`` number inside the
 row, so the model's mask keeps attention inside each example. Padding fills the rest of the row
-(``doc_ids`` -1, ``labels`` -100, ``attention_mask`` 0).
+(``doc_ids`` -1, ``labels`` IGNORE_INDEX (-100), ``attention_mask`` 0).
 
 The ``Packer`` fills the ``B`` rows of one micro-batch best-fit (each example goes to the fullest
 row it still fits in) from the examples it carried over plus new ones it pulls, until every row
@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from mmsmall.processing.batch import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def collate_rows(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int | 
     B = len(rows)
     out = {
         "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-        "labels": torch.full((B, T), -100, dtype=torch.long),
+        "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros((B, T), dtype=torch.long),
         "position_ids": torch.zeros((B, T), dtype=torch.long),
         "doc_ids": torch.full((B, T), -1, dtype=torch.long),

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmsmall.config import ModelConfig, from_dict, to_dict
 from mmsmall.model.vlm import IMAGE_TOKENS, VLM, build_attention_mask
+from mmsmall.processing.batch import IGNORE_INDEX
 
 MODEL_TYPE = "mmsmall"
 
@@ -294,7 +295,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
         logits = vlm.emittable(out.logits)  # (B, T, V); input-only ids at -inf
         if labels is not None:
             flat = logits[:, :-1].flatten(0, 1).float()  # ((B*(T-1)), V)
-            loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
     def prepare_inputs_for_generation(

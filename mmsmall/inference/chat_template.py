@@ -14,7 +14,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
-from mmsmall.processing.processor import IGNORE, Example
+from mmsmall.processing.batch import IGNORE_INDEX
+from mmsmall.processing.processor import Example
 
 
 class ChatTemplateProcessor:
@@ -60,7 +61,7 @@ class ChatTemplateProcessor:
         t = ids.shape[0]
         ex: Example = {
             "input_ids": ids,
-            "labels": torch.full((t,), IGNORE, dtype=torch.long),
+            "labels": torch.full((t,), IGNORE_INDEX, dtype=torch.long),
             "position_ids": torch.arange(t),
             "conv_ids": torch.zeros(t, dtype=torch.long),
             "sample_id": sample_id,

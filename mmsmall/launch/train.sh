@@ -36,11 +36,9 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 
-# Already one rank of a launched job: drop the launcher's --local_rank and run the trainer.
+# Already one rank of a launched job: run the trainer (it drops a launcher's --local_rank itself).
 if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
-  args=()
-  for a in "$@"; do case "$a" in --local_rank=*) ;; *) args+=("$a") ;; esac; done
-  exec "$PY" -m mmsmall.train "${args[@]}"
+  exec "$PY" -m mmsmall.train "$@"
 fi
 
 launcher=("$PY" -m deepspeed.launcher.runner)

@@ -35,7 +35,9 @@ from transformers.utils import ModelOutput
 from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
 from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
 from mmsmall.model.connector import Connector
+from mmsmall.model.params import full_numel
 from mmsmall.model.vision import VisionTower
+from mmsmall.processing.batch import IGNORE_INDEX, count_targets
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ IMAGE_TOKENS: tuple[str, ...] = (
 PATCH_TOKEN = "<im_patch>"
 # Batch keys the model reads, and those it is handed but has no use for.
 _IGNORED_BATCH_KEYS = frozenset({"sample_ids", "sample_id", "image_grids", "image_num_crops"})
-_MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")
+MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")  # LLM attention that takes the VLM's 4D mask
 
 
 @dataclass
@@ -85,10 +87,10 @@ class VLM(nn.Module):
             "image_token_ids", torch.tensor([vocab[t] for t in IMAGE_TOKENS]), persistent=False
         )
         self.bidirectional_image = cfg.bidirectional_image
-        if cfg.llm.attn_implementation not in _MASK_IMPLEMENTATIONS:
+        if cfg.llm.attn_implementation not in MASK_IMPLEMENTATIONS:
             raise ValueError(
                 f"model.llm.attn_implementation={cfg.llm.attn_implementation!r}: the VLM passes a 4D "
-                f"packing/conversation mask, which only {list(_MASK_IMPLEMENTATIONS)} accept"
+                f"packing/conversation mask, which only {list(MASK_IMPLEMENTATIONS)} accept"
             )
 
         self.vision = VisionTower(cfg.vision, cfg.image)
@@ -103,7 +105,7 @@ class VLM(nn.Module):
             pad_embed=cfg.connector.pad_embed,
         )
         for name in ("vision", "connector", "llm"):
-            n = sum(getattr(p, "ds_numel", p.numel()) for p in getattr(self, name).parameters())
+            n = sum(full_numel(p) for p in getattr(self, name).parameters())
             logger.info("VLM %-9s %14s parameters", name, f"{n:,}")
 
     # ------------------------------------------------------------------ pieces
@@ -247,17 +249,17 @@ class VLM(nn.Module):
             position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
         targets = None if labels is None else labels[:, 1:]  # (B, T-1)
         if targets is not None and not keep_logits:
-            keep = (targets != -100).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
+            keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
             llm_kwargs["logits_to_keep"] = keep
             targets = targets[:, keep]  # (B, K)
         out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
         logits = self.emittable(out.logits)  # (B, T, V), or (B, K, V) at the kept positions
         if targets is None:
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
-        n_targets = (targets != -100).sum()
+        n_targets = count_targets(labels)  # the kept positions hold every target
         predicting = logits[:, :-1] if keep_logits else logits  # aligned with targets
         loss = F.cross_entropy(
-            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         if loss_reduction == "mean":
             loss = loss / n_targets.clamp(min=1)

@@ -29,13 +29,13 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
+from mmsmall.processing.batch import IGNORE_INDEX
 from mmsmall.processing.crops import load_image, preprocess_image
 from mmsmall.processing.tokenizer import special_ids
 from mmsmall.processing.tokens import answer_text, image_token_ids, user_text
 
 Example = dict[str, Any]
 Batch = dict[str, Any]
-IGNORE = -100
 
 _TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")
 
@@ -207,7 +207,9 @@ class Processor:
         body = torch.tensor([t for c in convs for t in c], dtype=torch.long)  # (sum L,)
         is_target = torch.tensor([t for c in targets for t in c], dtype=torch.bool)  # (sum L,)
         input_ids = torch.cat([prefix, body])  # (T,)
-        labels = torch.cat([torch.full((P,), IGNORE, dtype=torch.long), body.masked_fill(~is_target, IGNORE)])
+        labels = torch.cat(
+            [torch.full((P,), IGNORE_INDEX, dtype=torch.long), body.masked_fill(~is_target, IGNORE_INDEX)]
+        )
         conv_ids = torch.cat(
             [
                 torch.zeros(P, dtype=torch.long),
@@ -219,7 +221,7 @@ class Processor:
         offsets = torch.arange(len(body)) - torch.repeat_interleave(starts, torch.tensor(lens))
         position_ids = torch.cat([torch.arange(P), P + offsets])
         # Never a silent loss of 0: every answer (and its EOS) must survive as targets.
-        n_targets = int((labels != IGNORE).sum())
+        n_targets = int((labels != IGNORE_INDEX).sum())
         if n_targets != int(is_target.sum()) or n_targets < n_answers:
             raise ValueError(
                 f"{where}: {n_targets} target tokens for {n_answers} answers; the labels do not line up "
@@ -266,7 +268,7 @@ def collate(examples: Sequence[Example], pad_id: int, left_pad: bool = False) ->
     B = len(examples)
     lens = torch.tensor([int(ex["input_ids"].shape[0]) for ex in examples])  # (B,)
     T = int(lens.max())
-    pads = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0, "conv_ids": 0}
+    pads = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "conv_ids": 0}
     out: Batch = {k: torch.full((B, T), v, dtype=torch.long) for k, v in pads.items()}
     cols = torch.arange(T)[None]  # (1, T)
     start = (T - lens)[:, None] if left_pad else torch.zeros((B, 1), dtype=torch.long)  # (B, 1)

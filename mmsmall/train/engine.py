@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmsmall.config import MODULES
+from mmsmall.model.params import full_numel, full_shape
 from mmsmall.resources import CONFIGS_DIR, find_config, torch_extensions_dir
 from mmsmall.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-
-MODULES = ("connector", "vision", "llm")
 
 
 def on_cpu() -> bool:
@@ -90,7 +90,7 @@ def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, A
             raise AttributeError(f"the model has no submodule {name!r}; expected vision, connector and llm")
         frozen = name in freeze
         module.requires_grad_(not frozen)
-        n = sum(_numel(p) for p in module.parameters())
+        n = sum(full_numel(p) for p in module.parameters())
         summary[name] = {"frozen": frozen, "params": n}
         log.info("%-9s %-9s %12s params", name, "frozen" if frozen else "trainable", f"{n:,}")
     others = [n for n, _ in model.named_parameters() if n.split(".", 1)[0] not in MODULES]
@@ -99,17 +99,13 @@ def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, A
     return summary
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned params keep their full size here
-
-
 def param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
     """AdamW groups: one decayed and one undecayed group per trainable module."""
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = len(getattr(p, "ds_shape", p.shape)) < 2  # a partitioned p is a 1-D slice
+        no_decay = len(full_shape(p)) < 2  # a partitioned p is a 1-D slice
         buckets.setdefault((_module_of(name), no_decay), []).append(p)
     groups = []
     for (module, no_decay), params in sorted(buckets.items()):

@@ -38,6 +38,17 @@ def require_training_inputs(cfg: RunConfig) -> None:
 
 
 def _require_model_names(m: ModelConfig) -> None:
+    from mmsmall.model.vision import VISION_BACKENDS
+    from mmsmall.model.vlm import MASK_IMPLEMENTATIONS
+
+    if m.vision.backend not in VISION_BACKENDS:
+        raise ConfigError(
+            f"model.vision.backend: {m.vision.backend!r}; valid: {', '.join(sorted(VISION_BACKENDS))}"
+        )
+    if m.llm.attn_implementation not in MASK_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.llm.attn_implementation: {m.llm.attn_implementation!r}; valid: {', '.join(MASK_IMPLEMENTATIONS)}"
+        )
     if m.vision.backend == "open_clip" and m.vision.custom is None:
         import open_clip
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmsmall import faults
 from mmsmall.config import load_config, save_config
 from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
 from mmsmall.export import intact
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                         "skipped": dict(data.counters),
                     }
                 )
-            kill_here = t.debug_kill_at_step == step
+            kill_here = faults.kill_at_step() == step
             if saving:
                 checkpoint.save(
                     engine,
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     ahead["data"],
                     cfg,
                     keep_last=t.keep_last,
-                    kill_during_save=kill_here and t.debug_kill_during_save,
+                    kill_during_save=kill_here and faults.kill_during_save(),
                 )
             live_eval(step, engine, monitor)
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)

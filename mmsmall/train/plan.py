@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmsmall.model.attention import DOCWISE
 from mmsmall.train.engine import _read_ds_json
 
 GIB = 1024**3
@@ -200,7 +201,7 @@ def activation_bytes(
     per_crop = (grid // image.pooling_size[0]) * (grid // image.pooling_size[1])
     text = max(0, tokens - crops * per_crop)
     vit_tokens = crops * s.vit_tokens
-    docwise = run_cfg.model.llm.attn_implementation == "sdpa_docwise"
+    docwise = run_cfg.model.llm.attn_implementation == DOCWISE
     # docwise attention passes no mask, so even a CPU takes a kernel that keeps no probabilities
     llm_layer = _llm_layer_elements(s) + (s.llm_heads * t_row if scores_saved and not docwise else 0)
     vit_block = _vit_block_elements(s) + (s.vit_heads * s.vit_tokens if scores_saved else 0)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmsmall.config import ConfigError, to_dict
+from mmsmall.config import ConfigError, strip_removed, to_dict
 from mmsmall.export.intact import COMPLETE
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 # learns (train.steps re-times the cosine decay from the next step on). Any other change is refused.
 RESUMABLE_KEYS = (
     "name", "out_dir", "train.steps", "train.save_every", "train.keep_last", "train.log_every",
-    "train.tensorboard", "train.wandb", "train.debug_kill_at_step", "train.debug_kill_during_save",
-    "data.num_workers",
+    "train.tensorboard", "train.wandb", "data.num_workers",
 )  # fmt: skip
 
 
@@ -56,7 +55,8 @@ def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = N
     saved_path = ckpt_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    old, new = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(to_dict(run_cfg))
+    saved = strip_removed(type(run_cfg), yaml.safe_load(saved_path.read_text()) or {})  # keys since removed
+    old, new = _flat(saved), _flat(to_dict(run_cfg))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if new.get("train.init_from") and old.get("train.init_from") == new.get("train.init_from"):
         # a later stage's model is the init_from folder's (the saved config holds it, the YAML does

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmsmall.train.engine import _numel, ds_config, zero_stage
+from mmsmall.model.params import full_numel, full_shape
+from mmsmall.train.engine import ds_config, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def load_partitioned(model: nn.Module, path: str | Path) -> None:
         missing += [name for name, _, _ in buffers if name not in keys]
         known = {n for ns in names.values() for n in ns} | {name for name, _, _ in buffers}
         unexpected = sorted(keys - known)
-        shapes = {id(p): tuple(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
+        shapes = {id(p): full_shape(p) for p in model.parameters()}
         wrong = [
             f"{k} {tuple(f.get_slice(k).get_shape())} != {shapes[pid]}"
             for pid, k in key_of.items()
@@ -189,6 +190,6 @@ def held_elements(model: nn.Module) -> tuple[int, int]:
     """(parameter elements this rank holds, elements of the whole model); equal unless partitioned."""
     held = full = 0
     for p in model.parameters():
-        full += _numel(p)
+        full += full_numel(p)
         held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
     return held, full
