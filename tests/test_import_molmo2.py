@@ -260,11 +260,14 @@ def test_eval_stock_folder_equals_stock_generate_batch_1_and_8(stock, tmp_path):
 def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported):
     from mmsmall.config import ConfigError, RunConfig, load_config
     from mmsmall.model.vlm import VLM
-    from mmsmall.train.zero_init import _build, llm_hidden_size
+    from mmsmall.train.zero_init import build_model, llm_hidden_size
 
     cfg = load_config(ROOT / "configs/train/tiny-finetune.yaml", [f"train.init_from={stock}"], cls=RunConfig)
-    model, _ = _build(cfg, load_weights=True)
-    assert cfg.model is model.cfg and model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
+    built = build_model(cfg, world_size=1)
+    model = built.model
+    # the run trains the folder's model: the returned config says so; the caller's is not changed
+    assert built.run_cfg.model is model.cfg and cfg.model is not model.cfg
+    assert model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
     assert model.cfg.prompt == "mmsmall"  # training encodes our format, and the trained model says so
     ref = VLM.from_pretrained(imported)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))

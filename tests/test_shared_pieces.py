@@ -99,3 +99,38 @@ def test_one_eval_command_line_behind_both_entry_points():
     assert app_out.exit_code == 0 and app_out.output == module.stdout and "chartqa" in module.stdout
     bad = CliRunner().invoke(app, ["eval", "--model", "m", "--tasks", "chartqa", "--data", "nopath"])
     assert bad.exit_code == 1 and "--data 'nopath': expected TASK=PATH" in bad.output
+
+
+def test_one_offline_builder_and_the_training_builder_returns_its_config(tmp_path):
+    """build_offline is what VLM.from_pretrained, the DeepSpeed consolidation and the HF class use:
+    no weights downloaded, names kept on vlm.cfg. build_model leaves the caller's config alone."""
+    from test_hf_classes import _vlm
+
+    from mmsmall.config import load_config
+    from mmsmall.export.hf import MMSmallConfig
+    from mmsmall.model.vlm import VLM, build_offline, folder_configs, offline_config
+    from mmsmall.train.zero_init import build_model
+
+    vlm = _vlm("tiny")
+    vlm.save_pretrained(tmp_path / "m")
+    llm, vision = folder_configs(tmp_path / "m")
+    assert llm["hidden_size"] == vlm.llm.config.hidden_size and vision is None  # open_clip: its own custom
+    offline = offline_config(vlm.cfg, llm, vision)
+    assert offline.llm.name is None and offline.llm.custom == llm and offline.vision.pretrained is None
+    rebuilt = build_offline(vlm.cfg, vlm.tokenizer, llm, vision)
+    assert rebuilt.cfg is vlm.cfg and set(rebuilt.state_dict()) == set(vlm.state_dict())
+    loaded = VLM.from_pretrained(tmp_path / "m")
+    assert all(torch.equal(v, vlm.state_dict()[k]) for k, v in loaded.state_dict().items())
+    hf_cfg = MMSmallConfig.from_vlm(vlm)
+    assert hf_cfg.build_model_config() == offline_config(
+        hf_cfg.saved_model_config(), *hf_cfg.stored_configs()
+    )
+
+    run = load_config(
+        ROOT / "configs/train/tiny-pretrain.yaml",
+        [f"train.init_from={tmp_path / 'm'}", "model.connector.mlp_hidden=7"],
+    )
+    built = build_model(run, world_size=1)
+    assert run.model.connector.mlp_hidden == 7  # the caller's config is not changed
+    assert built.run_cfg.model.connector.mlp_hidden == vlm.cfg.connector.mlp_hidden
+    assert built.run_cfg.train is run.train and built.model.cfg is built.run_cfg.model

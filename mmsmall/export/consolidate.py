@@ -8,7 +8,6 @@ of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +96,7 @@ def load_checkpoint(ckpt_dir: Path, merge_lora: bool = True) -> VLM:
     ``merge_lora``, folded into the base weights (a plain VLM); without, they stay peft layers.
     """
     from mmsmall.config import RunConfig, load_config
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import build_offline
     from mmsmall.processing.tokenizer import build_tokenizer
 
     cfg_path = ckpt_dir / "config.yaml"
@@ -108,15 +107,7 @@ def load_checkpoint(ckpt_dir: Path, merge_lora: bool = True) -> VLM:
     run_cfg = load_config(cfg_path, cls=RunConfig)
     model_cfg = run_cfg.model
     tokenizer = build_tokenizer(model_cfg.tokenizer, model_cfg.llm.name)
-    # The checkpoint holds every weight: build the architecture without loading pretrained ones.
-    vision = dataclasses.replace(model_cfg.vision, pretrained=None)
-    llm = model_cfg.llm
-    if llm.name is not None and llm.custom is None:
-        from transformers import AutoConfig
-
-        llm = dataclasses.replace(llm, name=None, custom=AutoConfig.from_pretrained(llm.name).to_dict())
-    vlm = build_vlm(dataclasses.replace(model_cfg, vision=vision, llm=llm), tokenizer)
-    vlm.cfg = model_cfg  # keep the original names for the model card and later saves
+    vlm = build_offline(model_cfg, tokenizer)  # the checkpoint holds every weight
     lora = run_cfg.train.lora
     if lora.enabled:
         from mmsmall.model.lora import inject_lora

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # ZeRO-3: partitioned while it is built; a later stage (train.init_from): the previous model
     # with its config and tokenizer. `built` keeps transformers' ZeRO-3 view alive for the run.
     built = build_model(cfg, world)
-    model, tokenizer = built.model, built.tokenizer
+    cfg, model, tokenizer = built.run_cfg, built.model, built.tokenizer
     held, total = held_elements(model)
     processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)

@@ -97,10 +97,12 @@ def model_shape(run_cfg: Any) -> ModelShape:
     tokenizer_cfg = mcfg.tokenizer
     if run_cfg.train.init_from:  # a later stage trains the folder's model, not the config's
         from mmsmall.config import ModelConfig, TokenizerConfig, load_config
-        from mmsmall.model.vlm import _offline_config
+        from mmsmall.model.vlm import folder_configs, offline_config
 
         folder = Path(run_cfg.train.init_from)
-        mcfg = _offline_config(load_config(folder / "model_config.yaml", cls=ModelConfig), folder)
+        mcfg = offline_config(
+            load_config(folder / "model_config.yaml", cls=ModelConfig), *folder_configs(folder)
+        )
         tokenizer_cfg = TokenizerConfig(name=str(folder))
     vision = replace(mcfg.vision, pretrained=None)
     if vision.backend == "hf" and vision.custom is None:  # config only, never the weights
