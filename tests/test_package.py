@@ -95,9 +95,9 @@ _RESOLVE = """
 import mmsmall, sys
 from types import SimpleNamespace
 from mmsmall.config import load_config
-from mmsmall.train.engine import _read_ds_json
+from mmsmall.train.engine import read_ds_json
 cfg = load_config("configs/train/tiny-pretrain.yaml")
-path, ds = _read_ds_json(SimpleNamespace(deepspeed=cfg.train.deepspeed))
+path, ds = read_ds_json(SimpleNamespace(deepspeed=cfg.train.deepspeed))
 print(mmsmall.__file__)
 print(path)
 print(cfg.model.connector.__class__.__name__, ds["zero_optimization"]["stage"])

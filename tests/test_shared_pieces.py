@@ -134,3 +134,22 @@ def test_one_offline_builder_and_the_training_builder_returns_its_config(tmp_pat
     assert run.model.connector.mlp_hidden == 7  # the caller's config is not changed
     assert built.run_cfg.model.connector.mlp_hidden == vlm.cfg.connector.mlp_hidden
     assert built.run_cfg.train is run.train and built.model.cfg is built.run_cfg.model
+
+
+def test_the_loop_passes_the_model_only_what_it_takes():
+    from mmsmall.processing.batch import MODEL_KEYS, model_inputs
+    from mmsmall.train.loop import _to_device
+
+    labels = _labels()
+    batch = {
+        "input_ids": torch.ones_like(labels), "labels": labels, "attention_mask": torch.ones_like(labels),
+        "pixel_values": torch.zeros(1, 4, 3, dtype=torch.float64), "image_grids": torch.zeros(1, 4),
+        "sample_ids": ["a", "b"],
+    }  # fmt: skip
+    assert (
+        set(model_inputs(batch))
+        == {"input_ids", "labels", "attention_mask", "pixel_values"}
+        <= set(MODEL_KEYS)
+    )
+    moved = _to_device(batch, torch.device("cpu"), torch.float32)
+    assert set(moved) == set(model_inputs(batch)) and moved["pixel_values"].dtype == torch.float32

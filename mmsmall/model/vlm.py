@@ -38,7 +38,7 @@ from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
 from mmsmall.model.connector import Connector
 from mmsmall.model.params import full_numel
 from mmsmall.model.vision import VisionTower
-from mmsmall.processing.batch import IGNORE_INDEX, count_targets
+from mmsmall.processing.batch import IGNORE_INDEX, MODEL_KEYS, count_targets
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +56,7 @@ IMAGE_TOKENS: tuple[str, ...] = (
 )
 PATCH_TOKEN = "<im_patch>"
 # Batch keys the model reads, and those it is handed but has no use for.
-_PREFILL_KEYS = frozenset(
-    {
-        "input_ids",
-        "attention_mask",
-        "position_ids",
-        "doc_ids",
-        "conv_ids",
-        "pixel_values",
-        "image_token_pooling",
-    }
-)
+_PREFILL_KEYS = frozenset(MODEL_KEYS) - {"labels"}
 _IGNORED_BATCH_KEYS = frozenset({"sample_ids", "sample_id", "image_grids", "image_num_crops"})
 MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")  # LLM attention that takes the VLM's 4D mask
 

@@ -18,15 +18,22 @@ import torch
 IGNORE_INDEX = -100  # a label that is not trained (prompt, image tokens, padding): cross_entropy's default
 TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")  # per-token tensors of an Example
 
-Example = dict[
-    str, Any
-]  # one encoded sample: TOKEN_KEYS (T,), and pixel_values / image_token_pooling / image_grids
+# what VLM.forward reads of a Batch (the rest, sample_ids and image_grids, is bookkeeping)
+MODEL_KEYS = (*TOKEN_KEYS, "attention_mask", "doc_ids", "pixel_values", "image_token_pooling")
+
+# one encoded sample: TOKEN_KEYS (T,), and pixel_values / image_token_pooling / image_grids
+Example = dict[str, Any]
 Batch = dict[str, Any]  # see the module docstring
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
     """() int64: labels trained after the next-token shift (``labels[:, 1:]``), of a (B, T) batch."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def model_inputs(batch: Batch) -> Batch:
+    """The keys of ``batch`` the model takes (:data:`MODEL_KEYS`)."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
 def example_len(ex: Example) -> int:

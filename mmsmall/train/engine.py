@@ -131,7 +131,8 @@ def _llm_hidden(model: nn.Module) -> int | None:
     return getattr(cfg, "hidden_size", None)
 
 
-def _read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
+def read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
+    """``train.deepspeed``: its path (as given, else among the shipped configs) and its parsed JSON."""
     path = find_config(train_cfg.deepspeed)
     if not path.exists():
         raise FileNotFoundError(
@@ -142,7 +143,7 @@ def _read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
 
 def zero_stage(run_cfg: Any) -> int:
     """``zero_optimization.stage`` of ``train.deepspeed`` (0 when the json has none)."""
-    _, cfg = _read_ds_json(run_cfg.train)
+    _, cfg = read_ds_json(run_cfg.train)
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -154,7 +155,7 @@ def ds_config(
     ZeRO-3 bucket sizes come from the LLM width: ``hidden_size``, else the built ``model``'s LLM.
     """
     t = run_cfg.train
-    path, cfg = _read_ds_json(t)
+    path, cfg = read_ds_json(t)
     h = hidden_size if hidden_size is not None else _llm_hidden(model) if model is not None else None
     fill: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -33,6 +33,7 @@ from mmsmall.config import load_config, save_config
 from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
 from mmsmall.export import intact
 from mmsmall.logs import setup_logging
+from mmsmall.processing.batch import model_inputs
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
@@ -74,10 +75,9 @@ def _all_reduce_once(
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """What the model takes of ``batch`` (model_inputs), on ``device``, floats in ``dtype``."""
     out = {}
-    for k, v in batch.items():
-        if k == "sample_ids":
-            continue
+    for k, v in model_inputs(batch).items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
         out[k] = v

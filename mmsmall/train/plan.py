@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mmsmall.model.attention import DOCWISE
-from mmsmall.train.engine import _read_ds_json
+from mmsmall.train.engine import read_ds_json
 
 GIB = 1024**3
 
@@ -260,7 +260,7 @@ def plan(
     if gpus < 1 or nodes < 1 or gpu_mem_gib <= 0:
         raise ValueError(f"--gpus {gpus} --nodes {nodes} --gpu-mem {gpu_mem_gib}: give positive numbers")
     s = shape or model_shape(run_cfg)
-    _, ds = _read_ds_json(run_cfg.train)
+    _, ds = read_ds_json(run_cfg.train)
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
