@@ -35,7 +35,7 @@ from data_tools.synth import generate  # noqa: E402
 from eval.runner import evaluate  # noqa: E402
 from eval.tasks import get_task  # noqa: E402
 from mmsmall.config import ModelConfig, load_config  # noqa: E402
-from mmsmall.model.predict import Predictor  # noqa: E402
+from mmsmall.inference.predictor import Predictor  # noqa: E402
 from mmsmall.model.vlm import build_vlm  # noqa: E402
 from mmsmall.processing.processor import collate  # noqa: E402
 from mmsmall.processing.tokenizer import build_tokenizer  # noqa: E402

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsmall.config import ConfigError, apply_override, from_dict
+from mmsmall.resources import find_config
 
 INPUT_KINDS = ("folder", "jsonl", "csv", "parquet", "hf", "webdataset", "points", "pixmo")
 COORD_SPACES = ("normalized", "pixels", "percent")
@@ -184,7 +185,7 @@ def load_curate_config(
     elif isinstance(config, dict):
         cfg = from_dict(CurateConfig, config)
     else:
-        path = Path(config)
+        path = find_config(config)  # a shipped config (configs/curate/...) from any directory too
         if not path.exists():
             raise ConfigError(f"curate config not found: {path}")
         try:

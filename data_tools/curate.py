@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmsmall import faults
 from mmsmall.config import ConfigError, from_dict, to_dict
 from mmsmall.data.remote import is_remote
 
@@ -156,6 +157,15 @@ def _sample_json(c: dict, score: float | None) -> dict:
     }
 
 
+def finished_unit(units_dir: Path, uid: str, fingerprint: str) -> dict | None:
+    """The stats of unit ``uid`` when its done-marker was committed under this config fingerprint."""
+    done = units_dir / f"{uid}.done.json"
+    if not done.exists():
+        return None
+    stats = json.loads(done.read_text())
+    return stats if stats.get("fingerprint") == fingerprint else None
+
+
 def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     """Run every per-sample stage on one unit and commit its stage tar and done-marker.
 
@@ -167,7 +177,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     fp = config_fingerprint(cfg)
     units_dir = Path(work_dir) / "units"
     done = units_dir / f"{unit['uid']}.done.json"
-    if done.exists() and (stats := json.loads(done.read_text())).get("fingerprint") == fp:
+    if (stats := finished_unit(units_dir, unit["uid"], fp)) is not None:
         return stats
     drops: list[dict] = []
     cands: list[dict] = []
@@ -264,7 +274,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
         "hits": hits,
     }
     _atomic_write(done, json.dumps(stats, sort_keys=True).encode())
-    delay = float(os.environ.get("DATA_TOOLS_UNIT_DELAY_S", "0") or 0)  # testing aid: widen the kill window
+    delay = faults.unit_delay_s()  # tests: widen the kill window
     if delay:
         time.sleep(delay)
     return stats
@@ -421,9 +431,7 @@ def run_curation(
             _atomic_write(stamp, bench_fp.encode())
     todo, stats_by_uid = [], {}
     for u in units:
-        done = work / "units" / f"{u['uid']}.done.json"
-        st = json.loads(done.read_text()) if done.exists() else None
-        if st is not None and st.get("fingerprint") == fp:
+        if (st := finished_unit(work / "units", u["uid"], fp)) is not None:
             stats_by_uid[u["uid"]] = st
         else:
             todo.append(u)

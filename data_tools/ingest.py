@@ -26,10 +26,9 @@ from mmsmall.data.keys import member_key
 from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
 
 from .config import CurateConfig, InputConfig
-from .records import clean_id, clean_messages, clean_points, scalar_text
+from .records import CAPTION_PROMPT, clean_id, clean_messages, clean_points, scalar_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-CAPTION_PROMPT = "Describe this image."
 
 
 # ----------------------------------------------------------------------------- planning

@@ -102,7 +102,7 @@ def _sample(rows: list[dict], inp) -> dict[str, Any]:
         msgs = _turns([(f"How many {first.get('label')} are there?", first.get("count"))])
         return {"task": "counting", "messages": msgs, "points": pts, "meta": meta}
     if layout == "cap":
-        from .ingest import CAPTION_PROMPT
+        from .records import CAPTION_PROMPT
 
         msgs = _turns([(CAPTION_PROMPT, first.get("caption") or "")])
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+CAPTION_PROMPT = "Describe this image."  # the user turn of a captioning sample
 SCALARS = (str, int, float)  # answers and captions may be numbers ("42"); bools and containers may not
 
 

@@ -1,4 +1,6 @@
-"""``python -m eval --model PATH --tasks chartqa,docvqa --data chartqa=/data/ChartQA --out DIR``.
+"""The eval command line, behind both entry points: ``mmsmall eval ...`` and ``python -m eval ...``.
+
+    mmsmall eval --model PATH --tasks chartqa,docvqa --data chartqa=/data/ChartQA --out DIR
 
 Under torchrun (``torchrun --nproc-per-node 8 -m eval ...``) the samples are split across ranks.
 """
@@ -7,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
+from mmsmall.logs import setup_logging
+
 
 def parse_data(items: Sequence[str]) -> dict[str, str]:
-    """``["chartqa=/a", "docvqa=/b,textvqa=/c"]`` -> ``{"chartqa": "/a", ...}``."""
+    """``["chartqa=/a", "docvqa=/b,textvqa=/c"]`` -> ``{"chartqa": "/a", ...}``; exits naming a bad item."""
     out: dict[str, str] = {}
     for item in items:
         for part in item.split(","):
@@ -26,13 +29,18 @@ def parse_data(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval", description="Run the mmsmall eval suite.")
-    ap.add_argument("--model", required=True, help="checkpoint or exported model folder")
-    ap.add_argument("--tasks", required=True, help="comma-separated task names (see --list-tasks)")
+def build_parser(prog: str = "python -m eval") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Run the chart/document/counting/pointing suite with standard metrics."
+    )
+    ap.add_argument(
+        "--model", help="a saved mmsmall model, run, checkpoint, our HF release or a stock Molmo2 folder"
+    )
+    ap.add_argument("--tasks", help="comma-separated task names (see --list-tasks)")
+    ap.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
     ap.add_argument("--data", action="append", default=[], help="TASK=PATH (repeatable; or comma-separated)")
     ap.add_argument(
-        "--out", required=True, help="output folder (predictions cache, results.json, results.md)"
+        "--out", default="eval_out", help="output folder (predictions cache, results.json, results.md)"
     )
     ap.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -58,25 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--list-tasks" in argv:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m eval") -> int:
+    ap = build_parser(prog)
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.list_tasks:
         from eval.tasks import TASKS
 
         for name, t in sorted(TASKS.items()):
-            print(f"{name:20s} {t.description}")
+            print(f"{name:20s} {t.default_data or '(--data DIR)':28s} {t.description}")
         return 0
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.model or not args.tasks:
+        ap.error(f"give --model and --tasks (task names: {prog} --list-tasks)")
+    data = parse_data(args.data)
+    setup_logging()
     from eval.runner import evaluate
 
     results = evaluate(
         args.model,
-        [t for t in args.tasks.split(",") if t],
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
         args.out,
         batch_size=args.batch_size,
         limit=args.limit,
-        data=parse_data(args.data),
+        data=data,
         blind=args.blind,
         max_new_tokens=args.max_new_tokens,
         num_workers=args.num_workers,
@@ -93,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from eval.report import markdown_table
 
         print(markdown_table(results))
-        print(json.dumps({t: v["score"] for t, v in results["tasks"].items()}))
+        print(json.dumps(results, indent=2, default=str))
     return 0
 
 

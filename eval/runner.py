@@ -37,7 +37,7 @@ CONVENTION = "lmms-eval 0.7.3 (reasoning tags stripped, responses stripped)"
 
 @runtime_checkable
 class PredictorLike(Protocol):
-    """What the runner needs from a model: ``mmsmall.model.predict.Predictor`` has this shape.
+    """What the runner needs from a model: ``mmsmall.inference.predictor.Predictor`` has this shape.
 
     ``predict`` answers each (image, question) pair greedily; batch composition must not change
     the answers (left padding), so cached and fresh predictions agree.
@@ -65,7 +65,7 @@ def load_predictor(
     """
     if isinstance(model, PredictorLike):
         return model
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
 
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
@@ -146,32 +146,22 @@ def _worker_init(_: int) -> None:
 def _fast_path(predictor: PredictorLike, style: str | None):
     """For an mmsmall ``Predictor``: (encode, collate, generate) with the first two in workers.
 
-    Workers decode, preprocess and encode each sample and collate a left-padded batch (one set
-    of tensors crosses the process boundary per batch); the main process only runs greedy
-    ``VLM.generate`` and decodes. This mirrors ``Predictor.predict`` step for step
-    (processor.encode_prompt -> collate(left_pad=True) -> generate -> decode without special
-    tokens -> strip), and tests check the answers equal ``Predictor.predict``'s. Other predictors
-    get PIL images and their ``predict`` is called.
+    Workers decode each sample and run ``Predictor.encode`` and ``Predictor.collate`` (one set of
+    tensors crosses the process boundary per batch); the main process runs ``Predictor.answer``
+    (greedy): the three steps ``Predictor.predict`` runs, so the answers are its answers. Other
+    predictors get PIL images and their ``predict`` is called.
     """
-    processor, model, tok = (getattr(predictor, a, None) for a in ("processor", "model", "tokenizer"))
-    if processor is None or model is None or tok is None or not hasattr(processor, "encode_prompt"):
+    if not all(callable(getattr(predictor, m, None)) for m in ("encode", "collate", "answer")):
         return None, _collate, None
-    from mmsmall.processing.processor import collate
-
-    pad_id = tok.pad_token_id
 
     def encode(image: Image.Image, prompt: str):
-        return processor.encode_prompt(image, prompt, task=style)
+        return predictor.encode(image, prompt, task=style)
 
     def collate_batch(items: list) -> tuple[list, dict]:
-        return [(i, size, None) for i, size, _ in items], collate(
-            [ex for _, _, ex in items], pad_id, left_pad=True
-        )
+        return [(i, size, None) for i, size, _ in items], predictor.collate([ex for _, _, ex in items])
 
-    @torch.no_grad()
     def generate(batch: dict, max_new_tokens: int) -> list[str]:
-        new_tokens = model.generate(batch, max_new_tokens=max_new_tokens, do_sample=False)
-        return [tok.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
+        return predictor.answer(batch, max_new_tokens=max_new_tokens)
 
     return encode, collate_batch, generate
 

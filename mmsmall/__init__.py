@@ -1,9 +1,12 @@
 """mmsmall: an open, Molmo-style multimodal small-model pipeline.
 
-Importing mmsmall registers its Hugging Face classes (model_type ``mmsmall``) with transformers'
-Auto classes, so ``AutoModelForImageTextToText.from_pretrained(release)`` works after it.
+Importing mmsmall imports no torch or transformers (``mmsmall --help`` and curation workers stay
+fast). Our Hugging Face classes (model_type ``mmsmall``) register with transformers' Auto classes
+when :mod:`mmsmall.export.hf` is imported, which every loader of our format does; a user loading a
+release with the Auto classes imports it first::
+
+    import mmsmall.export.hf  # registers model_type "mmsmall"
+    model = AutoModelForImageTextToText.from_pretrained(path)
 """
 
 __version__ = "0.1.0"
-
-from mmsmall.model import hf as _hf  # noqa: E402,F401  (registers with the Auto classes)

@@ -7,7 +7,6 @@ imports data_tools or eval at module level.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,16 @@ app = typer.Typer(
     help="mmsmall: synthesize and curate data, train a Molmo-style VLM with DeepSpeed, evaluate, export.",
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="also show third-party INFO logs (open_clip, DeepSpeed)")
+    ] = False,
+) -> None:
+    from mmsmall.logs import set_verbose
+
+    set_verbose(verbose)
 
 
 def _parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
@@ -83,14 +91,17 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="processes per node (default: GPUs, or 1 on CPU)")] = None,
 ) -> None:
     """Train with DeepSpeed through launch/train.sh (the same path GPUs and nodes use)."""
-    from mmsmall.config import load_config, require_training_inputs
+    from mmsmall.config import load_config
+    from mmsmall.train.inputs import require_training_inputs
 
     # a typo, a bad value, missing data or an unknown model fails here, before any process starts
     require_training_inputs(load_config(config, list(overrides or ())))
-    env = dict(os.environ)
+    from mmsmall.resources import LAUNCHER, find_config, launcher_env
+
+    env = launcher_env()
     if nproc is not None:
         env["NPROC"] = str(nproc)
-    cmd = ["bash", str(REPO_ROOT / "launch" / "train.sh"), str(config), *(overrides or [])]
+    cmd = ["bash", str(LAUNCHER), str(find_config(config)), *(overrides or [])]
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
@@ -137,57 +148,15 @@ def plan(
     raise typer.Exit(0 if result.fits else 1)
 
 
-@app.command("eval")
-def eval_(
-    model: Annotated[
-        str | None,
-        typer.Option(help="a saved mmsmall model, run, checkpoint, our HF release or a stock Molmo2 folder"),
-    ] = None,
-    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (see --list-tasks)")] = None,
-    out: Annotated[Path, typer.Option(help="results folder")] = Path("eval_out"),
-    data: Annotated[
-        list[str] | None, typer.Option(help="task=path of its data (local copy or hub id)")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
-    limit: Annotated[int | None, typer.Option(help="evaluate only the first N samples per task")] = None,
-    blind: Annotated[bool, typer.Option(help="replace every image by a blank one (blind baseline)")] = False,
-    max_new_tokens: Annotated[int | None, typer.Option(help="override each task's pinned budget")] = None,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding images")] = 2,
-    molmo_style: Annotated[
-        bool, typer.Option(help="Molmo task-style prompts and 'Answer:' extraction instead of lmms-eval's")
-    ] = False,
-    list_tasks: Annotated[bool, typer.Option("--list-tasks", help="print the task names and exit")] = False,
-    device: Device = None,
-    dtype: DType = "fp32",
-    max_crops: MaxCrops = None,
-) -> None:
-    """Run the chart/document/counting/pointing suite with standard metrics."""
-    if list_tasks:
-        from eval.tasks import TASKS
+@app.command(
+    "eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def eval_(ctx: typer.Context) -> None:
+    """Run the chart/document/counting/pointing suite with standard metrics (options: mmsmall eval --help)."""
+    from eval.__main__ import main as eval_main
 
-        for name, t in sorted(TASKS.items()):
-            typer.echo(f"{name:20s} {t.default_data or '(--data DIR)':28s} {t.description}")
-        return
-    if not model or not tasks:
-        raise typer.BadParameter("give --model and --tasks (task names: mmsmall eval --list-tasks)")
-    from eval.runner import evaluate
-
-    results = evaluate(
-        model,
-        [t.strip() for t in tasks.split(",") if t.strip()],
-        str(out),
-        batch_size=batch_size,
-        limit=limit,
-        data=_parse_kv(data, "--data"),
-        blind=blind,
-        max_new_tokens=max_new_tokens,
-        num_workers=num_workers,
-        molmo_style=molmo_style,
-        device=device,
-        dtype=dtype,
-        max_crops=max_crops,
-    )
-    typer.echo(json.dumps(results, indent=2, default=str))
+    raise typer.Exit(eval_main(ctx.args, prog="mmsmall eval"))
 
 
 @app.command()
@@ -222,7 +191,7 @@ def chat(
     max_crops: MaxCrops = None,
 ) -> None:
     """Ask one question about one image."""
-    from mmsmall.export.chat import chat as run_chat
+    from mmsmall.inference.chat import chat as run_chat
 
     answer = run_chat(
         model,
@@ -247,7 +216,7 @@ def predict(
     max_crops: MaxCrops = None,
 ) -> None:
     """Answer questions over a folder or shard set; points are drawn onto PNGs."""
-    from mmsmall.export.chat import predict as run_predict
+    from mmsmall.inference.chat import predict as run_predict
 
     run_predict(
         model, inputs, str(out), question=question, device=_device(device), max_crops=max_crops, dtype=dtype

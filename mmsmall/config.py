@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mmsmall.resources import find_config
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says where and what is valid."""
@@ -37,7 +39,6 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    pool: str = "2x2"  # pooling window, "HxW"
     pool_heads: int = 0  # attention-pool heads; 0 = the vision tower's head count
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 = the LLM's intermediate size
     pad_embed: bool = False  # learned embeddings for fully/partly padded patches (Molmo 1)
@@ -105,7 +106,6 @@ class DataConfig:
     max_conversations: int = 4  # annotations of one image joined in one sequence
     response_dropout: float = 0.0  # fraction of response tokens dropped from the loss
     num_workers: int = 0
-    shuffle_buffer: int = 256
 
 
 # ----------------------------------------------------------------------------- train
@@ -116,6 +116,9 @@ class ModuleFloats:
     connector: float = 0.0
     vision: float = 0.0
     llm: float = 0.0
+
+
+MODULES = tuple(f.name for f in dataclasses.fields(ModuleFloats))  # the VLM's three trainable parts
 
 
 _LLM_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -175,10 +178,6 @@ class TrainConfig:
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     init_from: str | None = None  # a saved model folder (a previous stage's out_dir/model) to start from
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # peft LoRA (mmsmall/model/lora.py)
-    debug_kill_at_step: int = 0  # tests: SIGKILL this process at that step, after its checkpoint is complete
-    debug_kill_during_save: bool = (
-        False  # tests: with debug_kill_at_step, die inside that step's save instead
-    )
 
 
 @dataclass
@@ -264,10 +263,86 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path | None) -> Any:
     return value
 
 
+# Keys that were removed, per section: (why and what to use instead, the value it always had in
+# effect). A saved config (model folder, checkpoint) that still holds that value loads; any other
+# value is refused with the hint, so a user's YAML never silently loses a setting.
+def _same_window(pool: Any, model: dict) -> bool:
+    image = model.get("image") if isinstance(model.get("image"), dict) else {}
+    try:
+        return [int(x) for x in str(pool).lower().split("x")] == list(image.get("pooling_size", [2, 2]))
+    except ValueError:
+        return False
+
+
+_REMOVED: dict[str, dict[str, tuple[str, Any]]] = {
+    "ModelConfig": {
+        "connector.pool": (
+            "the pooling window is model.image.pooling_size (e.g. [2, 2]); set that instead",
+            _same_window,
+        ),
+    },
+    "DataConfig": {"shuffle_buffer": ("it was never read; delete it", lambda v, _: v == 256)},
+    "TrainConfig": {
+        "debug_kill_at_step": (
+            "fault injection is MMSMALL_TEST_KILL_AT_STEP (mmsmall/faults.py)",
+            lambda v, _: v == 0,
+        ),
+        "debug_kill_during_save": (
+            "fault injection is MMSMALL_TEST_KILL_DURING_SAVE (mmsmall/faults.py)",
+            lambda v, _: v is False,
+        ),
+    },
+}
+
+
+def removed_key_hint(cls: type, dotted: str) -> str | None:
+    """Why ``dotted`` (relative to section ``cls``) no longer exists and what replaces it, or None."""
+    entry = _REMOVED.get(cls.__name__, {}).get(dotted)
+    return entry[0] if entry else None
+
+
+def drop_removed(cls: type, data: dict, where: str = "") -> dict:
+    """``data`` without the removed keys of section ``cls`` that hold their old value; ConfigError
+    naming the replacement for one that holds another."""
+    for dotted, (hint, inert) in _REMOVED.get(cls.__name__, {}).items():
+        *path, key = dotted.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            continue
+        if not inert(node[key], data):
+            name = f"{where}.{dotted}" if where else dotted
+            raise ConfigError(f"{name}: removed ({hint})")
+        data = _without(data, [*path, key])
+    return data
+
+
+def strip_removed(cls: type, data: dict) -> dict:
+    """A saved config's raw mapping without the removed keys of every section (see drop_removed)."""
+    data = drop_removed(cls, data)
+    types_ = _field_types(cls)
+    out = {}
+    for name, value in data.items():
+        tp, _ = _strip_optional(types_.get(name, Any))
+        out[name] = (
+            strip_removed(tp, value) if dataclasses.is_dataclass(tp) and isinstance(value, dict) else value
+        )
+    return out
+
+
+def _without(data: dict, path: list[str]) -> dict:
+    head, *rest = path
+    if not rest:
+        return {k: v for k, v in data.items() if k != head}
+    return {**data, head: _without(data[head], rest)}
+
+
 def from_dict(cls: type, data: dict, where: str = "", base_dir: Path | None = None) -> Any:
     """Build dataclass ``cls`` from a mapping, strictly: unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
+    data = drop_removed(cls, data, where)
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -312,6 +387,9 @@ def apply_override(cfg: Any, override: str) -> Any:
         if not dataclasses.is_dataclass(node):
             raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a section")
         types_ = _field_types(type(node))
+        hint = removed_key_hint(type(node), ".".join(parts[i:]))
+        if hint:
+            raise ConfigError(f"override {key}: removed ({hint})")
         if part not in types_:
             where = ".".join(parts[:i]) or "the top level"
             raise ConfigError(
@@ -331,7 +409,7 @@ def apply_override(cfg: Any, override: str) -> Any:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig):
     """Load a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
-    cfg = cls() if path is None else _from_file(cls, Path(path))
+    cfg = cls() if path is None else _from_file(cls, find_config(path))
     for ov in overrides:
         apply_override(cfg, ov)
     validate(cfg)
@@ -345,9 +423,9 @@ def validate(cfg: Any) -> None:
     """Cross-field checks that types alone cannot express."""
     if isinstance(cfg, RunConfig):
         validate(cfg.model)
-        bad = sorted(set(cfg.train.freeze) - {"connector", "vision", "llm"})
+        bad = sorted(set(cfg.train.freeze) - set(MODULES))
         if bad:
-            raise ConfigError(f"train.freeze: unknown module {bad[0]!r}; valid: connector, llm, vision")
+            raise ConfigError(f"train.freeze: unknown module {bad[0]!r}; valid: {', '.join(sorted(MODULES))}")
         if cfg.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.train.precision!r}; valid: bf16, fp32")
         _check_ranges(cfg)
@@ -360,9 +438,6 @@ def validate(cfg: Any) -> None:
                 "train.eval.tasks='{synth_charts: data/synth/charts_eval}'"
             )
     if isinstance(cfg, ModelConfig):
-        if cfg.vision.backend not in ("open_clip", "hf"):
-            raise ConfigError(f"model.vision.backend: {cfg.vision.backend!r}; valid: hf, open_clip")
-        parse_pool(cfg.connector.pool)
         if cfg.llm.name is None and cfg.llm.custom is None:
             raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
         if cfg.prompt not in PROMPT_FORMATS:
@@ -374,8 +449,8 @@ _MINIMUMS = (
     ("train.steps", 1), ("train.micro_batch_size", 1), ("train.grad_accum", 1), ("train.save_every", 0),
     ("train.keep_last", 1), ("train.log_every", 1), ("train.eps", 0), ("train.weight_decay", 0),
     ("train.clip_grad", 0), ("train.min_lr_ratio", 0), ("data.seq_len", 1), ("data.max_conversations", 1),
-    ("data.num_workers", 0), ("data.shuffle_buffer", 0), ("data.response_dropout", 0),
-    *((f"train.{group}.{m}", 0) for group in ("lr", "warmup") for m in ("connector", "vision", "llm")),
+    ("data.num_workers", 0), ("data.response_dropout", 0),
+    *((f"train.{group}.{m}", 0) for group in ("lr", "warmup") for m in MODULES),
 )  # fmt: skip
 
 
@@ -386,63 +461,6 @@ def _check_ranges(cfg: RunConfig) -> None:
             value = getattr(value, part)
         if value < low:
             raise ConfigError(f"{key}: {value!r} is below the smallest allowed value, {low}")
-
-
-def require_training_inputs(cfg: RunConfig) -> None:
-    """What a training run needs that a config alone does not show: readable data and known models.
-
-    Called by ``mmsmall train`` and the training entry point before any process or engine starts.
-    """
-    if not cfg.data.train:
-        raise ConfigError("data.train: empty; give shard folders, e.g. data.train='[{path: curated/}]'")
-    from mmsmall.data.shards import resolve_shards
-
-    for i, entry in enumerate(cfg.data.train):
-        if not entry.path:
-            raise ConfigError(f"data.train[{i}].path: empty; give a shard folder or a .tar pattern")
-        try:
-            if not resolve_shards(entry.path):
-                raise FileNotFoundError(entry.path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.train[{i}].path: no shards at {entry.path!r} ({e})") from None
-    if cfg.train.init_from:  # a later stage trains that folder's model: the config's names are not used
-        if not Path(cfg.train.init_from).is_dir():
-            raise ConfigError(
-                f"train.init_from: {cfg.train.init_from!r} is not a folder; give a saved model folder "
-                "(a run's out_dir/model), an `mmsmall import` output or a stock Molmo2 folder"
-            )
-        return
-    _require_model_names(cfg.model)
-
-
-def _require_model_names(m: ModelConfig) -> None:
-    if m.vision.backend == "open_clip" and m.vision.custom is None:
-        import open_clip
-
-        if m.vision.name not in open_clip.list_models():
-            raise ConfigError(
-                f"model.vision.name: {m.vision.name!r} is not an open_clip model; see open_clip.list_models(), "
-                "or set model.vision.custom"
-            )
-    if m.llm.custom is None and m.llm.name and not Path(m.llm.name).exists():
-        from transformers import AutoConfig
-
-        try:
-            AutoConfig.from_pretrained(m.llm.name)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"model.llm.name: {m.llm.name!r} is neither a local folder nor a hub model this machine can "
-                f"reach or has cached ({first})"
-            ) from None
-
-
-def parse_pool(pool: str) -> tuple[int, int]:
-    try:
-        h, w = (int(x) for x in pool.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"model.connector.pool: {pool!r}; expected HxW such as 2x2") from None
-    return h, w
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mmsmall.resources import CONFIGS_DIR, LAUNCHER, launcher_env
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _curate(out: Path, synth: dict[str, Path], plan: DemoPlan) -> dict[str, dict
     summaries = {}
     for name in plan.families:
         summaries[name] = run_curation(
-            REPO_ROOT / "configs/curate/demo.yaml",
+            CONFIGS_DIR / "curate/demo.yaml",
             overrides=(
                 f"inputs=[{{kind: webdataset, path: {synth[f'{name}_train']}, name: {name}}}]",
                 f"out_dir={out / 'curated' / name}",
@@ -136,7 +136,7 @@ def _curate(out: Path, synth: dict[str, Path], plan: DemoPlan) -> dict[str, dict
 
 def _train(out: Path, curated: dict[str, dict], synth: dict[str, Path], plan: DemoPlan) -> Path:
     run_dir = out / "run"
-    env = dict(os.environ, NPROC="1", DS_ACCELERATOR="cpu")
+    env = launcher_env(dict(os.environ, NPROC="1", DS_ACCELERATOR="cpu"))
     mixture = ", ".join(
         f"{{path: {s['out_dir']}, rate: {plan.families[name].rate}, name: {name}}}"
         for name, s in curated.items()
@@ -144,8 +144,8 @@ def _train(out: Path, curated: dict[str, dict], synth: dict[str, Path], plan: De
     live = ", ".join(f"{task}: {synth[f'{name}_eval']}" for task, name in EVAL_TASKS.items())
     cmd = [
         "bash",
-        str(REPO_ROOT / "launch/train.sh"),
-        str(REPO_ROOT / "configs/train/demo.yaml"),
+        str(LAUNCHER),
+        str(CONFIGS_DIR / "train/demo.yaml"),
         f"out_dir={run_dir}",
         f"train.steps={plan.train_steps}",
         f"data.train=[{mixture}]",
@@ -154,7 +154,7 @@ def _train(out: Path, curated: dict[str, dict], synth: dict[str, Path], plan: De
         f"train.eval.tasks={{{live}}}",
     ]
     print("  " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
+    subprocess.run(cmd, check=True, env=env)
     return run_dir
 
 
@@ -208,7 +208,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     print(f"  {time.time() - t:.0f} s")
 
     t = _step("6/6 draw pointing predictions on held-out scenes")
-    from mmsmall.export.chat import predict
+    from mmsmall.inference.chat import predict
 
     points_dir = out / "pointing_predictions"
     predict(str(release), str(synth["scenes_eval"]), str(points_dir), limit=16, max_new_tokens=192)

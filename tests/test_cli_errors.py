@@ -97,7 +97,7 @@ def test_train_refuses_unknown_model_names(monkeypatch, capsys, tmp_path):
 
 
 def test_predict_skips_unreadable_images_and_keeps_every_answer(saved, inputs, tmp_path, caplog):  # noqa: F811
-    from mmsmall.export.chat import predict
+    from mmsmall.inference.chat import predict
 
     jsonl = predict(str(saved), str(inputs), str(tmp_path / "pred"), question="What?", max_new_tokens=2)
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def predictor():
     from mmsmall.config import ModelConfig, load_config
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
     from mmsmall.model.vlm import build_vlm
     from mmsmall.processing.tokenizer import build_tokenizer
 

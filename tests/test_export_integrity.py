@@ -79,7 +79,10 @@ def test_without_checksums_a_truncated_shard_is_named(tmp_path):
 
 def test_loading_code_reads_safetensors_only():
     """Every torch.load in the release/loading code passes weights_only=True."""
-    files = [*sorted((ROOT / "mmsmall/export").glob("*.py")), ROOT / "mmsmall/model/hf.py"]
+    files = [
+        *sorted((ROOT / "mmsmall/export").glob("*.py")),
+        *sorted((ROOT / "mmsmall/inference").glob("*.py")),
+    ]
     calls = 0
     for f in files:
         for m in re.finditer(r"torch\.load\(([^)]*)\)", f.read_text()):
@@ -91,7 +94,7 @@ def test_loading_code_reads_safetensors_only():
 
 
 def test_chat_and_predict_draw_points(saved, tmp_path):
-    from mmsmall.export.chat import chat, predict
+    from mmsmall.inference.chat import chat, predict
 
     out = tmp_path / "release"
     from mmsmall.export import run_export
@@ -124,7 +127,7 @@ def test_chat_and_predict_draw_points(saved, tmp_path):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert sorted((r["key"], r["question"]) for r in rows) == [(f"s{i}", f"Question {i}?") for i in range(3)]
     # A random model rarely points: an answer with points is saved as a PNG with them drawn.
-    from mmsmall.export.chat import GOLD_COLOR, PRED_COLOR, answer_record
+    from mmsmall.inference.chat import GOLD_COLOR, PRED_COLOR, answer_record
 
     blank = Image.new("RGB", (50, 40))
     rec = answer_record("k", blank, "Point.", '<point x="50.0" y="50.0" alt="dot">dot</point>', tmp_path,

@@ -43,8 +43,8 @@ def _image(seed: int) -> Image.Image:
 def test_save_load_roundtrip_identical(name, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mmsmall.export.hf import MMSmallForConditionalGeneration, MMSmallProcessor
     from mmsmall.export.release import save_mmsmall
-    from mmsmall.model.hf import MMSmallForConditionalGeneration, MMSmallProcessor
 
     vlm = _vlm(name)
     trained = {k: v.clone() for k, v in vlm.state_dict().items()}

@@ -153,7 +153,7 @@ def imported(stock, tmp_path_factory) -> Path:
 def test_import_carries_everything_and_logits_match(stock, imported):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
     from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import collate
 
@@ -260,11 +260,14 @@ def test_eval_stock_folder_equals_stock_generate_batch_1_and_8(stock, tmp_path):
 def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported):
     from mmsmall.config import ConfigError, RunConfig, load_config
     from mmsmall.model.vlm import VLM
-    from mmsmall.train.zero_init import _build, llm_hidden_size
+    from mmsmall.train.zero_init import build_model, llm_hidden_size
 
     cfg = load_config(ROOT / "configs/train/tiny-finetune.yaml", [f"train.init_from={stock}"], cls=RunConfig)
-    model, _ = _build(cfg, load_weights=True)
-    assert cfg.model is model.cfg and model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
+    built = build_model(cfg, world_size=1)
+    model = built.model
+    # the run trains the folder's model: the returned config says so; the caller's is not changed
+    assert built.run_cfg.model is model.cfg and cfg.model is not model.cfg
+    assert model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
     assert model.cfg.prompt == "chat_template"  # fine-tuned, and saved, in the checkpoint's own template
     ref = VLM.from_pretrained(imported)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
@@ -273,7 +276,7 @@ def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported)
 
 
 def test_max_crops_and_dtype(imported):
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
 
     img = image(5).resize((160, 120))
     few, many = Predictor(str(imported), max_crops=1), Predictor(str(imported))
@@ -302,9 +305,9 @@ def test_fine_tuning_an_import_trains_in_its_own_chat_template(imported):
     turn, whole conversations drop from the end to fit, and a template that cannot be split is refused."""
     import dataclasses
 
+    from mmsmall.inference.chat_template import ChatTemplateProcessor
+    from mmsmall.inference.template_training import TemplateTrainingProcessor
     from mmsmall.model.vlm import VLM
-    from mmsmall.processing.chat_template import ChatTemplateProcessor
-    from mmsmall.processing.template_training import TemplateTrainingProcessor
 
     vlm = VLM.from_pretrained(imported)
     tok, cfg = vlm.tokenizer, vlm.cfg.image

@@ -78,7 +78,7 @@ def _train(root: Path, out: str, *extra: str) -> Path:
 
 def _inputs(vlm, seed: int) -> dict:
     """A prompt the way the model was trained: the imported release's own chat template."""
-    from mmsmall.processing.chat_template import ChatTemplateProcessor
+    from mmsmall.inference.chat_template import ChatTemplateProcessor
     from mmsmall.processing.processor import collate
 
     assert vlm.cfg.prompt == "chat_template"  # fine-tuning kept the import's template
@@ -93,7 +93,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmsmall.export.consolidate import consolidate_deepspeed, load_vlm
+    from mmsmall.export.consolidate import consolidate_deepspeed
+    from mmsmall.export.load import load_vlm
     from mmsmall.model.vlm import VLM
 
     straight = _train(setup, "straight")

@@ -9,7 +9,8 @@ from transformers.models.molmo2.video_processing_molmo2 import Molmo2VideoProces
 
 from mmsmall.config import ImageConfig, TokenizerConfig
 from mmsmall.export.molmo2 import molmo2_image_processor
-from mmsmall.processing.processor import IGNORE, Processor, collate
+from mmsmall.processing.batch import IGNORE_INDEX as IGNORE
+from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import IMAGE_SPECIAL_TOKENS, build_tokenizer, special_ids
 from mmsmall.processing.tokens import image_token_ids, image_token_string, user_text
 
@@ -205,3 +206,32 @@ def test_answer_that_tokenizes_to_nothing_raises(tok, monkeypatch):
     )
     with pytest.raises(ValueError, match="s9.*tokenized to nothing"):
         p.encode(None, [_conv("Colour?", "Red.")], sample_id="s9")
+
+
+def test_one_batch_builder_packs_rows_and_pads_left(tok, proc):
+    """collate (eval, chat) and the packer's rows go through one builder: a packed row of two
+    documents with images is the same batch as its examples side by side, offsets carried on."""
+    from mmsmall.processing.batch import collate_rows
+
+    a = proc.encode(_image(seed=1), [_conv("Q?", "A")], sample_id="a")
+    b = proc.encode(None, [_conv("Longer question here?", "Longer answer")], sample_id="b")
+    c = proc.encode(_image(300, 200, seed=2), [_conv("Q?", "A")], sample_id="c")
+    flat = collate([a, b, c], tok.pad_token_id)
+    packed = collate_rows([[a, b], [c]], tok.pad_token_id, seq_len=400)
+    La, Lb = a["input_ids"].shape[0], b["input_ids"].shape[0]
+    assert packed["input_ids"].shape == (2, 400)
+    assert torch.equal(packed["input_ids"][0, La : La + Lb], b["input_ids"])
+    assert packed["doc_ids"][0, :La].eq(0).all() and packed["doc_ids"][0, La : La + Lb].eq(1).all()
+    for key in ("pixel_values", "image_token_pooling", "image_grids"):
+        assert torch.equal(packed[key], flat[key]), key  # same images in the same order: same offsets
+    assert packed["sample_ids"] == flat["sample_ids"] == ["a", "b", "c"]
+    left = collate([a, b, c], tok.pad_token_id, left_pad=True)
+    T = left["input_ids"].shape[1]
+    for row, ex in enumerate((a, b, c)):
+        L = ex["input_ids"].shape[0]
+        assert torch.equal(left["input_ids"][row, T - L :], ex["input_ids"])
+        assert left["attention_mask"][row, : T - L].eq(0).all() and left["doc_ids"][row, : T - L].eq(-1).all()
+        for key in ("labels", "position_ids", "conv_ids"):
+            assert torch.equal(left[key][row, T - L :], flat[key][row, :L])
+    with pytest.raises(ValueError, match="more than seq_len=10"):
+        collate_rows([[a]], tok.pad_token_id, seq_len=10)

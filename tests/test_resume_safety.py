@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mmsmall.config import ConfigError, load_config
-from mmsmall.train.resume import check_resume_config, find_resume, write_complete
+from mmsmall.export.intact import find_resume, write_complete
+from mmsmall.train.resume import check_resume_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

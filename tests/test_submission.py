@@ -16,7 +16,7 @@ from eval.runner import evaluate
 from eval.submission import validate_submission
 from eval.tasks.base import EvalDataError
 from mmsmall.config import ModelConfig, load_config
-from mmsmall.model.predict import Predictor
+from mmsmall.inference.predictor import Predictor
 from mmsmall.model.vlm import build_vlm
 from mmsmall.processing.tokenizer import build_tokenizer
 

@@ -80,7 +80,7 @@ def _env(nthreads: int = 1) -> dict:
 
 
 def _train(
-    out: Path, shards: Path, *overrides: str, steps: int = 20, check: bool = True
+    out: Path, shards: Path, *overrides: str, steps: int = 20, check: bool = True, faults: dict | None = None
 ) -> subprocess.CompletedProcess:
     args = [
         "configs/train/tiny-pretrain.yaml",
@@ -92,7 +92,11 @@ def _train(
         *overrides,
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "mmsmall.train", *args], cwd=ROOT, env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "mmsmall.train", *args],
+        cwd=ROOT,
+        env=_env() | (faults or {}),  # mmsmall/faults.py: test-only fault injection
+        capture_output=True,
+        text=True,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -129,11 +133,14 @@ def test_zero2_trains_resumes_exactly_and_survives_kill_in_save(tmp_path, shards
 
     # 10 steps, then SIGKILL right after the step-10 checkpoint
     # (this segment encodes in 2 worker processes: same batches, and its position excludes read-ahead)
-    p = _train(resumed, shards, "train.debug_kill_at_step=10", "data.num_workers=2", check=False)
+    p = _train(resumed, shards, "data.num_workers=2", check=False, faults={"MMSMALL_TEST_KILL_AT_STEP": "10"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     # resume; die inside the step-15 save (DeepSpeed files written, checkpoint unfinished)
     p = _train(
-        resumed, shards, "train.debug_kill_at_step=15", "train.debug_kill_during_save=true", check=False
+        resumed,
+        shards,
+        check=False,
+        faults={"MMSMALL_TEST_KILL_AT_STEP": "15", "MMSMALL_TEST_KILL_DURING_SAVE": "1"},
     )
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000010"

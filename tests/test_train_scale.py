@@ -76,6 +76,7 @@ def test_each_deepspeed_config_trains_on_two_processes(tmp_path, shards, config)
     import torch
     from transformers import AutoModelForImageTextToText
 
+    import mmsmall.export.hf  # noqa: F401  (registers model_type "mmsmall" with the Auto classes)
     from mmsmall.model.vlm import VLM
 
     exported = AutoModelForImageTextToText.from_pretrained(release)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
+from mmsmall.inference.predictor import Predictor
 from mmsmall.model.attention import MIN_FILL, doc_groups
-from mmsmall.model.predict import Predictor
 from mmsmall.model.vlm import VLM, build_attention_mask, build_vlm
 from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import build_tokenizer, special_ids

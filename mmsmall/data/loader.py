@@ -26,6 +26,7 @@ import torch
 
 from mmsmall.data.packing import Batch, Example, Packer
 from mmsmall.data.shards import Sample, SampleStream, sample_id
+from mmsmall.processing.batch import IGNORE_INDEX, count_targets
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ def conversations_of(sample: Sample, max_conversations: int) -> list[list[dict]]
 
 
 def drop_responses(labels: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Response-token dropout: each trained label is masked to -100 with probability ``p``."""
+    """Response-token dropout: each trained label is masked to IGNORE_INDEX with probability ``p``."""
     if p <= 0:
         return labels
-    drop = (torch.rand(labels.shape, generator=gen) < p) & (labels != -100)  # (T,)
-    return labels.masked_fill(drop, -100)
+    drop = (torch.rand(labels.shape, generator=gen) < p) & (labels != IGNORE_INDEX)  # (T,)
+    return labels.masked_fill(drop, IGNORE_INDEX)
 
 
 def encode_sample(
@@ -119,8 +120,8 @@ def _worker_encode(sample: Sample) -> Example:
 
 def batch_counts(batch: dict) -> tuple[int, int]:
     """(target tokens, real tokens) of a micro-batch, read from its host tensors: the targets are
-    the model's shifted ones (``labels[:, 1:] != -100``, what ``VLMOutput.n_targets`` counts)."""
-    return int((batch["labels"][:, 1:] != -100).sum()), int(batch["attention_mask"].sum())
+    the model's shifted ones (what ``VLMOutput.n_targets`` counts)."""
+    return int(count_targets(batch["labels"])), int(batch["attention_mask"].sum())
 
 
 class TrainData:

@@ -3,7 +3,7 @@
 A row holds whole examples one after another (an example is never split); each keeps its own
 ``position_ids`` (they restart at 0 for every example) and gets a ``doc_ids`` number inside the
 row, so the model's mask keeps attention inside each example. Padding fills the rest of the row
-(``doc_ids`` -1, ``labels`` -100, ``attention_mask`` 0).
+(``doc_ids`` -1, ``labels`` IGNORE_INDEX (-100), ``attention_mask`` 0).
 
 The ``Packer`` fills the ``B`` rows of one micro-batch best-fit (each example goes to the fullest
 row it still fits in) from the examples it carried over plus new ones it pulls, until every row
@@ -20,64 +20,12 @@ patches (-1 kept), ``image_grids (n_images, 4)`` when the examples have them, ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import torch
+from mmsmall.processing.batch import Batch, Example, collate_rows, example_len  # noqa: F401  (the batch builder)
 
 log = logging.getLogger(__name__)
-
-Example = dict[str, Any]
-Batch = dict[str, Any]
-
-_TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")
-
-
-def example_len(ex: Example) -> int:
-    return int(ex["input_ids"].shape[0])
-
-
-def collate_rows(rows: Sequence[Sequence[Example]], pad_id: int, seq_len: int | None = None) -> Batch:
-    """Rows of examples -> Batch; rows are padded on the right to ``seq_len`` (or the longest row)."""
-    lengths = [sum(example_len(e) for e in row) for row in rows]
-    T = seq_len if seq_len is not None else max(lengths, default=0)
-    if max(lengths, default=0) > T:
-        raise ValueError(f"a packed row holds {max(lengths)} tokens, more than seq_len={T}")
-    B = len(rows)
-    out = {
-        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-        "labels": torch.full((B, T), -100, dtype=torch.long),
-        "attention_mask": torch.zeros((B, T), dtype=torch.long),
-        "position_ids": torch.zeros((B, T), dtype=torch.long),
-        "doc_ids": torch.full((B, T), -1, dtype=torch.long),
-        "conv_ids": torch.zeros((B, T), dtype=torch.long),
-    }
-    pixels, pooling, grids, sample_ids = [], [], [], []
-    n_patches = 0  # running count of flattened patches: N_so_far * P
-    for b, row in enumerate(rows):
-        t = 0
-        for d, ex in enumerate(row):
-            L = example_len(ex)
-            for k in _TOKEN_KEYS:
-                out[k][b, t : t + L] = ex[k]
-            out["attention_mask"][b, t : t + L] = 1
-            out["doc_ids"][b, t : t + L] = d
-            t += L
-            sample_ids.append(ex.get("sample_id", ""))
-            pv = ex.get("pixel_values")
-            if pv is not None:
-                pool = ex["image_token_pooling"]  # (n_tok, K), -1 = padding
-                pooling.append(torch.where(pool >= 0, pool + n_patches, pool))
-                pixels.append(pv)  # (n_crops, P, C)
-                n_patches += pv.shape[0] * pv.shape[1]
-                if ex.get("image_grids") is not None:
-                    grids.append(ex["image_grids"])
-    out["pixel_values"] = torch.cat(pixels) if pixels else None  # (N, P, C)
-    out["image_token_pooling"] = torch.cat(pooling) if pooling else None  # (M, K)
-    if grids:
-        out["image_grids"] = torch.cat(grids)  # (n_images, 4)
-    out["sample_ids"] = sample_ids
-    return out
 
 
 class Packer:

@@ -28,6 +28,13 @@ class ShardFetchError(OSError):
     """A remote shard could not be read after its retries."""
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """``/data/charts-{000000..000009}.tar`` -> the ten names (local paths and URLs alike)."""
+    import braceexpand  # a webdataset dependency
+
+    return list(braceexpand.braceexpand(pattern))
+
+
 def is_remote(spec: object) -> bool:
     return isinstance(spec, str) and spec.startswith(("http://", "https://", "pipe:"))
 
@@ -71,9 +78,8 @@ def fetch_shard(spec: str, retries: int = RETRIES) -> bytes:
 
 def resolve_remote(spec: str) -> list[str]:
     """The shard URLs / commands of a remote spec, in order (see the module docstring)."""
-    from .shards import _expand_braces
 
     if spec.startswith(("http://", "https://")) and spec.endswith("/"):
         manifest = json.loads(fetch_shard(spec + "manifest.json"))
         return [spec + s["name"] for s in manifest.get("shards", [])]
-    return _expand_braces(spec) if "{" in spec else [spec]
+    return expand_braces(spec) if "{" in spec else [spec]

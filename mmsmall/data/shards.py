@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from mmsmall.data.keys import member_key
-from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
+from mmsmall.data.remote import expand_braces, fetch_shard, is_remote, resolve_remote
 from mmsmall.processing.images import to_rgb_image
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,6 @@ class Sample(TypedDict, total=False):
 
 
 # ----------------------------------------------------------------------------- shard lists
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    import braceexpand  # a webdataset dependency
-
-    return list(braceexpand.braceexpand(pattern))
 
 
 def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -78,7 +72,7 @@ def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list
         return tars
     text = str(shard_dir_or_tars)
     if "{" in text:
-        paths = [Path(p) for p in _expand_braces(text)]
+        paths = [Path(p) for p in expand_braces(text)]
     else:
         paths = [path]
     missing = [p for p in paths if not p.exists()]

@@ -93,7 +93,7 @@ def model_card(
             "| part | what | parameters |",
             "|---|---|---:|",
             f"| vision | {tower}, features of blocks {list(vlm.vision.layer_indices)} | {_count(vlm.vision):,} |",
-            f"| connector | {cfg.connector.pool} attention pooling + SwiGLU MLP | {_count(vlm.connector):,} |",
+            f"| connector | {cfg.image.pooling_size[0]}x{cfg.image.pooling_size[1]} attention pooling + SwiGLU MLP | {_count(vlm.connector):,} |",
             f"| LLM | {cfg.llm.name or llm_cfg.model_type} ({llm_cfg.num_hidden_layers} layers, "
             f"width {llm_cfg.hidden_size}) | {_count(vlm.llm):,} |",
         ]

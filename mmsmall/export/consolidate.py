@@ -1,13 +1,5 @@
-"""Find the weights behind an export source and turn them into one fp32 VLM.
-
-A source is any of:
-
-* a training run folder (``{run}/checkpoints/latest`` names the newest complete checkpoint),
-* a checkpoint root (the ``checkpoints`` folder with its ``latest`` file),
-* one checkpoint folder (``step_00000010/``: DeepSpeed ZeRO-1/2/3 files + ``config.yaml``),
-* a folder written by ``VLM.save_pretrained`` (``model_config.yaml`` + ``model.safetensors``),
-* a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``),
-* a stock transformers Molmo2 folder (``model_type: molmo2``), prompted through its chat template.
+"""The DeepSpeed checkpoint format: one checkpoint folder (``step_00000010/``: ZeRO-1/2/3 files +
+the run's ``config.yaml``) -> the fp32 VLM it holds.
 
 DeepSpeed checkpoints are consolidated from the fp32 master weights held in the optimizer shards
 of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read through
@@ -16,10 +8,7 @@ of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,50 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Source:
-    kind: str  # deepspeed | vlm | hf
-    path: Path  # the folder holding the weights
-    run_dir: Path | None = None  # the training run, when known (for the model card)
-
-
-def resolve_source(src: str | Path) -> Source:
-    """Classify ``src`` (see module docstring); raises FileNotFoundError saying what was expected."""
-    p = Path(src)
-    if not p.exists():
-        raise FileNotFoundError(f"export source {p} does not exist")
-    if (p / "model_config.yaml").exists() and (p / "model.safetensors").exists():
-        return Source("vlm", p)
-    if (p / "config.json").exists():
-        cfg = json.loads((p / "config.json").read_text())
-        if cfg.get("model_type") == "mmsmall":
-            return Source("hf", p)
-        if cfg.get("model_type") == "molmo2":
-            return Source("molmo2", p)
-    if _is_ds_checkpoint(p):
-        run = p.parent.parent if p.parent.name == "checkpoints" else None
-        return Source("deepspeed", p, run)
-    from mmsmall.train.resume import find_resume
-
-    for root in (p / "checkpoints", p):
-        if not (root / "latest").exists() and not any(root.glob("step_*")):
-            continue
-        point = find_resume(root)  # the newest verified checkpoint, as a restart would take it
-        for note in point.notes:
-            log.warning("export: %s", note)
-        if point.tag is None or not _is_ds_checkpoint(root / point.tag):
-            raise FileNotFoundError(
-                f"{root}: no intact checkpoint ({'; '.join(point.notes) or 'none saved'})"
-            )
-        return Source("deepspeed", root / point.tag, root.parent if root.name == "checkpoints" else None)
-    raise FileNotFoundError(
-        f"{p}: not a run folder (checkpoints/latest), checkpoint root (latest), checkpoint folder "
-        "(*_model_states.pt + config.yaml), VLM.save_pretrained folder (model_config.yaml + model.safetensors) "
-        "or exported HF folder (config.json)"
-    )
-
-
-def _is_ds_checkpoint(p: Path) -> bool:
+def is_ds_checkpoint(p: Path) -> bool:
     return p.is_dir() and any(p.glob("*_model_states.pt"))
 
 
@@ -158,29 +104,17 @@ def _extra_module_state(sd: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd["module"].items() if k not in known and isinstance(v, torch.Tensor)}
 
 
-def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:
-    """The VLM (fp32, eval) behind an export source, and the resolved :class:`Source`.
+def load_checkpoint(ckpt_dir: Path, merge_lora: bool = True) -> VLM:
+    """The VLM (fp32, eval) of one checkpoint folder, built from its ``config.yaml`` without hub weights.
 
     A checkpoint of a LoRA run (``train.lora.enabled``) gets its adapters back and, with
     ``merge_lora``, folded into the base weights (a plain VLM); without, they stay peft layers.
     """
-    from mmsmall.model.vlm import VLM, build_vlm
-
-    source = resolve_source(src)
-    if source.kind == "vlm":
-        return VLM.from_pretrained(source.path), source
-    if source.kind == "hf":
-        from mmsmall.model.hf import MMSmallForConditionalGeneration
-
-        return MMSmallForConditionalGeneration.from_pretrained(source.path).vlm.float().eval(), source
-    if source.kind == "molmo2":  # stock transformers Molmo2: mapped as `mmsmall import` does
-        from mmsmall.export.importer import read_molmo2
-
-        return read_molmo2(source.path), source
     from mmsmall.config import RunConfig, load_config
+    from mmsmall.model.vlm import build_offline
     from mmsmall.processing.tokenizer import build_tokenizer
 
-    cfg_path = source.path / "config.yaml"
+    cfg_path = ckpt_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(
             f"{cfg_path} missing: the checkpoint folder must hold the run's resolved config"
@@ -188,29 +122,21 @@ def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:
     run_cfg = load_config(cfg_path, cls=RunConfig)
     model_cfg = run_cfg.model
     tokenizer = build_tokenizer(model_cfg.tokenizer, model_cfg.llm.name)
-    # The checkpoint holds every weight: build the architecture without loading pretrained ones.
-    vision = dataclasses.replace(model_cfg.vision, pretrained=None)
-    llm = model_cfg.llm
-    if llm.name is not None and llm.custom is None:
-        from transformers import AutoConfig
-
-        llm = dataclasses.replace(llm, name=None, custom=AutoConfig.from_pretrained(llm.name).to_dict())
-    vlm = build_vlm(dataclasses.replace(model_cfg, vision=vision, llm=llm), tokenizer)
-    vlm.cfg = model_cfg  # keep the original names for the model card and later saves
+    vlm = build_offline(model_cfg, tokenizer)  # the checkpoint holds every weight
     lora = run_cfg.train.lora
     if lora.enabled:
         from mmsmall.model.lora import inject_lora
 
         inject_lora(vlm, lora)
-    state = consolidate_deepspeed(source.path)
+    state = consolidate_deepspeed(ckpt_dir)
     missing, unexpected = vlm.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{source.path}: consolidated weights do not fit the model in config.yaml: missing {missing[:5]}, "
+            f"{ckpt_dir}: consolidated weights do not fit the model in config.yaml: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     if lora.enabled and merge_lora:
         from mmsmall.model.lora import merge_lora as merge
 
         merge(vlm)
-    return vlm.float().eval(), source
+    return vlm.float().eval()

@@ -19,8 +19,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmsmall.export.molmo2 import Molmo2Incompatible
+from mmsmall.export.safetensors_io import verify_shards
+
+if TYPE_CHECKING:
+    from mmsmall.model.vlm import VLM
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +69,37 @@ def _check_processor(processor) -> None:
         raise Molmo2Incompatible("processor settings mmsmall cannot reproduce: " + "; ".join(wrong))
 
 
+def load_molmo2(path: str | Path) -> VLM:
+    """A stock transformers Molmo2 folder -> our VLM (fp32, eval), to fine-tune it in mmsmall.
+
+    Shards are checked against ``checksums.json`` when the folder has one (folders we exported),
+    and are read as safetensors only. The tokenizer and image settings come from the folder's
+    processor. Raises :class:`~mmsmall.export.molmo2.Molmo2Incompatible` for Molmo2 variants
+    our VLM cannot express.
+    """
+    import torch
+    from transformers import AutoProcessor, Molmo2ForConditionalGeneration
+
+    from mmsmall.export.molmo2 import from_molmo2_state_dict, model_config_from_molmo2
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    path = Path(path)
+    verify_shards(path)
+    molmo = Molmo2ForConditionalGeneration.from_pretrained(
+        str(path), use_safetensors=True, dtype=torch.float32
+    )
+    processor = AutoProcessor.from_pretrained(str(path))
+    cfg = model_config_from_molmo2(molmo.config, processor.image_processor, str(path))
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    vlm = build_vlm(cfg, tokenizer)
+    from_molmo2_state_dict(molmo, vlm)
+    return vlm.float().eval()
+
+
 def read_molmo2(source: str | Path):
     """The VLM (fp32, eval) of a stock Molmo2 checkpoint, with its chat template (``model.prompt``)."""
     from transformers import AutoProcessor
-
-    from mmsmall.export.release import load_molmo2
 
     path = resolve_checkpoint(source)
     if not is_molmo2_folder(path):

@@ -614,7 +614,6 @@ def model_config_from_molmo2(cfg: Molmo2Config, image_processor: Any, tokenizer_
             layers=layers,
         ),
         connector=ConnectorConfig(
-            pool=f"{pool_h}x{pool_w}",
             pool_heads=ac.num_attention_heads,
             mlp_hidden=ac.intermediate_size,
             pad_embed=False,

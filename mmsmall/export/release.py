@@ -2,7 +2,7 @@
 
 Formats:
 
-* ``mmsmall``: our HF classes (:mod:`mmsmall.model.hf`): any tower / LLM combination.
+* ``mmsmall``: our HF classes (:mod:`mmsmall.export.hf`): any tower / LLM combination.
 * ``molmo2``: transformers' stock ``Molmo2ForConditionalGeneration`` + ``Molmo2Processor``, loadable
   with ``AutoModelForImageTextToText`` / ``AutoProcessor`` and no remote code; only for models that
   fit (:func:`mmsmall.export.molmo2.check_molmo2_fit` says why not otherwise).
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mmsmall.model.vlm import VLM
 
 from mmsmall.export.card import CHAT_TEMPLATE, model_card, read_eval_results
-from mmsmall.export.safetensors_io import verify_shards, write_checksums
+from mmsmall.export.safetensors_io import write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _chat_template(vlm: VLM) -> str:
 
 def save_mmsmall(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> Path:
     """Write ``vlm`` with our own HF classes (model, processor, tokenizer, chat template)."""
-    from mmsmall.model.hf import MMSmallForConditionalGeneration, processor_for
+    from mmsmall.export.hf import MMSmallForConditionalGeneration, processor_for
 
     out_dir = Path(out_dir)
     model = MMSmallForConditionalGeneration.from_vlm(vlm)
@@ -98,7 +98,7 @@ def run_export(
     import yaml
 
     from mmsmall.config import ConfigError
-    from mmsmall.export.consolidate import load_vlm
+    from mmsmall.export.load import load_vlm
 
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -159,30 +159,3 @@ def _same_file_mode(out: Path, since_ns: int) -> None:
     for p in out.rglob("*"):
         if p.is_file() and not p.is_symlink() and p.stat().st_mtime_ns >= since_ns:
             p.chmod(0o666 & ~umask)
-
-
-def load_molmo2(path: str | Path) -> VLM:
-    """A stock transformers Molmo2 folder -> our VLM (fp32, eval), to fine-tune it in mmsmall.
-
-    Shards are checked against ``checksums.json`` when the folder has one (folders we exported),
-    and are read as safetensors only. The tokenizer and image settings come from the folder's
-    processor. Raises :class:`~mmsmall.export.molmo2.Molmo2Incompatible` for Molmo2 variants
-    our VLM cannot express.
-    """
-    from transformers import AutoProcessor, Molmo2ForConditionalGeneration
-
-    from mmsmall.export.molmo2 import from_molmo2_state_dict, model_config_from_molmo2
-    from mmsmall.model.vlm import build_vlm
-    from mmsmall.processing.tokenizer import build_tokenizer
-
-    path = Path(path)
-    verify_shards(path)
-    molmo = Molmo2ForConditionalGeneration.from_pretrained(
-        str(path), use_safetensors=True, dtype=torch.float32
-    )
-    processor = AutoProcessor.from_pretrained(str(path))
-    cfg = model_config_from_molmo2(molmo.config, processor.image_processor, str(path))
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    vlm = build_vlm(cfg, tokenizer)
-    from_molmo2_state_dict(molmo, vlm)
-    return vlm.float().eval()

@@ -18,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ from transformers.utils import ModelOutput
 from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
 from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
 from mmsmall.model.connector import Connector
+from mmsmall.model.params import full_numel
 from mmsmall.model.vision import VisionTower
+from mmsmall.processing.batch import IGNORE_INDEX, MODEL_KEYS, count_targets
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,9 @@ IMAGE_TOKENS: tuple[str, ...] = (
 )
 PATCH_TOKEN = "<im_patch>"
 # Batch keys the model reads, and those it is handed but has no use for.
+_PREFILL_KEYS = frozenset(MODEL_KEYS) - {"labels"}
 _IGNORED_BATCH_KEYS = frozenset({"sample_ids", "sample_id", "image_grids", "image_num_crops"})
-_MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")
+MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")  # LLM attention that takes the VLM's 4D mask
 
 
 @dataclass
@@ -85,10 +89,10 @@ class VLM(nn.Module):
             "image_token_ids", torch.tensor([vocab[t] for t in IMAGE_TOKENS]), persistent=False
         )
         self.bidirectional_image = cfg.bidirectional_image
-        if cfg.llm.attn_implementation not in _MASK_IMPLEMENTATIONS:
+        if cfg.llm.attn_implementation not in MASK_IMPLEMENTATIONS:
             raise ValueError(
                 f"model.llm.attn_implementation={cfg.llm.attn_implementation!r}: the VLM passes a 4D "
-                f"packing/conversation mask, which only {list(_MASK_IMPLEMENTATIONS)} accept"
+                f"packing/conversation mask, which only {list(MASK_IMPLEMENTATIONS)} accept"
             )
 
         self.vision = VisionTower(cfg.vision, cfg.image)
@@ -103,7 +107,7 @@ class VLM(nn.Module):
             pad_embed=cfg.connector.pad_embed,
         )
         for name in ("vision", "connector", "llm"):
-            n = sum(getattr(p, "ds_numel", p.numel()) for p in getattr(self, name).parameters())
+            n = sum(full_numel(p) for p in getattr(self, name).parameters())
             logger.info("VLM %-9s %14s parameters", name, f"{n:,}")
 
     # ------------------------------------------------------------------ pieces
@@ -247,17 +251,17 @@ class VLM(nn.Module):
             position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
         targets = None if labels is None else labels[:, 1:]  # (B, T-1)
         if targets is not None and not keep_logits:
-            keep = (targets != -100).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
+            keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
             llm_kwargs["logits_to_keep"] = keep
             targets = targets[:, keep]  # (B, K)
         out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
         logits = self.emittable(out.logits)  # (B, T, V), or (B, K, V) at the kept positions
         if targets is None:
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
-        n_targets = (targets != -100).sum()
+        n_targets = count_targets(labels)  # the kept positions hold every target
         predicting = logits[:, :-1] if keep_logits else logits  # aligned with targets
         loss = F.cross_entropy(
-            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         if loss_reduction == "mean":
             loss = loss / n_targets.clamp(min=1)
@@ -281,44 +285,17 @@ class VLM(nn.Module):
         A row stops at EOS (kept as its last token) or once its decoded text contains one of
         ``stop_strings`` (the completing token kept); the others go on.
         """
-        input_ids = batch["input_ids"].to(self.device)  # (B, T)
+        on = {k: v.to(self.device) for k, v in batch.items() if k in _PREFILL_KEYS and v is not None}
+        input_ids = on["input_ids"]  # (B, T)
         b, t = input_ids.shape
-        attention_mask = batch.get("attention_mask")
-        attention_mask = (
-            torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        )
+        attention_mask = on.setdefault("attention_mask", torch.ones_like(input_ids))
         if t and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs a LEFT-padded batch (collate(..., left_pad=True))")
-        doc_ids, conv_ids = batch.get("doc_ids"), batch.get("conv_ids")
-        doc_ids = None if doc_ids is None else doc_ids.to(self.device)
-        conv_ids = None if conv_ids is None else conv_ids.to(self.device)
-        position_ids = batch.get("position_ids")
-        position_ids = (
-            _positions_from_mask(attention_mask, b, t, self.device)
-            if position_ids is None
-            else position_ids.to(self.device)
-        )
-        pixel_values = batch.get("pixel_values")
-        pooling = batch.get("image_token_pooling")
-        embeds = self.embed(
-            input_ids,
-            None if pixel_values is None else pixel_values.to(self.device),
-            None if pooling is None else pooling.to(self.device),
-        )
-        allowed = build_attention_mask(
-            attention_mask, doc_ids, conv_ids, self._is_image(input_ids), (b, t), self.device
-        )
+        position_ids = on.setdefault("position_ids", _positions_from_mask(attention_mask, b, t, self.device))
+        cache = DynamicCache(config=self.llm.config)
+        out, allowed = self.prefill(**on, cache=cache, use_cache=True, logits_to_keep=1)
         # What a new token (after the last prompt token, same doc and conversation) may see: (B, T).
         prompt_keys = allowed[:, 0, -1, :]
-        cache = DynamicCache(config=self.llm.config)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=self._llm_mask(allowed, embeds.dtype),
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
         eos_id = self.tokenizer.eos_token_id
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
         next_pos = position_ids[:, -1] + 1  # (B,)
@@ -339,15 +316,70 @@ class VLM(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             keys = torch.cat([prompt_keys, torch.ones(b, step + 1, dtype=torch.bool, device=self.device)], 1)
-            step_mask = keys[:, None, None, :]  # (B, 1, 1, T + step + 1)
-            out = self.llm(
-                input_ids=token[:, None],
-                attention_mask=self._llm_mask(step_mask, embeds.dtype),
-                position_ids=(next_pos + step)[:, None],
-                cache=cache,
-                use_cache=True,
-            )
+            out = self.decode(token[:, None], keys, (next_pos + step)[:, None], cache)
         return [new_tokens[i, : int(lengths[i])].tolist() for i in range(b)]
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        conv_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_token_pooling: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[Any, torch.Tensor]:
+        """The prompt pass of generation: image features merged, the Batch attention rule (image
+        block bidirectional, packed docs and conversations apart) as a 4D mask, ``cache`` filled.
+
+        input_ids (B, T); pixel_values (N, P, C); image_token_pooling (M, K). Returns the LLM's
+        output (logits at the last ``logits_to_keep`` positions, all when 0) and the (B, 1, T, T)
+        mask it used. Positions default to counting real tokens from 0."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
+        embeds = self.embed(input_ids, pixel_values, image_token_pooling)  # (B, T, H)
+        allowed = build_attention_mask(
+            attention_mask, doc_ids, conv_ids, self._is_image(input_ids), (b, t), input_ids.device
+        )
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=self._llm_mask(allowed, embeds.dtype),
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
+        return out, allowed
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        keys: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        use_cache: bool | None = True,
+        logits_to_keep: int = 0,
+    ) -> Any:
+        """Decode steps after :meth:`prefill`: ``input_ids`` (B, T) see the cached positions that
+        ``keys`` (B, T_past + T, bool) marks, and each other causally. Returns the LLM's output."""
+        b, t = input_ids.shape
+        past = keys.shape[1] - t
+        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        allowed = torch.cat([keys[:, None, :past].expand(b, t, past), causal[None].expand(b, t, t)], -1)
+        allowed = (allowed & keys[:, None, :])[:, None]  # (B, 1, T, T_past + T)
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        return self.llm(
+            input_ids=input_ids,
+            attention_mask=self._llm_mask(allowed, dtype),
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
 
     def _hit_stop(
         self, tokens: torch.Tensor, done: torch.Tensor, stop_strings: tuple[str, ...]
@@ -399,10 +431,8 @@ class VLM(nn.Module):
         if not weights.exists():
             raise FileNotFoundError(f"{weights} not found; expected a folder written by VLM.save_pretrained")
         cfg = load_config(model_dir / "model_config.yaml", cls=ModelConfig)
-        build_cfg = _offline_config(cfg, model_dir)
         tokenizer = build_tokenizer(TokenizerConfig(name=str(model_dir)))
-        model = cls(build_cfg, tokenizer)
-        model.cfg = cfg  # keep the original provenance (names, pretrained tags) for the next save
+        model = build_offline(cfg, tokenizer, *folder_configs(model_dir))
         if not load_weights:
             return model
         missing, unexpected = load_model(model, str(weights), strict=True, device=str(device))
@@ -412,6 +442,48 @@ class VLM(nn.Module):
 def build_vlm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> VLM:
     """Build the model a config describes (the registry entry point)."""
     return VLM(cfg, tokenizer)
+
+
+def offline_config(cfg: ModelConfig, llm: dict | None = None, vision: dict | None = None) -> ModelConfig:
+    """``cfg`` with every hub weight reference replaced, so that building it downloads no weights.
+
+    The tower is random-init (``pretrained=None``); ``vision`` (a tower config dict) and ``llm`` (an
+    LLM config dict, e.g. a saved ``llm_config.json``) replace the hub names when given; a hub LLM
+    name without ``llm`` becomes its ``AutoConfig`` (the config only).
+    """
+    vision_cfg = replace(cfg.vision, pretrained=None)
+    if vision is not None:
+        vision_cfg = replace(vision_cfg, custom=vision)
+    llm_cfg = cfg.llm
+    if llm is not None:
+        llm_cfg = replace(llm_cfg, name=None, custom=llm)
+    elif llm_cfg.custom is None and llm_cfg.name is not None:
+        from transformers import AutoConfig
+
+        llm_cfg = replace(llm_cfg, name=None, custom=AutoConfig.from_pretrained(llm_cfg.name).to_dict())
+    return replace(cfg, vision=vision_cfg, llm=llm_cfg)
+
+
+def build_offline(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, llm: dict | None = None, vision: dict | None = None
+) -> VLM:
+    """The VLM ``cfg`` describes, built without downloading weights (see :func:`offline_config`),
+    for weights loaded next: a saved folder, a DeepSpeed checkpoint, a release. Training, export
+    and the HF class build through here. ``vlm.cfg`` keeps ``cfg``'s names (model card, next save)."""
+    vlm = VLM(offline_config(cfg, llm, vision), tokenizer)
+    vlm.cfg = cfg
+    return vlm
+
+
+def folder_configs(model_dir: str | Path) -> tuple[dict | None, dict | None]:
+    """``(llm, vision)`` config dicts a ``save_pretrained`` folder holds (``llm_config.json``,
+    ``vision_config.json``; None where absent), for :func:`build_offline`."""
+    model_dir = Path(model_dir)
+    llm_json, vision_json = model_dir / "llm_config.json", model_dir / "vision_config.json"
+    return (
+        json.loads(llm_json.read_text()) if llm_json.exists() else None,
+        json.loads(vision_json.read_text()) if vision_json.exists() else None,
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -447,19 +519,6 @@ def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Modul
         logger.info("resizing LLM embeddings to %d tokens (image special tokens added)", len(tokenizer))
         llm.resize_token_embeddings(len(tokenizer))
     return llm
-
-
-def _offline_config(cfg: ModelConfig, model_dir: Path) -> ModelConfig:
-    """The config with every hub reference replaced by what the folder holds (random init + load)."""
-    vision = replace(cfg.vision, pretrained=None)
-    llm = cfg.llm
-    llm_json = model_dir / "llm_config.json"
-    if llm_json.exists():
-        llm = replace(cfg.llm, name=None, custom=json.loads(llm_json.read_text()))
-    vision_json = model_dir / "vision_config.json"
-    if vision_json.exists():
-        vision = replace(vision, custom=json.loads(vision_json.read_text()))
-    return replace(cfg, vision=vision, llm=llm)
 
 
 def _positions_from_mask(

@@ -29,15 +29,10 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
+from mmsmall.processing.batch import IGNORE_INDEX, Batch, Example, collate  # noqa: F401  (collate: the batch builder)
 from mmsmall.processing.crops import load_image, preprocess_image
 from mmsmall.processing.tokenizer import special_ids
 from mmsmall.processing.tokens import answer_text, image_token_ids, user_text
-
-Example = dict[str, Any]
-Batch = dict[str, Any]
-IGNORE = -100
-
-_TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")
 
 
 class Processor:
@@ -207,7 +202,9 @@ class Processor:
         body = torch.tensor([t for c in convs for t in c], dtype=torch.long)  # (sum L,)
         is_target = torch.tensor([t for c in targets for t in c], dtype=torch.bool)  # (sum L,)
         input_ids = torch.cat([prefix, body])  # (T,)
-        labels = torch.cat([torch.full((P,), IGNORE, dtype=torch.long), body.masked_fill(~is_target, IGNORE)])
+        labels = torch.cat(
+            [torch.full((P,), IGNORE_INDEX, dtype=torch.long), body.masked_fill(~is_target, IGNORE_INDEX)]
+        )
         conv_ids = torch.cat(
             [
                 torch.zeros(P, dtype=torch.long),
@@ -219,7 +216,7 @@ class Processor:
         offsets = torch.arange(len(body)) - torch.repeat_interleave(starts, torch.tensor(lens))
         position_ids = torch.cat([torch.arange(P), P + offsets])
         # Never a silent loss of 0: every answer (and its EOS) must survive as targets.
-        n_targets = int((labels != IGNORE).sum())
+        n_targets = int((labels != IGNORE_INDEX).sum())
         if n_targets != int(is_target.sum()) or n_targets < n_answers:
             raise ValueError(
                 f"{where}: {n_targets} target tokens for {n_answers} answers; the labels do not line up "
@@ -252,45 +249,3 @@ def _check_conversation(conv: Any, where: str) -> None:
             raise ValueError(
                 f"{where}, message {i}: content must be a string, got {type(msg['content']).__name__}"
             )
-
-
-def collate(examples: Sequence[Example], pad_id: int, left_pad: bool = False) -> Batch:
-    """One Example per row -> a Batch (INTERFACES.md), padded right (training) or left (generation).
-
-    Token tensors ``(B, T)``; ``doc_ids`` 0 on real tokens and -1 on padding; ``pixel_values``
-    ``(N, P, C)`` all crops in row order and ``image_token_pooling (M, K)`` offset into the
-    flattened ``N * P`` patches (-1 stays -1); ``image_grids (n_images, 4)``; None without images.
-    """
-    if not examples:
-        raise ValueError("collate: no examples")
-    B = len(examples)
-    lens = torch.tensor([int(ex["input_ids"].shape[0]) for ex in examples])  # (B,)
-    T = int(lens.max())
-    pads = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0, "conv_ids": 0}
-    out: Batch = {k: torch.full((B, T), v, dtype=torch.long) for k, v in pads.items()}
-    cols = torch.arange(T)[None]  # (1, T)
-    start = (T - lens)[:, None] if left_pad else torch.zeros((B, 1), dtype=torch.long)  # (B, 1)
-    real = (cols >= start) & (cols < start + lens[:, None])  # (B, T)
-    for k in _TOKEN_KEYS:
-        out[k][real] = torch.cat([ex[k] for ex in examples])  # row-major fill of the real slots
-    out["attention_mask"] = real.long()
-    out["doc_ids"] = torch.where(real, 0, -1)
-
-    with_image = [ex for ex in examples if ex.get("pixel_values") is not None]
-    if with_image:
-        pixels = [ex["pixel_values"] for ex in with_image]  # (n_crops_i, P, C)
-        patches_per_image = torch.tensor([p.shape[0] * p.shape[1] for p in pixels])
-        offsets = torch.cumsum(patches_per_image, 0) - patches_per_image  # (n_images,)
-        pooling = [ex["image_token_pooling"] for ex in with_image]
-        pool = torch.cat(pooling)  # (M, K)
-        shift = torch.repeat_interleave(offsets, torch.tensor([p.shape[0] for p in pooling]))[
-            :, None
-        ]  # (M, 1)
-        out["pixel_values"] = torch.cat(pixels)  # (N, P, C)
-        out["image_token_pooling"] = torch.where(pool >= 0, pool + shift, pool)
-        out["image_grids"] = torch.cat([ex["image_grids"] for ex in with_image])  # (n_images, 4)
-    else:
-        out["pixel_values"] = None
-        out["image_token_pooling"] = None
-    out["sample_ids"] = [str(ex.get("sample_id", "")) for ex in examples]
-    return out

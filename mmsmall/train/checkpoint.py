@@ -5,8 +5,8 @@ Layout under ``{out_dir}/checkpoints``::
     step_00000010/            DeepSpeed's files (model, optimizer, scheduler; per-rank shards)
         client_rank00000.pt   this rank's {"step", "data", "rng"} (a plain dict)
         config.yaml           the resolved run config
-        complete.json         written last: every file's size (restarts verify it, resume.py)
-    latest                    the tag of the newest *complete* checkpoint (a hint; see resume.py)
+        complete.json         written last: every file's size (restarts verify it, export/intact.py)
+    latest                    the tag of the newest *complete* checkpoint (a hint; see export/intact.py)
 
 ``latest`` is written through a temporary file and ``os.replace`` only after every rank has
 finished writing, so a process killed in the middle of a save leaves the previous ``latest``
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from mmsmall.config import save_config
+from mmsmall.export import intact
 from mmsmall.train import resume
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def save(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        resume.write_complete(ckpt_root / tag, dist.get_world_size() if dist.is_initialized() else 1)
+        intact.write_complete(ckpt_root / tag, dist.get_world_size() if dist.is_initialized() else 1)
         _write_latest(ckpt_root, tag)
         _prune(ckpt_root, keep_last, tag)
         log.info("saved checkpoint %s", ckpt_root / tag)
@@ -120,7 +121,7 @@ _NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np
 
 def saved_world_size(ckpt_dir: Path) -> int | None:
     """How many ranks wrote the checkpoint in ``ckpt_dir`` (from ``complete.json``; None if unknown)."""
-    marker = ckpt_dir / resume.COMPLETE
+    marker = ckpt_dir / intact.COMPLETE
     return json.loads(marker.read_text()).get("world_size") if marker.exists() else None
 
 
@@ -151,7 +152,7 @@ def _to_universal(ckpt_root: Path, tag: str) -> str:
 
 
 def load_latest(engine: Any, ckpt_root: str | Path, tag: str | None = None) -> dict[str, Any] | None:
-    """Load checkpoint ``tag`` (default: the newest intact one, see ``resume.find_resume``) into
+    """Load checkpoint ``tag`` (default: the newest intact one, see ``intact.find_resume``) into
     the engine; returns this rank's client state (step, data position; RNG states already
     restored) or None when there is none.
 
@@ -160,7 +161,7 @@ def load_latest(engine: Any, ckpt_root: str | Path, tag: str | None = None) -> d
     and the client state holds every old rank's data position under ``"data_all"`` (see
     ``TrainData.load_elastic``)."""
     ckpt_root = Path(ckpt_root)
-    tag = tag if tag is not None else resume.find_resume(ckpt_root).tag
+    tag = tag if tag is not None else intact.find_resume(ckpt_root).tag
     if tag is None:
         return None
     rank = dist.get_rank() if dist.is_initialized() else 0

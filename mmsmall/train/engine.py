@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmsmall.config import MODULES
+from mmsmall.model.params import full_numel, full_shape
+from mmsmall.resources import CONFIGS_DIR, find_config, torch_extensions_dir
 from mmsmall.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-
-MODULES = ("connector", "vision", "llm")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def on_cpu() -> bool:
@@ -59,7 +59,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     import deepspeed
 
     if on_cpu() and os.environ.get("MMSMALL_CPU_SHM_ALLREDUCE", "0") != "1":
@@ -90,7 +90,7 @@ def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, A
             raise AttributeError(f"the model has no submodule {name!r}; expected vision, connector and llm")
         frozen = name in freeze
         module.requires_grad_(not frozen)
-        n = sum(_numel(p) for p in module.parameters())
+        n = sum(full_numel(p) for p in module.parameters())
         summary[name] = {"frozen": frozen, "params": n}
         log.info("%-9s %-9s %12s params", name, "frozen" if frozen else "trainable", f"{n:,}")
     others = [n for n, _ in model.named_parameters() if n.split(".", 1)[0] not in MODULES]
@@ -99,17 +99,13 @@ def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, A
     return summary
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned params keep their full size here
-
-
 def param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
     """AdamW groups: one decayed and one undecayed group per trainable module."""
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = len(getattr(p, "ds_shape", p.shape)) < 2  # a partitioned p is a 1-D slice
+        no_decay = len(full_shape(p)) < 2  # a partitioned p is a 1-D slice
         buckets.setdefault((_module_of(name), no_decay), []).append(p)
     groups = []
     for (module, no_decay), params in sorted(buckets.items()):
@@ -135,20 +131,19 @@ def _llm_hidden(model: nn.Module) -> int | None:
     return getattr(cfg, "hidden_size", None)
 
 
-def _read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
-    path = Path(train_cfg.deepspeed)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+def read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
+    """``train.deepspeed``: its path (as given, else among the shipped configs) and its parsed JSON."""
+    path = find_config(train_cfg.deepspeed)
     if not path.exists():
         raise FileNotFoundError(
-            f"train.deepspeed: {train_cfg.deepspeed} not found (also looked in {REPO_ROOT})"
+            f"train.deepspeed: {train_cfg.deepspeed} not found (also looked among the shipped configs, {CONFIGS_DIR})"
         )
     return path, json.loads(path.read_text())
 
 
 def zero_stage(run_cfg: Any) -> int:
     """``zero_optimization.stage`` of ``train.deepspeed`` (0 when the json has none)."""
-    _, cfg = _read_ds_json(run_cfg.train)
+    _, cfg = read_ds_json(run_cfg.train)
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -160,7 +155,7 @@ def ds_config(
     ZeRO-3 bucket sizes come from the LLM width: ``hidden_size``, else the built ``model``'s LLM.
     """
     t = run_cfg.train
-    path, cfg = _read_ds_json(t)
+    path, cfg = read_ds_json(t)
     h = hidden_size if hidden_size is not None else _llm_hidden(model) if model is not None else None
     fill: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmsmall.model.params import full_numel
+from mmsmall.processing.batch import count_targets
+
 # Dense bf16 peak FLOP/s without sparsity, by a substring of torch.cuda.get_device_name().
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
@@ -28,7 +31,7 @@ def _dense_params(module: nn.Module) -> int:
         if isinstance(m, nn.Embedding):
             continue
         for p in m.parameters(recurse=False):
-            n += int(getattr(p, "ds_numel", p.numel()))
+            n += full_numel(p)
     return n
 
 
@@ -54,7 +57,7 @@ class FlopCounter:
         width = int(doc.max()) + 1 if useful else 1
         flat = (torch.arange(doc.shape[0]).unsqueeze(1) * width + doc)[doc >= 0]
         sq = float((torch.bincount(flat).double() ** 2).sum())
-        targets = int((batch["labels"][:, 1:] != -100).sum())
+        targets = int(count_targets(batch["labels"]))
         flops = self.k_llm * (self.n_llm * useful + self.n_head * targets)
         flops += self.k_llm * self.L * self.d * sq / 2
         pv = batch.get("pixel_values")

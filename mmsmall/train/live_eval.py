@@ -56,7 +56,7 @@ class LiveEval:
         if not self.due(step):
             return None
         from eval.runner import evaluate
-        from mmsmall.model.predict import Predictor
+        from mmsmall.inference.predictor import Predictor
         from mmsmall.train.checkpoint import tag_of
 
         model = engine.module

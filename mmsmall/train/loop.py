@@ -28,11 +28,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmsmall.config import load_config, require_training_inputs, save_config
+from mmsmall import faults
+from mmsmall.config import load_config, save_config
 from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
+from mmsmall.export import intact
+from mmsmall.logs import setup_logging
+from mmsmall.processing.batch import model_inputs
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
+from mmsmall.train.inputs import require_training_inputs
 from mmsmall.train.live_eval import LiveEval
 from mmsmall.train.monitor import RunMonitor
 from mmsmall.train.zero_init import build_model, held_elements
@@ -70,10 +75,9 @@ def _all_reduce_once(
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """What the model takes of ``batch`` (model_inputs), on ``device``, floats in ``dtype``."""
     out = {}
-    for k, v in batch.items():
-        if k == "sample_ids":
-            continue
+    for k, v in model_inputs(batch).items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
         out[k] = v
@@ -123,10 +127,10 @@ def train_step(
     return loss_all / max(n_global, 1.0), fused
 
 
-def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> resume.ResumePoint:
+def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> intact.ResumePoint:
     """The verified checkpoint to resume from, with the reasons for any passed over; the config
     must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
-    point = resume.find_resume(ckpt_root)
+    point = intact.find_resume(ckpt_root)
     for note in point.notes:
         if rank == 0:
             log.warning("resume: %s", note)
@@ -149,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
     t, out = cfg.train, Path(cfg.out_dir)
     start = _resume_point(cfg, out / "checkpoints", rank, world)  # refuses a changed config before any build
     if rank == 0:
@@ -164,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     # ZeRO-3: partitioned while it is built; a later stage (train.init_from): the previous model
     # with its config and tokenizer. `built` keeps transformers' ZeRO-3 view alive for the run.
     built = build_model(cfg, world)
-    model, tokenizer = built.model, built.tokenizer
+    cfg, model, tokenizer = built.run_cfg, built.model, built.tokenizer
     held, total = held_elements(model)
     if cfg.model.prompt == "chat_template":  # an imported release: fine-tuned in its own chat template
-        from mmsmall.processing.template_training import TemplateTrainingProcessor as Processor
+        from mmsmall.inference.template_training import TemplateTrainingProcessor as Processor
     processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
     saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         "skipped": dict(data.counters),
                     }
                 )
-            kill_here = t.debug_kill_at_step == step
+            kill_here = faults.kill_at_step() == step
             if saving:
                 checkpoint.save(
                     engine,
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     ahead["data"],
                     cfg,
                     keep_last=t.keep_last,
-                    kill_during_save=kill_here and t.debug_kill_during_save,
+                    kill_during_save=kill_here and faults.kill_during_save(),
                 )
             live_eval(step, engine, monitor)
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)

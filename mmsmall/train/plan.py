@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmsmall.train.engine import _read_ds_json
+from mmsmall.model.attention import DOCWISE
+from mmsmall.train.engine import read_ds_json
 
 GIB = 1024**3
 
@@ -96,10 +97,12 @@ def model_shape(run_cfg: Any) -> ModelShape:
     tokenizer_cfg = mcfg.tokenizer
     if run_cfg.train.init_from:  # a later stage trains the folder's model, not the config's
         from mmsmall.config import ModelConfig, TokenizerConfig, load_config
-        from mmsmall.model.vlm import _offline_config
+        from mmsmall.model.vlm import folder_configs, offline_config
 
         folder = Path(run_cfg.train.init_from)
-        mcfg = _offline_config(load_config(folder / "model_config.yaml", cls=ModelConfig), folder)
+        mcfg = offline_config(
+            load_config(folder / "model_config.yaml", cls=ModelConfig), *folder_configs(folder)
+        )
         tokenizer_cfg = TokenizerConfig(name=str(folder))
     vision = replace(mcfg.vision, pretrained=None)
     if vision.backend == "hf" and vision.custom is None:  # config only, never the weights
@@ -200,7 +203,7 @@ def activation_bytes(
     per_crop = (grid // image.pooling_size[0]) * (grid // image.pooling_size[1])
     text = max(0, tokens - crops * per_crop)
     vit_tokens = crops * s.vit_tokens
-    docwise = run_cfg.model.llm.attn_implementation == "sdpa_docwise"
+    docwise = run_cfg.model.llm.attn_implementation == DOCWISE
     # docwise attention passes no mask, so even a CPU takes a kernel that keeps no probabilities
     llm_layer = _llm_layer_elements(s) + (s.llm_heads * t_row if scores_saved and not docwise else 0)
     vit_block = _vit_block_elements(s) + (s.vit_heads * s.vit_tokens if scores_saved else 0)
@@ -257,7 +260,7 @@ def plan(
     if gpus < 1 or nodes < 1 or gpu_mem_gib <= 0:
         raise ValueError(f"--gpus {gpus} --nodes {nodes} --gpu-mem {gpu_mem_gib}: give positive numbers")
     s = shape or model_shape(run_cfg)
-    _, ds = _read_ds_json(run_cfg.train)
+    _, ds = read_ds_json(run_cfg.train)
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from mmsmall.config import MODULES
+
 
 def warmup_cosine(warmup: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """The multiplier of the peak learning rate at optimizer step ``k``."""
@@ -36,9 +38,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg, total_steps: in
     lambdas = []
     for group in optimizer.param_groups:
         module = group.get("module")
-        if module not in ("connector", "vision", "llm"):
+        if module not in MODULES:
             raise ValueError(
-                f"param group {group.get('name')!r} has no module key (connector, vision or llm)"
+                f"param group {group.get('name')!r} has no module key (one of {', '.join(MODULES)})"
             )
         lambdas.append(warmup_cosine(getattr(train_cfg.warmup, module), total, train_cfg.min_lr_ratio))
     return LambdaLR(optimizer, lambdas)

@@ -25,6 +25,7 @@ it from configs only. Other stages build exactly as before (``build_vlm`` /
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmsmall.train.engine import _numel, ds_config, zero_stage
+from mmsmall.model.params import full_numel, full_shape
+from mmsmall.train.engine import ds_config, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class BuiltModel:
     tokenizer: Any
     ds_config: dict[str, Any]  # the filled DeepSpeed config it was built with (for build_engine)
     hf_ds_config: Any = None  # ZeRO-3: transformers reads ZeRO-3 from it only while it is alive
+    run_cfg: Any = None  # the run config trained: with train.init_from, its model is the folder's
 
 
 def llm_hidden_size(run_cfg: Any) -> int:
@@ -53,13 +56,14 @@ def llm_hidden_size(run_cfg: Any) -> int:
     from transformers import AutoConfig
 
     from mmsmall.config import ModelConfig, load_config
-    from mmsmall.model.vlm import _offline_config, custom_llm_config
+    from mmsmall.model.vlm import custom_llm_config, folder_configs, offline_config
 
     llm = run_cfg.model.llm
     if run_cfg.train.init_from:
         folder = Path(run_cfg.train.init_from)
         _refuse_stock_under_zero3(folder)
-        llm = _offline_config(load_config(folder / "model_config.yaml", cls=ModelConfig), folder).llm
+        saved = load_config(folder / "model_config.yaml", cls=ModelConfig)
+        llm = offline_config(saved, *folder_configs(folder)).llm
     if llm.custom is not None:
         config = custom_llm_config(llm.custom)
     else:
@@ -69,10 +73,12 @@ def llm_hidden_size(run_cfg: Any) -> int:
 
 def build_model(run_cfg: Any, world_size: int) -> BuiltModel:
     """The VLM to train (``train.init_from``'s, else ``run_cfg.model``'s), its tokenizer and the
-    filled DeepSpeed config. With ``init_from``, ``run_cfg.model`` becomes the folder's config."""
+    filled DeepSpeed config, and the run config it trains (``run_cfg`` is not changed; with
+    ``init_from``, the returned config's model section is the folder's)."""
     if zero_stage(run_cfg) != 3:
         model, tokenizer = _build(run_cfg, load_weights=True)
-        return BuiltModel(model, tokenizer, ds_config(run_cfg, world_size, model))
+        trained = dataclasses.replace(run_cfg, model=model.cfg)
+        return BuiltModel(model, tokenizer, ds_config(trained, world_size, model), run_cfg=trained)
 
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -83,7 +89,7 @@ def build_model(run_cfg: Any, world_size: int) -> BuiltModel:
     deepspeed.zero.Init(module=model, config_dict_or_path=config)  # what was built whole
     if run_cfg.train.init_from:
         load_partitioned(model, Path(run_cfg.train.init_from) / "model.safetensors")
-    return BuiltModel(model, tokenizer, config, hf_ds_config)
+    return BuiltModel(model, tokenizer, config, hf_ds_config, dataclasses.replace(run_cfg, model=model.cfg))
 
 
 def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
@@ -101,7 +107,6 @@ def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
         model = read_molmo2(folder)  # a stock transformers Molmo2 folder, mapped as `mmsmall import` does
     else:
         model = VLM.from_pretrained(folder, load_weights=load_weights)
-    run_cfg.model = model.cfg
     log.info("model, its config and tokenizer from %s (the config's model section is not used)", folder)
     return model.train(), model.tokenizer
 
@@ -150,7 +155,7 @@ def load_partitioned(model: nn.Module, path: str | Path) -> None:
         missing += [name for name, _, _ in buffers if name not in keys]
         known = {n for ns in names.values() for n in ns} | {name for name, _, _ in buffers}
         unexpected = sorted(keys - known)
-        shapes = {id(p): tuple(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
+        shapes = {id(p): full_shape(p) for p in model.parameters()}
         wrong = [
             f"{k} {tuple(f.get_slice(k).get_shape())} != {shapes[pid]}"
             for pid, k in key_of.items()
@@ -180,6 +185,6 @@ def held_elements(model: nn.Module) -> tuple[int, int]:
     """(parameter elements this rank holds, elements of the whole model); equal unless partitioned."""
     held = full = 0
     for p in model.parameters():
-        full += _numel(p)
+        full += full_numel(p)
         held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
     return held, full

@@ -14,7 +14,17 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
-from mmsmall.processing.processor import IGNORE, Example
+from mmsmall.processing.batch import IGNORE_INDEX
+from mmsmall.processing.processor import Example
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Refuse a tokenizer without a chat template (``model.prompt=chat_template`` needs one)."""
+    if not tokenizer.chat_template:
+        raise ValueError(
+            "model.prompt=chat_template but the tokenizer has no chat template; import the checkpoint "
+            "with `mmsmall import` (it copies the template) or set model.prompt=mmsmall"
+        )
 
 
 class ChatTemplateProcessor:
@@ -31,11 +41,7 @@ class ChatTemplateProcessor:
     ):
         from mmsmall.export.molmo2 import build_molmo2_processor
 
-        if not tokenizer.chat_template:
-            raise ValueError(
-                "model.prompt=chat_template but the tokenizer has no chat template; import the checkpoint "
-                "with `mmsmall import` (it copies the template) or set model.prompt=mmsmall"
-            )
+        require_chat_template(tokenizer)
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg
         self.style_prefix = style_prefix
@@ -60,7 +66,7 @@ class ChatTemplateProcessor:
         t = ids.shape[0]
         ex: Example = {
             "input_ids": ids,
-            "labels": torch.full((t,), IGNORE, dtype=torch.long),
+            "labels": torch.full((t,), IGNORE_INDEX, dtype=torch.long),
             "position_ids": torch.arange(t),
             "conv_ids": torch.zeros(t, dtype=torch.long),
             "sample_id": sample_id,

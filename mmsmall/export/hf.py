@@ -2,9 +2,9 @@
 
 They wrap (compose) the mmsmall :class:`~mmsmall.model.vlm.VLM` and
 :class:`~mmsmall.processing.processor.Processor`, so any tower / LLM combination mmsmall trains
-can be released and loaded with the Auto classes, once ``mmsmall`` is imported::
+can be released and loaded with the Auto classes, once this module is imported::
 
-    import mmsmall  # registers model_type "mmsmall"
+    import mmsmall.export.hf  # registers model_type "mmsmall"
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     inputs = processor(images=image, text="What is shown?")
@@ -18,7 +18,6 @@ tower (``vision_config``) configs, so a folder rebuilds offline with random init
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmsmall.config import ModelConfig, from_dict, to_dict
-from mmsmall.model.vlm import IMAGE_TOKENS, VLM, build_attention_mask
+from mmsmall.model.vlm import IMAGE_TOKENS, VLM, build_offline, offline_config
+from mmsmall.processing.batch import IGNORE_INDEX
 
 MODEL_TYPE = "mmsmall"
 
@@ -89,12 +89,16 @@ class MMSmallConfig(PretrainedConfig):
 
     def build_model_config(self) -> ModelConfig:
         """Our ModelConfig with hub references replaced by the stored configs (offline rebuild)."""
-        cfg = from_dict(ModelConfig, dict(self.model_config), "config.json:model_config")
-        llm = dataclasses.replace(cfg.llm, name=None, custom=_plain_config(self.text_config))
-        vision = dataclasses.replace(cfg.vision, pretrained=None)
-        if self.vision_config is not None:
-            vision = dataclasses.replace(vision, custom=_plain_config(self.vision_config))
-        return dataclasses.replace(cfg, llm=llm, vision=vision)
+        return offline_config(self.saved_model_config(), *self.stored_configs())
+
+    def saved_model_config(self) -> ModelConfig:
+        """Our ModelConfig as saved (with its hub names)."""
+        return from_dict(ModelConfig, dict(self.model_config), "config.json:model_config")
+
+    def stored_configs(self) -> tuple[dict, dict | None]:
+        """The (llm, vision) config dicts this config.json holds, for ``build_offline``."""
+        vision = _plain_config(self.vision_config) if self.vision_config is not None else None
+        return _plain_config(self.text_config), vision
 
 
 def _plain_config(config: PretrainedConfig) -> dict:
@@ -150,12 +154,12 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
     def __init__(self, config: MMSmallConfig, vlm: VLM | None = None):
         super().__init__(config)
         if vlm is None:
-            model_cfg = config.build_model_config()
+            model_cfg = config.saved_model_config()
             # transformers builds models on the meta device; open_clip moves its model with .to(),
             # which meta tensors cannot do, so an open_clip VLM is built on the CPU (then loaded).
             device = "cpu" if model_cfg.vision.backend == "open_clip" else torch.get_default_device()
             with torch.device(device):
-                vlm = VLM(model_cfg, _tokenizer_for(config))
+                vlm = build_offline(model_cfg, _tokenizer_for(config), *config.stored_configs())
         self.vlm = vlm
         self.post_init()
 
@@ -261,40 +265,32 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
             )
         vlm = self.vlm
         b, t = input_ids.shape
-        device = input_ids.device
         past = 0 if cache is None else cache.get_seq_length()
         if past == 0:
-            embeds = vlm.embed(input_ids, pixel_values, image_token_pooling)  # (B, T, H)
-            is_image = torch.isin(input_ids, vlm.image_token_ids) if vlm.bidirectional_image else None
-            allowed = build_attention_mask(attention_mask, doc_ids, conv_ids, is_image, (b, t), device)
+            out, _ = vlm.prefill(
+                input_ids, attention_mask, position_ids, doc_ids, conv_ids, pixel_values, image_token_pooling,
+                cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            )  # fmt: skip
         else:
-            embeds = vlm.llm.get_input_embeddings()(input_ids)  # (B, T, H)
+            device = input_ids.device
             keys = (
                 torch.ones(b, past + t, dtype=torch.bool, device=device)
                 if attention_mask is None
                 else attention_mask.bool()
             )  # (B, T_past + T)
-            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()  # (T, T)
-            allowed = torch.cat([keys[:, None, :past].expand(b, t, past), causal[None].expand(b, t, t)], -1)
-            allowed = (allowed & keys[:, None, :])[:, None]  # (B, 1, T, T_past + T)
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
-        out = vlm.llm(
-            inputs_embeds=embeds,
-            attention_mask=vlm._llm_mask(allowed, embeds.dtype),
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-        )
+            if position_ids is None:
+                if attention_mask is None:
+                    position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
+                else:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+            out = vlm.decode(
+                input_ids, keys, position_ids, cache, use_cache=use_cache, logits_to_keep=logits_to_keep
+            )
         loss = None
         logits = vlm.emittable(out.logits)  # (B, T, V); input-only ids at -inf
         if labels is not None:
             flat = logits[:, :-1].flatten(0, 1).float()  # ((B*(T-1)), V)
-            loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
     def prepare_inputs_for_generation(

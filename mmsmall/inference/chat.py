@@ -1,6 +1,6 @@
 """``chat``: one question about one image; ``predict``: a folder of images or a shard set, with points drawn.
 
-``model`` may be any folder :func:`mmsmall.export.consolidate.load_vlm` reads: a saved VLM, an
+``model`` may be any folder :func:`mmsmall.export.load.load_vlm` reads: a saved VLM, an
 mmsmall or stock-Molmo2 export, a checkpoint or a training run.
 """
 
@@ -22,11 +22,9 @@ DEFAULT_QUESTION = "Describe this image."
 
 
 def _predictor(model: str, device: str = "cpu", max_crops: int | None = None, dtype: str = "fp32"):
-    from mmsmall.export.consolidate import load_vlm
-    from mmsmall.model.predict import Predictor
+    from mmsmall.inference.predictor import Predictor
 
-    vlm, _ = load_vlm(model)
-    return Predictor(vlm, device=device, max_crops=max_crops, dtype=dtype)
+    return Predictor(model, device=device, max_crops=max_crops, dtype=dtype)  # it loads the folder
 
 
 def _open_image(path: str | Path) -> Image.Image:

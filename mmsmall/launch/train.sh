@@ -21,11 +21,14 @@
 # with RANK set) it runs the trainer directly in this process.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# This file ships inside the package (mmsmall/launch/train.sh; in a checkout also reached through the
+# launch/ link): ROOT is the folder holding the mmsmall package, a source checkout or site-packages.
+ROOT="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
+if [ -d "$ROOT/.venv" ]; then cache="$ROOT/.cache"; else cache="${XDG_CACHE_HOME:-$HOME/.cache}/mmsmall"; fi
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 
 if [ $# -lt 1 ]; then
@@ -33,11 +36,9 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 
-# Already one rank of a launched job: drop the launcher's --local_rank and run the trainer.
+# Already one rank of a launched job: run the trainer (it drops a launcher's --local_rank itself).
 if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
-  args=()
-  for a in "$@"; do case "$a" in --local_rank=*) ;; *) args+=("$a") ;; esac; done
-  exec "$PY" -m mmsmall.train "${args[@]}"
+  exec "$PY" -m mmsmall.train "$@"
 fi
 
 launcher=("$PY" -m deepspeed.launcher.runner)
@@ -64,4 +65,6 @@ else
   port="${MASTER_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
   launcher+=(--num_gpus "$nproc" --master_port "$port")
 fi
+# DeepSpeed's launcher logs every command and environment variable at INFO: shown with mmsmall -v
+[ "${MMSMALL_VERBOSE:-0}" = "1" ] || launcher+=(--log_level warning)
 exec "${launcher[@]}" --module --no_local_rank mmsmall.train "$@"

@@ -28,7 +28,7 @@ class Predictor:
         dtype: ``fp32``, ``bf16`` or ``fp16`` weights and activations.
 
     The prompt format follows the checkpoint (``model.prompt``): ours (`` User: ... Assistant:``)
-    or, for imported releases, their own chat template (:mod:`mmsmall.processing.chat_template`).
+    or, for imported releases, their own chat template (:mod:`mmsmall.inference.chat_template`).
     """
 
     def __init__(
@@ -47,7 +47,7 @@ class Predictor:
         if isinstance(model_or_dir, VLM):
             model = model_or_dir
         else:
-            from mmsmall.export.consolidate import load_vlm
+            from mmsmall.export.load import load_vlm
 
             model = load_vlm(model_or_dir)[0]
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -61,7 +61,7 @@ class Predictor:
         self.prompt_format = cfg.prompt
         self.tokenizer = self.model.tokenizer
         if cfg.prompt == "chat_template":
-            from mmsmall.processing.chat_template import ChatTemplateProcessor
+            from mmsmall.inference.chat_template import ChatTemplateProcessor
 
             self.processor = ChatTemplateProcessor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
         else:
@@ -80,9 +80,10 @@ class Predictor:
         top_p: float = 1.0,
         stop_strings: Sequence[str] = (),
     ) -> list[str]:
-        """One answer per (image, question); ``None`` images give text-only prompts (``blind`` eval)."""
-        from mmsmall.processing.processor import collate
+        """One answer per (image, question); ``None`` images give text-only prompts (``blind`` eval).
 
+        Batch by batch: :meth:`encode` each pair, :meth:`collate` them left-padded, :meth:`answer`.
+        The eval runner runs the same three steps, the first two in DataLoader workers."""
         if len(images) != len(questions):
             raise ValueError(
                 f"predict: {len(images)} images but {len(questions)} questions; give one image per question"
@@ -90,27 +91,47 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"predict: batch_size={batch_size}; must be >= 1")
         answers: list[str] = []
-        pad_id = self.tokenizer.pad_token_id
         for start in range(0, len(questions), batch_size):
-            examples = [
-                self.processor.encode_prompt(image, question, task=task)
-                for image, question in zip(
-                    images[start : start + batch_size], questions[start : start + batch_size]
-                )
-            ]
-            batch = collate(examples, pad_id, left_pad=True)
-            new_tokens = self.model.generate(
-                batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                stop_strings=tuple(stop_strings),
-            )
-            for tokens in new_tokens:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # EOS is special: dropped
-                for stop in stop_strings:
-                    if stop and stop in text:
-                        text = text[: text.index(stop)]
-                answers.append(text.strip())
+            pairs = zip(images[start : start + batch_size], questions[start : start + batch_size])
+            batch = self.collate([self.encode(image, question, task=task) for image, question in pairs])
+            answers += self.answer(batch, max_new_tokens, do_sample, temperature, top_p, stop_strings)
+        return answers
+
+    def encode(self, image: Image.Image | None, question: str, task: str | None = None) -> dict:
+        """One prompt as model inputs (the checkpoint's prompt format; ``task`` adds its style)."""
+        return self.processor.encode_prompt(image, question, task=task)
+
+    def collate(self, examples: Sequence[dict]) -> dict:
+        """Encoded prompts -> one LEFT-padded batch, as generation needs."""
+        from mmsmall.processing.processor import collate
+
+        return collate(list(examples), self.tokenizer.pad_token_id, left_pad=True)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        batch: dict,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_strings: Sequence[str] = (),
+    ) -> list[str]:
+        """Generate from a collated batch and decode: special tokens (EOS) dropped, cut at the first
+        stop string, stripped."""
+        new_tokens = self.model.generate(
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            stop_strings=tuple(stop_strings),
+        )
+        answers = []
+        for tokens in new_tokens:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # EOS is special: dropped
+            for stop in stop_strings:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            answers.append(text.strip())
         return answers

@@ -12,7 +12,7 @@ ones cannot be split this way; such a sample is refused naming the fix.
 
 The Example has the layout of :mod:`mmsmall.processing.processor` (conv_ids all 0: one chat),
 so packing, collation and the model take it unchanged, and the prompt of a one-turn chat is
-token for token what :class:`~mmsmall.processing.chat_template.ChatTemplateProcessor` gives at eval.
+token for token what :class:`~mmsmall.inference.chat_template.ChatTemplateProcessor` gives at eval.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
-from mmsmall.processing.processor import IGNORE, Example, _check_conversation
+from mmsmall.inference.chat_template import require_chat_template
+from mmsmall.processing.batch import IGNORE_INDEX, Example
+from mmsmall.processing.processor import _check_conversation
 
 
 class TemplateTrainingProcessor:
@@ -40,11 +42,7 @@ class TemplateTrainingProcessor:
     ):
         from mmsmall.export.molmo2 import build_molmo2_processor
 
-        if not tokenizer.chat_template:
-            raise ValueError(
-                "model.prompt=chat_template but the tokenizer has no chat template; import the checkpoint "
-                "with `mmsmall import` (it copies the template) or set model.prompt=mmsmall"
-            )
+        require_chat_template(tokenizer)
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg
         self.style_prefix = style_prefix
@@ -117,7 +115,7 @@ class TemplateTrainingProcessor:
         ids = enc["input_ids"][0]  # (T,) with the image expanded
         text_ids = self._text_ids(placeholder, False)
         shift = len(ids) - len(text_ids)  # the image block (and any BOS) sits before every answer
-        labels = torch.full_like(ids, IGNORE)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         for i, m in enumerate(placeholder):
             if m["role"] != "assistant":
                 continue

@@ -1,0 +1,167 @@
+"""The installable package: a built wheel holds the configs and the launcher, and a non-editable
+install of it works from any directory; importing mmsmall (and its config and CLI) pulls no torch.
+
+The shared venv has an editable mmsmall; the wheel is installed with ``pip install --target`` into
+a folder put first on PYTHONPATH, and every command runs from an unrelated directory, so nothing
+is found through the source tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGED = ("mmsmall", "data_tools", "eval")
+
+
+def _installed_env(site: Path) -> dict[str, str]:
+    env = dict(
+        os.environ, PYTHONPATH=str(site), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "PYTHON"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel built from a copy of the sources (the build writes build/ and egg-info beside them)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in PACKAGED:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(out),
+        str(src),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (whl,) = out.glob("mmsmall-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def site(wheel, tmp_path_factory) -> Path:
+    """The wheel installed (not editable) into a folder of its own."""
+    site = tmp_path_factory.mktemp("site")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        "--target",
+        str(site),
+        str(wheel),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return site
+
+
+def test_wheel_holds_configs_and_launcher(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "mmsmall" / "configs").rglob("*") if p.is_file()
+    }
+    assert {"mmsmall/configs/train/tiny-pretrain.yaml", "mmsmall/configs/deepspeed/zero2.json"} <= shipped
+    assert shipped <= names, sorted(shipped - names)
+    assert "mmsmall/launch/train.sh" in names
+    for package in PACKAGED:
+        assert f"{package}/__init__.py" in names
+    assert "data_tools/synth/__init__.py" in names and "eval/tasks/__init__.py" in names
+
+
+_RESOLVE = """
+import mmsmall, sys
+from types import SimpleNamespace
+from mmsmall.config import load_config
+from mmsmall.train.engine import read_ds_json
+cfg = load_config("configs/train/tiny-pretrain.yaml")
+path, ds = read_ds_json(SimpleNamespace(deepspeed=cfg.train.deepspeed))
+print(mmsmall.__file__)
+print(path)
+print(cfg.model.connector.__class__.__name__, ds["zero_optimization"]["stage"])
+"""
+
+
+def test_installed_wheel_runs_from_any_directory(site, tmp_path):
+    env, cwd = _installed_env(site), tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run(
+        [str(site / "bin" / "mmsmall"), "--help"], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo" in proc.stdout and "train" in proc.stdout and "--verbose" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", _RESOLVE], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    package, ds_json, summary = proc.stdout.split("\n")[:3]
+    assert Path(package).is_relative_to(site), package  # the installed copy, not the source tree
+    assert Path(ds_json) == site / "mmsmall" / "configs" / "deepspeed" / "zero2.json"
+    assert summary == "ConnectorConfig 2"
+    # a config that is neither a file here nor shipped is still reported by its name
+    proc = subprocess.run(
+        [str(site / "bin" / "mmsmall"), "train", "configs/train/no-such.yaml"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "configs/train/no-such.yaml" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_installed_wheel_trains_through_its_launcher(site, tmp_path):
+    """`mmsmall train` of the installed wheel: its launch/train.sh, shipped YAML and DeepSpeed json."""
+    from test_train import _image, _losses
+
+    from data_tools.shards import ShardWriter
+
+    data = tmp_path / "shards"
+    with ShardWriter(data, prefix="toy", max_count=8) as w:
+        for i in range(16):
+            img, caption = _image(i)
+            messages = [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": caption}]
+            w.write(
+                f"toy_{i:03d}", img, "png", {"id": f"toy{i:03d}", "task": "caption", "messages": messages}
+            )
+    env, cwd = _installed_env(site), tmp_path / "elsewhere"
+    cwd.mkdir()
+    cmd = [
+        str(site / "bin" / "mmsmall"), "train", "configs/train/tiny-pretrain.yaml", f"out_dir={tmp_path / 'run'}",
+        f"data.train=[{{path: {data}}}]", "train.steps=2", "train.save_every=0", "train.tensorboard=false",
+    ]  # fmt: skip
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "model").is_dir()
+    out = proc.stdout + proc.stderr
+    assert "Parsing model identifier" not in out  # third-party INFO stays quiet without -v
+
+
+def test_import_pulls_no_torch():
+    code = "import sys, mmsmall, mmsmall.config, mmsmall.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
