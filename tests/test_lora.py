@@ -170,7 +170,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
 def test_qlora_trains_on_a_4bit_base_resumes_exactly_and_exports_plain(setup):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmsmall.export.consolidate import consolidate_deepspeed, load_vlm
+    from mmsmall.export.consolidate import consolidate_deepspeed
+    from mmsmall.export.load import load_vlm
     from mmsmall.model.lora import quantize_base
     from mmsmall.model.vlm import VLM
 
