@@ -371,7 +371,7 @@ def partitioned_reduce_and_write(
 
 def unit_task(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     """``process_unit`` on a worker, returning only what the driver keeps (``slim_stats``)."""
-    return slim_stats(process_unit(unit, cfg_dict, work_dir))
+    return slim_stats(process_unit(unit, cfg_dict, work_dir), cfg_dict["report"]["grid_size"])
 
 
 def _by_reason(counts: Counter) -> Counter:
@@ -381,9 +381,19 @@ def _by_reason(counts: Counter) -> Counter:
     return out
 
 
-def slim_stats(st: dict) -> dict:
-    """A unit's done-marker without its per-candidate records (the driver keeps only their count)."""
-    return {k: v for k, v in st.items() if k != "cands"} | {"n_cands": len(st["cands"])}
+def slim_stats(st: dict, shown: int) -> dict:
+    """What the driver keeps of a unit's done-marker: counts, and the first ``shown`` drops of each reason.
+
+    Per-candidate records stay on disk (the global pass and the report read them there), so the
+    driver's share of a unit does not grow with its samples.
+    """
+    head, seen = [], Counter()
+    for d in st["drops"]:
+        seen[(d["stage"], d["reason"])] += 1
+        if seen[(d["stage"], d["reason"])] <= shown:
+            head.append(d)
+    keep = {k: st[k] for k in ("uid", "n_in", "hits")}
+    return keep | {"n_cands": len(st["cands"]), "drops": head, "drop_counts": seen}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -421,7 +431,7 @@ def run_curation(
         done = work / "units" / f"{u['uid']}.done.json"
         st = json.loads(done.read_text()) if done.exists() else None
         if st is not None and st.get("fingerprint") == fp:
-            stats_by_uid[u["uid"]] = slim_stats(st)
+            stats_by_uid[u["uid"]] = slim_stats(st, cfg.report.grid_size)
         else:
             todo.append(u)
     resumed = len(stats_by_uid)
@@ -432,7 +442,7 @@ def run_curation(
         dec, entries = partitioned_reduce_and_write(stats, cfg, work, out, fp, executor, workers)
 
     all_drops = [d | {"uid": s["uid"]} for s in stats for d in s["drops"]] + dec["drops"]
-    counts = Counter((d["stage"], d["reason"]) for s in stats for d in s["drops"]) + dec["counts"]
+    counts = sum((s["drop_counts"] for s in stats), Counter()) + dec["counts"]
     n_in = sum(s["n_in"] for s in stats)
     funnel = [
         {"stage": st, "reason": r, "count": counts[(st, r)]}
@@ -462,11 +472,12 @@ def run_curation(
     summary["manifest"] = str(out / "manifest.json")
     summary["total"] = manifest["total"]
     if cfg.report.enabled:
+        from .global_pass import report_view
         from .report import write_curation_report
 
-        full = [json.loads((work / "units" / f"{s['uid']}.done.json").read_text()) for s in stats]
+        view = report_view(work, [s["uid"] for s in stats], dec["kept"], dec["clip_threshold"], cfg)
         summary["report"] = str(
-            write_curation_report(out / "report", cfg, summary, full, dec, all_drops, hits, work / "units")
+            write_curation_report(out / "report", cfg, summary, view, dec, all_drops, hits, work / "units")
         )
     (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
     if not cfg.keep_work:

@@ -19,6 +19,7 @@ see docs/CURATION_SCALE.md for the figures.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -74,6 +75,7 @@ def columns_task(task: dict, work: str) -> dict:
         "phash": np.array([int(c["phash"], 16) for c in cands], dtype=np.uint64),
         "clip": np.array([np.nan if c["clip"] is None else c["clip"] for c in cands], dtype=np.float64),
         "key": np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"),
+        **{k: np.array([c[k] for c in cands], dtype=np.int64) for k in ("w", "h", "text_len")},
     }
     sha_part = np.array([int(s[:8], 16) % parts for s in sha], dtype=np.int64)
     key_part = _part_of([_root(k) for k in keys], parts)
@@ -167,7 +169,7 @@ class _Records:
         return uid, cands[g - int(self.offsets[u])]
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
 def _cands(work: str, uid: str) -> list[dict]:
     return json.loads((Path(work) / "units" / f"{uid}.done.json").read_text())["cands"]
 
@@ -330,3 +332,32 @@ def _renamed(work: str, parts: int) -> dict[int, str]:
         d = Path(work) / "reduce" / "keys"
         out.update(zip(np.load(d / f"g{p}.npy").tolist(), np.load(d / f"k{p}.npy").tolist()))
     return out
+
+
+def report_view(work: Path, uids: list[str], kept_head: list[tuple], threshold: float | None, cfg) -> dict:
+    """What the report shows of the candidates, read unit by unit from the columns.
+
+    ``{"clip", "text_len", "w", "h"}`` arrays over every candidate (histograms), ``"kept"`` [(uid, pos,
+    key, text)] for ``kept_head``, and ``"border"`` [(uid, pos, clip, text)]: the ``grid_size``
+    candidates nearest the threshold within ``report.borderline``, nearest first.
+    """
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("clip", "text_len", "w", "h")}
+    near: list[tuple[float, tuple[str, int]]] = []
+    g = cfg.report.grid_size
+    for uid in uids:
+        with np.load(_cols_path(str(work), uid)) as z:
+            for k in cols:
+                cols[k].append(z[k])
+            if threshold is not None:
+                diff = np.abs(z["clip"] - threshold)
+                rows = np.flatnonzero(diff <= cfg.report.borderline)  # NaN (no score) never passes
+                near = heapq.nsmallest(g, near + [(float(diff[r]), (uid, int(z["pos"][r]))) for r in rows])
+    view = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+    view["clip"] = view["clip"][~np.isnan(view["clip"])]
+
+    def record(uid: str, pos: int) -> dict:
+        return next(c for c in _cands(str(work), uid) if c["pos"] == pos)
+
+    view["kept"] = [(u, p, key, record(u, p)["text"]) for u, p, key in kept_head]
+    view["border"] = [(u, p, record(u, p)["clip"], record(u, p)["text"]) for _, (u, p) in near]
+    return view

@@ -9,7 +9,7 @@ import pytest
 
 from data_tools.config import CurateConfig
 from data_tools.curate import reduce_decisions
-from data_tools.global_pass import global_pass, kept_keys
+from data_tools.global_pass import global_pass, kept_keys, report_view
 
 
 def _units(rng: np.random.Generator, n_units: int = 5, per_unit: int = 60) -> list[dict]:
@@ -26,7 +26,7 @@ def _units(rng: np.random.Generator, n_units: int = 5, per_unit: int = 60) -> li
             ident = rng.choice(["a", "a_2", "a_2_2", "b", f"id{pos}", f"id{pos}_3"])  # keys that collide
             clip = round(float(rng.normal(0.3, 0.05)), 2)  # rounded: many ties
             cands.append({"pos": pos * 2, "id": str(ident), "source": f"s{u % 2}", "text": f"t{u}.{pos}",
-                          "sha256": sha, "phash": f"{h:016x}", "clip": clip})  # fmt: skip
+                          "sha256": sha, "phash": f"{h:016x}", "clip": clip, "w": 64, "h": 48, "text_len": 9})  # fmt: skip
         units.append({"uid": f"u{u:06d}", "cands": cands})
     units.insert(2, {"uid": "u999999", "cands": []})  # a unit whose every sample was dropped earlier
     return units
@@ -78,6 +78,14 @@ def test_partitioned_pass_equals_the_driver_pass(tmp_path, clip, parts):
         if shown[d["reason"]] <= cfg.report.grid_size:
             first.append(d)
     assert got["drops"] == first  # same records, same details (representatives), same order
+
+    view = report_view(tmp_path, uids, got["kept_head"], got["clip_threshold"], cfg)
+    thr = ref["clip_threshold"]
+    if thr is not None:  # the report's borderline grid: nearest the threshold, ties by (unit, pos)
+        cands = {(s["uid"], c["pos"]): c for s in units for c in s["cands"]}
+        near = sorted((abs(c["clip"] - thr), k) for k, c in cands.items() if abs(c["clip"] - thr) <= 0.02)
+        assert [(u, p) for u, p, _, _ in view["border"]] == [k for _, k in near[: cfg.report.grid_size]]
+    assert len(view["clip"]) == sum(len(s["cands"]) for s in units)  # every candidate's score, histogrammed
 
 
 @pytest.mark.parametrize("fetch", [1, 1 << 16])  # 1: narrow through every 16-bit digit of the sort key
