@@ -99,11 +99,7 @@ class _Table:
             self.keys = keys.astype(np.uint32) if self.bits <= 32 else keys
 
     def key(self, h: np.ndarray) -> np.ndarray:
-        key = np.zeros(len(h), dtype=np.uint64)
-        for a, b in self.spans:
-            band = (h >> np.uint64(64 - b)) & np.uint64((1 << (b - a)) - 1)
-            key = (key << np.uint64(b - a)) | band
-        return key
+        return table_key(h, self.spans)
 
     def buckets(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) positions in ``sorted`` of the bucket of each hash in ``h``."""
@@ -128,14 +124,7 @@ class NearDupIndex:
     def __init__(self, hashes: np.ndarray, max_distance: int = 4, bands: int = 0):
         self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
         self.k = int(max_distance)
-        m = bands or self.k + 2
-        if m <= self.k:
-            raise ValueError(f"NearDupIndex: bands={m} must exceed max_distance={self.k}")
-        edges = _band_edges(m)
-        self.tables = [
-            _Table(self.hashes, [(int(edges[c]), int(edges[c + 1])) for c in combo])
-            for combo in itertools.combinations(range(m), m - self.k)
-        ]
+        self.tables = [_Table(self.hashes, spans) for spans in table_spans(self.k, bands)]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -163,23 +152,44 @@ class NearDupIndex:
         return _unique_pairs([_bucket_pairs(t, self.k) for t in self.tables], len(self.hashes))
 
 
+def table_key(h: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """(N,) uint64: the bits of the bands ``spans`` of each hash, packed together."""
+    key = np.zeros(len(h), dtype=np.uint64)
+    for a, b in spans:
+        band = (h >> np.uint64(64 - b)) & np.uint64((1 << (b - a)) - 1)
+        key = (key << np.uint64(b - a)) | band
+    return key
+
+
+def table_spans(max_distance: int, bands: int = 0) -> list[list[tuple[int, int]]]:
+    """The band spans of every index table: each combination of ``m - k`` of the ``m`` bands."""
+    k = int(max_distance)
+    m = bands or k + 2
+    if m <= k:
+        raise ValueError(f"NearDupIndex: bands={m} must exceed max_distance={k}")
+    edges = _band_edges(m)
+    return [
+        [(int(edges[c]), int(edges[c + 1])) for c in combo]
+        for combo in itertools.combinations(range(m), m - k)
+    ]
+
+
 def self_pairs(hashes: np.ndarray, max_distance: int = 4, bands: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``NearDupIndex(hashes, max_distance, bands).self_pairs()`` holding one table at a time.
 
     Same pairs, but the peak memory is the hashes plus one table (about 30 bytes per hash) instead of
-    every table at once (``C(m, k)`` of them: 15 at the defaults).
+    every table at once (``C(m, k)`` of them: 28 at the defaults).
     """
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    k = int(max_distance)
-    m = bands or k + 2
-    if m <= k:
-        raise ValueError(f"self_pairs: bands={m} must exceed max_distance={k}")
-    edges = _band_edges(m)
-    found = [
-        _bucket_pairs(_Table(hashes, [(int(edges[c]), int(edges[c + 1])) for c in combo]), k)
-        for combo in itertools.combinations(range(m), m - k)
-    ]
+    found = [bucket_pairs(hashes, spans, max_distance) for spans in table_spans(max_distance, bands)]
     return _unique_pairs(found, len(hashes))
+
+
+def bucket_pairs(
+    hashes: np.ndarray, spans: list[tuple[int, int]], max_distance: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a < b) within ``max_distance`` bits that share a bucket of the table over ``spans``."""
+    return _bucket_pairs(_Table(np.ascontiguousarray(hashes, dtype=np.uint64), spans), int(max_distance))
 
 
 def _bucket_pairs(t: _Table, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .dedup import greedy_keep, self_pairs
+from .dedup import bucket_pairs, greedy_keep, table_key, table_spans
 from .executors import run_units
 from .shards import safe_key
 
 PER_PARTITION = 1_000_000  # candidates per exact-dedup / key partition (a few hundred MB in a task)
+PER_NEAR_PARTITION = 4_000_000  # hashes per (table, key partition) near-dedup task: ~165 B each
 RADIX = 16  # bits of the score's sort key resolved per histogram pass
 FETCH = 1 << 16  # a bucket this small sends its values back instead of another histogram
 
@@ -83,6 +84,11 @@ def columns_task(task: dict, work: str) -> dict:
         rows = np.flatnonzero(sha_part == p)
         cols[f"sha{p}"], cols[f"sharow{p}"] = sha[rows], rows
         cols[f"keyrow{p}"] = np.flatnonzero(key_part == p)
+    for t, spans in enumerate(task["tables"]):  # near dedup: each table's hashes by bucket-key partition
+        part = table_key(cols["phash"], spans) % np.uint64(task["near_parts"])
+        for p in range(task["near_parts"]):
+            rows = np.flatnonzero(part == np.uint64(p))
+            cols[f"nrow{t}_{p}"], cols[f"nhash{t}_{p}"] = rows, cols["phash"][rows]
     _save(_cols_path(work, task["uid"]), **cols)
     return {"uid": task["uid"], "n": len(cands)}
 
@@ -98,6 +104,25 @@ def exact_task(task: dict, work: str) -> tuple[np.ndarray, np.ndarray]:
     _, first, inverse = np.unique(sha, return_index=True, return_inverse=True)
     dup = np.flatnonzero(first[inverse] != np.arange(len(sha)))
     return g[dup], g[first[inverse[dup]]]
+
+
+def near_task(task: dict, work: str, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Table ``t``, key partition ``p``: global (a < b) of surviving pairs within ``max_distance`` bits.
+
+    Two hashes within k bits agree on every band of at least one table, so they share a bucket there;
+    a bucket lives in one partition. The union over all (t, p) is every pair, exactly.
+    """
+    alive = np.load(Path(work) / "reduce" / "alive.npy", mmap_mode="r")
+    t, p, hashes, gidx = task["t"], task["p"], [], []
+    for uid, offset in task["units"]:
+        with np.load(_cols_path(work, uid)) as z:
+            rows = z[f"nrow{t}_{p}"]
+            keep = np.asarray(alive[offset + rows]) if len(rows) else np.zeros(0, bool)
+            hashes.append(z[f"nhash{t}_{p}"][keep])
+            gidx.append(rows[keep] + offset)
+    g = np.concatenate(gidx)  # ascending: local a < b stays a < b
+    a, b = bucket_pairs(np.concatenate(hashes), task["spans"], max_distance)
+    return g[a], g[b]
 
 
 def _sort_key(scores: np.ndarray) -> np.ndarray:
@@ -199,7 +224,10 @@ def global_pass(
     offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)  # (U + 1,)
     n = int(offsets[-1])
     parts = parts or partitions_for(n)
-    run_units(columns_task, [{"uid": u, "parts": parts} for u in uids], (w,), executor, workers, "columns")
+    tables = table_spans(cfg.dedup.max_distance, cfg.dedup.bands) if cfg.dedup.near else []
+    near_parts = max(2, ceil(n / PER_NEAR_PARTITION))
+    run_units(columns_task, [{"uid": u, "parts": parts, "tables": tables, "near_parts": near_parts} for u in uids],
+              (w,), executor, workers, "columns")  # fmt: skip
     alive = np.ones(n, dtype=bool)
     record = _Records(w, uids, offsets)
     counts: Counter = Counter()
@@ -224,23 +252,24 @@ def global_pass(
         for g, f in zip(dup[order].tolist(), of[order].tolist()):
             note(g, "exact_dedup", "exact_duplicate", lambda f=f: f"same bytes as {record(f)[1]['id']}")
     if cfg.dedup.near and alive.any():
-        idx = np.flatnonzero(alive)
-        hashes = np.concatenate(
-            [
-                np.load(_cols_path(w, u))["phash"][alive[a:b]]
-                for u, a, b in zip(uids, offsets[:-1], offsets[1:])
-            ]
-        )
-        a, b = self_pairs(hashes, cfg.dedup.max_distance, cfg.dedup.bands)
-        keep, dup_of = greedy_keep(len(idx), a, b)
-        del a, b
+        _save_alive(work, alive)
+        tasks = [
+            {"t": t, "p": p, "spans": sp, "units": by_unit}
+            for t, sp in enumerate(tables)
+            for p in range(near_parts)
+        ]
+        found = run_units(near_task, tasks, (w, cfg.dedup.max_distance), executor, workers, "near dedup")
+        a = np.concatenate([x for x, _ in found])
+        b = np.concatenate([y for _, y in found])
+        b, a = np.divmod(np.unique(b * max(n, 1) + a), max(n, 1))  # unique, sorted by (b, a)
+        nodes = np.unique(np.r_[a, b])  # only samples in some pair; ascending = global order
+        keep, dup_of = greedy_keep(len(nodes), np.searchsorted(nodes, a), np.searchsorted(nodes, b))
+        del a, b, found
         for j in np.flatnonzero(~keep).tolist():
-            alive[idx[j]] = False
-            o = int(dup_of[j])
-            dist = int(np.bitwise_count(hashes[j] ^ hashes[o]))
-            note(int(idx[j]), "near_dedup", "near_duplicate",
-                 lambda o=o, d=dist: f"pHash within {d} bits of {record(int(idx[o]))[1]['id']}")  # fmt: skip
-        del idx, hashes, keep, dup_of
+            g, o = int(nodes[j]), int(nodes[dup_of[j]])
+            alive[g] = False
+            note(g, "near_dedup", "near_duplicate", lambda g=g, o=o: _near_detail(record(g)[1], record(o)[1]))
+        del nodes, keep, dup_of
     threshold = None
     groups = _groups(
         [(u, int(o), int(s)) for u, o, s in zip(uids, offsets[:-1], sizes)], max(1, len(uids) // parts)
@@ -263,6 +292,11 @@ def global_pass(
     head = [(uid, pos, key) for uid, pos, key in kept_keys(w, uids, offsets, alive, 0, g_max, parts)]
     return {"offsets": offsets, "parts": parts, "kept_per_unit": kept_per_unit, "counts": counts, "drops": drops,
             "kept_head": head, "clip_threshold": threshold}  # fmt: skip
+
+
+def _near_detail(c: dict, other: dict) -> str:
+    dist = bin(int(c["phash"], 16) ^ int(other["phash"], 16)).count("1")
+    return f"pHash within {dist} bits of {other['id']}"
 
 
 def _clip_detail(s: float, threshold: float) -> str:
