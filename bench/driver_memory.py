@@ -6,7 +6,7 @@ Builds ``--n`` synthetic candidates (LAION-like ids and 120-character captions, 
 near-duplicate pHashes, CLIP scores) as unit ``done.json`` files, then measures with ``tracemalloc``
 the driver's peak for (a) loading every record + ``reduce_decisions`` (the reference) and (b)
 ``global_pass`` + the shard plan with its tasks in a 2-process pool (so only the driver is traced),
-and the peak of one exact-dedup and one key task run in this process (what a worker holds).
+and the peak of one exact-dedup, key and near-dedup task run in this process (what a worker holds).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import numpy as np
 
 from data_tools.config import CurateConfig
 from data_tools.curate import reduce_decisions
+from data_tools.dedup import table_spans
 from data_tools.executors import session
-from data_tools.global_pass import exact_task, global_pass, keys_task
+from data_tools.global_pass import PER_NEAR_PARTITION, exact_task, global_pass, keys_task, near_task
 from data_tools.shard_tasks import shard_plan
 
 
@@ -86,6 +87,9 @@ def main() -> None:
         by_unit = [(u, int(o)) for (u, _), o in zip(units, g["offsets"][:-1].tolist())]
         _, exact_peak = traced(lambda: exact_task({"p": 0, "units": by_unit}, str(work)))
         _, keys_peak = traced(lambda: keys_task({"p": 0, "units": by_unit}, str(work)))
+        spans = table_spans(cfg.dedup.max_distance, cfg.dedup.bands)[0]
+        near = {"t": 0, "p": 0, "spans": spans, "units": by_unit}
+        _, near_peak = traced(lambda: near_task(near, str(work), cfg.dedup.max_distance))
     n, per_part = args.n, args.n / g["parts"]
     print(f"candidates {n}, units {args.units}, partitions {g['parts']}, kept {len(ref['kept'])}")
     print(
@@ -97,6 +101,10 @@ def main() -> None:
     )
     print(
         f"one key task:         peak {keys_peak / 2**20:.1f} MiB = {keys_peak / per_part:.1f} B per cand in it"
+    )
+    per_near = args.n / max(2, -(-args.n // PER_NEAR_PARTITION))
+    print(
+        f"one near-dedup task:  peak {near_peak / 2**20:.1f} MiB = {near_peak / per_near:.1f} B per hash in it"
     )
 
 
