@@ -12,6 +12,7 @@ and the peak of one exact-dedup, key and near-dedup task run in this process (wh
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import tracemalloc
@@ -38,8 +39,10 @@ def synth_units(work: Path, n: int, n_units: int, seed: int = 0) -> list[tuple[s
     for u, rows in enumerate(per):
         cands = []
         for g in rows.tolist():
-            sha = f"{rng.integers(n // 10):064x}" if rng.random() < 0.1 else f"{g + n:064x}"
-            cands.append({"pos": g - int(rows[0]), "id": f"{rng.integers(10**12):012d}", "source": "laion2b_en",
+            same = int(rng.integers(n // 10)) if rng.random() < 0.1 else g + n  # 10%: bytes seen before
+            sha = hashlib.sha256(str(same).encode()).hexdigest()
+            ident = f"{rng.integers(10**12):012d}"
+            cands.append({"pos": g - int(rows[0]), "id": ident, "source": "laion2b_en",
                           "text": ("a photo of " + "word " * 40)[:120], "sha256": sha, "ext": "jpg",
                           "phash": f"{int(hashes[g]):016x}", "clip": float(rng.normal(0.3, 0.05)),
                           "w": 512, "h": 384, "text_len": 120})  # fmt: skip
@@ -92,20 +95,12 @@ def main() -> None:
         _, near_peak = traced(lambda: near_task(near, str(work), cfg.dedup.max_distance))
     n, per_part = args.n, args.n / g["parts"]
     print(f"candidates {n}, units {args.units}, partitions {g['parts']}, kept {len(ref['kept'])}")
-    print(
-        f"reference (records + reduce_decisions): peak {ref_peak / 2**20:8.1f} MiB = {ref_peak / n:7.1f} B/cand"
-    )
-    print(f"partitioned global pass + shard plan:   peak {peak / 2**20:8.1f} MiB = {peak / n:7.1f} B/cand")
-    print(
-        f"one exact-dedup task: peak {exact_peak / 2**20:.1f} MiB = {exact_peak / per_part:.1f} B per cand in it"
-    )
-    print(
-        f"one key task:         peak {keys_peak / 2**20:.1f} MiB = {keys_peak / per_part:.1f} B per cand in it"
-    )
+    print(f"reference (reduce_decisions):   peak {ref_peak / 2**20:8.1f} MiB = {ref_peak / n:7.1f} B/cand")
+    print(f"partitioned + shard plan:       peak {peak / 2**20:8.1f} MiB = {peak / n:7.1f} B/cand")
+    print(f"one exact-dedup task: peak {exact_peak / 2**20:.1f} MiB = {exact_peak / per_part:.1f} B/cand")
+    print(f"one key task:         peak {keys_peak / 2**20:.1f} MiB = {keys_peak / per_part:.1f} B/cand")
     per_near = args.n / max(2, -(-args.n // PER_NEAR_PARTITION))
-    print(
-        f"one near-dedup task:  peak {near_peak / 2**20:.1f} MiB = {near_peak / per_near:.1f} B per hash in it"
-    )
+    print(f"one near-dedup task:  peak {near_peak / 2**20:.1f} MiB = {near_peak / per_near:.1f} B/hash")
 
 
 if __name__ == "__main__":

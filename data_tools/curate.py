@@ -1,8 +1,8 @@
 """Curation: raw inputs -> clean webdataset shards + report, resumable and parallel.
 
     plan units ──map (process_unit, per unit, in parallel)──▶ work/units/uXXXXXX.{tar,done.json}
-               ──reduce (exact + near dedup, CLIP threshold; global, in the driver)──▶ decisions
-               ──write (one output shard at a time)──▶ out/{prefix}-NNNNNN.tar + manifest.json
+               ──reduce (dedup, CLIP threshold, keys: partitioned tasks, global_pass.py)──▶ decisions
+               ──write (one task per output shard, shard_tasks.py)──▶ out/{prefix}-NNNNNN.tar + manifest.json
                ──report──▶ out/report/report.html + PNGs
 
 Every map stage is a pure function of one unit's records; every sample it drops gets a reason

@@ -3,18 +3,19 @@
 Same decisions as ``curate.reduce_decisions``, which loads every candidate's record into the driver;
 here the records stay in the units' ``done.json`` files and executor tasks do the work:
 
-    columns (one task per unit)  done.json -> reduce/cols/{uid}.npz: compact columns, and the sha256s
-                                 and output keys split into P partitions
+    columns (one task per unit)  done.json -> reduce/cols/{uid}.npz: compact columns, and the sha256s,
+                                 output keys and each index table's pHashes split into partitions
     exact   (one task per sha256 partition)  first occurrence of each sha256 in global order
-    near    (driver)             pHashes of the survivors only (8 bytes each), one index table at a time
+    near    (one task per index table and bucket-key partition)  the pairs within max_distance; the
+                                 driver merges them and walks ``greedy_keep`` over paired samples only
     clip    (tasks over unit groups)  exact quantile: 16-bit radix histograms of the scores narrow the
                                  rank to one bucket, whose values come back; then the drops
     keys    (one task per key-root partition)  unique keys; only the renamed ones are written
 
 Partitions are exact: duplicates share a sha256 prefix, and a key and every ``_N`` rename of it share
 the root left after stripping trailing ``_digits``, so no decision crosses a partition. The driver holds
-``alive`` (one byte per candidate), the survivors' pHashes while near dedup runs, and per-unit counts;
-see docs/CURATION_SCALE.md for the figures.
+``alive`` (one byte per candidate), the duplicates the tasks return, and per-unit counts; see
+docs/CURATION_SCALE.md for the figures.
 """
 
 from __future__ import annotations
@@ -226,8 +227,8 @@ def global_pass(
     parts = parts or partitions_for(n)
     tables = table_spans(cfg.dedup.max_distance, cfg.dedup.bands) if cfg.dedup.near else []
     near_parts = max(2, ceil(n / PER_NEAR_PARTITION))
-    run_units(columns_task, [{"uid": u, "parts": parts, "tables": tables, "near_parts": near_parts} for u in uids],
-              (w,), executor, workers, "columns")  # fmt: skip
+    layout = {"parts": parts, "tables": tables, "near_parts": near_parts}
+    run_units(columns_task, [{"uid": u} | layout for u in uids], (w,), executor, workers, "columns")
     alive = np.ones(n, dtype=bool)
     record = _Records(w, uids, offsets)
     counts: Counter = Counter()
@@ -283,15 +284,15 @@ def global_pass(
         if threshold is not None:
             found = run_units(clip_task, [{"op": "drop", "threshold": threshold, "units": g} for g in groups],
                               (w,), executor, workers, "clip")  # fmt: skip
-            for g in np.concatenate(found).tolist():
+            for g in np.concatenate(found).tolist() if found else []:
                 alive[g] = False
                 note(g, "clip", "clip_low", lambda g=g: _clip_detail(record(g)[1]["clip"], threshold))
     _save_alive(work, alive)
     run_units(keys_task, [{"p": p, "units": by_unit} for p in range(parts)], (w,), executor, workers, "keys")
     kept_per_unit = [int(alive[a:b].sum()) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
     head = [(uid, pos, key) for uid, pos, key in kept_keys(w, uids, offsets, alive, 0, g_max, parts)]
-    return {"offsets": offsets, "parts": parts, "kept_per_unit": kept_per_unit, "counts": counts, "drops": drops,
-            "kept_head": head, "clip_threshold": threshold}  # fmt: skip
+    return {"offsets": offsets, "parts": parts, "kept_per_unit": kept_per_unit, "counts": counts,
+            "drops": drops, "kept_head": head, "clip_threshold": threshold}  # fmt: skip
 
 
 def _near_detail(c: dict, other: dict) -> str:

@@ -26,7 +26,8 @@ def _units(rng: np.random.Generator, n_units: int = 5, per_unit: int = 60) -> li
             ident = rng.choice(["a", "a_2", "a_2_2", "b", f"id{pos}", f"id{pos}_3"])  # keys that collide
             clip = round(float(rng.normal(0.3, 0.05)), 2)  # rounded: many ties
             cands.append({"pos": pos * 2, "id": str(ident), "source": f"s{u % 2}", "text": f"t{u}.{pos}",
-                          "sha256": sha, "phash": f"{h:016x}", "clip": clip, "w": 64, "h": 48, "text_len": 9})  # fmt: skip
+                          "sha256": sha, "phash": f"{h:016x}", "clip": clip, "w": 64, "h": 48,
+                          "text_len": 9})  # fmt: skip
         units.append({"uid": f"u{u:06d}", "cands": cands})
     units.insert(2, {"uid": "u999999", "cands": []})  # a unit whose every sample was dropped earlier
     return units
