@@ -1,8 +1,8 @@
 """Curation: raw inputs -> clean webdataset shards + report, resumable and parallel.
 
     plan units ──map (process_unit, per unit, in parallel)──▶ work/units/uXXXXXX.{tar,done.json}
-               ──reduce (exact + near dedup, CLIP threshold; global, in the driver)──▶ decisions
-               ──write (one output shard at a time)──▶ out/{prefix}-NNNNNN.tar + manifest.json
+               ──reduce (dedup, CLIP threshold, keys: partitioned tasks, global_pass.py)──▶ decisions
+               ──write (one task per output shard, shard_tasks.py)──▶ out/{prefix}-NNNNNN.tar + manifest.json
                ──report──▶ out/report/report.html + PNGs
 
 Every map stage is a pure function of one unit's records; every sample it drops gets a reason
@@ -35,10 +35,11 @@ from mmsmall.data.remote import is_remote
 from .config import CurateConfig, load_curate_config
 from .decontam import DecontamIndex, hit_record
 from .dedup import NearDupIndex, greedy_keep, hex64, phash_batch, phash_thumb
-from .executors import run_units
+from .executors import run_units, session
 from .ingest import plan_units, read_unit
 from .points import normalize_points, pointing_messages
-from .shards import ShardWriter, _add_member, safe_key, write_manifest
+from .shard_tasks import StageReader, remove_stale, write_shard
+from .shards import _add_member, safe_key, write_manifest
 from .textfilters import text_filter
 from .validate import decode_validate, normalize_image
 
@@ -344,59 +345,65 @@ def reduce_decisions(stats: list[dict], cfg: CurateConfig) -> dict:
 # ----------------------------------------------------------------------------- write
 
 
-class _StageReader:
-    """Members of one unit's stage tar, read in memory (one unit cached at a time)."""
-
-    def __init__(self, units_dir: Path):
-        self.units_dir = units_dir
-        self.uid: str | None = None
-        self.members: dict[str, bytes] = {}
-
-    def get(self, uid: str, name: str) -> bytes | None:
-        if uid != self.uid:
-            with tarfile.open(self.units_dir / f"{uid}.tar") as tar:
-                self.members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-            self.uid = uid
-        return self.members.get(name)
-
-
 def write_shards(
     kept: list[tuple[str, int, str]], cfg: CurateConfig, work: Path, out: Path, fp: str
 ) -> list[dict]:
-    """Write the kept samples into fixed-size shards; committed shards are skipped on rerun."""
-    from tqdm.auto import tqdm
-
-    reader = _StageReader(work / "units")
-    marks = work / "shards"
-    marks.mkdir(parents=True, exist_ok=True)
+    """Write the kept samples into fixed-size shards in this process (the reference for the shard tasks)."""
+    reader = StageReader(work / "units")
     chunks = [kept[s : s + cfg.shard_size] for s in range(0, len(kept), cfg.shard_size)]
-    entries = []
-    for i, chunk in enumerate(tqdm(chunks, desc="shards", unit="shard", dynamic_ncols=True)):
-        content = hashlib.sha256(json.dumps([fp, cfg.prefix, chunk]).encode()).hexdigest()
-        marker = marks / f"{i:06d}.json"
-        if marker.exists():
-            m = json.loads(marker.read_text())
-            if m["content"] == content and (out / m["entry"]["name"]).exists():
-                entries.append(m["entry"])
-                continue
-        w = ShardWriter(out, cfg.prefix, max_count=len(chunk) + 1, start_index=i)
-        for uid, pos, key in chunk:
-            meta = json.loads(reader.get(uid, f"s{pos:06d}.json"))
-            for ext in ("jpg", "png"):
-                data = reader.get(uid, f"s{pos:06d}.{ext}")
-                if data is not None:
-                    break
-            w.write(key, data, ext, meta)
-        entry = w.close(manifest=False)["shards"][0]
-        _atomic_write(marker, json.dumps({"content": content, "entry": entry}).encode())
-        entries.append(entry)
-    for stale in out.glob(f"{cfg.prefix}-*.tar"):  # shards of an earlier, larger run
-        try:
-            if int(stale.stem.rsplit("-", 1)[1]) >= len(chunks):
-                stale.unlink()
-        except ValueError:
-            continue
+    entries = [write_shard(i, chunk, cfg, work, out, fp, reader) for i, chunk in enumerate(chunks)]
+    remove_stale(out, cfg.prefix, len(chunks))
     return entries
+
+
+def partitioned_reduce_and_write(
+    stats: list[dict], cfg: CurateConfig, work: Path, out: Path, fp: str, executor: str, workers: int | None
+) -> tuple[dict, list[dict]]:
+    """``reduce_decisions`` + ``write_shards`` as executor tasks: same decisions, same bytes.
+
+    Returns (decisions, shard entries); decisions carry the counts of the global pass's drops, its first
+    ``report.grid_size`` drop records per reason and the first kept samples, not every sample.
+    """
+    from .global_pass import global_pass
+    from .shard_tasks import shard_plan, shard_task
+
+    uids = [s["uid"] for s in stats]
+    g = global_pass([(s["uid"], s["n_cands"]) for s in stats], cfg, work, executor, workers)
+    plan = shard_plan(uids, g["offsets"], g["kept_per_unit"], cfg.shard_size, g["parts"])
+    entries = run_units(
+        shard_task, plan, (to_dict(cfg), str(work), str(out), fp), executor, workers, "shards"
+    )
+    remove_stale(out, cfg.prefix, len(plan))
+    dec = {"kept": g["kept_head"], "n_kept": sum(g["kept_per_unit"]), "drops": g["drops"],
+           "counts": g["counts"], "clip_threshold": g["clip_threshold"]}  # fmt: skip
+    return dec, entries
+
+
+def unit_task(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
+    """``process_unit`` on a worker, returning only what the driver keeps (``slim_stats``)."""
+    return slim_stats(process_unit(unit, cfg_dict, work_dir), cfg_dict["report"]["grid_size"])
+
+
+def _by_reason(counts: Counter) -> Counter:
+    out: Counter = Counter()
+    for (_, reason), n in counts.items():
+        out[reason] += n
+    return out
+
+
+def slim_stats(st: dict, shown: int) -> dict:
+    """What the driver keeps of a unit's done-marker: counts, and the first ``shown`` drops of each reason.
+
+    Per-candidate records stay on disk (the global pass and the report read them there), so the
+    driver's share of a unit does not grow with its samples.
+    """
+    head, seen = [], Counter()
+    for d in st["drops"]:
+        seen[(d["stage"], d["reason"])] += 1
+        if seen[(d["stage"], d["reason"])] <= shown:
+            head.append(d)
+    keep = {k: st[k] for k in ("uid", "n_in", "hits")}
+    return keep | {"n_cands": len(st["cands"]), "drops": head, "drop_counts": seen}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -432,19 +439,18 @@ def run_curation(
     todo, stats_by_uid = [], {}
     for u in units:
         if (st := finished_unit(work / "units", u["uid"], fp)) is not None:
-            stats_by_uid[u["uid"]] = st
+            stats_by_uid[u["uid"]] = slim_stats(st, cfg.report.grid_size)
         else:
             todo.append(u)
     resumed = len(stats_by_uid)
-    for st in run_units(process_unit, todo, (to_dict(cfg), str(work)), executor, workers, desc="curate"):
-        stats_by_uid[st["uid"]] = st
-    stats = [stats_by_uid[u["uid"]] for u in units]
-
-    dec = reduce_decisions(stats, cfg)
-    entries = write_shards(dec["kept"], cfg, work, out, fp)
+    with session(executor, workers):  # one pool / Ray connection for the units, the global pass, the shards
+        for st in run_units(unit_task, todo, (to_dict(cfg), str(work)), executor, workers, desc="curate"):
+            stats_by_uid[st["uid"]] = st
+        stats = [stats_by_uid[u["uid"]] for u in units]
+        dec, entries = partitioned_reduce_and_write(stats, cfg, work, out, fp, executor, workers)
 
     all_drops = [d | {"uid": s["uid"]} for s in stats for d in s["drops"]] + dec["drops"]
-    counts = Counter((d["stage"], d["reason"]) for d in all_drops)
+    counts = sum((s["drop_counts"] for s in stats), Counter()) + dec["counts"]
     n_in = sum(s["n_in"] for s in stats)
     funnel = [
         {"stage": st, "reason": r, "count": counts[(st, r)]}
@@ -452,13 +458,13 @@ def run_curation(
         for (s2, r) in sorted(counts)
         if s2 == st
     ]
-    dropped = dict(sorted(Counter(d["reason"] for d in all_drops).items()))
+    dropped = dict(sorted(_by_reason(counts).items()))
     hits = [h for s in stats for h in s["hits"]]
     summary: dict[str, Any] = {
         "name": cfg.name,
         "out_dir": str(out),
         "n_in": n_in,
-        "n_kept": len(dec["kept"]),
+        "n_kept": dec["n_kept"],
         "dropped": dropped,
         "funnel": funnel,
         "clip_threshold": dec["clip_threshold"],
@@ -474,10 +480,12 @@ def run_curation(
     summary["manifest"] = str(out / "manifest.json")
     summary["total"] = manifest["total"]
     if cfg.report.enabled:
+        from .global_pass import report_view
         from .report import write_curation_report
 
+        view = report_view(work, [s["uid"] for s in stats], dec["kept"], dec["clip_threshold"], cfg)
         summary["report"] = str(
-            write_curation_report(out / "report", cfg, summary, stats, dec, all_drops, hits, work / "units")
+            write_curation_report(out / "report", cfg, summary, view, dec, all_drops, hits, work / "units")
         )
     (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
     if not cfg.keep_work:
@@ -489,6 +497,7 @@ def run_curation(
 _WORK_FILES = (
     "units/u[0-9]*.tar", "units/u[0-9]*.done.json", "units/*.tmp", "shards/[0-9]*.json", "shards/*.tmp",
     "decontam.npy", "decontam.json", "decontam.fingerprint", "decontam.fingerprint.tmp",
+    "reduce/cols/u[0-9]*.npz", "reduce/cols/*.tmp.npz", "reduce/keys/[gk][0-9]*.npy", "reduce/alive*.npy",
 )  # fmt: skip
 
 
@@ -498,7 +507,8 @@ def remove_work(work: Path) -> None:
         for f in work.glob(pattern):
             if f.is_file() and not f.is_symlink():
                 f.unlink()
-    for d in (work / "units", work / "shards", work):
+    for d in (work / "units", work / "shards", work / "reduce" / "cols", work / "reduce" / "keys",
+              work / "reduce", work):  # fmt: skip
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
 

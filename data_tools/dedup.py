@@ -99,11 +99,7 @@ class _Table:
             self.keys = keys.astype(np.uint32) if self.bits <= 32 else keys
 
     def key(self, h: np.ndarray) -> np.ndarray:
-        key = np.zeros(len(h), dtype=np.uint64)
-        for a, b in self.spans:
-            band = (h >> np.uint64(64 - b)) & np.uint64((1 << (b - a)) - 1)
-            key = (key << np.uint64(b - a)) | band
-        return key
+        return table_key(h, self.spans)
 
     def buckets(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) positions in ``sorted`` of the bucket of each hash in ``h``."""
@@ -128,14 +124,7 @@ class NearDupIndex:
     def __init__(self, hashes: np.ndarray, max_distance: int = 4, bands: int = 0):
         self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
         self.k = int(max_distance)
-        m = bands or self.k + 2
-        if m <= self.k:
-            raise ValueError(f"NearDupIndex: bands={m} must exceed max_distance={self.k}")
-        edges = _band_edges(m)
-        self.tables = [
-            _Table(self.hashes, [(int(edges[c]), int(edges[c + 1])) for c in combo])
-            for combo in itertools.combinations(range(m), m - self.k)
-        ]
+        self.tables = [_Table(self.hashes, spans) for spans in table_spans(self.k, bands)]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -160,26 +149,78 @@ class NearDupIndex:
 
     def self_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored pairs (a, b), a < b, within max_distance, unique and sorted by (b, a)."""
-        n = len(self.hashes)
-        out_a, out_b = [], []
-        for t in self.tables if n >= 2 else []:
-            keys = t.sorted_keys()  # (N,) nondecreasing
-            new_bucket = np.r_[True, keys[1:] != keys[:-1]]  # (N,)
-            ends = np.r_[np.flatnonzero(new_bucket)[1:], n]  # end of each bucket
-            p = np.flatnonzero(~new_bucket[1:])  # positions whose successor shares the bucket
-            if len(p) == 0:
-                continue
-            bucket_end = ends[np.cumsum(new_bucket)[p] - 1]
-            owner, q = _ragged_pairs(p + 1, bucket_end)
-            ok = hamming(t.sorted[p[owner]], t.sorted[q]) <= self.k
-            a, b = t.order[p[owner][ok]].astype(np.int64), t.order[q[ok]].astype(np.int64)
-            out_a.append(np.minimum(a, b))
-            out_b.append(np.maximum(a, b))
-        if not out_a:
-            e = np.zeros(0, dtype=np.int64)
-            return e, e
-        b, a = np.divmod(np.unique(np.concatenate(out_b) * n + np.concatenate(out_a)), n)
-        return a, b
+        return _unique_pairs([_bucket_pairs(t, self.k) for t in self.tables], len(self.hashes))
+
+
+def table_key(h: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """(N,) uint64: the bits of the bands ``spans`` of each hash, packed together."""
+    key = np.zeros(len(h), dtype=np.uint64)
+    for a, b in spans:
+        band = (h >> np.uint64(64 - b)) & np.uint64((1 << (b - a)) - 1)
+        key = (key << np.uint64(b - a)) | band
+    return key
+
+
+def table_spans(max_distance: int, bands: int = 0) -> list[list[tuple[int, int]]]:
+    """The band spans of every index table: each combination of ``m - k`` of the ``m`` bands."""
+    k = int(max_distance)
+    m = bands or k + 2
+    if m <= k:
+        raise ValueError(f"NearDupIndex: bands={m} must exceed max_distance={k}")
+    edges = _band_edges(m)
+    return [
+        [(int(edges[c]), int(edges[c + 1])) for c in combo]
+        for combo in itertools.combinations(range(m), m - k)
+    ]
+
+
+def self_pairs(hashes: np.ndarray, max_distance: int = 4, bands: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``NearDupIndex(hashes, max_distance, bands).self_pairs()`` holding one table at a time.
+
+    Same pairs, but the peak memory is the hashes plus one table (about 30 bytes per hash) instead of
+    every table at once (``C(m, k)`` of them: 28 at the defaults).
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    found = [bucket_pairs(hashes, spans, max_distance) for spans in table_spans(max_distance, bands)]
+    return _unique_pairs(found, len(hashes))
+
+
+def bucket_pairs(
+    hashes: np.ndarray, spans: list[tuple[int, int]], max_distance: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a < b) within ``max_distance`` bits that share a bucket of the table over ``spans``."""
+    return _bucket_pairs(_Table(np.ascontiguousarray(hashes, dtype=np.uint64), spans), int(max_distance))
+
+
+def _bucket_pairs(t: _Table, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a < b) of one table's buckets within ``k`` bits, in stored-row numbers."""
+    n = len(t.sorted)
+    e = np.zeros(0, dtype=np.int64)
+    if n < 2:
+        return e, e
+    keys = t.sorted_keys()  # (N,) nondecreasing
+    new_bucket = np.r_[True, keys[1:] != keys[:-1]]  # (N,)
+    ends = np.r_[np.flatnonzero(new_bucket)[1:], n]  # end of each bucket
+    p = np.flatnonzero(~new_bucket[1:])  # positions whose successor shares the bucket
+    if len(p) == 0:
+        return e, e
+    bucket_end = ends[np.cumsum(new_bucket)[p] - 1]
+    owner, q = _ragged_pairs(p + 1, bucket_end)
+    ok = hamming(t.sorted[p[owner]], t.sorted[q]) <= k
+    a, b = t.order[p[owner][ok]].astype(np.int64), t.order[q[ok]].astype(np.int64)
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def _unique_pairs(found: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-table pairs: unique, sorted by (b, a)."""
+    found = [(a, b) for a, b in found if len(a)]
+    if not found:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e
+    b, a = np.divmod(
+        np.unique(np.concatenate([b for _, b in found]) * n + np.concatenate([a for a, _ in found])), n
+    )
+    return a, b
 
 
 def greedy_keep(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -24,6 +25,37 @@ EXECUTORS = ("local", "ray")
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+_POOL: dict[int, ProcessPoolExecutor] = {}  # the open session's local pool, by worker count
+
+
+@contextmanager
+def session(executor: str = "local", workers: int | None = None) -> Iterator[None]:
+    """Keep one worker pool (local) or one Ray connection open for every ``run_units`` call inside.
+
+    A run that maps several phases (units, then the global pass, then shards) pays the pool's
+    spawn or Ray's start once instead of once per phase.
+    """
+    if executor == "ray":
+        started = _ray_init(workers)
+        try:
+            yield
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        return
+    n = workers or default_workers()
+    if n == 1 or n in _POOL:
+        yield
+        return
+    _POOL[n] = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
+    try:
+        yield
+    finally:
+        _POOL.pop(n).shutdown()
 
 
 def run_units(
@@ -48,26 +80,33 @@ def run_units(
             results[i] = fn(u, *args)
             bar.update(1)
     else:
-        # spawn: workers never inherit torch/thread state from the driver
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(fn, u, *args): i for i, u in enumerate(units)}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar.update(1)
+        pool = next(iter(_POOL.values()), None)  # the open session's pool, if any
+        if pool is None:  # spawn: workers never inherit torch/thread state from the driver
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as own:
+                _collect(own, fn, units, args, results, bar)
+        else:
+            _collect(pool, fn, units, args, results, bar)
     bar.close()
     return results
 
 
-def _run_ray(
-    fn: Callable[..., dict], units: Sequence[dict], args: tuple, workers: int | None, desc: str
-) -> list[dict]:
+def _collect(
+    pool: ProcessPoolExecutor, fn: Callable, units: Sequence[dict], args: tuple, results, bar
+) -> None:
+    futures = {pool.submit(fn, u, *args): i for i, u in enumerate(units)}
+    for fut in as_completed(futures):
+        results[futures[fut]] = fut.result()
+        bar.update(1)
+
+
+def _ray_init(workers: int | None) -> bool:
+    """Connect to Ray (the ``RAY_ADDRESS`` cluster, or a local one); True when this call started it."""
     try:
         import ray
     except ImportError:
         raise RuntimeError(
             "executor 'ray' needs Ray: pip install 'mmsmall[distributed]' (or 'ray[default]')"
         ) from None
-    started = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:  # join the running cluster; its resources are the cluster's, not ours to set
@@ -83,7 +122,16 @@ def _run_ray(
                 ) from e
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        started = True
+        return True
+    return False
+
+
+def _run_ray(
+    fn: Callable[..., dict], units: Sequence[dict], args: tuple, workers: int | None, desc: str
+) -> list[dict]:
+    started = _ray_init(workers)
+    import ray
+
     try:
         remote = ray.remote(fn)
         # at most `workers` units in flight (all of them when not given): `--workers N` caps the

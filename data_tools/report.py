@@ -205,7 +205,7 @@ def write_curation_report(
     out_dir: Path,
     cfg,
     summary: dict,
-    stats: list[dict],
+    view: dict,
     decisions: dict,
     drops: list[dict],
     hits: list[dict],
@@ -221,23 +221,21 @@ def write_curation_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     imgs = _Images(units_dir)
     g = cfg.report.grid_size
-    cands = {(s["uid"], c["pos"]): c for s in stats for c in s["cands"]}
     thr = decisions["clip_threshold"]
     pngs: list[tuple[str, Path]] = []
 
     # histograms over every candidate that passed the per-sample stages
-    cs = list(cands.values())
     pngs.append(
         (
             "CLIP score",
-            _hist([c["clip"] for c in cs], out_dir / "hist_clip.png", "CLIP score", "cosine similarity", thr),
+            _hist(view["clip"], out_dir / "hist_clip.png", "CLIP score", "cosine similarity", thr),
         )
     )
     pngs.append(
         (
             "Caption length",
             _hist(
-                [c["text_len"] for c in cs],
+                view["text_len"],
                 out_dir / "hist_caption_len.png",
                 "Assistant text length",
                 "characters",
@@ -248,17 +246,17 @@ def write_curation_report(
         (
             "Min side",
             _hist(
-                [min(c["w"], c["h"]) for c in cs], out_dir / "hist_min_side.png", "Image min side", "pixels"
+                np.minimum(view["w"], view["h"]), out_dir / "hist_min_side.png", "Image min side", "pixels"
             ),
         )
     )
-    pngs.append(("Aspect", _hist([max(c["w"], c["h"]) / min(c["w"], c["h"]) for c in cs], out_dir / "hist_aspect.png", "Aspect ratio", "long / short side")))  # fmt: skip
+    pngs.append(("Aspect", _hist(np.maximum(view["w"], view["h"]) / np.minimum(view["w"], view["h"]), out_dir / "hist_aspect.png", "Aspect ratio", "long / short side")))  # fmt: skip
 
     # grids
     grids: list[tuple[str, Path]] = []
     kept = [
-        {"image": imgs.get(u, p, False), "label": key, "caption": cands[(u, p)]["text"]}
-        for u, p, key in decisions["kept"][:g]
+        {"image": imgs.get(u, p, False), "label": key, "caption": text}
+        for u, p, key, text in view["kept"][:g]
     ]
     grids.append(("Kept", render_grid(kept, out_dir / "grid_kept.png", "kept", thumb=120)))
     by_reason: dict[str, list[dict]] = defaultdict(list)
@@ -273,9 +271,8 @@ def write_curation_report(
     for reason in sorted(by_reason):
         grids.append((f"Dropped: {reason}", render_grid(by_reason[reason], out_dir / f"grid_drop_{_slug(reason)}.png", reason, thumb=120)))  # fmt: skip
     if thr is not None:
-        near = sorted((abs(c["clip"] - thr), k) for k, c in cands.items() if c["clip"] is not None and abs(c["clip"] - thr) <= cfg.report.borderline)  # fmt: skip
-        border = [{"image": imgs.get(u, p, False), "label": f"{cands[(u, p)]['clip']:.4f}", "caption": cands[(u, p)]["text"]}
-                  for _, (u, p) in near[:g]]  # fmt: skip
+        border = [{"image": imgs.get(u, p, False), "label": f"{clip:.4f}", "caption": text}
+                  for u, p, clip, text in view["border"]]  # fmt: skip
         grids.append(("Borderline (CLIP score near the threshold)", render_grid(border, out_dir / "grid_borderline.png", "borderline", thumb=120)))  # fmt: skip
 
     # html

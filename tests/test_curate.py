@@ -362,3 +362,23 @@ def test_clip_absolute_threshold_in_the_global_pass():
     assert dec["clip_threshold"] == 0.2
     assert [k for _, _, k in dec["kept"]] == ["x_s1", "x_s2"]
     assert sorted(d["id"] for d in dec["drops"] if d["reason"] == "clip_low") == ["s0", "s3"]
+
+
+def test_partitioned_run_writes_the_bytes_of_the_in_driver_reference(curated, tmp_path):
+    """run_curation (global pass and shards as tasks) == reduce_decisions + write_shards on the same units."""
+    from data_tools.curate import _absolute_paths, config_fingerprint, reduce_decisions, write_shards
+
+    _, cfg, _, summary = curated
+    work = tmp_path / "w"
+    run_cfg = {**cfg, "shard_size": 7, "out_dir": str(tmp_path / "tasks"), "work_dir": str(work)}
+    two = run_curation(run_cfg, workers=2)
+    cfg = _absolute_paths(load_curate_config(run_cfg))
+    stats = [json.loads(p.read_text()) for p in sorted((work / "units").glob("u*.done.json"))]
+    dec = reduce_decisions(stats, cfg)
+    assert two["n_kept"] == len(dec["kept"]) == summary["n_kept"]
+    (work / "shards").rename(work / "shards_tasks")  # the reference must write, not reuse the markers
+    ref = tmp_path / "ref"
+    entries = write_shards(dec["kept"], cfg, work, ref, config_fingerprint(cfg))
+    assert len(entries) == len(list((tmp_path / "tasks").glob("*.tar"))) >= 2
+    for e in entries:
+        assert (ref / e["name"]).read_bytes() == (tmp_path / "tasks" / e["name"]).read_bytes()
