@@ -165,3 +165,39 @@ def test_import_pulls_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+_LOGS = """
+import logging
+from mmsmall.logs import setup_logging
+setup_logging()
+logging.info("third-party root INFO")  # as open_clip logs "Parsing model identifier"
+logging.getLogger("DeepSpeed").info("deepspeed INFO")
+logging.getLogger("mmsmall.train").info("our INFO")
+logging.getLogger("eval").info("eval INFO")
+logging.warning("third-party WARNING")
+"""
+
+
+def test_third_party_info_logs_are_quiet_unless_verbose():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MMSMALL_VERBOSE", None)
+    quiet = subprocess.run([sys.executable, "-c", _LOGS], env=env, capture_output=True, text=True).stderr
+    assert "our INFO" in quiet and "eval INFO" in quiet and "third-party WARNING" in quiet
+    assert "third-party root INFO" not in quiet and "deepspeed INFO" not in quiet
+    loud = subprocess.run(
+        [sys.executable, "-c", _LOGS], env=env | {"MMSMALL_VERBOSE": "1"}, capture_output=True, text=True
+    ).stderr
+    assert "third-party root INFO" in loud and "our INFO" in loud
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    before = os.environ.pop("MMSMALL_VERBOSE", None)
+    try:
+        assert CliRunner().invoke(app, ["-v", "eval", "--list-tasks"]).exit_code == 0
+        assert os.environ.get("MMSMALL_VERBOSE") == "1"  # -v reaches the processes a command starts
+    finally:
+        os.environ.pop("MMSMALL_VERBOSE", None)
+        if before is not None:
+            os.environ["MMSMALL_VERBOSE"] = before
