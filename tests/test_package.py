@@ -8,6 +8,7 @@ is found through the source tree.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,31 +131,21 @@ def test_installed_wheel_runs_from_any_directory(site, tmp_path):
 
 
 @pytest.mark.slow
-def test_installed_wheel_trains_through_its_launcher(site, tmp_path):
-    """`mmsmall train` of the installed wheel: its launch/train.sh, shipped YAML and DeepSpeed json."""
-    from test_train import _image, _losses
-
-    from data_tools.shards import ShardWriter
-
-    data = tmp_path / "shards"
-    with ShardWriter(data, prefix="toy", max_count=8) as w:
-        for i in range(16):
-            img, caption = _image(i)
-            messages = [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": caption}]
-            w.write(
-                f"toy_{i:03d}", img, "png", {"id": f"toy{i:03d}", "task": "caption", "messages": messages}
-            )
+def test_installed_wheel_runs_the_demo_from_any_directory(site, tmp_path):
+    """`mmsmall demo --quick --out X` of the installed wheel, from an unrelated directory: synthesis,
+    curation, training through the shipped launch/train.sh with the shipped YAML and DeepSpeed json,
+    eval and export, with third-party INFO quiet."""
     env, cwd = _installed_env(site), tmp_path / "elsewhere"
     cwd.mkdir()
-    cmd = [
-        str(site / "bin" / "mmsmall"), "train", "configs/train/tiny-pretrain.yaml", f"out_dir={tmp_path / 'run'}",
-        f"data.train=[{{path: {data}}}]", "train.steps=2", "train.save_every=0", "train.tensorboard=false",
-    ]  # fmt: skip
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    out_dir = tmp_path / "demo"
+    cmd = [str(site / "bin" / "mmsmall"), "demo", "--quick", "--out", str(out_dir)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert sorted(_losses(tmp_path / "run")) == [1, 2]
-    assert (tmp_path / "run" / "model").is_dir()
+    result = json.loads((out_dir / "demo_results.json").read_text())
+    assert {row["task"] for row in result["table"]} >= {"synth_scenes_count", "synth_charts"}
+    assert (out_dir / "release" / "config.json").exists() and (out_dir / "run" / "model").is_dir()
+    assert not (cwd / "configs").exists() and list(cwd.iterdir()) == []  # nothing written where it ran
     out = proc.stdout + proc.stderr
     assert "Parsing model identifier" not in out  # third-party INFO stays quiet without -v
 
