@@ -35,8 +35,15 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmsmall.config import ModelConfig, from_dict, to_dict
-from mmsmall.model.vlm import IMAGE_TOKENS, VLM, build_offline, offline_config
-from mmsmall.processing.batch import IGNORE_INDEX
+from mmsmall.model.vlm import (
+    IMAGE_TOKENS,
+    VLM,
+    build_offline,
+    next_token_loss,
+    offline_config,
+    positions_from_mask,
+)
+from mmsmall.processing.batch import count_targets
 
 MODEL_TYPE = "mmsmall"
 
@@ -278,19 +285,15 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
                 if attention_mask is None
                 else attention_mask.bool()
             )  # (B, T_past + T)
-            if position_ids is None:
-                if attention_mask is None:
-                    position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
-                else:
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+            if position_ids is None:  # the new tokens' positions among all real ones so far
+                position_ids = positions_from_mask(attention_mask, b, past + t, device)[:, -t:]  # (B, T)
             out = vlm.decode(
                 input_ids, keys, position_ids, cache, use_cache=use_cache, logits_to_keep=logits_to_keep
             )
         loss = None
         logits = vlm.emittable(out.logits)  # (B, T, V); input-only ids at -inf
         if labels is not None:
-            flat = logits[:, :-1].flatten(0, 1).float()  # ((B*(T-1)), V)
-            loss = torch.nn.functional.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            loss = next_token_loss(logits[:, :-1], labels[:, 1:], count_targets(labels), "mean")
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
     def prepare_inputs_for_generation(

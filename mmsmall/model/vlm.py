@@ -248,7 +248,7 @@ class VLM(nn.Module):
             )
             llm_kwargs = {"attention_mask": self._llm_mask(allowed, embeds.dtype)}
         if position_ids is None:
-            position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
+            position_ids = positions_from_mask(attention_mask, b, t, input_ids.device)
         targets = None if labels is None else labels[:, 1:]  # (B, T-1)
         if targets is not None and not keep_logits:
             keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
@@ -260,11 +260,7 @@ class VLM(nn.Module):
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
         n_targets = count_targets(labels)  # the kept positions hold every target
         predicting = logits[:, :-1] if keep_logits else logits  # aligned with targets
-        loss = F.cross_entropy(
-            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        if loss_reduction == "mean":
-            loss = loss / n_targets.clamp(min=1)
+        loss = next_token_loss(predicting, targets, n_targets, loss_reduction)
         return VLMOutput(loss, logits if keep_logits else None, n_targets)
 
     # ------------------------------------------------------------------ generation
@@ -291,7 +287,7 @@ class VLM(nn.Module):
         attention_mask = on.setdefault("attention_mask", torch.ones_like(input_ids))
         if t and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs a LEFT-padded batch (collate(..., left_pad=True))")
-        position_ids = on.setdefault("position_ids", _positions_from_mask(attention_mask, b, t, self.device))
+        position_ids = on.setdefault("position_ids", positions_from_mask(attention_mask, b, t, self.device))
         cache = DynamicCache(config=self.llm.config)
         out, allowed = self.prefill(**on, cache=cache, use_cache=True, logits_to_keep=1)
         # What a new token (after the last prompt token, same doc and conversation) may see: (B, T).
@@ -340,7 +336,7 @@ class VLM(nn.Module):
         mask it used. Positions default to counting real tokens from 0."""
         b, t = input_ids.shape
         if position_ids is None:
-            position_ids = _positions_from_mask(attention_mask, b, t, input_ids.device)
+            position_ids = positions_from_mask(attention_mask, b, t, input_ids.device)
         embeds = self.embed(input_ids, pixel_values, image_token_pooling)  # (B, T, H)
         allowed = build_attention_mask(
             attention_mask, doc_ids, conv_ids, self._is_image(input_ids), (b, t), input_ids.device
@@ -521,7 +517,18 @@ def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Modul
     return llm
 
 
-def _positions_from_mask(
+def next_token_loss(
+    predicting: torch.Tensor, targets: torch.Tensor, n_targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of ``predicting`` (B, K, V) logits against ``targets`` (B, K), already aligned
+    (the logits at t predict the label at t + 1); summed, or divided by ``n_targets`` for "mean"."""
+    loss = F.cross_entropy(
+        predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss / n_targets.clamp(min=1) if reduction == "mean" else loss
+
+
+def positions_from_mask(
     attention_mask: torch.Tensor | None, b: int, t: int, device: torch.device
 ) -> torch.Tensor:
     """(B, T) positions counting real tokens from 0 (padding gets 0)."""
