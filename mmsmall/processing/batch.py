@@ -11,7 +11,7 @@ doc_ids conv_ids`` (B, T); ``pixel_values`` (N, P, C), every crop in row order; 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -21,9 +21,34 @@ TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")  # per-token te
 # what VLM.forward reads of a Batch (the rest, sample_ids and image_grids, is bookkeeping)
 MODEL_KEYS = (*TOKEN_KEYS, "attention_mask", "doc_ids", "pixel_values", "image_token_pooling")
 
-# one encoded sample: TOKEN_KEYS (T,), and pixel_values / image_token_pooling / image_grids
-Example = dict[str, Any]
-Batch = dict[str, Any]  # see the module docstring
+
+class Example(TypedDict, total=False):
+    """One encoded sample (what a Processor returns)."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    labels: torch.Tensor  # (T,) int64, IGNORE_INDEX where not trained
+    position_ids: torch.Tensor  # (T,) int64
+    conv_ids: torch.Tensor  # (T,) int64, 0 = the shared prefix
+    pixel_values: torch.Tensor  # (n_crops, n_patches, 3 * patch^2), with an image
+    image_token_pooling: torch.Tensor  # (n_image_tokens, K) int64 patch indices, -1 = none
+    image_grids: torch.Tensor  # (1, 4) int64
+    sample_id: str
+    ref: tuple  # (shard, member) where training read it
+
+
+class Batch(TypedDict, total=False):
+    """Model inputs of several examples (see the module docstring and docs/INTERFACES.md)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 real / 0 padding
+    position_ids: torch.Tensor  # (B, T)
+    doc_ids: torch.Tensor  # (B, T) packed document per token, -1 = padding
+    conv_ids: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor | None  # (N, P, C) every crop in row order
+    image_token_pooling: torch.Tensor | None  # (M, K) into the flattened N * P patches
+    image_grids: torch.Tensor  # (n_images, 4)
+    sample_ids: list[str]
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
