@@ -357,3 +357,59 @@ def test_demo_presets_are_real_tasks_checked_like_any_sample(kind, preset, quest
         with pytest.raises(core.CheckFailed):
             gen.check(draft)
     assert len(seen) >= 3  # the answers vary
+
+
+def test_clock_with_only_an_hour_hand_reads_from_that_hand():
+    """clocks.hour_hand_only (the demo's EASY_CLOCK): one hand is drawn and recorded, the check reads
+    the hour from it, and the option refuses faces that would need a minute hand."""
+    gen = core.get_generator("clocks")
+    opts = core.build_options("clocks", {"image_size": 112, "digital_rate": 0.0, "on_the_hour": True,
+                                         "hour_hand_only": True})  # fmt: skip
+    for index in range(6):
+        draft = gen.make(core.sample_rng("clocks", 0, "train", index), opts)
+        assert draft.meta["minute_tip"] is None and draft.meta["seconds_hand"] is False
+        gen.check(draft)
+        hour = int(draft.messages[1]["content"].split(":")[0])
+        draft.messages[1]["content"] = f"{hour % 12 + 1}:00"
+        with pytest.raises(core.CheckFailed, match="clock_time"):
+            gen.check(draft)
+    with pytest.raises(SynthError, match="hour_hand_only needs on_the_hour"):
+        core.build_options("clocks", {"hour_hand_only": True}).validate()
+
+
+def test_receipt_store_name_size_follows_store_scale():
+    """docs.store_scale prints the store's name larger (EASY_DOC); out-of-range values are refused."""
+    gen = core.get_generator("docs")
+    heights = []
+    for scale in (1.4, 2.6):
+        opts = core.build_options("docs", {"doc_types": ["receipt"], "receipt_questions": ["store"],
+                                           "store_scale": scale})  # fmt: skip
+        draft = gen.make(core.sample_rng("docs", 0, "train", 3), opts)
+        gen.check(draft)
+        box = next(b for s, b in draft.aux["drawn"] if s == draft.messages[1]["content"])
+        heights.append(box[3] - box[1])
+    assert heights[1] > 1.5 * heights[0]
+    with pytest.raises(SynthError, match="store_scale"):
+        core.build_options("docs", {"store_scale": 5.0}).validate()
+
+
+def test_chart_lead_makes_the_asked_bar_stand_out():
+    """charts.lead / extremum (EASY_CHART): every other bar is at most (1 - lead) of the tallest, the
+    question asks for the highest, and tied data that no question fits is drawn again (it recursed
+    without end before)."""
+    gen = core.get_generator("charts")
+    opts = core.build_options("charts", {"chart_types": ["bar"], "question_types": ["extremum"], "dpi": 30,
+                                         "categories": ["A", "B", "C", "D"], "extremum": "highest", "lead": 0.3})  # fmt: skip
+    for index in range(8):
+        draft = gen.make(core.sample_rng("charts", 0, "train", index), opts)
+        gen.check(draft)
+        row = sorted(draft.meta["data"]["values"][0])
+        assert row[-2] <= 0.7 * row[-1] and "highest" in draft.messages[0]["content"]
+    with pytest.raises(SynthError, match="extremum"):
+        core.build_options("charts", {"extremum": "tallest"}).validate()
+    from data_tools.synth import charts
+
+    tied = {"chart_type": "bar", "categories": ["A", "B"], "series": ["Sales"], "values": [[5.0, 5.0]],
+            "decimals": 0, "measure": "Sales", "category_noun": "category"}  # fmt: skip
+    with pytest.raises(charts._Unaskable):
+        charts._question(np.random.default_rng(0), tied, ["extremum"])

@@ -12,9 +12,9 @@ its arguments, so ``checks.check_chart`` can re-derive every answer, and ``aux``
 text that actually landed inside the figure, so the check can also refuse a question about a
 category whose label was cut off.
 
-``EASY_CHART`` is the demo's preset that a tiny random-init model learns in minutes: a small bar
-chart of four fixed categories and "Which category has the highest/lowest ...?" (read the label of
-the tallest or shortest bar; blind baseline ~25%)::
+``EASY_CHART`` is the demo's preset: a small bar chart of four fixed categories and "Which category
+has the highest/lowest ...?" (read the label of the tallest or shortest bar; blind baseline ~25%).
+``extremum="highest"`` with ``lead`` (the tallest bar stands out) makes it easier::
 
     generate("charts", n, seed, out, **EASY_CHART)
 """
@@ -108,6 +108,8 @@ class ChartOptions:
     question_types: list[str] = field(default_factory=list)  # [] = every type the chart allows
     categories: list[str] = field(default_factory=list)  # fixed category names, in order; [] = drawn
     styles: list[str] = field(default_factory=list)  # matplotlib style sheets to pick from; [] = STYLES
+    extremum: str = "both"  # which extremum questions ask for: highest|lowest|both
+    lead: float = 0.0  # single-series bars: every other value <= (1 - lead) x the largest (0 = any data)
 
     def validate(self) -> None:
         bad = sorted(set(self.chart_types) - set(CHART_TYPES)) or ([] if self.chart_types else ["(empty)"])
@@ -128,6 +130,10 @@ class ChartOptions:
             raise SynthError(f"synth charts: categories must be 2-12 distinct names, got {self.categories}")
         if self.categories and "scatter" in self.chart_types:
             raise SynthError("synth charts: categories do not apply to scatter charts; drop one of them")
+        if self.extremum not in ("highest", "lowest", "both"):
+            raise SynthError(f"synth charts: extremum={self.extremum!r}; valid: highest, lowest, both")
+        if not 0.0 <= self.lead <= 0.9:
+            raise SynthError(f"synth charts: lead={self.lead} must be in [0, 0.9]")
         self.chart_types = list(self.chart_types)
 
 
@@ -269,8 +275,17 @@ def _unique_arg(values: list[float], fn) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _question(rng: np.random.Generator, data: dict, only: list[str]) -> tuple[str, str, dict]:
-    """(question, answer, {"qtype", ...args}) from the data table; ``only`` restricts the types."""
+class _Unaskable(Exception):
+    """No allowed question has a unique answer on this data (e.g. tied highest and lowest bars)."""
+
+
+def _question(
+    rng: np.random.Generator, data: dict, only: list[str], tries: int = 0, extremum: str = "both"
+) -> tuple[str, str, dict]:
+    """(question, answer, {"qtype", ...args}) from the data table; ``only`` restricts the types and
+    ``extremum`` which extremum an extremum or multiple-choice question asks for."""
+    if tries > 50:
+        raise _Unaskable
     if data["chart_type"] == "scatter":
         return _scatter_question(rng, data)
     ctype, cats, series, d = data["chart_type"], data["categories"], data["series"], data["decimals"]
@@ -308,9 +323,11 @@ def _question(rng: np.random.Generator, data: dict, only: list[str]) -> tuple[st
         return q, fmt(row[i], d), args
     if qtype in ("extremum", "multiple_choice"):
         highest = rng.random() < 0.5
+        if extremum != "both":
+            highest = extremum == "highest"
         k = _unique_arg(row, max if highest else min)
         if k is None:
-            return _question(rng, data, only)
+            return _question(rng, data, only, tries + 1, extremum)
         word = "highest" if highest else "lowest"
         args.update(highest=highest)
         q = f"Which {noun} has the {word} {measure}{of_series}?"
@@ -326,7 +343,7 @@ def _question(rng: np.random.Generator, data: dict, only: list[str]) -> tuple[st
         return f"{q}\n{lines}\nAnswer with the option's letter.", letters[opts.index(k)], args
     if qtype in ("comparison", "yes_no"):
         if row[i] == row[j]:
-            return _question(rng, data, only)
+            return _question(rng, data, only, tries + 1, extremum)
         args.update(cat=i, other=j)
         if qtype == "comparison":
             return (
@@ -362,7 +379,7 @@ def _question(rng: np.random.Generator, data: dict, only: list[str]) -> tuple[st
         return f"How many {word} are shown in the chart?", str(len(cats)), args
     if qtype == "trend":
         if row[0] == row[-1]:
-            return _question(rng, data, only)
+            return _question(rng, data, only, tries + 1, extremum)
         up = row[-1] > row[0]
         return (
             f"Overall, does the {measure}{of_series} increase or decrease from {cats[0]} to {cats[-1]}?",
@@ -617,11 +634,33 @@ def _visible_text(fig: Figure, ax, canvas: FigureCanvasAgg) -> set[str]:
     return out
 
 
+def _give_lead(data: dict, lead: float) -> bool:
+    """Scale every value of a single-series bar chart but its largest to <= (1 - lead) x the largest, so
+    the tallest bar stands out; False (draw new data) for other charts, log axes or a tie at the top."""
+    if data["chart_type"] not in ("bar", "hbar") or data["log_scale"] or len(data["values"]) != 1:
+        return False
+    row, d = np.asarray(data["values"][0]), data["decimals"]
+    k = int(np.argmax(row))
+    scaled = np.maximum(np.floor(row * (1 - lead) * 10**d) / 10**d, 10.0**-d)
+    scaled[k] = row[k]
+    if (scaled == row[k]).sum() > 1:
+        return False
+    data["values"] = [scaled.tolist()]
+    return True
+
+
 @register("charts", ChartOptions, check_chart, "matplotlib charts (8 types) with data-derived QA")
 def make_chart(rng: np.random.Generator, opts: ChartOptions) -> Draft:
     ctype = _pick(rng, opts.chart_types)
-    data = _make_scatter(rng) if ctype == "scatter" else _make_data(rng, ctype, opts.categories)
-    question, answer, qargs = _question(rng, data, opts.question_types)
+    while True:  # new data when no allowed question has a unique answer on it
+        data = _make_scatter(rng) if ctype == "scatter" else _make_data(rng, ctype, opts.categories)
+        if opts.lead and not _give_lead(data, opts.lead):
+            continue
+        try:
+            question, answer, qargs = _question(rng, data, opts.question_types, extremum=opts.extremum)
+            break
+        except _Unaskable:
+            continue
     img, style_meta, visible = _draw(rng, data, opts)
     return Draft(
         image=img,

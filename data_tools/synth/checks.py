@@ -141,7 +141,8 @@ def check_clock(draft: Draft) -> None:
         _fail("clock_format", f"answer {answer!r} is not H:MM")
     meta = draft.meta
     if meta["face"] == "analog":
-        a_min = _clock_angle(meta["center"], meta["minute_tip"])
+        # a face without a minute hand (clocks.hour_hand_only) shows whole hours: minute 0
+        a_min = 0.0 if meta["minute_tip"] is None else _clock_angle(meta["center"], meta["minute_tip"])
         a_hour = _clock_angle(meta["center"], meta["hour_tip"])
         minute = int(math.floor(a_min / 6.0 + 1e-3)) % 60
         # the hour hand sits minute/2 degrees past the hour: remove that and it is a multiple of 30

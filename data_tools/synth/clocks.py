@@ -25,6 +25,8 @@ from data_tools.synth.core import Draft, SynthError, register
 
 # The demo's preset (task "clock"): analog faces on the hour, "What time ...?" -> "3:00"; the
 # check reads the hour back from the drawn hands like every other clock's (blind baseline ~8%).
+# hour_hand_only=True (one long thick hand, no minute hand) is easier still: alone, the demo's tiny
+# model reads it (57% vs 7% blind after 500 steps), though not yet within the demo's mixture.
 EASY_CLOCK = dict(image_size=112, digital_rate=0.0, on_the_hour=True)
 QUESTIONS = (
     "What time is shown on the clock?",
@@ -55,6 +57,7 @@ class ClockOptions:
     digital_rate: float = 0.25  # share of digital faces
     ext: str = "png"
     on_the_hour: bool = False  # every time is H:00 (the minute hand at 12): read the hour only
+    hour_hand_only: bool = False  # on the hour, draw one long thick hour hand and no other hand
 
     def validate(self) -> None:
         if self.image_size and not 64 <= self.image_size <= 2048:
@@ -65,6 +68,11 @@ class ClockOptions:
             raise SynthError(f"synth clocks: digital_rate={self.digital_rate} must be in [0, 1]")
         if self.ext not in ("png", "jpg"):
             raise SynthError(f"synth clocks: ext={self.ext!r}; valid: png, jpg")
+        if self.hour_hand_only and not (self.on_the_hour and self.digital_rate == 0.0):
+            raise SynthError(
+                "synth clocks: hour_hand_only needs on_the_hour=true and digital_rate=0 (a face without"
+                " a minute hand shows whole hours only)"
+            )
 
 
 def _rgb(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int, int]:
@@ -96,7 +104,9 @@ def _hand_polygon(
     return [(cx + a * ux + b * px, cy + a * uy + b * py) for a, b in prof]
 
 
-def _analog(rng: np.random.Generator, size: int, h: int, m: int, s: int) -> tuple[Image.Image, dict]:
+def _analog(
+    rng: np.random.Generator, size: int, h: int, m: int, s: int, hour_only: bool = False
+) -> tuple[Image.Image, dict]:
     k = 2  # supersampling
     S = size * k
     bg = _rgb(rng, 150, 256)
@@ -163,8 +173,11 @@ def _analog(rng: np.random.Generator, size: int, h: int, m: int, s: int) -> tupl
         "hour": (hour_ang, hour_len, S * rng.uniform(0.03, 0.045)),
         "minute": (minute_ang, min_len, S * rng.uniform(0.018, 0.03)),
     }
+    if hour_only:  # one long, thick bar: the hour reads from its direction alone
+        style, show_seconds = "bar", False
+        hands = {"hour": (hour_ang, R * 0.8, S * 0.075)}
     tips: dict[str, list[float]] = {}
-    for name in ("hour", "minute"):
+    for name in hands:
         ang, length, width = hands[name]
         d.polygon(_hand_polygon(style, cx, cy, ang, length, width), fill=hand_color)
         tips[name] = [cx + length * math.sin(math.radians(ang)), cy - length * math.cos(math.radians(ang))]
@@ -192,7 +205,7 @@ def _analog(rng: np.random.Generator, size: int, h: int, m: int, s: int) -> tupl
         "seconds_hand": show_seconds,
         "center": [cx / k, cy / k],
         "hour_tip": [round(v / k, 4) for v in tips["hour"]],
-        "minute_tip": [round(v / k, 4) for v in tips["minute"]],
+        "minute_tip": [round(v / k, 4) for v in tips["minute"]] if "minute" in tips else None,
     }
     return out, meta
 
@@ -307,7 +320,7 @@ def make_clock(rng: np.random.Generator, opts: ClockOptions) -> Draft:
     if digital:
         img, meta = _digital(rng, opts.image_size or int(rng.integers(256, 449)), h, m, s)
     else:
-        img, meta = _analog(rng, opts.image_size or int(rng.integers(224, 449)), h, m, s)
+        img, meta = _analog(rng, opts.image_size or int(rng.integers(224, 449)), h, m, s, opts.hour_hand_only)
     question = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
     answer = f"{h}:{m:02d}"
     meta["time"] = {"hour": h, "minute": m, "second": s}

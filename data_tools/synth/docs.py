@@ -64,6 +64,7 @@ class DocOptions:
     ext: str = "png"
     receipt_questions: list[str] = field(default_factory=list)  # RECEIPT_QUESTIONS to ask; [] = all
     n_stores: int = 0  # receipts come from the first n of STORES; 0 = all
+    store_scale: float = 1.4  # the store name's font size on receipts, relative to the body text
 
     def validate(self) -> None:
         bad = sorted(set(self.doc_types) - set(DOC_TYPES)) or ([] if self.doc_types else ["(empty)"])
@@ -78,6 +79,8 @@ class DocOptions:
             )
         if not 0 <= self.n_stores <= len(STORES):
             raise SynthError(f"synth docs: n_stores={self.n_stores} must be in [0, {len(STORES)}]")
+        if not 1.0 <= self.store_scale <= 3.0:
+            raise SynthError(f"synth docs: store_scale={self.store_scale} must be in [1, 3]")
         self.doc_types = list(self.doc_types)
 
 
@@ -160,10 +163,10 @@ def _receipt(rng, opts: DocOptions) -> tuple[TextCanvas, dict, tuple[str, str, d
     cv.text(
         (W / 2, y),
         fields["store"],
-        fonts.truetype(fonts.pick(rng, family + "_bold"), int(size * 1.4)),
+        fonts.truetype(fonts.pick(rng, family + "_bold"), int(size * opts.store_scale)),
         anchor="ma",
     )
-    y += int(lh * 1.5)
+    y += int(lh * 1.5) + int(size * (opts.store_scale - 1.4))  # room below a larger store name
     cv.text(
         (W / 2, y), f"{int(rng.integers(1, 400))} {_rnd(rng, STREETS)}, {_rnd(rng, CITIES)}", f, anchor="ma"
     )
