@@ -456,7 +456,8 @@ def offline_config(cfg: ModelConfig, llm: dict | None = None, vision: dict | Non
     elif llm_cfg.custom is None and llm_cfg.name is not None:
         from transformers import AutoConfig
 
-        llm_cfg = replace(llm_cfg, name=None, custom=AutoConfig.from_pretrained(llm_cfg.name).to_dict())
+        text = AutoConfig.from_pretrained(llm_cfg.name).get_text_config()  # a VLM's config: its LLM's
+        llm_cfg = replace(llm_cfg, name=None, custom=text.to_dict())
     return replace(cfg, vision=vision_cfg, llm=llm_cfg)
 
 

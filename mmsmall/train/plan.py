@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,30 +90,26 @@ def model_shape(run_cfg: Any) -> ModelShape:
     """Build the VLM of ``run_cfg`` on the meta device and read its counts and widths."""
     from transformers import AutoConfig
 
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import build_vlm, folder_configs, offline_config
     from mmsmall.processing.tokenizer import build_tokenizer
 
     mcfg = copy.deepcopy(run_cfg.model)
     tokenizer_cfg = mcfg.tokenizer
     if run_cfg.train.init_from:  # a later stage trains the folder's model, not the config's
         from mmsmall.config import ModelConfig, TokenizerConfig, load_config
-        from mmsmall.model.vlm import folder_configs, offline_config
 
         folder = Path(run_cfg.train.init_from)
         mcfg = offline_config(
             load_config(folder / "model_config.yaml", cls=ModelConfig), *folder_configs(folder)
         )
         tokenizer_cfg = TokenizerConfig(name=str(folder))
-    vision = replace(mcfg.vision, pretrained=None)
-    if vision.backend == "hf" and vision.custom is None:  # config only, never the weights
-        config = AutoConfig.from_pretrained(vision.name)
+    vision = None
+    if mcfg.vision.backend == "hf" and mcfg.vision.custom is None:  # config only, never the weights
+        config = AutoConfig.from_pretrained(mcfg.vision.name)
         config = getattr(config, "vision_config", config)
-        vision = replace(vision, custom={"model_type": config.model_type, **config.to_diff_dict()})
-    llm = mcfg.llm
-    if llm.custom is None:
-        llm = replace(llm, custom=AutoConfig.from_pretrained(llm.name).get_text_config().to_dict())
+        vision = {"model_type": config.model_type, **config.to_diff_dict()}
     tokenizer = build_tokenizer(tokenizer_cfg, mcfg.llm.name)
-    mcfg = replace(mcfg, vision=vision, llm=llm)
+    mcfg = offline_config(mcfg, vision=vision)  # the one "without downloading" rule, as training builds
     with torch.device("meta"):
         model = build_vlm(mcfg, tokenizer)
     freeze = set(run_cfg.train.freeze)
