@@ -63,14 +63,21 @@ class ChatTemplateProcessor:
             return_dict=True,
         )
         ids = enc["input_ids"][0]  # (T,)
-        t = ids.shape[0]
-        ex: Example = {
-            "input_ids": ids,
-            "labels": torch.full((t,), IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.arange(t),
-            "conv_ids": torch.zeros(t, dtype=torch.long),
-            "sample_id": sample_id,
-        }
-        if image is not None:
-            ex.update({k: enc[k] for k in ("pixel_values", "image_token_pooling", "image_grids")})
-        return ex
+        return template_example(enc, torch.full_like(ids, IGNORE_INDEX), image is not None, sample_id)
+
+
+def template_example(enc: dict, labels: torch.Tensor, with_image: bool, sample_id: str) -> Example:
+    """A chat the stock processor encoded (``apply_chat_template`` output, one row) as an Example:
+    one conversation (conv_ids 0), positions from 0, ``labels`` (T,) as given."""
+    ids = enc["input_ids"][0]  # (T,)
+    t = ids.shape[0]
+    ex: Example = {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": torch.arange(t),
+        "conv_ids": torch.zeros(t, dtype=torch.long),
+        "sample_id": sample_id,
+    }
+    if with_image:
+        ex.update({k: enc[k] for k in ("pixel_values", "image_token_pooling", "image_grids")})
+    return ex

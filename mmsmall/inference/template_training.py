@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
-from mmsmall.inference.chat_template import require_chat_template
+from mmsmall.inference.chat_template import require_chat_template, template_example
 from mmsmall.processing.batch import IGNORE_INDEX, Example
 from mmsmall.processing.processor import _check_conversation
 
@@ -134,14 +134,4 @@ class TemplateTrainingProcessor:
                     "the answers cannot be located; fine-tune with model.prompt=mmsmall"
                 )
             labels[start + shift : end + shift] = span
-        t = ids.shape[0]
-        ex: Example = {
-            "input_ids": ids,
-            "labels": labels,
-            "position_ids": torch.arange(t),
-            "conv_ids": torch.zeros(t, dtype=torch.long),
-            "sample_id": sample_id,
-        }
-        if image is not None:
-            ex.update({k: enc[k] for k in ("pixel_values", "image_token_pooling", "image_grids")})
-        return ex
+        return template_example(enc, labels, image is not None, sample_id)

@@ -168,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     built = build_model(cfg, world)
     cfg, model, tokenizer = built.run_cfg, built.model, built.tokenizer
     held, total = held_elements(model)
+    encoder = Processor
     if cfg.model.prompt == "chat_template":  # an imported release: fine-tuned in its own chat template
-        from mmsmall.inference.template_training import TemplateTrainingProcessor as Processor
-    processor = Processor(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
+        from mmsmall.inference.template_training import TemplateTrainingProcessor as encoder
+    processor = encoder(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
     saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None
     if saved_world not in (None, world):  # elastic resume: DeepSpeed loads a universal checkpoint
