@@ -340,3 +340,11 @@ def test_fine_tuning_an_import_trains_in_its_own_chat_template(imported):
     odd.chat_template = "{% for m in messages | reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="model.prompt=mmsmall"):
         TemplateTrainingProcessor(odd, cfg).encode(None, convs[1:])
+
+    from mmsmall.config import ConfigError
+    from mmsmall.export.release import run_export
+
+    out = imported.parent / "refused_release"
+    with pytest.raises(ConfigError, match="--format molmo2"):  # our HF processor would prompt it wrongly
+        run_export(imported, out, fmt="mmsmall")
+    assert not out.exists()  # refused before anything is written

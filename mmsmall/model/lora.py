@@ -214,11 +214,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     layers = dict(_lora_layers(model))
     four_bit = {f"{n}.weight": m for n, m in model.named_modules() if _is_4bit(m)}
+    statistics = tuple(f"{k}." for k in four_bit)  # "<layer>.weight.absmax", "...quant_map", ...
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     with torch.no_grad():
         for key, t in model.state_dict().items():
-            if "lora_" in key or key.rpartition(".weight.")[0] + ".weight" in four_bit:
+            if "lora_" in key or key.startswith(statistics):
                 continue  # adapters, and the quantization statistics of a 4-bit weight
             if key in four_bit:
                 t = _dequantized(four_bit[key])
