@@ -166,6 +166,10 @@ class TrainConfig:
     eps: float = 1e-6
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+    # how target tokens share the loss (LOSS_WEIGHTINGS): "token" (every target
+    # token alike), "sqrt" (a conversation's tokens weighted 1/sqrt(n), InternVL2.5's square
+    # averaging: long answers such as point lists no longer drown one-word answers), "conversation"
+    loss_weighting: str = "token"
     freeze: list[str] = field(default_factory=list)  # any of connector, vision, llm
     deepspeed: str = "configs/deepspeed/zero2.json"
     precision: str = "bf16"  # bf16 | fp32
@@ -417,6 +421,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 PROMPT_FORMATS = ("mmsmall", "chat_template")
+# train.loss_weighting -> p: each of a conversation's n target tokens weighs n**-p in the loss
+LOSS_WEIGHTINGS = {"token": 0.0, "sqrt": 0.5, "conversation": 1.0}
 
 
 def validate(cfg: Any) -> None:
@@ -426,6 +432,10 @@ def validate(cfg: Any) -> None:
         bad = sorted(set(cfg.train.freeze) - set(MODULES))
         if bad:
             raise ConfigError(f"train.freeze: unknown module {bad[0]!r}; valid: {', '.join(sorted(MODULES))}")
+        if cfg.train.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(
+                f"train.loss_weighting: {cfg.train.loss_weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}"
+            )
         if cfg.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.train.precision!r}; valid: bf16, fp32")
         _check_ranges(cfg)

@@ -413,3 +413,28 @@ def test_chart_lead_makes_the_asked_bar_stand_out():
             "decimals": 0, "measure": "Sales", "category_noun": "category"}  # fmt: skip
     with pytest.raises(charts._Unaskable):
         charts._question(np.random.default_rng(0), tied, ["extremum"])
+
+
+def test_grid_scenes_centre_each_object_in_its_own_cell():
+    """scenes.grid (the demo's pointing preset): objects sit at distinct cell centres of a k x k
+    grid, their points say so, the check passes; sizes that overflow a cell are refused."""
+    gen = core.get_generator("scenes")
+    opts = core.build_options("scenes", {"image_size": 112, "min_objects": 1, "max_objects": 4, "n_shapes": 1,
+                                         "n_colors": 1, "min_object_size": 0.22, "max_object_size": 0.26,
+                                         "question_types": ["point"], "query": "all", "background": "plain",
+                                         "grid": 3})  # fmt: skip
+    centres = {round((i + 0.5) / 3, 3) for i in range(3)}
+    for index in range(8):
+        draft = gen.make(core.sample_rng("scenes", 0, "train", index), opts)
+        gen.check(draft)
+        cells = set()
+        for o in draft.meta["objects"]:
+            x, y = (c / 112 for c in o["center"])
+            assert round(x, 3) in centres and round(y, 3) in centres
+            assert abs(o["point"][0] - x) < 0.01 and abs(o["point"][1] - y) < 0.01  # the point is the centre
+            cells.add((x, y))
+        assert len(cells) == len(draft.meta["objects"]) >= 1
+    with pytest.raises(SynthError, match="max_object_size must be below 1/grid"):
+        core.build_options("scenes", {"grid": 3, "max_objects": 4, "max_object_size": 0.4}).validate()
+    with pytest.raises(SynthError, match="grid=2 must be"):
+        core.build_options("scenes", {"grid": 2, "max_objects": 5}).validate()

@@ -91,6 +91,7 @@ class SceneOptions:
     query: str = "any"  # what a point/count question filters by: any|all|shape|color|color_shape
     absent_rate: float = 0.15  # share of point/count questions about a kind that is not there
     background: str = "mixed"  # plain|gradient|noise|mixed
+    grid: int = 0  # 0: objects anywhere; k: each centred in its own cell of a k x k grid
     color_jitter: int = 12  # +- per RGB channel, so colour names cover a small range
     ext: str = "png"
 
@@ -117,6 +118,10 @@ class SceneOptions:
             raise bad(f"question_types {unknown} not valid; choose from {', '.join(QUESTION_TYPES)}")
         if self.query not in QUERIES:
             raise bad(f"query={self.query!r}; valid: {', '.join(QUERIES)}")
+        if self.grid and not (2 <= self.grid <= 8 and self.max_objects <= self.grid**2):
+            raise bad(f"grid={self.grid} must be 0 or in [2, 8] with max_objects <= grid**2 cells")
+        if self.grid and self.max_object_size >= 1 / self.grid:
+            raise bad(f"grid={self.grid}: max_object_size must be below 1/grid so objects fit their cells")
         if self.background not in BACKGROUNDS:
             raise bad(f"background={self.background!r}; valid: {', '.join(BACKGROUNDS)}")
         if self.ext not in ("png", "jpg"):
@@ -222,7 +227,16 @@ def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
 def _place(
     rng: np.random.Generator, n: int, size: int, opts: SceneOptions
 ) -> list[tuple[float, float, float]]:
-    """Up to ``n`` non-overlapping (cx, cy, r) in pixels, by rejection sampling."""
+    """Up to ``n`` non-overlapping (cx, cy, r) in pixels, by rejection sampling (or, with
+    ``opts.grid``, centred in ``n`` distinct cells of the grid)."""
+    if opts.grid:
+        cell = size / opts.grid
+        cells = rng.choice(opts.grid**2, size=n, replace=False)
+        return [
+            ((c % opts.grid + 0.5) * cell, (c // opts.grid + 0.5) * cell,
+             0.5 * size * rng.uniform(opts.min_object_size, opts.max_object_size))
+            for c in cells.tolist()
+        ]  # fmt: skip
     placed: list[tuple[float, float, float]] = []
     gap = max(2.0, 0.015 * size)
     for _ in range(60 * max(n, 1)):

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsmall.config import LOSS_WEIGHTINGS
 from mmsmall.data.packing import Batch, Example, Packer
 from mmsmall.data.shards import Sample, SampleStream, sample_id
-from mmsmall.processing.batch import IGNORE_INDEX, count_targets
+from mmsmall.processing.batch import IGNORE_INDEX, count_targets, label_weights
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class TrainData:
         self.packer = Packer(
             d.seq_len, cfg.train.micro_batch_size, pad_id, pack=d.pack, counters=self.skipped
         )
+        self.weight_power = LOSS_WEIGHTINGS[cfg.train.loss_weighting]
         self.num_workers = d.num_workers
         self.pool: ProcessPoolExecutor | None = None
         self.ahead: deque[tuple[dict, Sample, Future]] = deque()  # (stream state before it, sample, encoding)
@@ -207,7 +209,10 @@ class TrainData:
                 log.warning("skipping sample %s: %s", sample_id(sample), e)
 
     def next_batch(self) -> Batch:
-        return self.packer.next_batch(self._pull)
+        batch = self.packer.next_batch(self._pull)
+        if self.weight_power:  # train.loss_weighting other than "token"
+            batch["label_weights"] = label_weights(batch, self.weight_power)
+        return batch
 
     def state_dict(self) -> dict:
         return {

@@ -56,7 +56,7 @@ IMAGE_TOKENS: tuple[str, ...] = (
 )
 PATCH_TOKEN = "<im_patch>"
 # Batch keys the model reads, and those it is handed but has no use for.
-_PREFILL_KEYS = frozenset(MODEL_KEYS) - {"labels"}
+_PREFILL_KEYS = frozenset(MODEL_KEYS) - {"labels", "label_weights"}
 _IGNORED_BATCH_KEYS = frozenset({"sample_ids", "sample_id", "image_grids", "image_num_crops"})
 MASK_IMPLEMENTATIONS = ("sdpa", DOCWISE, "eager")  # LLM attention that takes the VLM's 4D mask
 
@@ -214,6 +214,7 @@ class VLM(nn.Module):
         conv_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_token_pooling: torch.Tensor | None = None,
+        label_weights: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         keep_logits: bool = True,
         **extra,
@@ -224,6 +225,9 @@ class VLM(nn.Module):
         target next, and no logits are returned; at a 152k vocabulary that saves the (B, T, V)
         fp32 logits and their gradient (2.5 GB each for one 4096-token row), since targets (the
         answers) are a small part of a sequence made mostly of image tokens.
+
+        ``label_weights`` (B, T), aligned with ``labels`` (processing/batch.label_weights):
+        each token's loss is weighted, and "mean" divides by the weights' sum.
         """
         unknown = sorted(set(extra) - _IGNORED_BATCH_KEYS)
         if unknown:
@@ -250,17 +254,19 @@ class VLM(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, b, t, input_ids.device)
         targets = None if labels is None else labels[:, 1:]  # (B, T-1)
+        weights = None if label_weights is None else label_weights[:, 1:]
         if targets is not None and not keep_logits:
             keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions predicting a target
             llm_kwargs["logits_to_keep"] = keep
             targets = targets[:, keep]  # (B, K)
+            weights = None if weights is None else weights[:, keep]
         out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
         logits = self.emittable(out.logits)  # (B, T, V), or (B, K, V) at the kept positions
         if targets is None:
             return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
         n_targets = count_targets(labels)  # the kept positions hold every target
         predicting = logits[:, :-1] if keep_logits else logits  # aligned with targets
-        loss = next_token_loss(predicting, targets, n_targets, loss_reduction)
+        loss = next_token_loss(predicting, targets, n_targets, loss_reduction, weights)
         return VLMOutput(loss, logits if keep_logits else None, n_targets)
 
     # ------------------------------------------------------------------ generation
@@ -519,14 +525,25 @@ def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Modul
 
 
 def next_token_loss(
-    predicting: torch.Tensor, targets: torch.Tensor, n_targets: torch.Tensor, reduction: str = "mean"
+    predicting: torch.Tensor,
+    targets: torch.Tensor,
+    n_targets: torch.Tensor,
+    reduction: str = "mean",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``predicting`` (B, K, V) logits against ``targets`` (B, K), already aligned
-    (the logits at t predict the label at t + 1); summed, or divided by ``n_targets`` for "mean"."""
-    loss = F.cross_entropy(
-        predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss / n_targets.clamp(min=1) if reduction == "mean" else loss
+    (the logits at t predict the label at t + 1); summed, or divided by ``n_targets`` for "mean".
+    With ``weights`` (B, K) each token's loss is weighted, and "mean" divides by their sum."""
+    if weights is None:
+        loss = F.cross_entropy(
+            predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss / n_targets.clamp(min=1) if reduction == "mean" else loss
+    per_token = F.cross_entropy(
+        predicting.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B * K,), 0 where ignored
+    loss = (per_token * weights.flatten().float()).sum()
+    return loss / weights.float().sum().clamp(min=1e-12) if reduction == "mean" else loss
 
 
 def positions_from_mask(

@@ -19,7 +19,9 @@ IGNORE_INDEX = -100  # a label that is not trained (prompt, image tokens, paddin
 TOKEN_KEYS = ("input_ids", "labels", "position_ids", "conv_ids")  # per-token tensors of an Example
 
 # what VLM.forward reads of a Batch (the rest, sample_ids and image_grids, is bookkeeping)
-MODEL_KEYS = (*TOKEN_KEYS, "attention_mask", "doc_ids", "pixel_values", "image_token_pooling")
+MODEL_KEYS = (
+    *TOKEN_KEYS, "attention_mask", "doc_ids", "pixel_values", "image_token_pooling", "label_weights"
+)  # fmt: skip
 
 
 class Example(TypedDict, total=False):
@@ -49,11 +51,39 @@ class Batch(TypedDict, total=False):
     image_token_pooling: torch.Tensor | None  # (M, K) into the flattened N * P patches
     image_grids: torch.Tensor  # (n_images, 4)
     sample_ids: list[str]
+    label_weights: torch.Tensor  # (B, T) float32 loss weight of each label (train.loss_weighting)
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
     """() int64: labels trained after the next-token shift (``labels[:, 1:]``), of a (B, T) batch."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def label_weights(batch: Batch, power: float) -> torch.Tensor:
+    """(B, T) float32: each label of a conversation with n trained labels weighs ``n ** -power``
+    (0 where not trained). A conversation is one (row, packed document, conv_ids) triple, so
+    the conversations packed into one row and those sharing an image are weighed apart; the
+    counts are taken after the next-token shift, as :func:`count_targets` counts."""
+    labels = batch["labels"]
+    B, T = labels.shape
+    trained = torch.zeros_like(labels, dtype=torch.bool)
+    trained[:, 1:] = labels[:, 1:] != IGNORE_INDEX
+    docs = batch["doc_ids"].clamp(min=0)
+    convs = batch["conv_ids"]
+    rows = torch.arange(B)[:, None].expand(B, T)
+    key = (rows * (int(docs.max()) + 1) + docs) * (int(convs.max()) + 1) + convs  # (B, T) conversation
+    _, group = torch.unique(key[trained], return_inverse=True)
+    n = torch.bincount(group).to(torch.float32)  # trained labels per conversation
+    weights = torch.zeros((B, T), dtype=torch.float32)
+    weights[trained] = n[group] ** -power
+    return weights
+
+
+def loss_normalizer(batch: Batch) -> float:
+    """What a micro-batch adds to the loss's denominator: its target count, or with
+    ``label_weights`` the sum of its targets' weights (the model sums weighted token losses)."""
+    w = batch.get("label_weights")
+    return float(count_targets(batch["labels"])) if w is None else float(w[:, 1:].sum())
 
 
 def model_inputs(batch: Batch) -> Batch:

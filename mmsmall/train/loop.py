@@ -2,7 +2,8 @@
 
 One optimizer step = ``grad_accum`` packed micro-batches per rank. The loss of the step is the
 sum of per-token losses over the whole accumulation window and all ranks divided by the global
-count of target tokens, which is all-reduced *before* the backward passes; DeepSpeed averages
+count of target tokens (with ``train.loss_weighting``: weighted losses by the sum of the
+weights), which is all-reduced *before* the backward passes; DeepSpeed averages
 gradients over ranks, so each micro-batch's backward gets ``loss_sum * world / n_global``
 (``scale_wrt_gas=False``: the division is already global).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -33,7 +35,7 @@ from mmsmall.config import load_config, save_config
 from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
 from mmsmall.export import intact
 from mmsmall.logs import setup_logging
-from mmsmall.processing.batch import model_inputs
+from mmsmall.processing.batch import loss_normalizer, model_inputs
 from mmsmall.train import checkpoint, resume
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
@@ -74,12 +76,22 @@ def _all_reduce_once(
     return t.tolist()
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This rank's peak memory so far: the CUDA allocator's peak on a GPU, the process's peak
+    resident set on CPU (Linux reports ``ru_maxrss`` in KiB). Read from host counters, no sync."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """What the model takes of ``batch`` (model_inputs), on ``device``, floats in ``dtype``."""
+    """What the model takes of ``batch`` (model_inputs), on ``device``, floats in ``dtype``
+    (the loss weights stay fp32, as the host normalizer summed them)."""
     out = {}
     for k, v in model_inputs(batch).items():
         if isinstance(v, torch.Tensor):
-            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+            cast = dtype if v.is_floating_point() and k != "label_weights" else None
+            v = v.to(device, dtype=cast, non_blocking=True)
         out[k] = v
     return out
 
@@ -95,11 +107,12 @@ def train_step(
 ) -> tuple[float, list[float]]:
     """Forward/backward every micro-batch of one optimizer step, then one all-reduce of the loss
     sum, the non-finite count and ``fuse()``'s host numbers (read once), then the optimizer step,
-    unless a loss was non-finite. ``n_global``: the step's target tokens over all ranks. Returns
+    unless a loss was non-finite. ``n_global``: the step's target tokens (or their weights, see
+    ``loss_normalizer``) over all ranks. Returns
     (global loss per target token, ``fuse()``'s numbers summed over ranks). Without ``n_global``
     (a caller outside the loop) it is all-reduced first, one all-reduce more."""
     if n_global is None:
-        (n_global,) = _all_reduce([sum(batch_counts(b)[0] for b in micro)], engine.device)
+        (n_global,) = _all_reduce([sum(loss_normalizer(b) for b in micro)], engine.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     finite = []
     for k, b in enumerate(micro):
@@ -203,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         monitor.event({"event": "resume", "step": step, "checkpoint": start.tag, "notes": start.notes})
     live_eval = LiveEval(cfg, engine)  # train.eval: the eval harness on the in-training model
 
-    def draw() -> tuple[list[dict], int]:  # one step's micro-batches and their target tokens
+    def draw() -> tuple[list[dict], float]:  # one step's micro-batches and their loss denominator
         micro = [data.next_batch() for _ in range(t.grad_accum)]
-        return micro, sum(batch_counts(b)[0] for b in micro)
+        return micro, sum(loss_normalizer(b) for b in micro)
 
     try:
         micro, n_local = draw() if step < t.steps else ([], 0)
@@ -220,16 +233,15 @@ def main(argv: list[str] | None = None) -> int:
                 # now so their target count rides on this step's all-reduce)
                 ahead["data"] = data.state_dict() if saving else None
                 ahead["micro"], n_next = draw() if not last else ([], 0)
-                useful = sum(batch_counts(b)[1] for b in micro)
+                targets, useful = (sum(c) for c in zip(*(batch_counts(b) for b in micro)))
                 n_samples = sum(len(b["sample_ids"]) for b in micro)
-                return [n_next, useful, n_samples, sum(flops.step_flops(b) for b in micro)]
+                return [n_next, targets, useful, n_samples, sum(flops.step_flops(b) for b in micro)]
 
-            loss, (n_next, tokens, samples, total_flops) = train_step(
+            loss, (n_next, n_targets, tokens, samples, total_flops) = train_step(
                 engine, micro, world, dtype, step + 1, n_global, fuse
             )
             step += 1
             ids = [i for b in micro for i in b["sample_ids"]]
-            n_targets = n_global
             dt = time.perf_counter() - t0
             monitor.samples(step, ids)
             if step % t.log_every == 0 or step == t.steps:
@@ -245,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         "samples_per_s": samples / dt,
                         "mfu": None if peak is None else total_flops / dt / (peak * world),
                         "step_time_s": dt,
+                        "peak_mem_gib": peak_memory_gib(engine.device),
                         **{f"lr/{g['name']}": g["lr"] for g in groups},
                         "skipped": dict(data.counters),
                     }
