@@ -53,29 +53,26 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_full_demo_beats_blind_baseline(tmp_path):
     """The README's claim: from seed 0, the demo's model beats its blind baseline by >= 20 points on
-    held-out counting, and README.md shows the table this run prints. Each row's verdict (a gain of
-    >= 20 points or not) must match README's; a learned row within 2 points. A row at chance is
-    checked to 10 points: the same seed on another CPU rounds floats differently, 1,500 steps
-    amplify it, and a model that has not learned a task moves by several points between machines
-    (CI measured charts 20.0 where this machine gives 29.0)."""
+    every family's held-out set (counting, pointing, charts, receipts, clocks), and README.md shows
+    the table this run prints, each score within 10 points: the same seed on another CPU rounds
+    floats differently and 3,000 steps amplify it (CI once measured a chart score 9 points away
+    from this machine's), so the check is the verdict plus a bound, not equality."""
     from mmsmall.demo import EVAL_TASKS, results_markdown, run_demo
 
     result = run_demo(tmp_path / "demo", quick=False)
     rows = {row["task"]: row for row in result["table"]}
     assert set(rows) == set(EVAL_TASKS)
     table = results_markdown(result["table"])
-    count = rows["synth_scenes_count"]
-    assert count["model"] - count["blind"] >= 20.0, table
+    weak = {
+        task: row["model"] - row["blind"] for task, row in rows.items() if row["model"] - row["blind"] < 20.0
+    }
+    assert not weak, f"families within 20 points of blind: {weak}\n{table}"
     shown = _readme_table()
     assert set(shown) == set(rows), f"README.md's demo table has other tasks; paste it:\n{table}"
     drift = {}
     for task, row in rows.items():
         model, blind = shown[task]
-        learned = model - blind >= 20.0
-        tolerance = 2.0 if learned else 10.0
-        if (row["model"] - row["blind"] >= 20.0) != learned or max(
-            abs(model - row["model"]), abs(blind - row["blind"])
-        ) > tolerance:
+        if model - blind < 20.0 or max(abs(model - row["model"]), abs(blind - row["blind"])) > 10.0:
             drift[task] = ((model, blind), (row["model"], row["blind"]))
     assert not drift, f"README.md's demo table differs from this run's {drift}; paste it:\n{table}"
 

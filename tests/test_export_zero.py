@@ -126,5 +126,8 @@ def test_zero3_two_process_export_equals_zero2(tmp_path):
 
     final = VLM.from_pretrained(run / "model")
     back = load_molmo2(a)
-    for name in ("connector.image_projector.gate_proj.weight", "llm.model.layers.1.mlp.down_proj.weight"):
-        assert torch.equal(back.get_parameter(name), final.get_parameter(name)), name
+    # every parameter: the final save gathers ZeRO-3 shards one parameter at a time
+    named = dict(final.named_parameters())
+    assert len(named) > 50
+    for name, p in named.items():
+        assert torch.equal(back.get_parameter(name), p), name

@@ -13,8 +13,8 @@ text that actually landed inside the figure, so the check can also refuse a ques
 category whose label was cut off.
 
 ``EASY_CHART`` is the demo's preset: a small bar chart of four fixed categories and "Which category
-has the highest/lowest ...?" (read the label of the tallest or shortest bar; blind baseline ~25%).
-``extremum="highest"`` with ``lead`` (the tallest bar stands out) makes it easier::
+has the highest ...?" (read the label of the tallest bar, at least twice as tall as any other:
+``extremum="highest"``, ``lead=0.5``; blind baseline ~25%)::
 
     generate("charts", n, seed, out, **EASY_CHART)
 """
@@ -94,7 +94,7 @@ TOPICS = (  # measure, unit (may be ""), value scale
 
 EASY_CHART = dict(  # task "chart_qa"; the check verifies the answer like any other chart's
     chart_types=["bar"], question_types=["extremum"], categories=["North", "East", "South", "West"],
-    styles=["default"], dpi=30,
+    styles=["default"], dpi=30, extremum="highest", lead=0.5,  # the tallest bar is twice any other
 )  # fmt: skip
 QUESTION_TYPES = ("lookup", "extremum", "comparison", "difference", "ratio", "count", "multiple_choice",
                   "yes_no", "unanswerable", "trend", "total")  # fmt: skip

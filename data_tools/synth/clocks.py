@@ -23,11 +23,10 @@ from data_tools.synth import fonts
 from data_tools.synth.checks import check_clock
 from data_tools.synth.core import Draft, SynthError, register
 
-# The demo's preset (task "clock"): analog faces on the hour, "What time ...?" -> "3:00"; the
-# check reads the hour back from the drawn hands like every other clock's (blind baseline ~8%).
-# hour_hand_only=True (one long thick hand, no minute hand) is easier still: alone, the demo's tiny
-# model reads it (57% vs 7% blind after 500 steps), though not yet within the demo's mixture.
-EASY_CLOCK = dict(image_size=112, digital_rate=0.0, on_the_hour=True)
+# The demo's preset (task "clock"): analog faces on the hour with one long thick hour hand and no
+# minute hand, "What time ...?" -> "3:00"; the check reads the hour back from the drawn hand like
+# every other clock's (blind baseline ~8%, one hour in twelve).
+EASY_CLOCK = dict(image_size=112, digital_rate=0.0, on_the_hour=True, hour_hand_only=True)
 QUESTIONS = (
     "What time is shown on the clock?",
     "What time does the clock show?",

@@ -53,8 +53,8 @@ CENT = Decimal("0.01")
 
 
 RECEIPT_QUESTIONS = ("total", "tax", "subtotal", "store", "date", "time", "payment", "item_amount", "n_items")
-EASY_DOC = dict(  # task "doc_qa": "What is the name of the store?" on receipts of four stores
-    doc_types=["receipt"], receipt_questions=["store"], n_stores=4,
+EASY_DOC = dict(  # task "doc_qa": "What is the name of the store?" on receipts of four stores,
+    doc_types=["receipt"], receipt_questions=["store"], n_stores=4, store_scale=2.6,  # the name in big type
 )  # fmt: skip
 
 

@@ -12,8 +12,10 @@ decimal of a percent. Questions:
 The defaults are rich (up to 12 objects, 12 shapes and icons, 11 colours, textured backgrounds). Two easy
 configurations that a tiny random-init model learns in minutes (for the demo) are
 ``EASY_COUNT`` ("How many shapes are there?" -> "1".."4": 1-4 red circles of nearly one size on
-a plain background, so the count is proportional to the coloured area) and ``EASY_COLOR``
-("What color is the circle?" -> red / blue / green / yellow: one large circle)::
+a plain background, so the count is proportional to the coloured area), ``EASY_POINT`` ("Point
+to all the shapes." on the same circles, each centred in its own cell of a 3 x 3 grid, so a point
+is one of nine places) and ``EASY_COLOR`` ("What color is the circle?" -> red / blue / green /
+yellow: one large circle)::
 
     generate("scenes", n, seed, out, **EASY_COUNT)
 """
@@ -67,6 +69,9 @@ _PLURAL = {"cross": "crosses"}
 EASY_COUNT = dict(  # task "counting"; blind baseline ~25-30% (most frequent count)
     image_size=112, min_objects=1, max_objects=4, n_shapes=1, n_colors=1, min_object_size=0.22,
     max_object_size=0.26, question_types=["count"], query="all", background="plain",
+)  # fmt: skip
+EASY_POINT = dict(  # task "pointing": "Point to all the shapes." on 1-4 circles, each centred in its
+    **{**EASY_COUNT, "question_types": ["point"]}, grid=3,  # own cell of a 3 x 3 grid
 )  # fmt: skip
 EASY_COLOR = dict(  # task "vqa"; blind baseline ~25%
     image_size=112, min_objects=1, max_objects=1, n_shapes=1, n_colors=4, min_object_size=0.3,

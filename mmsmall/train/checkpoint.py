@@ -203,16 +203,23 @@ def _read_client(path: Path) -> dict[str, Any]:
 
 
 def save_model(engine: Any, out: str | Path) -> Path | None:
-    """Write the trained VLM with ``save_pretrained`` (rank 0), gathering ZeRO-3 shards first."""
+    """Write the trained VLM with ``save_pretrained`` (rank 0).
+
+    Under ZeRO-3 the shards are gathered one parameter at a time into rank 0's CPU memory, so no
+    device ever holds more than one whole parameter (gathering the whole model at once, on every
+    rank, is what runs a 7B out of GPU memory at the end of a ZeRO-3 run)."""
     import deepspeed
 
     model = engine.module
     rank = dist.get_rank() if dist.is_initialized() else 0
-    params = list(model.parameters())
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank == 0:
-                _save_detached(model, out)
+        full = []
+        for p in model.parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    full.append(p.data.to("cpu", copy=True))
+        if rank == 0:
+            _save_detached(model, out, full)
     elif rank == 0:
         _save_detached(model, out)
     if dist.is_initialized():
@@ -222,16 +229,17 @@ def save_model(engine: Any, out: str | Path) -> Path | None:
     return Path(out) if rank == 0 else None
 
 
-def _save_detached(model: Any, out: str | Path) -> None:
+def _save_detached(model: Any, out: str | Path, full: list[torch.Tensor] | None = None) -> None:
     """``save_pretrained`` on private CPU copies of the weights, restored afterwards.
 
     Under ZeRO-1/2 DeepSpeed keeps the parameters as views into flat buffers, which safetensors
     refuses to save (shared storage); each parameter is pointed at its own CPU copy for the save.
+    ``full``: the copies already made (ZeRO-3's gathered parameters, in ``parameters()`` order).
     """
     saved = [(p, p.data) for p in model.parameters()]
     with torch.no_grad():
-        for p, data in saved:
-            p.data = data.to("cpu", copy=True)
+        for i, (p, data) in enumerate(saved):
+            p.data = data.to("cpu", copy=True) if full is None else full[i]
         try:
             model.save_pretrained(out)
         finally:
