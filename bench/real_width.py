@@ -103,7 +103,8 @@ def _rss_peaks(root: psutil.Process, stop: threading.Event, peaks: dict) -> None
             break
         for p in procs:
             try:
-                if "mmsmall.train" in " ".join(p.cmdline()):
+                args = p.cmdline()
+                if any(a == "-m" and b == "mmsmall.train" for a, b in zip(args, args[1:])):  # a rank
                     peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
             except psutil.Error:
                 continue
