@@ -83,35 +83,45 @@ def _preset(fam: Family) -> dict:
     return dict(getattr(importlib.import_module(f"data_tools.synth.{module}"), name))
 
 
-def _synthesize(out: Path, plan: DemoPlan) -> dict[str, Path]:
-    """Every family's train and eval split, the jobs spread over the cores (charts, drawn by
-    matplotlib at ~10 a second, are the long one and start first)."""
-    from concurrent.futures import ProcessPoolExecutor
+def _synthesize_and_curate(out: Path, plan: DemoPlan) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Steps 1 and 2, overlapped: every family's train and eval split is synthesized in a pool of
+    processes (one per core): the charts' training split first (matplotlib draws ~10 a second: the
+    long job), then the held-out splits (every curation decontaminates against all of them), then
+    the other training splits; each family is curated here as soon as its training split is
+    written, while the pool goes on.
+    Returns the split folders and each family's curation summary."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from data_tools.synth import generate
 
     paths, jobs = {}, []
     for name, fam in plan.families.items():
-        for split, n in (("train", fam.n_train), ("eval", fam.n_eval)):
+        opts = _preset(fam)
+        for split, n in (("eval", fam.n_eval), ("train", fam.n_train)):
             path = out / "synth" / f"{name}_{split}"
-            opts = _preset(fam)
             paths[f"{name}_{split}"] = path
             if not _same_synth(path / "manifest.json", fam.kind, n, split, opts):  # same seed: same shards
-                jobs.append((fam.kind != "charts", dict(kind=fam.kind, n=n, seed=0, out=path, split=split,
-                                                         shard_size=1000, **opts)))  # fmt: skip
+                order = (not (split == "train" and fam.kind == "charts"), split == "train")
+                jobs.append((order, name, split, dict(kind=fam.kind, n=n, seed=0, out=path, split=split,
+                                                       shard_size=1000, **opts)))  # fmt: skip
     jobs.sort(key=lambda job: job[0])
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for done in [pool.submit(generate, **kwargs) for _, kwargs in jobs]:
-                done.result()
-    else:
-        for _, kwargs in jobs:
-            generate(**kwargs)
+    done_train = [name for name in plan.families if not any(j[1] == name and j[2] == "train" for j in jobs)]
+    curated: dict[str, dict] = {}
+    with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        futures = {pool.submit(generate, **kwargs): (name, split) for _, name, split, kwargs in jobs}
+        for f, (_, split) in futures.items():
+            if split == "eval":
+                f.result()  # every held-out split exists before the first curation
+        for name in done_train:  # reused from a previous run
+            curated[name] = _curate(out, name, paths, plan)
+        for f in as_completed([f for f, (_, split) in futures.items() if split == "train"]):
+            f.result()
+            name = futures[f][0]
+            curated[name] = _curate(out, name, paths, plan)
     for name, fam in plan.families.items():
-        for split, n in (("train", fam.n_train), ("eval", fam.n_eval)):
-            print(f"  {name}_{split}: {n} samples in {paths[f'{name}_{split}']}")
-    return paths
+        print(f"  {name}: {fam.n_train} train / {fam.n_eval} held-out samples in {paths[f'{name}_train'].parent}; "
+              f"kept {curated[name]['n_kept']} of {curated[name]['n_in']} -> {curated[name]['out_dir']}")  # fmt: skip
+    return paths, {name: curated[name] for name in plan.families}
 
 
 def _same_synth(manifest: Path, kind: str, n: int, split: str, opts: dict) -> bool:
@@ -127,8 +137,8 @@ def _same_synth(manifest: Path, kind: str, n: int, split: str, opts: dict) -> bo
     )
 
 
-def _curate(out: Path, synth: dict[str, Path], plan: DemoPlan) -> dict[str, dict]:
-    """Curate each family into its own shard set, decontaminated against every held-out split.
+def _curate(out: Path, name: str, synth: dict[str, Path], plan: DemoPlan) -> dict:
+    """Curate family ``name`` into its own shard set, decontaminated against every held-out split.
 
     One shard set per family lets the training mixture draw a family per sample by rate. With one
     curated folder (shards filled in input order) the 200 charts were one shard, read as one block
@@ -137,18 +147,15 @@ def _curate(out: Path, synth: dict[str, Path], plan: DemoPlan) -> dict[str, dict
     from data_tools.curate import run_curation
 
     benchmarks = ", ".join(f"{{path: {synth[f'{k}_eval']}}}" for k in plan.families)
-    summaries = {}
-    for name in plan.families:
-        summaries[name] = run_curation(
-            CONFIGS_DIR / "curate/demo.yaml",
-            overrides=(
-                f"inputs=[{{kind: webdataset, path: {synth[f'{name}_train']}, name: {name}}}]",
-                f"out_dir={out / 'curated' / name}",
-                f"decontam.benchmarks=[{benchmarks}]",
-            ),
-            workers=1,
-        )
-    return summaries
+    return run_curation(
+        CONFIGS_DIR / "curate/demo.yaml",
+        overrides=(
+            f"inputs=[{{kind: webdataset, path: {synth[f'{name}_train']}, name: {name}}}]",
+            f"out_dir={out / 'curated' / name}",
+            f"decontam.benchmarks=[{benchmarks}]",
+        ),
+        workers=1,
+    )
 
 
 def _train(out: Path, curated: dict[str, dict], synth: dict[str, Path], plan: DemoPlan) -> Path:
@@ -175,6 +182,22 @@ def _train(out: Path, curated: dict[str, dict], synth: dict[str, Path], plan: De
     return run_dir
 
 
+def _export(run_dir: Path, out: Path) -> Path:
+    """The release of the run's latest checkpoint: reused when a previous demo exported it after
+    that checkpoint was written (the eval's cached predictions stay valid: they are keyed on the
+    release's files), else exported anew, dropping the predictions made with an older release."""
+    import shutil
+
+    from mmsmall.export import run_export
+
+    release, latest = out / "release", run_dir / "checkpoints" / "latest"
+    card = release / "config.json"
+    if card.exists() and latest.exists() and card.stat().st_mtime_ns > latest.stat().st_mtime_ns:
+        return release
+    shutil.rmtree(out / "eval", ignore_errors=True)
+    return run_export(run_dir, release, fmt="mmsmall", overwrite=True)
+
+
 def run_demo(out: str | Path, quick: bool = False) -> dict:
     """Run the demo into ``out`` and return the results table as a dict."""
     out = Path(out).resolve()
@@ -183,15 +206,11 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     t_start = time.time()
 
     t = _step(
-        "1/6 synthesize counting and pointing scenes, charts, receipts and clocks (train and held-out eval splits)"
+        "1/6 synthesize counting and pointing scenes, charts, receipts and clocks (train and held-out "
+        "eval splits) and 2/6 curate each family into webdataset shards + HTML report as soon as its "
+        "training split is written"
     )
-    synth = _synthesize(out, plan)
-    print(f"  {time.time() - t:.0f} s")
-
-    t = _step("2/6 curate each family into webdataset shards + HTML report")
-    curated = _curate(out, synth, plan)
-    for name, summary in curated.items():
-        print(f"  {name}: kept {summary['n_kept']} of {summary['n_in']} -> {summary['out_dir']}")
+    synth, curated = _synthesize_and_curate(out, plan)
     print(f"  {time.time() - t:.0f} s")
 
     t = _step(
@@ -201,9 +220,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     print(f"  {time.time() - t:.0f} s")
 
     t = _step("4/6 export a release folder")
-    from mmsmall.export import run_export
-
-    release = run_export(run_dir, out / "release", fmt="mmsmall")
+    release = _export(run_dir, out)
     print(f"  {release}  ({time.time() - t:.0f} s)")
 
     t = _step("5/6 evaluate on held-out synthetic sets, with images and blind")

@@ -49,6 +49,16 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert json.loads((out / "eval" / "blind" / "results.json").read_text())["blind"] is True
     assert (out / "run" / "log.jsonl").read_text().count("\n") >= 1
 
+    # a second run into the same folder (README: "a second make demo reuses ...") finishes and
+    # prints the same table, reusing the shards, the curation and the finished training run
+    again = subprocess.run([exe, "demo", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert results_markdown(json.loads((out / "demo_results.json").read_text())["table"]) == results_markdown(
+        result["table"]
+    )
+    assert "resume: from" in again.stdout + again.stderr
+
 
 @pytest.mark.slow
 def test_full_demo_beats_blind_baseline(tmp_path):
