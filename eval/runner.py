@@ -109,18 +109,29 @@ def _barrier(world: int) -> None:
 
 
 class _ImageDataset(Dataset):
-    """Decodes one record's image (or its blank stand-in) in a DataLoader worker.
+    """Decodes one record's image (or its stand-in) in a DataLoader worker.
 
-    With an ``encode`` function (the mmsmall Predictor's processor) the worker also runs the
-    image preprocessing and prompt encoding, so the main process only batches and generates.
+    The stand-in of the blind baseline is a mid-grey image of the same size; with ``donors``
+    (record id -> another record of the task) the question is asked about the donor's image,
+    while the size reported for scoring stays the record's own. With an ``encode`` function (the
+    mmsmall Predictor's processor) the worker also runs the image preprocessing and prompt
+    encoding, so the main process only batches and generates.
     Items are ``(index, (width, height), image or encoded example)``.
     """
 
-    def __init__(self, records: list[Record], blind: bool, prompts: dict[str, str], encode=None):
+    def __init__(
+        self,
+        records: list[Record],
+        blind: bool,
+        prompts: dict[str, str],
+        encode=None,
+        donors: dict[str, Record] | None = None,
+    ):
         self.records = records
         self.blind = blind
         self.prompts = prompts
         self.encode = encode
+        self.donors = donors
 
     def __len__(self) -> int:
         return len(self.records)
@@ -128,11 +139,25 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, tuple[int, int], Any]:
         rec = self.records[i]
         image = rec.load_image()
+        size = image.size
         if self.blind:  # the blind baseline: same size, no content
-            image = Image.new("RGB", image.size, BLIND_GREY)
+            image = Image.new("RGB", size, BLIND_GREY)
+        elif self.donors is not None:  # the image-reliance baseline: another sample's image
+            image = self.donors[rec.id].load_image()
         if self.encode is not None:
-            return i, image.size, self.encode(image, self.prompts[rec.id])
-        return i, image.size, image
+            return i, size, self.encode(image, self.prompts[rec.id])
+        return i, size, image
+
+
+def other_image_donors(records: list[Record]) -> dict[str, Record]:
+    """Record id -> the record whose image its question is asked about in the ``other_images``
+    baseline: the one half the task away (a fixed derangement, the same on every rank and rerun;
+    half-way rather than the neighbour, since benchmarks list several questions of one image in a
+    row)."""
+    n = len(records)
+    if n < 2:
+        raise EvalDataError("other_images needs at least 2 samples per task")
+    return {r.id: records[(k + n // 2) % n] for k, r in enumerate(records)}
 
 
 def _collate(items: list) -> list:
@@ -245,6 +270,7 @@ def _generate(
     molmo: bool,
     show_progress: bool,
     fast: bool = True,
+    donors: dict[str, Record] | None = None,
 ) -> int:
     """Answer ``records`` and append them to ``cache_file``; returns the number generated."""
     if not records:
@@ -252,7 +278,7 @@ def _generate(
     style = task.molmo_style if molmo else None
     encode, collate_fn, generate = _fast_path(predictor, style) if fast else (None, _collate, None)
     loader = DataLoader(
-        _ImageDataset(records, blind, prompts, encode),
+        _ImageDataset(records, blind, prompts, encode, donors),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -319,6 +345,7 @@ def evaluate(
     blind: bool = False,
     max_new_tokens: int | None = None,
     *,
+    other_images: bool = False,
     num_workers: int = 2,
     molmo_style: bool = False,
     show_progress: bool = True,
@@ -331,7 +358,9 @@ def evaluate(
     model: a checkpoint / export folder, or an object with ``predict`` (see ``PredictorLike``).
     data: task name -> local path or hub id; tasks not named use their default hub dataset.
     limit: the first ``limit`` samples of each task. blind: every image replaced by a mid-grey
-    one of the same size. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
+    one of the same size. other_images: each question asked about another sample's image of the
+    same task (``other_image_donors``): what the model scores when it cannot see the right image,
+    the baseline that measures its reliance on the image. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
     the bare question with the Molmo task style and keep the text after ``Answer:``.
     device / dtype (fp32, bf16, fp16) / max_crops: how a model folder is loaded and its images cut.
     Returns the results dict (on rank 0; other ranks return ``{}``).
@@ -344,6 +373,8 @@ def evaluate(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1 or None, got {limit}")
+    if blind and other_images:
+        raise ConfigError("--blind and --other-images are two baselines: choose one")
     data = dict(data or {})
     specs = [get_task(t) for t in tasks]
     unknown = sorted(set(data) - {t.name for t in specs})
@@ -362,6 +393,7 @@ def evaluate(
         "convention": CONVENTION,
         "prompt_style": "molmo" if molmo_style else "lmms-eval",
         "blind": blind,
+        "other_images": other_images,
         "limit": limit,
         **setup,
         "tasks": {},
@@ -381,6 +413,7 @@ def evaluate(
             "model": model_name,
             "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
             "blind": bool(blind),
+            "other_images": bool(other_images),
             "prompt_style": results["prompt_style"],
             **{k: setup[k] for k in ("prompt_format", "max_crops", "dtype")},
             "weights": weights,  # the cache key covers what changes answers: weights, data, prompts
@@ -401,7 +434,7 @@ def evaluate(
         n_new = _generate(
             predictor, task, todo, prompts, cache_file, settings,
             batch_size=batch_size, num_workers=num_workers, blind=blind, molmo=molmo_style,
-            show_progress=show_progress and rank == 0,
+            show_progress=show_progress and rank == 0, donors=other_image_donors(records) if other_images else None,
         )  # fmt: skip
         gen_seconds = time.time() - t0
         _barrier(world)

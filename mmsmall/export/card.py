@@ -44,7 +44,7 @@ def eval_table(results: dict | None) -> str:
             f"| {name} | {r.get('primary', '')} | {float(r.get('score', 0.0)):.2f} | {r.get('n', '')} |"
         )
     notes = []
-    for key in ("convention", "prompt_style", "blind", "limit"):
+    for key in ("convention", "prompt_style", "blind", "other_images", "limit"):
         if results.get(key) is not None:
             notes.append(f"{key}: `{results[key]}`")
     return "\n".join(rows) + ("\n\n" + "; ".join(notes) if notes else "") + "\n"
