@@ -24,6 +24,7 @@ from typing import Any
 from mmsmall.config import ConfigError
 from mmsmall.data.keys import member_key
 from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
+from mmsmall.data.shards import TAR_SUFFIXES, list_tars, tar_members
 
 from .config import CurateConfig, InputConfig
 from .records import CAPTION_PROMPT, clean_id, clean_messages, clean_points, scalar_text
@@ -98,9 +99,9 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
         elif inp.kind == "webdataset" and is_remote(inp.path):  # http(s):// shards or pipe: commands
             units.extend({**base, "file": t} for t in resolve_remote(inp.path))
         elif inp.kind == "webdataset":
-            tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+            tars = list_tars(path) if path.is_dir() else [path]
             if not tars or not tars[0].exists():
-                raise ConfigError(f"inputs[{i}]: no .tar shards at {path}")
+                raise ConfigError(f"inputs[{i}]: no {', '.join(TAR_SUFFIXES)} shards at {path}")
             units.extend({**base, "file": str(t)} for t in tars)
     for n, u in enumerate(units):
         u["uid"] = f"u{n:06d}"
@@ -238,7 +239,8 @@ def _row_id(row: dict, inp: InputConfig, fallback: str) -> tuple[str, str | None
 
 
 def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]:
-    """(bytes, ref, error) from bytes, a path, or an HF ``{"bytes", "path"}`` struct."""
+    """(bytes, ref, error) from bytes, a path, or an HF ``{"bytes", "path"}`` struct; a local file
+    read (or looked for) is the ref itself, an absolute path."""
     if isinstance(value, dict):
         if value.get("bytes"):
             if not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
@@ -259,6 +261,13 @@ def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]
     return None, "<none>", "missing_image"
 
 
+def _local(value: Any, ref: str) -> str | None:
+    """The local file an image value named (read, or looked for when missing), else None."""
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    return ref if isinstance(value, str) and value and not is_remote(value) else None
+
+
 def _record(rid: str, source: str, **kw: Any) -> dict:
     rec = {
         "id": rid,
@@ -268,7 +277,7 @@ def _record(rid: str, source: str, **kw: Any) -> dict:
         "image_ref": "",
         "messages": [],
     }
-    rec.update({"points": None, "meta": {}, "error": None})
+    rec.update({"points": None, "meta": {}, "error": None, "file": None})
     rec.update(kw)
     return rec
 
@@ -283,7 +292,8 @@ def _rows_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         data, ref, err = _image_value(row.get(inp.image_field), root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err)
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
+                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
 
 
 def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -300,18 +310,19 @@ def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         ]
         yield _record(
             str(g["id"]), source, task=inp.task or "pointing", image_bytes=data, image_ref=ref,
-            points=pts, meta={"coords": inp.coords}, error=err,
+            points=pts, meta={"coords": inp.coords}, error=err, file=_local(g["image"], ref),
         )  # fmt: skip
 
 
-def _table_records(table_rows: list[dict], start: int, inp: InputConfig) -> Iterator[dict]:
-    source, root = _source_name(inp), _root(inp)
+def _table_records(table_rows: list[dict], start: int, inp: InputConfig, root: Path) -> Iterator[dict]:
+    source = _source_name(inp)
     for n, row in enumerate(table_rows):
         rid, id_err = _row_id(row, inp, f"{source}_{start + n}")
         data, ref, err = _image_value(row.get(inp.image_field), root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err)
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
+                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
 
 
 def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -323,7 +334,7 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     try:
         src = io.BytesIO(fetch_shard(unit["file"])) if is_remote(unit["file"]) else None  # http(s)/pipe:
         with tarfile.open(fileobj=src) if src else tarfile.open(unit["file"], "r:*") as tar:
-            for m in tar:
+            for m in tar_members(tar):
                 name = m.name
                 key, ext = member_key(name) or (name, "")
                 if not m.isfile():
@@ -335,10 +346,12 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
                     continue
                 f = tar.extractfile(m)
                 groups[key][ext] = f.read() if f is not None else b""
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError) as e:
+        groups.pop(next(reversed(groups), None), None)  # the sample being read may be cut short
         yield _record(
-            f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard", image_ref=unit["file"]
-        )
+            f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard",
+            image_ref=f"{unit['file']}: {type(e).__name__}: {e}",
+        )  # fmt: skip
     for name in bad:
         yield _record(name, source, error="unsafe_member", image_ref=name)
     for name in dups:
@@ -402,11 +415,10 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
     elif inp.kind == "points":
         yield from _points_records(unit, inp)
     elif inp.kind == "parquet":
-        yield from _table_records(
-            _parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp
-        )
+        root = Path(inp.image_root) if inp.image_root else Path(unit["file"]).parent  # beside the file
+        yield from _table_records(_parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp, root)
     elif inp.kind == "hf":
-        yield from _table_records(*_hf_rows(unit, inp), inp)
+        yield from _table_records(*_hf_rows(unit, inp), inp, _root(inp))
     elif inp.kind == "webdataset":
         yield from _tar_records(unit, inp)
     elif inp.kind == "pixmo":
