@@ -57,7 +57,10 @@ def _candidates(path: Path) -> tuple[str, ...]:
         return ("webdataset",)
     if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
         return ("parquet",)
-    return JSON_LAYOUTS
+    from eval.tasks.chartqa import json_files
+
+    # without ChartQA's json files its loader would read the folder as a hub dataset
+    return tuple(f for f in JSON_LAYOUTS if f != "chartqa" or json_files(path))
 
 
 def _parquet_items(path: Path, name: str) -> list[dict]:

@@ -19,7 +19,8 @@ SUFFIX = "\nAnswer the question with a single word."
 SPLITS = {"test_human.json": "human_test", "test_augmented.json": "augmented_test"}
 
 
-def _json_files(path: Path) -> list[Path]:
+def json_files(path: Path) -> list[Path]:
+    """The official json files at ``path``: one file, or those in the folder (or its ``test/``)."""
     if path.is_file() and path.suffix == ".json":
         return [path]
     for folder in (path / "test", path):
@@ -59,7 +60,7 @@ def load_chartqa_json(files: list[Path], limit: int | None = None) -> list[Recor
 
 
 def load(path: str, limit: int | None = None) -> list[Record]:
-    files = _json_files(Path(path)) if Path(path).exists() else []
+    files = json_files(Path(path)) if Path(path).exists() else []
     if files:
         return load_chartqa_json(files, limit)
     return parquet_records(
