@@ -98,7 +98,17 @@ class ClipConfig:
 
 
 # decontamination benchmark layouts: eval's (read by eval's loaders), any parquet, our shards
-BENCHMARK_FORMATS = ("auto", "webdataset", "parquet", "chartqa", "docvqa", "infovqa", "textvqa", "ai2d", "ocrbench")
+BENCHMARK_FORMATS = (
+    "auto",
+    "webdataset",
+    "parquet",
+    "chartqa",
+    "docvqa",
+    "infovqa",
+    "textvqa",
+    "ai2d",
+    "ocrbench",
+)
 
 
 @dataclass

@@ -558,7 +558,9 @@ def _decontam_stamp(cfg: CurateConfig, work: Path) -> str:
     stamp = work / "decontam.fingerprint"
     config = hashlib.sha256(json.dumps(to_dict(cfg.decontam), sort_keys=True).encode()).hexdigest()
     old = json.loads(stamp.read_text()) if stamp.exists() else {}
-    if not (isinstance(old, dict) and old.get("config") == config and not changed_reads(old.get("reads", {}))):
+    if not (
+        isinstance(old, dict) and old.get("config") == config and not changed_reads(old.get("reads", {}))
+    ):
         index, reads = DecontamIndex.build(cfg.decontam)
         index.save(work / "decontam")
         old = {"config": config, "reads": {f: file_stat(f) for f in reads}, "counts": index.counts}

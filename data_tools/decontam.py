@@ -95,7 +95,9 @@ def _shard_items(path: Path, name: str) -> list[dict]:
             if rec["error"] == "unreadable_shard":
                 raise ConfigError(f"shard {tar} is unreadable or truncated")
             question = " ".join(m["content"] for m in rec["messages"] if m.get("role") == "user")
-            items.append({"benchmark": name, "id": rec["id"], "question": question, "image_bytes": rec["image_bytes"]})
+            items.append(
+                {"benchmark": name, "id": rec["id"], "question": question, "image_bytes": rec["image_bytes"]}
+            )
     return items
 
 
@@ -112,7 +114,9 @@ def _eval_items(path: Path, fmt: str, name: str) -> list[dict]:
             data = buf.getvalue()
         if data is None and file and Path(file).is_file():
             data = Path(file).read_bytes()
-        items.append({"benchmark": name, "id": r.id, "question": r.question, "image_bytes": data, "file": file})
+        items.append(
+            {"benchmark": name, "id": r.id, "question": r.question, "image_bytes": data, "file": file}
+        )
     return items
 
 

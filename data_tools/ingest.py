@@ -416,7 +416,9 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
         yield from _points_records(unit, inp)
     elif inp.kind == "parquet":
         root = Path(inp.image_root) if inp.image_root else Path(unit["file"]).parent  # beside the file
-        yield from _table_records(_parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp, root)
+        yield from _table_records(
+            _parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp, root
+        )
     elif inp.kind == "hf":
         yield from _table_records(*_hf_rows(unit, inp), inp, _root(inp))
     elif inp.kind == "webdataset":

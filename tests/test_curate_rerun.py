@@ -141,11 +141,14 @@ def test_parquet_input_change_is_seen(tmp_path):
         _bump(tmp_path / "in.parquet")
 
     write(["one", "two", "three"])
-    cfg = {"inputs": [{"kind": "parquet", "path": str(tmp_path / "in.parquet")}], "report": {"enabled": False}}
+    cfg = {
+        "inputs": [{"kind": "parquet", "path": str(tmp_path / "in.parquet")}],
+        "report": {"enabled": False},
+    }
     run_curation(cfg | {"out_dir": str(tmp_path / "out")}, workers=1)
     write(["one", "two", "three, rewritten"])
     again = run_curation(cfg | {"out_dir": str(tmp_path / "out")}, workers=1)
-    fresh = run_curation(cfg | {"out_dir": str(tmp_path / "fresh")}, workers=1)
+    run_curation(cfg | {"out_dir": str(tmp_path / "fresh")}, workers=1)
     assert again["units_redone"] == 1
     assert _shards(tmp_path / "out") == _shards(tmp_path / "fresh")
     assert b"three, rewritten" in b"".join(_shards(tmp_path / "out").values())

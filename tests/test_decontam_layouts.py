@@ -44,8 +44,12 @@ def chartqa_repo(root: Path, planted: bytes) -> Path:  # ChartQA/test/{test_huma
     (root / "test" / "png").mkdir(parents=True)
     (root / "test" / "png" / "a.png").write_bytes(planted)
     (root / "test" / "png" / "b.png").write_bytes(_png(801))
-    (root / "test" / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "Peak?", "label": "3"}]))
-    (root / "test" / "test_augmented.json").write_text(json.dumps([{"imgname": "b.png", "query": "Low?", "label": "1"}]))
+    (root / "test" / "test_human.json").write_text(
+        json.dumps([{"imgname": "a.png", "query": "Peak?", "label": "3"}])
+    )
+    (root / "test" / "test_augmented.json").write_text(
+        json.dumps([{"imgname": "b.png", "query": "Low?", "label": "1"}])
+    )
     return root
 
 
@@ -75,7 +79,9 @@ def infovqa_rrc(root: Path, planted: bytes) -> Path:  # InfographicVQA names its
 def textvqa_json(root: Path, planted: bytes) -> Path:  # TextVQA_0.5.1_val.json + train_images/
     (root / "train_images").mkdir(parents=True)
     (root / "train_images" / "abc.jpg").write_bytes(planted)
-    data = [{"question_id": 1, "question": "what brand is this?", "image_id": "abc", "answers": ["nokia"] * 10}]
+    data = [
+        {"question_id": 1, "question": "what brand is this?", "image_id": "abc", "answers": ["nokia"] * 10}
+    ]
     (root / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": data}))
     return root
 
@@ -97,7 +103,10 @@ def ocrbench_parquet(root: Path, planted: bytes) -> Path:
 def synth_shards(root: Path, planted: bytes) -> Path:
     with ShardWriter(root, prefix="heldout", max_count=1) as w:
         for i, data in enumerate((planted, _png(801))):
-            msgs = [{"role": "user", "content": f"How many circles, case {i}?"}, {"role": "assistant", "content": "2"}]
+            msgs = [
+                {"role": "user", "content": f"How many circles, case {i}?"},
+                {"role": "assistant", "content": "2"},
+            ]
             meta = {"id": f"s{i}", "source": "synth", "task": "counting", "messages": msgs, "points": []}
             w.write(f"s{i}", data, "png", meta)
     return root
@@ -142,7 +151,9 @@ def _curate_cli(cfg: dict, tmp_path: Path, monkeypatch, capsys) -> tuple[int, st
 
 
 @pytest.mark.parametrize("kind", ["empty", "unrecognized", "wrong_format"])
-def test_a_benchmark_that_yields_nothing_stops_the_run_with_the_layouts_tried(tmp_path, kind, monkeypatch, capsys):
+def test_a_benchmark_that_yields_nothing_stops_the_run_with_the_layouts_tried(
+    tmp_path, kind, monkeypatch, capsys
+):
     bench = tmp_path / "bench"
     bench.mkdir()
     fmt = "auto"
@@ -162,6 +173,10 @@ def test_a_benchmark_that_yields_nothing_stops_the_run_with_the_layouts_tried(tm
 
 
 def test_unknown_format_names_the_valid_ones(tmp_path):
-    cfg = _training(tmp_path, _png(700)) | {"decontam": {"benchmarks": [{"path": str(tmp_path), "format": "vqa"}]}}
-    with pytest.raises(ConfigError, match="valid: auto, webdataset, parquet, chartqa, docvqa, infovqa, textvqa"):
+    cfg = _training(tmp_path, _png(700)) | {
+        "decontam": {"benchmarks": [{"path": str(tmp_path), "format": "vqa"}]}
+    }
+    with pytest.raises(
+        ConfigError, match="valid: auto, webdataset, parquet, chartqa, docvqa, infovqa, textvqa"
+    ):
         run_curation(cfg, workers=1)

@@ -85,7 +85,9 @@ def test_gzipped_shards_in_a_folder_are_read(shards, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "toy-000000.tar").write_bytes((shards / "whole" / "toy-000000.tar").read_bytes())
-    (folder / "toy-000001.tar.gz").write_bytes(gzip.compress((shards / "whole" / "toy-000001.tar").read_bytes()))
+    (folder / "toy-000001.tar.gz").write_bytes(
+        gzip.compress((shards / "whole" / "toy-000001.tar").read_bytes())
+    )
     ids = [f"toy{i:03d}" for i in range(8)]
     assert [s["json"]["id"] for s in iter_samples(folder)] == ids
     summary = run_curation(
