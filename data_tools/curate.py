@@ -421,7 +421,7 @@ def partitioned_reduce_and_write(
     )
     remove_stale(out, cfg.prefix, len(plan))
     dec = {"kept": g["kept_head"], "n_kept": sum(g["kept_per_unit"]), "drops": g["drops"],
-           "counts": g["counts"], "clip_threshold": g["clip_threshold"]}  # fmt: skip
+           "counts": g["counts"], "clip_threshold": g["clip_threshold"], "parts": g["parts"]}  # fmt: skip
     return dec, entries
 
 
@@ -539,7 +539,10 @@ def run_curation(
         )
     (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
     if not cfg.keep_work:
-        remove_work(work)
+        uids = [u["uid"] for u in units]
+        remove_work(
+            work, written_files(work, uids, dec["parts"], len(entries), bool(cfg.decontam.benchmarks))
+        )
     return summary
 
 
@@ -568,20 +571,25 @@ def _decontam_stamp(cfg: CurateConfig, work: Path) -> str:
     return hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Everything a run writes under its work folder; nothing else there is ever deleted.
-_WORK_FILES = (
-    "units/u[0-9]*.tar", "units/u[0-9]*.done.json", "units/*.tmp", "shards/[0-9]*.json", "shards/*.tmp",
-    "decontam.npy", "decontam.json", "decontam.fingerprint", "decontam.fingerprint.tmp",
-    "reduce/cols/u[0-9]*.npz", "reduce/cols/*.tmp.npz", "reduce/keys/[gk][0-9]*.npy", "reduce/alive*.npy",
-)  # fmt: skip
+def written_files(work: Path, uids: list[str], parts: int, n_shards: int, decontam: bool) -> list[Path]:
+    """Every file this run wrote (or would have) under ``work``, named from its own plan."""
+    files = [work / "units" / f"{u}{ext}" for u in uids for ext in (".tar", ".done.json")]
+    files += [work / "reduce" / "cols" / f"{u}.npz" for u in uids]
+    files += [work / "shards" / f"{i:06d}.json" for i in range(n_shards)]
+    files += [work / "reduce" / "keys" / f"{g}{p}.npy" for p in range(parts) for g in "gk"]
+    files.append(work / "reduce" / "alive.npy")
+    if decontam:
+        files += [work / f"decontam{ext}" for ext in (".npy", ".json", ".fingerprint")]
+    return files
 
 
-def remove_work(work: Path) -> None:
-    """Delete the run's own stage files, then each folder of ``work`` that is left empty."""
-    for pattern in _WORK_FILES:
-        for f in work.glob(pattern):
-            if f.is_file() and not f.is_symlink():
-                f.unlink()
+def remove_work(work: Path, written: list[Path]) -> None:
+    """Delete the run's own stage files (and their temporary names), then each folder of ``work``
+    that is left empty; a file the run did not write is never deleted, whatever its name."""
+    for f in written:
+        for g in (f, f.with_name(f.name + ".tmp")):
+            if g.is_file() and not g.is_symlink():
+                g.unlink()
     for d in (work / "units", work / "shards", work / "reduce" / "cols", work / "reduce" / "keys",
               work / "reduce", work):  # fmt: skip
         if d.is_dir() and not any(d.iterdir()):

@@ -40,23 +40,26 @@ def _source_name(inp: InputConfig) -> str:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl or .csv file (a bad jsonl line becomes a row with `_error`)."""
+    """Rows of a .jsonl or .csv file (a bad jsonl line, or one that is not UTF-8, becomes a row with `_error`)."""
     if not path.exists():
         raise ConfigError(f"input file not found: {path}")
     rows: list[dict] = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [dict(r) for r in csv.DictReader(f)]
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [dict(r) for r in csv.DictReader(f)]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the csv as UTF-8") from None
     else:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.decode("utf-8"))
                     if not isinstance(row, dict):
                         raise ValueError("not an object")
-                except ValueError:
+                except ValueError:  # UnicodeDecodeError too
                     row = {"_error": "bad_annotation", "_line": lineno}
                 rows.append(row)
     return rows
@@ -117,14 +120,14 @@ def _folder_rows(inp: InputConfig) -> list[dict]:
     if not path.is_dir():
         raise ConfigError(f"input folder not found: {path}")
     rows = []
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES):
+    for p in sorted(q for q in path.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()):
+        row = {inp.image_field: str(p.relative_to(path)), inp.text_field: ""}
         txt = p.with_suffix(".txt")
-        rows.append(
-            {
-                inp.image_field: str(p.relative_to(path)),
-                inp.text_field: txt.read_text() if txt.exists() else "",
-            }
-        )
+        try:
+            row[inp.text_field] = txt.read_bytes().decode("utf-8") if txt.exists() else ""
+        except (UnicodeDecodeError, OSError) as e:  # this sample is bad, not the folder
+            row |= {"_error": "bad_annotation", "_line": f"{txt} unreadable as UTF-8 ({type(e).__name__})"}
+        rows.append(row)
     return rows
 
 

@@ -160,3 +160,51 @@ def test_failed_start_leaves_no_empty_output_folder(tmp_path):
     with pytest.raises(ConfigError, match="input file not found"):
         run_curation(cfg, workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_keep_work_false_spares_files_named_like_work_files(tmp_path):
+    """The cleanup deletes what the run's own plan names, not whatever matches a work-file pattern."""
+    work = tmp_path / "work"
+    theirs = ["units/u000099.tar", "units/u000099.done.json", "shards/000050.json", "decontam.json",
+              "reduce/cols/u000042.npz", "reduce/keys/g7.npy"]  # fmt: skip
+    for name in theirs:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("not the run's")
+    cfg = _hostile_inputs(tmp_path, {}, {}, {}) | {"work_dir": str(work), "keep_work": False}
+    assert run_curation(cfg, workers=1)["n_kept"] == 8
+    left = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    assert left == sorted(theirs)
+
+
+def test_parquet_folder_resolves_relative_image_paths_beside_each_file(tmp_path):
+    folder = tmp_path / "pq"
+    (folder / "imgs").mkdir(parents=True)
+    for i in range(3):
+        (folder / "imgs" / f"{i}.jpg").write_bytes(_JPEGS[i])
+    table = pa.table({"id": [f"p{i}" for i in range(3)], "image": [f"imgs/{i}.jpg" for i in range(3)],
+                      "caption": [GOOD] * 3})  # fmt: skip
+    pq.write_table(table, folder / "part-0.parquet")
+    runs = {}
+    for name, path in (("folder", folder), ("file", folder / "part-0.parquet")):
+        cfg = {"inputs": [{"kind": "parquet", "path": str(path)}], "out_dir": str(tmp_path / name),
+               "report": {"enabled": False}}  # fmt: skip
+        runs[name] = run_curation(cfg, workers=1)
+    assert runs["folder"]["n_kept"] == runs["file"]["n_kept"] == 3 and runs["folder"]["dropped"] == {}
+
+
+def test_folder_input_with_a_bad_caption_file_and_broken_links(tmp_path):
+    """A caption that is not UTF-8, a dangling symlink and a symlink loop: each one sample dropped
+    and counted in n_in, the rest of the folder curated."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_JPEGS[i])
+        (folder / f"{i}.txt").write_text(f"{GOOD} Number {i}.")
+    (folder / "1.txt").write_bytes("Une balle rouge sur la table, d\xe9j\xe0 vue.".encode("latin-1"))
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    cfg = {"inputs": [{"kind": "folder", "path": str(folder)}], "out_dir": str(tmp_path / "out"),
+           "report": {"enabled": False}}  # fmt: skip
+    summary = run_curation(cfg, workers=1)
+    assert summary["n_in"] == 5 and summary["n_kept"] == 2
+    assert summary["dropped"] == {"bad_annotation": 1, "missing_image": 1, "unreadable": 1}
