@@ -508,6 +508,16 @@ def run_curation(
     ]
     dropped = dict(sorted(_by_reason(counts).items()))
     hits = [h for s in stats for h in s["hits"]]
+    per_input = Counter()
+    for u, s in zip(units, stats):
+        per_input[u["input"]] += s["n_in"]
+    warnings = [
+        f"inputs[{i}] ({inp.kind} {inp.path}) gave no samples; check its path and kind"
+        for i, inp in enumerate(cfg.inputs)
+        if per_input[i] == 0
+    ]
+    for w in warnings:
+        log.warning("curate: %s", w)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "out_dir": str(out),
@@ -521,6 +531,7 @@ def run_curation(
         "units": len(units),
         "units_resumed": resumed,
         "units_redone": len(redone),
+        "warnings": warnings,
     }
     if n_in != summary["n_kept"] + sum(dropped.values()):
         raise RuntimeError(f"curation lost samples: in={n_in}, kept={summary['n_kept']}, dropped={dropped}")

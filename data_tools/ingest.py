@@ -76,7 +76,7 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
         base = {"input": i}
         path = Path(inp.path)
         if inp.kind in ("folder", "jsonl", "csv"):
-            rows = _folder_rows(inp)
+            rows = _folder_rows(inp, [Path(p) for p in (cfg.out_dir, cfg.work_dir) if p])
             for a, b in _chunks(len(rows), cfg.unit_size):
                 units.append({**base, "rows": rows[a:b], "offset": a})
         elif inp.kind == "points":
@@ -111,7 +111,9 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
     return units
 
 
-def _folder_rows(inp: InputConfig) -> list[dict]:
+def _folder_rows(inp: InputConfig, skip: list[Path]) -> list[dict]:
+    """Rows of a caption file, or one row per image of a folder (its ``.txt`` the caption); images
+    under ``skip`` (the run's own output and work folders) are not inputs."""
     path = Path(inp.path)
     if inp.kind in ("jsonl", "csv"):
         return _read_rows(path)
@@ -120,7 +122,8 @@ def _folder_rows(inp: InputConfig) -> list[dict]:
     if not path.is_dir():
         raise ConfigError(f"input folder not found: {path}")
     rows = []
-    for p in sorted(q for q in path.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()):
+    images = (q for q in path.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir())
+    for p in sorted(q for q in images if not any(q.is_relative_to(s) for s in skip)):
         row = {inp.image_field: str(p.relative_to(path)), inp.text_field: ""}
         txt = p.with_suffix(".txt")
         try:

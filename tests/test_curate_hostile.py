@@ -208,3 +208,78 @@ def test_folder_input_with_a_bad_caption_file_and_broken_links(tmp_path):
     summary = run_curation(cfg, workers=1)
     assert summary["n_in"] == 5 and summary["n_kept"] == 2
     assert summary["dropped"] == {"bad_annotation": 1, "missing_image": 1, "unreadable": 1}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_leaves_no_pool_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    (tmp_path / "wds").mkdir()
+    for t in range(4):
+        _tar(tmp_path / "wds" / f"s-{t:06d}.tar", {f"k{t}": {"id": f"k{t}"}})
+    cfg = {"inputs": [{"kind": "webdataset", "path": str(tmp_path / "wds")}], "out_dir": str(tmp_path / "out"),
+           "report": {"enabled": False}}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "data_tools", "curate", str(tmp_path / "c.json"), "--workers", "2"]
+    env = {**os.environ, "DATA_TOOLS_UNIT_DELAY_S": "5"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list = []
+    try:
+        marker = tmp_path / "out" / "_work" / "units" / "u000000.done.json"
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers and marker.exists(), "the signal must land while units run"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert alive == [], f"pool workers still running after the driver's SIGTERM: {alive}"
+    finally:  # whatever the outcome, nothing this test started keeps running
+        for p in workers:
+            if p.is_running():
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_out_dir_inside_the_input_folder_is_not_read_back(tmp_path):
+    """The report's PNGs and the shards of a run whose out_dir sits in its input folder are not
+    inputs of the next run."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_JPEGS[i])
+        (folder / f"{i}.txt").write_text(f"{GOOD} Number {i}.")
+    cfg = {"inputs": [{"kind": "folder", "path": str(folder)}], "out_dir": str(folder / "curated")}
+    first = run_curation(cfg, workers=1)
+    assert list((folder / "curated" / "report").glob("*.png"))  # the report wrote images there
+    again = run_curation(cfg | {"work_dir": str(tmp_path / "work2")}, workers=1)  # nothing resumed
+    assert first["n_in"] == again["n_in"] == 3 and again["n_kept"] == 3
+
+
+def test_a_changed_prefix_replaces_the_old_shards(tmp_path):
+    cfg = _hostile_inputs(tmp_path, {}, {}, {}) | {"report": {"enabled": False}}
+    run_curation(cfg | {"prefix": "old"}, workers=1)
+    summary = run_curation(cfg | {"prefix": "new"}, workers=1)
+    out = Path(summary["out_dir"])
+    listed = sorted(s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+    assert sorted(p.name for p in out.glob("*.tar")) == listed and all(n.startswith("new-") for n in listed)
+
+
+def test_an_input_that_gives_no_samples_is_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "image": "a.jpg", "caption": GOOD}])
+    (tmp_path / "a.jpg").write_bytes(_JPEGS[0])
+    cfg = {"inputs": [{"kind": "jsonl", "path": str(tmp_path / p)} for p in ("rows.jsonl", "empty.jsonl")],
+           "out_dir": str(tmp_path / "out"), "report": {"enabled": False}}  # fmt: skip
+    summary = run_curation(cfg, workers=1)
+    assert summary["n_kept"] == 1 and len(summary["warnings"]) == 1
+    assert "inputs[1]" in summary["warnings"][0] and "empty.jsonl" in summary["warnings"][0]
+    assert "gave no samples" in caplog.text
