@@ -62,7 +62,15 @@ def load_chartqa_json(files: list[Path], limit: int | None = None) -> list[Recor
 def load(path: str, limit: int | None = None) -> list[Record]:
     files = json_files(Path(path)) if Path(path).exists() else []
     if files:
-        return load_chartqa_json(files, limit)
+        records = load_chartqa_json(files, limit)
+        found = sorted({r.meta["type"] for r in records})
+        if len(found) == 1 and limit is None:  # the runner puts the note in results.json and the log
+            records[0].meta["note"] = (
+                f"only the {found[0]} split was read ({', '.join(str(f) for f in files)}): relaxed_overall is "
+                "that split alone, not ChartQA's overall over human + augmented (test_human.json and "
+                "test_augmented.json side by side)"
+            )
+        return records
     return parquet_records(
         path,
         columns=["question", "answer", "type", "image"],
