@@ -150,26 +150,43 @@ def _curate_cli(cfg: dict, tmp_path: Path, monkeypatch, capsys) -> tuple[int, st
     return e.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["empty", "unrecognized", "wrong_format"])
+def _unrecognized(root: Path, planted: bytes) -> Path:
+    (root / "notes.json").write_text(json.dumps({"hello": "world"}))
+    (root / "pic.png").write_bytes(planted)
+    return root
+
+
+def _parquet_without_images(root: Path, planted: bytes) -> Path:
+    _parquet(root / "test.parquet", {"question": ["Peak?"], "answer": ["3"]})
+    return root
+
+
+NOTHING = {  # (format, benchmark): what a user may point decontamination at by mistake
+    "empty_folder": ("auto", lambda root, planted: root),
+    "unrecognized_folder": ("auto", _unrecognized),
+    "parquet_without_images": ("auto", _parquet_without_images),
+    "chartqa_folder_as_docvqa": ("docvqa", chartqa_repo),
+    "docvqa_json_as_chartqa": ("chartqa", lambda root, planted: docvqa_rrc(root, planted) / "val_v1.0.json"),
+    "chartqa_list_as_textvqa": ("textvqa", chartqa_json),
+    "chartqa_folder_as_parquet": ("parquet", chartqa_repo),
+    "chartqa_folder_as_webdataset": ("webdataset", chartqa_repo),
+}
+
+
+@pytest.mark.parametrize("case", list(NOTHING))
 def test_a_benchmark_that_yields_nothing_stops_the_run_with_the_layouts_tried(
-    tmp_path, kind, monkeypatch, capsys
+    tmp_path, case, monkeypatch, capsys
 ):
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    fmt = "auto"
-    if kind == "unrecognized":
-        (bench / "notes.json").write_text(json.dumps({"hello": "world"}))
-        (bench / "pic.png").write_bytes(_png(1))
-    elif kind == "wrong_format":  # a ChartQA folder named as DocVQA
-        chartqa_repo(bench, _png(700))
-        fmt = "docvqa"
+    fmt, build = NOTHING[case]
+    (tmp_path / "bench").mkdir()
+    bench = build(tmp_path / "bench", _png(700))
     cfg = _training(tmp_path, _png(700)) | {"decontam": {"benchmarks": [{"path": str(bench), "format": fmt}]}}
     code, err = _curate_cli(cfg, tmp_path, monkeypatch, capsys)
-    assert code == 2 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: decontam benchmark ") and str(bench) in line and "layouts tried" in line
-    assert ("docvqa" in line and "textvqa" in line) if fmt == "auto" else "docvqa (" in line
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
+    assert f"{fmt} (" in line if fmt != "auto" else "no benchmark items found" in line
+    assert not list((tmp_path / "out").glob("*.tar"))
 
 
 def test_unknown_format_names_the_valid_ones(tmp_path):
