@@ -527,7 +527,7 @@ def run_curation(
         "funnel": funnel,
         "clip_threshold": dec["clip_threshold"],
         "decontam_hits": len(hits),
-        "decontam_benchmarks": _decontam_counts(work),
+        "decontam_benchmarks": _decontam_counts(work) if cfg.decontam.benchmarks else {},
         "units": len(units),
         "units_resumed": resumed,
         "units_redone": len(redone),
