@@ -123,10 +123,9 @@ def test_export_refuses_a_non_empty_folder_and_lists_only_its_own_shards(saved, 
     assert len({p.stat().st_mode & 0o777 for p in release}) == 1  # one file mode for the whole release
 
 
-def test_eval_with_a_missing_image_is_one_line_without_a_worker_traceback(
-    saved, tmp_path, monkeypatch, capsys
-):  # noqa: F811
-    """`mmsmall eval --data chartqa=...` with one image gone, DataLoader workers on (issue 23)."""
+def test_eval_missing_image_is_one_line(saved, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`mmsmall eval --data chartqa=...` with one image gone, DataLoader workers on (issue 23):
+    one error line naming the sample and file, no worker traceback."""
     from test_eval_tasks import make_chartqa_json
 
     root = make_chartqa_json(tmp_path / "c")
