@@ -102,7 +102,7 @@ class Fetcher:
         return self.hosts.setdefault(host, asyncio.Semaphore(self.cfg.per_host))
 
     async def _once(
-        self, session: aiohttp.ClientSession, url: str, sha256: str | None
+        self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None
     ) -> tuple[Fetched, bool]:
         """One attempt: (result, retryable)."""
         cap = self.cfg.max_bytes
@@ -125,7 +125,7 @@ class Fetcher:
                     return Fetched(url, "fetch_too_large", detail=f"body passed {cap} bytes"), False
         data = bytes(buf)
         digest = hashlib.sha256(data).hexdigest()
-        if sha256 and digest != sha256.lower():
+        if sha256 and digest not in sha256:  # none of the rows naming this URL expects these bytes
             return Fetched(url, "fetch_sha256_mismatch", sha256=digest, bytes=len(data)), False
         fmt = _check_image(data)
         if fmt is None:
@@ -139,7 +139,7 @@ class Fetcher:
         os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
         return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data)), False
 
-    async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
+    async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None) -> Fetched:
         cfg = self.cfg
         if not url:
             return Fetched(url, "fetch_no_url")
@@ -171,7 +171,7 @@ class Fetcher:
         self.on_done(result)
         return result
 
-    async def run(self, items: list[tuple[str, str | None]]) -> list[Fetched]:
+    async def run(self, items: list[tuple[str, frozenset[str] | None]]) -> list[Fetched]:
         cfg = self.cfg
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
@@ -204,6 +204,12 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _expected(row: dict, cfg: DownloadConfig) -> str | None:
+    """The sha256 a row expects of its image bytes, lower case; None when it names none."""
+    want = row.get(cfg.sha256_field)
+    return str(want).strip().lower() if want else None
+
+
 def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
     """The last result per URL; an ``ok`` whose file has gone is forgotten (fetched again)."""
     done: dict[str, Fetched] = {}
@@ -234,12 +240,15 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         )
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)
-    wanted: dict[str, str | None] = {}
+    # per URL, the hashes its rows expect (None: some row accepts any bytes); each row is checked below
+    wanted: dict[str, frozenset[str] | None] = {}
     for row in rows:
         url = str(row.get(cfg.url_field) or "")
         prev = done.get(url)
         if url and (prev is None or (retry_failed and prev.reason != "ok")):
-            wanted.setdefault(url, row.get(cfg.sha256_field) or None)
+            want = _expected(row, cfg)
+            have = wanted.get(url, frozenset())
+            wanted[url] = None if want is None or have is None else have | {want}
     with open(log_path, "a", encoding="utf-8") as log:
 
         def record(f: Fetched) -> None:
@@ -258,6 +267,9 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         for n, row in enumerate(rows):
             url = str(row.get(cfg.url_field) or "")
             res = done.get(url, Fetched(url, "fetch_no_url"))
+            want = _expected(row, cfg)
+            if res.reason == "ok" and want is not None and res.sha256 != want:  # this row's own check
+                res = Fetched(url, "fetch_sha256_mismatch", sha256=res.sha256, detail=f"expected {want}")
             reasons[res.reason] += 1
             keep = {
                 k: v for k, v in row.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))

@@ -136,14 +136,17 @@ class _ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, tuple[int, int], Any]:
+    def __getitem__(self, i: int) -> tuple[int, tuple[int, int] | None, Any]:
         rec = self.records[i]
-        image = rec.load_image()
-        size = image.size
+        try:
+            image = rec.load_image()
+            size = image.size
+            if self.donors is not None:  # the image-reliance baseline: another sample's image
+                image = self.donors[rec.id].load_image()
+        except EvalDataError as e:  # raised in the main process (``_raise_bad``), not as a worker traceback
+            return i, None, str(e)
         if self.blind:  # the blind baseline: same size, no content
             image = Image.new("RGB", size, BLIND_GREY)
-        elif self.donors is not None:  # the image-reliance baseline: another sample's image
-            image = self.donors[rec.id].load_image()
         if self.encode is not None:
             return i, size, self.encode(image, self.prompts[rec.id])
         return i, size, image
@@ -164,6 +167,15 @@ def _collate(items: list) -> list:
     return items
 
 
+def _raise_bad(batch: list, task: Task) -> None:
+    """The first item whose image could not be read, as one clear error from the main process."""
+    for _, size, error in batch:
+        if size is None:
+            raise EvalDataError(
+                f"task {task.name}: {error}; restore or replace the file, or remove the sample from the data"
+            )
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers preprocess; the main process owns the compute threads
 
@@ -182,7 +194,9 @@ def _fast_path(predictor: PredictorLike, style: str | None):
     def encode(image: Image.Image, prompt: str):
         return predictor.encode(image, prompt, task=style)
 
-    def collate_batch(items: list) -> tuple[list, dict]:
+    def collate_batch(items: list) -> tuple[list, dict | None]:
+        if any(size is None for _, size, _ in items):  # an unreadable image: nothing to collate
+            return items, None
         return [(i, size, None) for i, size, _ in items], predictor.collate([ex for _, _, ex in items])
 
     def generate(batch: dict, max_new_tokens: int) -> list[str]:
@@ -290,10 +304,11 @@ def _generate(
 
     bar = tqdm(total=len(records), desc=task.name, unit="q", disable=not show_progress, leave=False)
     _drop_torn_tail(cache_file)
-    with open(cache_file, "a", encoding="utf-8") as f:
+    with bar, open(cache_file, "a", encoding="utf-8") as f:  # the bar is cleared before any error shows
         for batch in loader:
             if generate is not None:
                 batch, model_batch = batch
+            _raise_bad(batch, task)
             recs = [records[i] for i, _, _ in batch]
             sizes = [size for _, size, _ in batch]
             inputs = [x for _, _, x in batch]
@@ -314,7 +329,6 @@ def _generate(
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(recs))
-    bar.close()
     return len(records)
 
 
@@ -458,7 +472,9 @@ def evaluate(
             log.info("%s: no answers in %s; wrote %s for the test server", task.name, path, sub)
             continue
         metrics = _score(task, records, cached, molmo_style, samples_dir / f"{task.name}.jsonl")
-        skipped = records[0].meta.get("skipped")
+        skipped, note = records[0].meta.get("skipped"), records[0].meta.get("note")
+        if note:
+            log.warning("%s: %s", task.name, note)
         results["tasks"][task.name] = {
             "primary": task.primary,
             "score": 100.0 * metrics[task.primary],
@@ -469,6 +485,7 @@ def evaluate(
             "data": str(path),
             "max_new_tokens": settings["max_new_tokens"],
             **({"skipped_corrupt": skipped} if skipped else {}),
+            **({"note": note} if note else {}),
         }
         log.info("%s: %s = %.2f", task.name, task.primary, 100.0 * metrics[task.primary])
     if rank != 0:

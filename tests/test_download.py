@@ -168,3 +168,27 @@ def test_mmsmall_download_command(tmp_path):
     report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
     assert report["n_ok"] == 1 and report["failed"] == {"fetch_http_404": 1, "fetch_sha256_mismatch": 1}
     assert '"fetch_sha256_mismatch": 1' in out.output
+
+
+def test_each_row_is_checked_against_its_own_sha256(tmp_path):
+    """Two rows naming one URL with different expected hashes: the URL is fetched once, each row
+    is judged by its own hash, whichever comes first (issue 23, item 8)."""
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    good = hashlib.sha256(_jpg(40)).hexdigest()
+    with LocalServer({"/a.jpg": Route(_jpg(40))}) as srv:
+        for order, hashes in (("bad_first", ["f" * 64, good.upper()]), ("good_first", [good, "f" * 64])):
+            rows = [
+                {"url": srv.url("/a.jpg"), "sha256": h, "caption": f"row {i}"} for i, h in enumerate(hashes)
+            ]
+            write_jsonl(tmp_path / f"{order}.jsonl", rows)
+            out = tmp_path / order
+            res = CliRunner().invoke(app, ["download", str(tmp_path / f"{order}.jsonl"), "--out", str(out)])
+            assert res.exit_code == 0, res.output
+            got = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+            bad = 0 if order == "bad_first" else 1
+            assert got[bad]["_error"] == "fetch_sha256_mismatch" and "image" not in got[bad]
+            assert (out / got[1 - bad]["image"]).read_bytes() == _jpg(40)
+        assert srv.hits["/a.jpg"] == 2  # once per download

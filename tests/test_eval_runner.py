@@ -252,9 +252,8 @@ def test_other_images_ask_each_question_about_another_samples_image(tmp_path):
     assert "| chartqa (relaxed_overall) |" in markdown_table(other) and "(other images)" in markdown_table(
         other
     )
-    with pytest.raises(
-        EvalDataError, match="predictions were made with"
-    ):  # never mixed with own-image answers
+    # never mixed with own-image answers in one cache
+    with pytest.raises(EvalDataError, match="predictions were made with"):
         evaluate(ColourReader(), ["chartqa"], tmp_path / "own", data=data, num_workers=0, other_images=True)
     from mmsmall.config import ConfigError
 
@@ -281,3 +280,21 @@ def test_chance_is_the_best_score_of_one_fixed_answer(tmp_path):
     level = chance("chartqa", str(tmp_path / "c"))
     assert level == {"score": 50.0, "answer": "7", "n": 6, "n_candidates": 3}  # the majority answer, 3 of 6
     assert chance("chartqa", str(tmp_path / "c"), limit=5)["score"] == 60.0
+
+
+def test_chartqa_with_one_split_says_so(tmp_path):
+    root = make_chartqa_json(tmp_path / "c")
+    (root / "test" / "test_augmented.json").unlink()
+    res = evaluate(
+        LookupPredictor({}), ["chartqa"], tmp_path / "out", data={"chartqa": str(root)}, num_workers=0
+    )
+    note = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["chartqa"]["note"]
+    assert res["tasks"]["chartqa"]["n"] == 1 and "only the human_test split" in note
+    both = evaluate(
+        LookupPredictor({}),
+        ["chartqa"],
+        tmp_path / "both",
+        data={"chartqa": str(make_chartqa_json(tmp_path / "b"))},
+        num_workers=0,
+    )
+    assert "note" not in both["tasks"]["chartqa"]
