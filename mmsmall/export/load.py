@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmsmall.errors import MissingInput
 from mmsmall.export.consolidate import is_ds_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def resolve_source(src: str | Path) -> Source:
     """Classify ``src`` (see module docstring); raises FileNotFoundError saying what was expected."""
     p = Path(src)
     if not p.exists():
-        raise FileNotFoundError(f"export source {p} does not exist")
+        raise MissingInput(f"export source {p} does not exist")
     if (p / "model_config.yaml").exists() and (p / "model.safetensors").exists():
         return Source("vlm", p)
     if (p / "config.json").exists():
@@ -58,11 +59,9 @@ def resolve_source(src: str | Path) -> Source:
         for note in point.notes:
             log.warning("export: %s", note)
         if point.tag is None or not is_ds_checkpoint(root / point.tag):
-            raise FileNotFoundError(
-                f"{root}: no intact checkpoint ({'; '.join(point.notes) or 'none saved'})"
-            )
+            raise MissingInput(f"{root}: no intact checkpoint ({'; '.join(point.notes) or 'none saved'})")
         return Source("deepspeed", root / point.tag, root.parent if root.name == "checkpoints" else None)
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{p}: not a run folder (checkpoints/latest), checkpoint root (latest), checkpoint folder "
         "(*_model_states.pt + config.yaml), VLM.save_pretrained folder (model_config.yaml + model.safetensors) "
         "or exported HF folder (config.json)"

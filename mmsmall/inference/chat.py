@@ -15,6 +15,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mmsmall.errors import MissingInput
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -157,7 +159,7 @@ def _iter_inputs(
                 continue
             yield f.stem, image, question or DEFAULT_QUESTION, None
         if len(skipped) == len(images):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{inputs}: none of its {len(images)} images could be read, e.g. {skipped[0][1]}"
             )
         if skipped:
@@ -179,9 +181,7 @@ def _iter_inputs(
     if counters:
         log.warning("predict: skipped corrupt shard members: %s", counters)
     if n == 0:
-        raise FileNotFoundError(
-            f"{inputs}: no images ({', '.join(IMAGE_SUFFIXES)}) and no readable shard samples"
-        )
+        raise MissingInput(f"{inputs}: no images ({', '.join(IMAGE_SUFFIXES)}) and no readable shard samples")
 
 
 def predict(

@@ -237,7 +237,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, out: str | Path) -> Path:
     """peft adapter folders ``out/llm`` (and ``out/vision``) + ``out/connector.safetensors``."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+
+    from mmsmall.export.safetensors_io import save_safetensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,13 +251,13 @@ def save_adapter(model: nn.Module, out: str | Path) -> Path:
         folder = out / name
         peft_cfg.save_pretrained(str(folder))
         sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-        save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in sd.items()},
-                  str(folder / "adapter_model.safetensors"))  # fmt: skip
+        save_safetensors({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in sd.items()},
+                         folder / "adapter_model.safetensors")  # fmt: skip
         written.append(name)
     if not written:
         raise ValueError("the model has no LoRA adapters to save (train.lora.enabled was false)")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.connector.state_dict().items()},
-              str(out / "connector.safetensors"))  # fmt: skip
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.connector.state_dict().items()},
+                     out / "connector.safetensors")  # fmt: skip
     (out / "adapters.json").write_text(
         json.dumps({"adapters": written, "connector": "connector.safetensors"}) + "\n"
     )

@@ -1,0 +1,75 @@
+"""Issue 22, release side: nothing the user has is silently overwritten, weights get the umask's
+file mode, and only the user's own errors are one-line exits (a bug keeps its traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli_errors import _cli
+from test_export_integrity import saved  # noqa: F401 - a tiny saved model (module fixture)
+from test_import_molmo2 import build_stock_molmo2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory) -> Path:
+    return build_stock_molmo2(tmp_path_factory.mktemp("trust") / "stock")
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
+
+
+def test_import_refuses_a_non_empty_folder_like_export(stock, tmp_path, monkeypatch, capsys, umask_027):
+    out = tmp_path / "imported"
+    out.mkdir()
+    (out / "notes.txt").write_text("a previous import's notes")
+    code, err = _cli(["import", str(stock), str(out)], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing was written
+
+    code, _ = _cli(["import", str(stock), str(out), "--overwrite"], monkeypatch, capsys)
+    assert code == 0 and (out / "notes.txt").read_text() == "a previous import's notes"
+    modes = _modes(out)
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {umask_027}, modes  # weights too, not safetensors' 0600
+
+
+def test_saved_and_exported_weights_follow_the_umask(saved, tmp_path, umask_027):  # noqa: F811
+    from mmsmall.export import run_export
+    from mmsmall.model.vlm import VLM
+
+    VLM.from_pretrained(saved).save_pretrained(tmp_path / "model")
+    assert set(_modes(tmp_path / "model").values()) == {umask_027}, _modes(tmp_path / "model")
+    for fmt in ("mmsmall", "molmo2"):
+        out = run_export(str(saved), str(tmp_path / fmt), fmt=fmt, max_shard_size="300KB")
+        assert len(list(out.glob("model-*.safetensors"))) > 1
+        assert set(_modes(out).values()) == {umask_027}, (fmt, _modes(out))
+
+
+def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    code, err = _cli(["chat", "Hi?", "--model", str(tmp_path / "no_model")], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0], err  # the user's mistake
+
+    bug = (
+        "import sys; from mmsmall import cli\n"
+        "@cli.app.command('broken')\n"
+        "def broken():\n"
+        "    open('/nonexistent/file/the/code/meant/to/write')\n"
+        "sys.argv = ['mmsmall', 'broken']; cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", bug], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr, proc.stderr
