@@ -73,3 +73,45 @@ def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(tmp_path, monke
     proc = subprocess.run([sys.executable, "-c", bug], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr, proc.stderr
+
+
+def test_eval_chat_predict_refuse_bad_numbers_before_loading(saved, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from test_eval_tasks import make_chartqa_json
+
+    from data_tools.fixtures import natural_image
+
+    data = make_chartqa_json(tmp_path / "chartqa")
+    (tmp_path / "images").mkdir()
+    natural_image(0, (48, 40)).save(tmp_path / "images" / "a.png")
+    ev = ["eval", "--model", str(saved), "--tasks", "chartqa", "--data", f"chartqa={data}", "--limit", "1"]
+    ev += ["--num-workers", "0", "--out", str(tmp_path / "ev")]
+    chat = ["chat", "Hi?", "--model", str(saved)]
+    predict = ["predict", str(tmp_path / "images"), "--model", str(saved), "--out", str(tmp_path / "pred")]
+    for args, expected in (
+        ([*ev, "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+        ([*ev, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        ([*ev, "--max-crops", "0"], "--max-crops must be >= 1, got 0"),
+        ([*ev, "--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+        ([*ev, "--limit", "0"], "--limit must be >= 1, got 0"),
+        ([*ev, "--data", "docvqa=/x"], "--data names task(s) ['docvqa']"),
+        ([*chat, "--max-crops", "0"], "--max-crops must be >= 1, got 0"),
+        ([*chat, "--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
+        ([*predict, "--max-crops", "0"], "--max-crops must be >= 1, got 0"),
+    ):
+        code, err = _cli(args, monkeypatch, capsys)
+        assert code == 2 and len(err) == 1 and expected in err[0], (args, err)
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "pred").exists()  # refused before any work
+
+
+def test_predict_keys_every_image_by_its_file_name(saved, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import json
+
+    from data_tools.fixtures import natural_image
+
+    (tmp_path / "images").mkdir()
+    for i, name in enumerate(("cat.png", "cat.jpg", "dog.png")):
+        natural_image(i, (48, 40)).save(tmp_path / "images" / name)
+    args = ["predict", str(tmp_path / "images"), "--model", str(saved), "--out", str(tmp_path / "pred")]
+    code, _ = _cli([*args, "--question", "What?"], monkeypatch, capsys)
+    rows = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["key"] for r in rows] == ["cat.jpg", "cat.png", "dog.png"]

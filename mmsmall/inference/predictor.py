@@ -15,6 +15,18 @@ from mmsmall.model.vlm import VLM
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The least value of each number chat / predict / eval take (None everywhere means "the default").
+MINIMUM = {"max_new_tokens": 1, "max_crops": 1, "batch_size": 1, "limit": 1, "num_workers": 0}
+
+
+def check_options(**values: int | None) -> None:
+    """Refuse an out-of-range number before any model loads: a ConfigError naming the option as
+    typed (``max_new_tokens`` -> ``--max-new-tokens``), its value and its least allowed value."""
+    from mmsmall.config import ConfigError
+
+    for name, value in values.items():
+        if value is not None and value < MINIMUM[name]:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {MINIMUM[name]}, got {value}")
 
 
 class Predictor:
@@ -42,8 +54,7 @@ class Predictor:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-        if max_crops is not None and max_crops < 1:
-            raise ValueError(f"max_crops={max_crops}; must be >= 1")
+        check_options(max_crops=max_crops)
         if isinstance(model_or_dir, VLM):
             model = model_or_dir
         else:
@@ -88,8 +99,7 @@ class Predictor:
             raise ValueError(
                 f"predict: {len(images)} images but {len(questions)} questions; give one image per question"
             )
-        if batch_size < 1:
-            raise ValueError(f"predict: batch_size={batch_size}; must be >= 1")
+        check_options(batch_size=batch_size, max_new_tokens=max_new_tokens)
         answers: list[str] = []
         for start in range(0, len(questions), batch_size):
             pairs = zip(images[start : start + batch_size], questions[start : start + batch_size])
@@ -119,6 +129,7 @@ class Predictor:
     ) -> list[str]:
         """Generate from a collated batch and decode: special tokens (EOS) dropped, cut at the first
         stop string, stripped."""
+        check_options(max_new_tokens=max_new_tokens)
         new_tokens = self.model.generate(
             batch,
             max_new_tokens=max_new_tokens,
