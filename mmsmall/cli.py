@@ -256,6 +256,7 @@ def demo(
 _USER_ERRORS = (
     ("mmsmall.errors", "MissingInput"),
     ("mmsmall.errors", "OutputExists"),
+    ("mmsmall.errors", "InputTooLong"),
     ("mmsmall.config", "ConfigError"),
     ("mmsmall.processing.crops", "ImageLoadError"),
     ("mmsmall.export.molmo2", "Molmo2Incompatible"),

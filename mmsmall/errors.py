@@ -14,3 +14,7 @@ class MissingInput(FileNotFoundError):
 
 class OutputExists(FileExistsError):
     """An output folder the user named already holds files (and ``--overwrite`` was not given)."""
+
+
+class InputTooLong(ValueError):
+    """A prompt the user gave does not fit the model's positions (``max_position_embeddings``)."""

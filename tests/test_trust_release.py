@@ -115,3 +115,28 @@ def test_predict_keys_every_image_by_its_file_name(saved, tmp_path, monkeypatch,
     code, _ = _cli([*args, "--question", "What?"], monkeypatch, capsys)
     rows = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert code == 0 and [r["key"] for r in rows] == ["cat.jpg", "cat.png", "dog.png"]
+
+
+def test_a_prompt_past_the_models_positions_is_refused_and_the_budget_capped(
+    saved, monkeypatch, capsys, caplog
+):  # noqa: F811
+    from mmsmall.inference.predictor import Predictor
+
+    predictor = Predictor(str(saved))
+    limit = predictor.model.llm.config.max_position_embeddings
+    question = " ".join(["word"] * limit)
+    code, err = _cli(["chat", question, "--model", str(saved)], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and f"max_position_embeddings={limit}" in err[0], err
+
+    # a prompt that leaves a few positions: the 64 new tokens asked for are capped, with a warning
+    words = 0
+    while True:
+        batch = predictor.collate([predictor.encode(None, " ".join(["word"] * words))])
+        used = int(batch["position_ids"].max()) + 1
+        if used >= limit - 8:
+            break
+        words += max(1, (limit - 8 - used) // 4)  # a word is at least one token: never far past
+    assert used <= limit
+    with caplog.at_level("WARNING"):
+        assert isinstance(predictor.answer(batch, max_new_tokens=64), list)
+    assert f"generating at most {limit - used + 1} new tokens, not 64" in caplog.text

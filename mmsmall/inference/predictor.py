@@ -132,7 +132,7 @@ class Predictor:
         check_options(max_new_tokens=max_new_tokens)
         new_tokens = self.model.generate(
             batch,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=self._fit_positions(batch, max_new_tokens),
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -146,3 +146,30 @@ class Predictor:
                     text = text[: text.index(stop)]
             answers.append(text.strip())
         return answers
+
+    def _fit_positions(self, batch: dict, max_new_tokens: int) -> int:
+        """``max_new_tokens``, capped with a warning to the positions the model has left after the
+        longest prompt (``max_position_embeddings``); a prompt past them is refused, since what a
+        model answers there is noise, and cutting the prompt would cut the image or the question."""
+        from mmsmall.errors import InputTooLong
+
+        limit = getattr(self.model.llm.config, "max_position_embeddings", None)
+        if not limit:
+            return max_new_tokens
+        used = batch["position_ids"].amax(dim=1) + 1  # (B,) positions each prompt takes
+        row = int(used.argmax())
+        longest = int(used[row])
+        if longest > limit:
+            ids = batch.get("sample_ids") or []
+            name = f" (sample {ids[row]!r})" if row < len(ids) and ids[row] else ""
+            raise InputTooLong(
+                f"a prompt{name} takes {longest} positions, past the model's max_position_embeddings="
+                f"{limit}; shorten the question or lower --max-crops (fewer image tokens)"
+            )
+        room = limit - longest + 1  # the last new token needs no position of its own
+        if max_new_tokens > room:
+            logger.warning(
+                "a prompt takes %d of the model's %d positions: generating at most %d new tokens, not %d",
+                longest, limit, room, max_new_tokens,
+            )  # fmt: skip
+        return min(max_new_tokens, room)
