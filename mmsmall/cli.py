@@ -257,6 +257,7 @@ _USER_ERRORS = (
     ("mmsmall.errors", "MissingInput"),
     ("mmsmall.errors", "OutputExists"),
     ("mmsmall.errors", "InputTooLong"),
+    ("mmsmall.errors", "AdapterBaseMismatch"),
     ("mmsmall.config", "ConfigError"),
     ("mmsmall.processing.crops", "ImageLoadError"),
     ("mmsmall.export.molmo2", "Molmo2Incompatible"),

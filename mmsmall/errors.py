@@ -18,3 +18,7 @@ class OutputExists(FileExistsError):
 
 class InputTooLong(ValueError):
     """A prompt the user gave does not fit the model's positions (``max_position_embeddings``)."""
+
+
+class AdapterBaseMismatch(ValueError):
+    """An adapter-only export is being put on a base model other than the one it was trained on."""

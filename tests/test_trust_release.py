@@ -117,9 +117,9 @@ def test_predict_keys_every_image_by_its_file_name(saved, tmp_path, monkeypatch,
     assert code == 0 and [r["key"] for r in rows] == ["cat.jpg", "cat.png", "dog.png"]
 
 
-def test_a_prompt_past_the_models_positions_is_refused_and_the_budget_capped(
-    saved, monkeypatch, capsys, caplog
-):  # noqa: F811
+def test_a_prompt_past_the_positions_is_refused(saved, monkeypatch, capsys, caplog):  # noqa: F811
+    """A prompt past max_position_embeddings is refused; one leaving fewer positions than asked for
+    gets its new-token budget capped, with a warning."""
     from mmsmall.inference.predictor import Predictor
 
     predictor = Predictor(str(saved))
@@ -140,3 +140,49 @@ def test_a_prompt_past_the_models_positions_is_refused_and_the_budget_capped(
     with caplog.at_level("WARNING"):
         assert isinstance(predictor.answer(batch, max_new_tokens=64), list)
     assert f"generating at most {limit - used + 1} new tokens, not 64" in caplog.text
+
+
+def test_an_adapter_records_its_base_and_refuses_another(saved, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import json
+    import shutil
+
+    import torch
+
+    from mmsmall.config import LoRAConfig, ModelConfig, load_config
+    from mmsmall.errors import AdapterBaseMismatch
+    from mmsmall.export.load import load_vlm
+    from mmsmall.model.lora import inject_lora, load_adapter, merge_lora, save_adapter
+    from mmsmall.model.vlm import VLM, build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(saved, base)
+    vlm = VLM.from_pretrained(base).eval()
+    inject_lora(vlm, LoRAConfig(enabled=True))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained adapter and connector: B is no longer zero
+        for name, p in vlm.named_parameters():
+            if "lora_B" in name or name.startswith("connector."):
+                p.add_(0.05 * torch.randn_like(p))
+    save_adapter(vlm, tmp_path / "adapters", base=base)
+    meta = json.loads((tmp_path / "adapters" / "adapters.json").read_text())
+    peft_cfg = json.loads((tmp_path / "adapters" / "llm" / "adapter_config.json").read_text())
+    assert meta["base_model"] == peft_cfg["base_model_name_or_path"] == str(base)
+    assert meta["layout"] == "mmsmall" and len(meta["base_fingerprint"]) == 64
+
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 13, 2]])}
+    with torch.no_grad():
+        want = merge_lora(vlm)(**batch).logits
+        got = load_vlm(tmp_path / "adapters")[0](**batch).logits  # what chat / eval / export load
+    assert (got - want).abs().max().item() < 1e-5
+
+    other = tmp_path / "other"
+    torch.manual_seed(2)
+    cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
+    build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(other)
+    with pytest.raises(AdapterBaseMismatch, match="load it onto the base it was trained on"):
+        load_adapter(tmp_path / "adapters", base=other)
+    shutil.rmtree(base)
+    shutil.copytree(other, base)  # the recorded folder now holds another model
+    code, err = _cli(["chat", "Hi?", "--model", str(tmp_path / "adapters")], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "trained on a base with weights fingerprint" in err[0], err

@@ -86,6 +86,19 @@ def refuse_non_empty(out: Path, command: str, overwrite: bool) -> None:
         )
 
 
+def _trained_from(ckpt_dir: Path) -> str | None:
+    """``train.init_from`` of the run that wrote ``ckpt_dir`` (absolute when it exists here)."""
+    import yaml
+
+    cfg = ckpt_dir / "config.yaml"
+    init_from = (
+        (yaml.safe_load(cfg.read_text()) or {}).get("train", {}).get("init_from") if cfg.exists() else None
+    )
+    if init_from and Path(init_from).exists():
+        return str(Path(init_from).resolve())
+    return init_from
+
+
 def run_export(
     src: str | Path,
     out: str | Path,
@@ -117,12 +130,12 @@ def run_export(
     if adapter_only:
         from mmsmall.model.lora import has_lora, save_adapter
 
-        vlm, _ = load_vlm(src, merge_lora=False)
+        vlm, source = load_vlm(src, merge_lora=False)
         if not has_lora(vlm):
             raise ConfigError(
                 f"--adapter-only: {src} holds no LoRA adapters (it was not trained with train.lora)"
             )
-        path = save_adapter(vlm, out)
+        path = save_adapter(vlm, out, base=_trained_from(source.path))
         log.info("exported the LoRA adapters of %s to %s", src, path)
         return path
     vlm, source = load_vlm(src)
