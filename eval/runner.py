@@ -382,18 +382,19 @@ def evaluate(
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     from mmsmall.config import ConfigError
+    from mmsmall.inference.predictor import check_options
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be >= 1 or None, got {limit}")
+    check_options(
+        batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, num_workers=num_workers,
+        max_crops=max_crops,
+    )  # fmt: skip
     if blind and other_images:
         raise ConfigError("--blind and --other-images are two baselines: choose one")
     data = dict(data or {})
     specs = [get_task(t) for t in tasks]
     unknown = sorted(set(data) - {t.name for t in specs})
     if unknown:
-        raise ValueError(f"--data names task(s) {unknown} that are not being run ({', '.join(tasks)})")
+        raise ConfigError(f"--data names task(s) {unknown} that are not being run ({', '.join(tasks)})")
     rank, world = _dist()
     out = Path(out)
     pred_dir, samples_dir = out / "predictions", out / "samples"

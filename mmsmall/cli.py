@@ -227,11 +227,14 @@ def predict(
 def import_(
     source: Annotated[str, typer.Argument(help="a stock transformers Molmo2 folder or hub id")],
     out: Annotated[Path, typer.Argument(help="the mmsmall model folder to write")],
+    overwrite: Annotated[
+        bool, typer.Option(help="write into a non-empty folder (its other files stay)")
+    ] = False,
 ) -> None:
     """Turn a released Molmo2 checkpoint into a model folder that train, eval and export take."""
     from mmsmall.export.importer import import_molmo2
 
-    vlm = import_molmo2(source, out)
+    vlm = import_molmo2(source, out, overwrite=overwrite)
     typer.echo(f"imported {source} to {out} (prompt format: {vlm.cfg.prompt})")
 
 
@@ -246,25 +249,26 @@ def demo(
     run_demo(out, quick=quick)
 
 
-# Errors about the user's input (config, data, model folder): their messages say what, where and
-# what to do, so they are printed without a traceback. Looked up in the modules already imported,
-# since each command imports its part lazily.
-_USER_ERRORS = {
-    "mmsmall.config": "ConfigError",
-    "mmsmall.processing.crops": "ImageLoadError",
-    "mmsmall.export.molmo2": "Molmo2Incompatible",
-    "mmsmall.export.safetensors_io": "ShardIntegrityError",
-    "data_tools.synth.core": "SynthError",
-    "eval.tasks.base": "EvalDataError",
-}
+# Errors about the user's input (config, data, model folder, output folder): raised with a message
+# that says what, where and what to do, so they are printed without a traceback. Anything else,
+# a builtin FileNotFoundError included, is a bug and keeps its traceback. Looked up in the modules
+# already imported, since each command imports its part lazily.
+_USER_ERRORS = (
+    ("mmsmall.errors", "MissingInput"),
+    ("mmsmall.errors", "OutputExists"),
+    ("mmsmall.errors", "InputTooLong"),
+    ("mmsmall.errors", "AdapterBaseMismatch"),
+    ("mmsmall.config", "ConfigError"),
+    ("mmsmall.processing.crops", "ImageLoadError"),
+    ("mmsmall.export.molmo2", "Molmo2Incompatible"),
+    ("mmsmall.export.safetensors_io", "ShardIntegrityError"),
+    ("data_tools.synth.core", "SynthError"),
+    ("eval.tasks.base", "EvalDataError"),
+)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types_: list[type[BaseException]] = [FileNotFoundError, FileExistsError]
-    for module, name in _USER_ERRORS.items():
-        if module in sys.modules:
-            types_.append(getattr(sys.modules[module], name))
-    return tuple(types_)
+    return tuple(getattr(sys.modules[m], name) for m, name in _USER_ERRORS if m in sys.modules)
 
 
 def main() -> None:

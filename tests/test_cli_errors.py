@@ -101,7 +101,7 @@ def test_predict_skips_unreadable_images_and_keeps_every_answer(saved, inputs, t
 
     jsonl = predict(str(saved), str(inputs), str(tmp_path / "pred"), question="What?", max_new_tokens=2)
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["good"]
+    assert [r["key"] for r in rows] == ["good.png"]
     assert "skipped 3 unreadable image(s): bomb.png, truncated.png, zero.png" in caplog.text
 
 

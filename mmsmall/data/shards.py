@@ -32,6 +32,7 @@ from PIL import Image
 
 from mmsmall.data.keys import member_key
 from mmsmall.data.remote import expand_braces, fetch_shard, is_remote, resolve_remote
+from mmsmall.errors import MissingInput
 from mmsmall.processing.images import to_rgb_image
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list
             return [path / s["name"] for s in shards]
         tars = list_tars(path)
         if not tars:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{path}: no manifest.json and no {', '.join(TAR_SUFFIXES)} files; is this a shard folder?"
             )
         return tars
@@ -102,7 +103,7 @@ def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list
         paths = [path]
     missing = [p for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"shard {missing[0]} not found ({len(missing)} of {len(paths)} missing) "
             f"while resolving {text!r}; give a shard folder, a tar, or a brace pattern of tars"
         )

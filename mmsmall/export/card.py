@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from mmsmall.errors import MissingInput
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
@@ -157,5 +159,5 @@ def read_eval_results(path: str | Path | None) -> dict | None:
     if p.is_dir():
         p = p / "results.json"
     if not p.exists():
-        raise FileNotFoundError(f"eval results {p} not found (expected eval/runner.py's results.json)")
+        raise MissingInput(f"eval results {p} not found (expected eval/runner.py's results.json)")
     return json.loads(p.read_text())

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmsmall.config import MODULES
+from mmsmall.errors import MissingInput
 from mmsmall.model.params import full_numel, full_shape
 from mmsmall.resources import CONFIGS_DIR, find_config, torch_extensions_dir
 from mmsmall.train.schedule import build_scheduler
@@ -135,7 +136,7 @@ def read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
     """``train.deepspeed``: its path (as given, else among the shipped configs) and its parsed JSON."""
     path = find_config(train_cfg.deepspeed)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"train.deepspeed: {train_cfg.deepspeed} not found (also looked among the shipped configs, {CONFIGS_DIR})"
         )
     return path, json.loads(path.read_text())
