@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 ADAPTED = ("llm", "vision")
 ADAPTER = "default"  # peft's adapter name
+LORA_ZERO3 = (
+    "the adapters are added before DeepSpeed partitions the model, which ZeRO-3 does at construction; "
+    "use train.deepspeed=configs/deepspeed/zero2.json (LoRA's optimizer state is small, ZeRO-2 is "
+    "what it needs)"
+)
 
 
 def _lora_layers(model: nn.Module):
@@ -163,11 +168,7 @@ def inject_lora(model: nn.Module, cfg: Any) -> None:
     from peft import inject_adapter_in_model
 
     if any(hasattr(p, "ds_numel") for p in model.parameters()):
-        raise ValueError(
-            "train.lora with ZeRO-3: the adapters are added before DeepSpeed partitions the model, which "
-            "ZeRO-3 does at construction; use train.deepspeed=configs/deepspeed/zero2.json (LoRA's "
-            "optimizer state is small, ZeRO-2 is what it needs)"
-        )
+        raise ValueError(f"train.lora with ZeRO-3: {LORA_ZERO3}")
     _check_qlora(cfg)
     if cfg.qlora:  # the 4-bit base goes in first, so that peft wraps the 4-bit layers
         log.info("QLoRA: %d LLM Linear layers quantized to NF4", quantize_base(model.llm))
