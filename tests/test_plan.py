@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmsmall.config import load_config
-from mmsmall.train.plan import advice, model_shape, plan
+from mmsmall.train.plan import PlanError, advice, model_shape, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = shutil.which("mmsmall", path=str(Path(sys.executable).parent)) or "mmsmall"
@@ -138,3 +138,93 @@ def test_a_run_that_does_not_fit_names_what_to_change(tiny_shape):
 def test_bad_numbers_are_refused_in_one_line(tiny_shape):
     with pytest.raises(ValueError, match="--gpus 0 --nodes 1 --gpu-mem 80: give positive numbers"):
         plan(load_config(TINY, []), 0, 80, shape=tiny_shape)
+
+
+# ----------------------------------------------------------------- every shipped config, LoRA, QLoRA
+
+LORA = ROOT / "configs/train/lora-finetune.yaml"
+
+
+def _cli_plan(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    """``mmsmall plan`` offline, with an empty hub cache: nothing can come from the hub."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HOME=str(cache))
+    return subprocess.run([EXE, "plan", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs/train").glob("*.yaml")))
+def test_every_shipped_config_plans_offline(config, tmp_path):
+    # run from an empty folder: multitask-finetune's stage-1 model (train.init_from) is not there yet
+    proc = _cli_plan(str(ROOT / "configs/train" / config), "--gpus", "8", cwd=tmp_path, cache=tmp_path / "hf")
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    verdict = proc.stdout.strip().splitlines()[-1]
+    assert verdict == "fits" if proc.returncode == 0 else verdict.startswith("does not fit:"), proc.stdout
+    if config == "multitask-finetune.yaml":  # stage 2 before stage 1: the config's own architecture
+        assert "train.init_from runs/caption-pretrain/model is not there yet" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def lora_plans():
+    """The shipped LoRA config at its 7B widths on one 80 GiB GPU: full fine-tuning, LoRA, QLoRA."""
+    runs = {"full": ["train.lora.enabled=false"], "lora": [], "qlora": ["train.lora.qlora=true"]}
+    return {k: plan(load_config(LORA, o), 1, 80) for k, o in runs.items()}
+
+
+def test_lora_trains_the_adapters_and_the_connector_and_keeps_the_base_frozen(lora_plans):
+    full, lora, qlora = lora_plans["full"], lora_plans["lora"], lora_plans["qlora"]
+    s = lora.shape
+    # rank 32 on q/k/v/o/gate/up/down of every layer: r * (in + out) each, widths from the config
+    h, kv, i, r = s.llm_hidden, s.llm_kv_dim, s.llm_intermediate, 32
+    adapters = s.llm_layers * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+    assert s.trainable == adapters + s.params["connector"]
+    assert full.shape.trainable == full.shape.total == s.total - adapters  # everything trains
+    # bf16 under ZeRO-2: every weight in 2 bytes, 16 more per trained parameter (DeepSpeed's accounting)
+    assert lora.states == {"params": 2 * s.total, "grads": 6 * s.trainable, "optimizer": 12 * s.trainable}
+    # QLoRA: the adapters as LoRA's; every LLM Linear but the head in 4 bits with blockwise statistics
+    q = qlora.shape
+    assert q.trainable == s.trainable and qlora.states["grads"] == lora.states["grads"]
+    head = s.llm_hidden * s.vocab
+    assert q.quantized == s.params["llm"] - adapters - 2 * head - _norms(s)
+    assert 0.5 < q.quantized_bytes / q.quantized < 0.52  # nf4: 0.5 byte + an 8-bit absmax per 64
+    assert qlora.states["params"] == 2 * (s.total - q.quantized) + q.quantized_bytes
+    # the order the issue expects, and configs/train/lora-finetune.yaml's claim: LoRA fits one 80 GB GPU
+    assert qlora.total < lora.total < full.total
+    assert lora.fits and qlora.fits and not full.fits
+    assert full.total - lora.total > 14 * full.shape.trainable * 0.9  # the optimizer and grads are gone
+
+
+def _norms(s) -> int:
+    """OLMo-2's RMSNorm weights (four per layer: q, k, post-attention, post-MLP) and the final norm."""
+    return s.llm_layers * (s.llm_hidden + s.llm_kv_dim + 2 * s.llm_hidden) + s.llm_hidden
+
+
+def test_nf4_bytes_are_what_bitsandbytes_stores():
+    from torch import nn
+
+    from mmsmall.model.lora import nf4_bytes, quantize_base
+
+    layers = nn.Sequential(nn.Linear(256, 320), nn.Linear(320, 16_448))  # 16_448 x 320: blocks % 256 != 0
+    assert quantize_base(layers) == 2
+    for layer in layers:
+        w, qs = layer.weight, layer.weight.quant_state
+        tensors = [w, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+        assert sum(t.numel() * t.element_size() for t in tensors) == nf4_bytes(
+            layer.in_features * layer.out_features
+        )
+
+
+def test_bad_numbers_are_refused_by_the_cli_with_one_line(tmp_path):
+    proc = _cli_plan(str(TINY), "--gpu-mem", "nan", cwd=ROOT, cache=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "mmsmall plan: could not plan: --gpus 8 --nodes 1 --gpu-mem nan: give positive numbers "
+        "(whole GPUs and nodes, GiB of one GPU, e.g. --gpu-mem 80)"
+    ]
+    for gpu_mem in (float("inf"), 0.0, -80.0):
+        with pytest.raises(ValueError, match="give positive numbers"):
+            plan(load_config(TINY, []), 8, gpu_mem)
+
+
+def test_a_model_unknown_offline_cannot_be_planned():
+    cfg = load_config(TINY, ["model.llm.custom=null", "model.llm.name=nobody/no-such-llm"])
+    with pytest.raises(PlanError, match="model.llm.name='nobody/no-such-llm': no architecture facts offline"):
+        plan(cfg, 8, 80)
