@@ -1,19 +1,23 @@
 """``mmsmall plan CONFIG [k=v ...] --gpus N --gpu-mem GiB [--nodes K]``: will the run fit?
 
 Per-GPU memory of a training run, from the configs alone (the model is built on the ``meta``
-device: shapes, no weights, no hub download beyond configs and the tokenizer):
+device: shapes, no weights, no download; see :func:`architecture` for where the widths and the
+vocabulary come from). Exit codes of the CLI: 0 fits, 1 does not fit, 2 could not plan.
 
 - model states per ZeRO stage and offload, with DeepSpeed's own accounting for bf16 mixed
   precision (2-byte parameters and gradients, fp32 gradients, master weights, momentum and
   variance: 2 + 18 bytes per trainable parameter, as ``estimate_zero2/3_model_states_mem_needs``;
   ZeRO-3 adds one gathered layer, 4 bytes per parameter of the largest module). An fp32 run keeps
   4 + 4 + 8 bytes (no separate master copy). Frozen modules hold only their parameters;
+  with ``train.lora`` what trains is what ``engine.set_trainable`` leaves trainable (the peft
+  adapters and the connector), and with ``qlora`` the LLM's 4-bit layers count ``nf4_bytes``;
 - activations of one micro-batch (``micro_batch_size`` rows of ``seq_len`` tokens): the tensors
   each LLM decoder layer and each ViT block keeps for backward, per token (see
   ``_llm_layer_elements`` / ``_vit_block_elements``), the 4D attention mask unless the docwise
   kernel is used, and the crops of one ``max_crops``-image per row (plus its low-resolution
   overview); with ``train.activation_checkpointing`` each layer keeps only its input and one
-  layer's activations are alive again during its recompute;
+  layer's activations are alive again during its recompute; LoRA adds each adapter's dropped-out
+  input and rank-wide output; a tower that nothing trains through keeps no activations;
 - the largest ``micro_batch_size`` that fits, and a message naming what to change when the run
   does not.
 """
