@@ -275,9 +275,9 @@ def test_lora_plan_against_the_peak_of_a_real_lora_run(tmp_path):
     figures = {
         k: round(v / 2**20) for k, v in (("measured", measured), ("lora", lora.total), ("full", full.total))
     }
-    # the frozen base is really there; above the plan by at most what the resident set holds beyond
-    # live tensors (the allocator keeps freed activation blocks, torch.distributed's gloo group: about
-    # 0.2 of the plan measured on the 2-core machine); far under full fine-tuning's figure
-    print("MiB", figures)
-    assert sum(lora.states.values()) <= measured <= 1.35 * lora.total, figures
+    # the frozen base is really there; above the plan by what the resident set holds beyond live
+    # tensors: freed activation blocks the allocator keeps (autograd held 14 MB while the first
+    # forward raised the resident set by 0.3 GB in a 1024-wide probe), torch.distributed's gloo
+    # group; 1.22-1.27x measured on the 2-core machine. Full fine-tuning's accounting fails both bounds
+    assert sum(lora.states.values()) <= measured <= 1.5 * lora.total, figures
     assert measured < 0.5 * full.total, figures
