@@ -125,6 +125,9 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+PLAN_FAILED = 2  # mmsmall plan: 0 fits, 1 does not fit, 2 could not plan
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def plan(
     config: Annotated[Path, typer.Argument(help="training YAML, e.g. configs/train/caption-pretrain.yaml")],
@@ -134,16 +137,23 @@ def plan(
     nodes: Annotated[int, typer.Option(help="nodes")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
-    """Per-GPU memory of a training run and the largest micro-batch that fits (exit 1: does not fit)."""
+    """Per-GPU memory of a training run and the largest micro-batch that fits.
+
+    Exit 0: fits; 1: does not fit (the last line says what to change); 2: could not plan (one line
+    on stderr: a bad number, config or DeepSpeed json, or a model whose architecture is unknown offline).
+    """
     from mmsmall.config import load_config
     from mmsmall.train.plan import as_dict, report
     from mmsmall.train.plan import plan as make_plan
 
     try:
         result = make_plan(load_config(config, list(overrides or ())), gpus, gpu_mem, nodes)
-    except ValueError as e:  # bad numbers or a DeepSpeed json the planner cannot read
-        typer.echo(f"mmsmall plan: {e}", err=True)
-        raise typer.Exit(2) from None
+    except Exception as e:  # one line and exit 2, never a traceback's exit 1 ("does not fit")
+        what = " ".join(str(e).split())
+        if not isinstance(e, (ValueError, OSError)):  # not bad input: a failure of the planner itself
+            what = f"{type(e).__name__}: {what}"
+        typer.echo(f"mmsmall plan: could not plan: {what}", err=True)
+        raise typer.Exit(PLAN_FAILED) from None
     typer.echo(json.dumps(as_dict(result), indent=2) if as_json else report(result))
     raise typer.Exit(0 if result.fits else 1)
 

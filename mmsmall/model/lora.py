@@ -1,7 +1,7 @@
 """LoRA fine-tuning with peft: adapters on the LLM (and optionally the ViT), the connector fully trained.
 
 ``train.lora.enabled=true`` (configs/train/lora-finetune.yaml): :func:`apply_lora` (called once,
-from ``engine.build_engine``) injects peft ``LoraConfig`` adapters into ``model.llm`` /
+from ``engine.set_trainable``) injects peft ``LoraConfig`` adapters into ``model.llm`` /
 ``model.vision`` in place (``inject_adapter_in_model``: no wrapper class, so every other name of
 the VLM stays the same), freezes every base weight and trains only the adapters and the connector.
 DeepSpeed checkpoints then hold adapters and base alike, so resume is exact.
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 ADAPTED = ("llm", "vision")
 ADAPTER = "default"  # peft's adapter name
+LORA_ZERO3 = (
+    "the adapters are added before DeepSpeed partitions the model, which ZeRO-3 does at construction; "
+    "use train.deepspeed=configs/deepspeed/zero2.json (LoRA's optimizer state is small, ZeRO-2 is "
+    "what it needs)"
+)
 
 
 def _lora_layers(model: nn.Module):
@@ -74,14 +79,33 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
 
 
+def four_bit_targets(llm: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers QLoRA stores in 4 bits: every ``nn.Linear`` of ``llm`` but ``lm_head``."""
+    return [
+        (name, m)
+        for name, m in llm.named_modules()
+        if type(m) is nn.Linear and name.rpartition(".")[2] != "lm_head"
+    ]
+
+
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes' blocksizes for the weights and their absmax
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one weight of ``numel`` elements as ``quantize_base`` stores it (bitsandbytes NF4,
+    double-quantized): two 4-bit values per byte, one 8-bit absmax per 64-element block, and for
+    those absmax one fp32 absmax per 256 blocks, their fp32 offset, the 256-entry fp32 code and
+    the 16-entry fp32 NF4 map."""
+    blocks = -(-numel // NF4_BLOCK)
+    return -(-numel // 2) + blocks + 4 * -(-blocks // NF4_NESTED_BLOCK) + 4 * (1 + 256 + 16)
+
+
 def quantize_base(llm: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``llm`` but ``lm_head`` for an NF4 ``Linear4bit`` in place; returns the count."""
     import bitsandbytes as bnb
 
     swapped = 0
-    for name, child in list(llm.named_modules()):
-        if type(child) is not nn.Linear or name.rpartition(".")[2] == "lm_head":
-            continue
+    for name, child in four_bit_targets(llm):
         q = bnb.nn.Linear4bit(
             child.in_features, child.out_features, bias=child.bias is not None, quant_type="nf4",
             compress_statistics=True, device="meta",
@@ -144,11 +168,7 @@ def inject_lora(model: nn.Module, cfg: Any) -> None:
     from peft import inject_adapter_in_model
 
     if any(hasattr(p, "ds_numel") for p in model.parameters()):
-        raise ValueError(
-            "train.lora with ZeRO-3: the adapters are added before DeepSpeed partitions the model, which "
-            "ZeRO-3 does at construction; use train.deepspeed=configs/deepspeed/zero2.json (LoRA's "
-            "optimizer state is small, ZeRO-2 is what it needs)"
-        )
+        raise ValueError(f"train.lora with ZeRO-3: {LORA_ZERO3}")
     _check_qlora(cfg)
     if cfg.qlora:  # the 4-bit base goes in first, so that peft wraps the 4-bit layers
         log.info("QLoRA: %d LLM Linear layers quantized to NF4", quantize_base(model.llm))

@@ -100,6 +100,16 @@ def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, A
     return summary
 
 
+def set_trainable(model: nn.Module, train_cfg: Any) -> None:
+    """What trains: ``train.freeze``, then with ``train.lora`` the adapters (injected here) and the
+    connector, every base weight frozen. ``mmsmall plan`` counts a meta-device model set up here."""
+    freeze_modules(model, train_cfg.freeze)
+    if train_cfg.lora.enabled:
+        from mmsmall.model.lora import apply_lora
+
+        apply_lora(model, train_cfg.lora)
+
+
 def param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
     """AdamW groups: one decayed and one undecayed group per trainable module."""
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -249,11 +259,7 @@ def build_engine(run_cfg: Any, model: nn.Module, world_size: int, config: dict[s
     import deepspeed
 
     t = run_cfg.train
-    freeze_modules(model, t.freeze)
-    if t.lora.enabled:  # adapters + connector train, every base weight is frozen
-        from mmsmall.model.lora import apply_lora
-
-        apply_lora(model, t.lora)
+    set_trainable(model, t)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
     groups = param_groups(model, t)
