@@ -88,6 +88,19 @@ class RunMonitor:
         if self.wandb is not None:
             self.wandb.log(scores, step=step)
 
+    def summary(self, step: int, counts: dict[str, int]) -> None:
+        """The run's data counts (every rank's, summed) at its end: one log line and a
+        ``{"event": "summary"}`` line in log.jsonl; rank 0 only."""
+        if self.rank != 0:
+            return
+        self.event({"event": "summary", "step": step, **{f"data/{k}": n for k, n in counts.items()}})
+        seen = {k: n for k, n in counts.items() if n}
+        log.info(
+            "data at step %d: %s",
+            step,
+            ", ".join(f"{k} {n}" for k, n in seen.items()) or "nothing skipped, dropped or repeated",
+        )
+
     def close(self) -> None:
         self.samples_file.close()
         if self.rank != 0:

@@ -76,6 +76,44 @@ def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = N
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
+def global_batch_change(run_cfg: Any, ckpt_dir: Path, world_size: int) -> str | None:
+    """A note when resuming on ``world_size`` processes changes the global batch the checkpoint
+    trained with (micro batch x grad_accum x processes), naming the grad_accum that keeps it."""
+    import yaml
+
+    marker, saved_path = ckpt_dir / COMPLETE, ckpt_dir / "config.yaml"
+    if not (marker.exists() and saved_path.exists()):
+        return None
+    saved_world = json.loads(marker.read_text()).get("world_size")
+    old = (yaml.safe_load(saved_path.read_text()) or {}).get("train", {})
+    t = run_cfg.train
+    if not saved_world or saved_world == world_size:
+        return None
+    before = (
+        old.get("micro_batch_size", t.micro_batch_size) * old.get("grad_accum", t.grad_accum) * saved_world
+    )
+    after = t.micro_batch_size * t.grad_accum * world_size
+    if before == after:
+        return None
+    keeps, rest = divmod(before, t.micro_batch_size * world_size)
+    fix = f"train.grad_accum={keeps} keeps it" if keeps and not rest else "no whole train.grad_accum keeps it"
+    return (
+        f"the global batch changes from {before} to {after} micro-batch rows per step ({saved_world} processes "
+        f"-> {world_size}, train.grad_accum={t.grad_accum}); {fix}"
+    )
+
+
+# What a run writes about itself besides checkpoints and its model; a fresh run sets an earlier
+# run's aside so that its logs, curves and eval answers are its own.
+RECORDS = ("log.jsonl", "eval.jsonl", "eval", "tensorboard", "loss.png")
+
+
+def set_aside_records(out: Path) -> None:
+    """Move an earlier run's records (``RECORDS``, ``samples_rank*.jsonl``) out of the way."""
+    for path in [*(out / name for name in RECORDS), *sorted(out.glob("samples_rank*.jsonl"))]:
+        set_aside(path)
+
+
 def set_aside(ckpt_dir: Path) -> Path | None:
     """Move a checkpoint folder this run did not write out of the way (never overwrite it)."""
     if not ckpt_dir.exists():
