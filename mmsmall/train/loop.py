@@ -36,7 +36,7 @@ from mmsmall.data.loader import COUNTS, NoUsableData, TrainData, batch_counts
 from mmsmall.export import intact
 from mmsmall.logs import setup_logging
 from mmsmall.processing.batch import loss_normalizer, model_inputs
-from mmsmall.train import checkpoint, resume
+from mmsmall.train import checkpoint, resume, stage
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
 from mmsmall.train.live_eval import LiveEval
@@ -141,7 +141,7 @@ def train_step(
     return loss_all / max(n_global, 1.0), fused
 
 
-def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> intact.ResumePoint:
+def _resume_point(cfg, ckpt_root: Path, rank: int, world: int, model_keys: list[str]) -> intact.ResumePoint:
     """The verified checkpoint to resume from, with the reasons for any passed over; the config
     must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
     point = intact.find_resume(ckpt_root)
@@ -149,7 +149,10 @@ def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> intact.ResumeP
         if rank == 0:
             log.warning("resume: %s", note)
     if point.tag is not None:
-        applied = resume.check_resume_config(cfg, ckpt_root / point.tag, world)
+        model = None
+        if cfg.train.init_from:  # the model a later stage trains: the folder's, with its own processing
+            model = stage.stage_model(stage.folder_model_config(cfg.train.init_from), cfg.model, model_keys)
+        applied = resume.check_resume_config(cfg, ckpt_root / point.tag, world, model)
         note = resume.global_batch_change(cfg, ckpt_root / point.tag, world)
         if rank == 0:
             log.info(
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.INFO if rank == 0 else logging.WARNING)
     t, out = cfg.train, Path(cfg.out_dir)
     lock = _own_out_dir(out, rank)  # rank 0 holds out_dir until the run ends
-    start = _resume_point(cfg, out / "checkpoints", rank, world)  # refuses a changed config before any build
+    start = _resume_point(
+        cfg, out / "checkpoints", rank, world, model_keys
+    )  # refuses a changed config before any build
     if rank == 0 and start.tag is None:  # a fresh run: an earlier run's logs and eval answers are not its own
         resume.set_aside_records(out)
     dist.barrier()

@@ -43,25 +43,33 @@ def _same_global_batch(old: dict, new: dict, ckpt_dir: Path, world_size: int | N
     return old.get("train.grad_accum", 0) * saved == new.get("train.grad_accum", 0) * world_size
 
 
-def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = None) -> list[str]:
+def check_resume_config(
+    run_cfg: Any, ckpt_dir: Path, world_size: int | None = None, model: Any = None
+) -> list[str]:
     """Refuse a resume whose config differs from the checkpoint's in a key that changes training.
 
     ``train.grad_accum`` may change when ``world_size`` differs from the checkpoint's and their
-    product (the global batch) stays. Returns the applied changes (``key: old -> new``); raises
-    ``ConfigError`` naming every refused key.
+    product (the global batch) stays. ``model``: with ``train.init_from``, the model config the
+    run trains (``stage.stage_model``): its processing settings are compared. Returns the
+    applied changes (``key: old -> new``); raises ``ConfigError`` naming every refused key.
     """
     import yaml
+
+    from mmsmall.train.stage import APPLIED
 
     saved_path = ckpt_dir / "config.yaml"
     if not saved_path.exists():
         return []
     saved = strip_removed(type(run_cfg), yaml.safe_load(saved_path.read_text()) or {})  # keys since removed
     old, new = _flat(saved), _flat(to_dict(run_cfg))
+    if model is not None:
+        new.update({f"model.{k}": v for k, v in _flat(to_dict(model)).items() if k in APPLIED})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if new.get("train.init_from") and old.get("train.init_from") == new.get("train.init_from"):
         # a later stage's model is the init_from folder's (the saved config holds it, the YAML does
-        # not): the same folder is the same model
-        changed = [k for k in changed if not k.startswith("model.")]
+        # not): the same folder is the same model; its processing settings are the run's own
+        own = {f"model.{k}" for k in APPLIED} if model is not None else set()
+        changed = [k for k in changed if not k.startswith("model.") or k in own]
     allowed = RESUMABLE_KEYS + (
         ("train.grad_accum",) if _same_global_batch(old, new, ckpt_dir, world_size) else ()
     )
