@@ -105,11 +105,11 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300
 
 @pytest.mark.slow
 def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes_intact(tmp_path, shards):  # noqa: F811
-    out = tmp_path / "run"
+    out, go = tmp_path / "run", tmp_path / "go"  # the first run waits after step 1 until `go` exists
     log_a = (tmp_path / "a.log").open("w")
     first = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "train.sh"), *_args(out, shards, "train.steps=6", "train.save_every=3")],
-        cwd=ROOT, env=_launch_env(), stdout=log_a, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=_launch_env(MMSMALL_TEST_HOLD=f"1:{go}"), stdout=log_a, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         _wait_for(
@@ -130,6 +130,7 @@ def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes_inta
         p = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and f"pid {holder['pid']} on host" in "".join(_errors(p)), p.stderr[-2000:]
         assert not list(out.glob("*.old*"))  # the refused runs set nothing of the first one's aside
+        go.touch()
         assert first.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-4000:]
     finally:
         if first.poll() is None:
@@ -151,8 +152,10 @@ def _picture(i: int) -> bytes:
 
 @pytest.mark.slow
 def test_a_later_stage_trains_with_its_own_crops_and_a_restart_takes_the_lock_over(
-    tmp_path, shards, model_dir
-):  # noqa: F811
+    tmp_path,
+    shards,  # noqa: F811
+    model_dir,
+):
     out = tmp_path / "stage2"
     stage2 = [
         f"train.init_from={model_dir}",
@@ -174,10 +177,10 @@ def test_a_later_stage_trains_with_its_own_crops_and_a_restart_takes_the_lock_ov
     assert p.returncode == 2 and "model.image.max_crops=3 (checkpoint: 2)" in "".join(_errors(p)), p.stderr[
         -2000:
     ]
+    assert "out_dir: taking over" in p.stderr and f"'pid': {dead}" in p.stderr  # the killed run's lock
     p = _sh(out, shards, *stage2)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "out_dir: taking over" in p.stderr and f"'pid': {dead}" in p.stderr
-    assert json.loads((out / "run.lock").read_text())["pid"] not in (dead,)
+    assert p.returncode == 0 and "out_dir: taking over" in p.stderr, p.stderr[-3000:]
+    assert json.loads((out / "run.lock").read_text())["pid"] != dead
     assert yaml.safe_load((out / "model" / "model_config.yaml").read_text())["image"]["max_crops"] == 2
     assert yaml.safe_load((model_dir / "model_config.yaml").read_text())["image"]["max_crops"] == 4
 

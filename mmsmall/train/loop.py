@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     kill_during_save=kill_here and faults.kill_during_save(),
                 )
             live_eval(step, engine, monitor)
+            faults.hold_after(step)
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
                 log.warning("debug: killing rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
