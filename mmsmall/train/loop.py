@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     counts, repeats_warned = dict.fromkeys(COUNTS, 0), False
     try:
         micro, n_local = draw() if step < t.steps else ([], 0)
-        (n_global,) = _all_reduce([n_local], engine.device)  # later steps: fused into the step's one
+        # later steps: fused into the step's one; the data counts so far (a resumed run's included)
+        n_global, *counts = _all_reduce([n_local, *data.counts()], engine.device)
+        counts = dict(zip(COUNTS, map(int, counts)))
         while step < t.steps:
             t0 = time.perf_counter()
             saving = step + 1 == t.steps or bool(t.save_every and (step + 1) % t.save_every == 0)

@@ -24,12 +24,13 @@ RESUMABLE_KEYS = (
 )  # fmt: skip
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: leaf}``."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -61,9 +62,9 @@ def check_resume_config(
     if not saved_path.exists():
         return []
     saved = strip_removed(type(run_cfg), yaml.safe_load(saved_path.read_text()) or {})  # keys since removed
-    old, new = _flat(saved), _flat(to_dict(run_cfg))
+    old, new = flatten(saved), flatten(to_dict(run_cfg))
     if model is not None:
-        new.update({f"model.{k}": v for k, v in _flat(to_dict(model)).items() if k in APPLIED})
+        new.update({f"model.{k}": v for k, v in flatten(to_dict(model)).items() if k in APPLIED})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if new.get("train.init_from") and old.get("train.init_from") == new.get("train.init_from"):
         # a later stage's model is the init_from folder's (the saved config holds it, the YAML does

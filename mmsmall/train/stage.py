@@ -18,6 +18,7 @@ import yaml
 
 from mmsmall.config import ConfigError, ModelConfig, load_config, to_dict
 from mmsmall.resources import find_config
+from mmsmall.train.resume import flatten
 
 # model.* keys a later stage may change: none of them changes a parameter's shape
 APPLIED = (
@@ -26,29 +27,17 @@ APPLIED = (
 )  # fmt: skip
 
 
-def _leaves(d: Any, prefix: str) -> list[str]:
-    if not isinstance(d, dict):
-        return [prefix]
-    return [k for key, v in d.items() for k in _leaves(v, f"{prefix}.{key}")]
-
-
 def explicit_model_keys(config: str | Path, overrides: list[str]) -> list[str]:
     """The ``model.*`` keys (without the ``model.`` prefix) the run sets itself; a key stands for
     every key below it (``image`` for ``image.max_crops``)."""
     raw = yaml.safe_load(find_config(config).read_text()) or {}
     keys = (
-        _leaves(raw["model"], "model") if isinstance(raw, dict) and isinstance(raw.get("model"), dict) else []
+        list(flatten(raw["model"], "model"))
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+        else []
     )
     keys += [o.split("=", 1)[0].strip() for o in overrides if o.strip().startswith("model")]
     return sorted({k.removeprefix("model").lstrip(".") for k in keys})
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or not d:
-        return {prefix: d}
-    return {
-        k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()
-    }
 
 
 def folder_model_config(folder: str | Path) -> ModelConfig | None:
@@ -64,7 +53,7 @@ def stage_model(
     every explicit key that differs from the folder's and cannot be applied."""
     if folder_cfg is None or not explicit:
         return folder_cfg
-    old, new = _flat(to_dict(folder_cfg)), _flat(to_dict(run_model))
+    old, new = flatten(to_dict(folder_cfg)), flatten(to_dict(run_model))
     given = [k for k in new if any(k == e or k.startswith(e + ".") or e == "" for e in explicit)]
     changed = [k for k in given if old.get(k) != new[k]]
     refused = [k for k in changed if k not in APPLIED]
