@@ -221,6 +221,12 @@ def test_data_counts_are_summed_over_workers_and_ranks_and_a_smaller_resume_name
     p = _sh(out, data, "train.steps=4", *common, env=_launch_env(NPROC="1"))
     assert p.returncode == 0, p.stderr[-4000:]
     assert "global batch changes from 4 to 2" in p.stderr and "train.grad_accum=2 keeps it" in p.stderr
+    resumed = read_log(out / "log.jsonl")[-1]
+    for key in (
+        "data/dropped_conversations",
+        "data/repeated_samples",
+    ):  # the counts go on from the checkpoint's
+        assert resumed[key] > last[key], (key, resumed[key], last[key])
 
 
 def test_a_killed_run_leaves_a_lock_any_restart_takes(tmp_path):

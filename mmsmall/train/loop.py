@@ -262,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
             ahead: dict = {}
 
             def fuse(micro=micro, ahead=ahead, saving=saving, last=step + 1 == t.steps) -> list[float]:
-                # the data position of this step's end, then the next step's micro-batches (drawn
-                # now so their target count rides on this step's all-reduce)
+                # this step's repeats and the data position of its end, then the next step's
+                # micro-batches (drawn now so their target count rides on this step's all-reduce)
+                data.count_step([i for b in micro for i in b["sample_ids"]])
                 ahead["data"] = data.state_dict() if saving else None
                 ahead["micro"], n_next = draw() if not last else ([], 0)
                 targets, useful = (sum(c) for c in zip(*(batch_counts(b) for b in micro)))
                 n_samples = sum(len(b["sample_ids"]) for b in micro)
-                data.count_step([i for b in micro for i in b["sample_ids"]])
                 step_flops = sum(flops.step_flops(b) for b in micro)
                 return [n_next, targets, useful, n_samples, step_flops, *data.counts()]
 
