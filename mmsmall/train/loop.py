@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         micro = [data.next_batch() for _ in range(t.grad_accum)]
         return micro, sum(loss_normalizer(b) for b in micro)
 
-    counts, repeats_warned = dict.fromkeys(COUNTS, 0), False
+    counts = dict.fromkeys(COUNTS, 0)
     try:
         micro, n_local = draw() if step < t.steps else ([], 0)
         # later steps: fused into the step's one; the data counts so far (a resumed run's included)
@@ -277,15 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             step += 1
             counts = dict(zip(COUNTS, map(int, counts)))  # every rank's, summed
-            if counts["repeated_samples"] and not repeats_warned and rank == 0:
-                repeats_warned = True
-                log.warning(
-                    "step %d: %d samples came twice inside one step: the training data holds fewer samples "
-                    "than a step takes (train.micro_batch_size x train.grad_accum, packed rows); add data or "
-                    "lower them (counted as data/repeated_samples)",
-                    step,
-                    counts["repeated_samples"],
-                )
+            monitor.warn_repeats(step, counts["repeated_samples"])
             ids = [i for b in micro for i in b["sample_ids"]]
             dt = time.perf_counter() - t0
             monitor.samples(step, ids)
