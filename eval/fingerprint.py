@@ -1,6 +1,6 @@
 """Fingerprints of what changes a benchmark's answers, so the prediction cache never serves stale ones.
 
-The cache key is the model's weights (its folder's files), the generation settings and the task's
+The cache key is the model's weights (its folder's files, or an in-memory model's tensors), the generation settings and the task's
 data and prompts; a change to any of them refuses the old cache instead of scoring it again.
 """
 
@@ -22,10 +22,29 @@ def _stat_lines(root: Path) -> Iterable[str]:
         yield f"{p.relative_to(root) if p != root else p.name}\t{st.st_size}\t{st.st_mtime_ns}"
 
 
+def weights_fingerprint(module: Any) -> str:
+    """sha256 of an in-memory model's state dict (names, dtypes, shapes, bytes): it changes with
+    every weight, so answers of a model that trained on are never served from the cache."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().reshape(-1).cpu().contiguous()
+        h.update(f"{name}\t{t.dtype}\t{t.numel()}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(model: Any) -> str:
-    """A folder's files (with ``checksums.json``'s sha256s when it has one), or a predictor's own ``fingerprint``."""
+    """A folder's files (with ``checksums.json``'s sha256s when it has one); for a predictor
+    object its own ``fingerprint``, else the weights of its ``model`` (``weights_fingerprint``),
+    else its class name (an object without weights to read)."""
     if not isinstance(model, (str, os.PathLike)):
-        return str(getattr(model, "fingerprint", type(model).__name__))
+        if hasattr(model, "fingerprint"):
+            return str(model.fingerprint)
+        if hasattr(getattr(model, "model", None), "state_dict"):
+            return weights_fingerprint(model.model)
+        return type(model).__name__
     root = Path(model)
     if not root.exists():
         return "missing"

@@ -439,6 +439,11 @@ def validate(cfg: Any) -> None:
         if cfg.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.train.precision!r}; valid: bf16, fp32")
         _check_ranges(cfg)
+        if not cfg.data.response_dropout < 1:
+            raise ConfigError(
+                f"data.response_dropout: {cfg.data.response_dropout!r}; valid range [0, 1) (at 1 every "
+                "target is dropped and the loss is 0)"
+            )
         ev = cfg.train.eval
         if ev.every < 0 or ev.limit < 0 or ev.batch_size < 1:
             raise ConfigError("train.eval: every and limit must be >= 0 and batch_size >= 1")

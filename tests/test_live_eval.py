@@ -124,6 +124,28 @@ def test_in_training_eval_equals_mmsmall_eval_of_the_checkpoint_and_logs_to_wand
             assert history[rec["step"]][f"eval/{t}"] == pytest.approx(rec[f"eval/{t}"])
     assert (run / "loss.png").stat().st_size > 0
 
+    # the in-training model is keyed by its weights: step 3's and step 6's answers never share a key
+    weights = {step: _weights(run / "eval" / f"step_{step:08d}") for step in (3, 6)}
+    assert weights[3] != weights[6] and "Predictor" not in {*weights[3], *weights[6]}
+    # a fresh run into the same out_dir (its checkpoints gone) with other weights: the earlier run's
+    # eval answers, scores and log are set aside, never reused or mixed in
+    shutil.rmtree(run / "checkpoints")
+    _run([*base, f"out_dir={run}", "train.steps=3", "train.lr.llm=1e-3", "train.eval.every=3",
+          "train.eval.limit=8", f"train.eval.tasks={tasks}"], env)  # fmt: skip
+    assert (run / "eval.old1" / "step_00000003").is_dir() and (run / "log.jsonl.old1").is_file()
+    assert [r["step"] for r in read_log(run / "log.jsonl")] == [1, 2, 3]  # no step of the earlier run
+    assert [r["step"] for r in read_log(run / "eval.jsonl")] == [3]
+    assert _weights(run / "eval" / "step_00000003") != weights[3]
+
+
+def _weights(folder: Path) -> set[str]:
+    """The model keys (``weights``) of an eval folder's cached predictions."""
+    return {
+        json.loads(line)["weights"]
+        for t in TASKS
+        for line in (folder / "predictions" / f"{t}.jsonl").read_text().splitlines()
+    }
+
 
 def test_loss_curve_is_smoothed_like_tensorboard(tmp_path):
     """TensorBoard's smoothing: a debiased exponential moving average (starts at the first value,

@@ -76,11 +76,24 @@ def drop_responses(labels: torch.Tensor, p: float, gen: torch.Generator) -> torc
     return labels.masked_fill(drop, IGNORE_INDEX)
 
 
+# What a run counts about its data (TrainData.counts), summed over data workers and ranks and
+# logged: shard members skipped (shards.py), samples the processor refused or that do not fit,
+# conversations (and their answer tokens) dropped to fit data.seq_len, and samples that came
+# twice inside one step (the data holds fewer samples than a step takes).
+COUNTS = (
+    "bad_image", "bad_json", "missing_json", "duplicate_member", "unreadable_tar", "encode_error",
+    "too_long", "dropped_conversations", "truncated_targets", "repeated_samples", "other",
+)  # fmt: skip
+
+
 def encode_sample(
     processor: Any, sample: Sample, seed: int, max_conversations: int, response_dropout: float
 ) -> Example:
-    """A shard sample -> Example, under random state seeded from ``(seed, sample ref)``."""
+    """A shard sample -> Example, under random state seeded from ``(seed, sample ref)``. What the
+    processor counted while encoding it (``Processor.counters``) rides along in ``ex["counts"]``,
+    so counts made in a worker process reach the trainer."""
     sid = sample_id(sample)
+    before = dict(getattr(processor, "counters", {}))
     with seeded_rng(seed, *sample["ref"]) as gen:
         ex = processor.encode(
             sample["image"],
@@ -92,6 +105,8 @@ def encode_sample(
         ex["labels"] = drop_responses(ex["labels"], response_dropout, gen)
     ex["sample_id"] = sid
     ex["ref"] = tuple(sample["ref"])
+    after = getattr(processor, "counters", {})
+    ex["counts"] = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
     return ex
 
 
@@ -151,8 +166,21 @@ class TrainData:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Skipped samples by reason: corrupt shard members (stream) and unusable examples."""
+        """Skipped samples by reason (corrupt shard members, unusable examples) and the other
+        ``COUNTS`` of this rank, since the run began."""
         return {**self.stream.counters, **self.skipped}
+
+    def counts(self) -> list[int]:
+        """``counters`` in ``COUNTS`` order (the loop sums them over ranks); a reason not listed
+        there is counted under ``other``, never left out of the log."""
+        c = self.counters
+        return [c.get(k, 0) for k in COUNTS[:-1]] + [sum(n for k, n in c.items() if k not in COUNTS)]
+
+    def count_step(self, sample_ids: list[str]) -> None:
+        """Count the samples of one optimizer step (this rank) that came more than once."""
+        repeated = len(sample_ids) - len(set(sample_ids))
+        if repeated:
+            self.skipped["repeated_samples"] = self.skipped.get("repeated_samples", 0) + repeated
 
     def encode(self, sample: Sample) -> Example:
         return encode_sample(self.processor, sample, *self.encode_args)
@@ -203,10 +231,14 @@ class TrainData:
             sample, result = self._next_encoded()
             self._check_progress(sample)
             try:
-                return result()
+                ex = result()
             except ValueError as e:  # a sample the processor cannot encode: skip, count, go on
                 self.skipped["encode_error"] = self.skipped.get("encode_error", 0) + 1
                 log.warning("skipping sample %s: %s", sample_id(sample), e)
+                continue
+            for k, n in ex.pop("counts", {}).items():
+                self.skipped[k] = self.skipped.get(k, 0) + n
+            return ex
 
     def next_batch(self) -> Batch:
         batch = self.packer.next_batch(self._pull)
@@ -234,7 +266,9 @@ class TrainData:
                 raise RuntimeError(
                     f"data position: held sample {ref} no longer decodes; did the shards change?"
                 )
-            pending.append(self.encode(sample))
+            ex = self.encode(sample)
+            ex.pop("counts", None)  # counted when it was first drawn
+            pending.append(ex)
         self.packer.pending = pending
         self.packer.min_len = int(state["min_len"])
         self.skipped.clear()

@@ -41,6 +41,11 @@ if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
   exec "$PY" -m mmsmall.train "$@"
 fi
 
+# Check the config, data, models, out_dir (free, not a file) and init_from in one short Python
+# process before the DeepSpeed launcher starts any rank: a mistake fails here in one line (exit 2).
+# The first node checks; the others start their ranks, which stop with the first node's.
+if [ "${NODE_RANK:-0}" = "0" ]; then "$PY" -m mmsmall.train.preflight "$@" || exit $?; fi
+
 launcher=("$PY" -m deepspeed.launcher.runner)
 if [ -n "${HOSTFILE:-}" ]; then
   : "${MASTER_ADDR:?set MASTER_ADDR to the first node of $HOSTFILE}"

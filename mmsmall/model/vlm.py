@@ -423,12 +423,18 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, device: str | torch.device = "cpu", load_weights: bool = True
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        load_weights: bool = True,
+        cfg: ModelConfig | None = None,
     ) -> VLM:
         """Rebuild from a ``save_pretrained`` folder (no hub access; weights from safetensors only).
 
         ``load_weights=False`` builds the model without reading ``model.safetensors`` (ZeRO-3
         loads it into the partitions itself: ``mmsmall.train.zero_init.load_partitioned``).
+        ``cfg``: the folder's config with settings that leave every shape as saved changed
+        (a later stage's own processing, ``mmsmall.train.stage``); default: the saved one.
         """
         from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -436,7 +442,8 @@ class VLM(nn.Module):
         weights = model_dir / "model.safetensors"
         if not weights.exists():
             raise MissingInput(f"{weights} not found; expected a folder written by VLM.save_pretrained")
-        cfg = load_config(model_dir / "model_config.yaml", cls=ModelConfig)
+        if cfg is None:
+            cfg = load_config(model_dir / "model_config.yaml", cls=ModelConfig)
         tokenizer = build_tokenizer(TokenizerConfig(name=str(model_dir)))
         model = build_offline(cfg, tokenizer, *folder_configs(model_dir))
         if not load_weights:

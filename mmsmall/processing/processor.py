@@ -12,7 +12,8 @@ each answer. User and assistant text is tokenized with special-token splitting o
 ``<im_patch>`` typed by a user is plain text, never an image placeholder.
 
 Truncation (``max_length``): whole conversations are dropped from the end until the example
-fits (counted in ``Processor.counters["dropped_conversations"]``); the image block is never cut,
+fits (counted in ``Processor.counters``: ``dropped_conversations``, and their answer tokens in
+``truncated_targets``; training logs both, see mmsmall/data/loader.py); the image block is never cut,
 and an example whose prefix plus first conversation does not fit raises ``ValueError``.
 """
 
@@ -153,12 +154,15 @@ class Processor:
 
         prefix, image_tensors = self._prefix(image, train)
         keep = self._fit(len(prefix), [len(c) for c in conv_ids_list], where)
+        cut = sum(sum(t) for t in conv_tgt[keep:])
+        if cut:  # the answer tokens of the dropped conversations
+            self.counters["truncated_targets"] = self.counters.get("truncated_targets", 0) + cut
         # Never a silent loss of 0: a training example keeps at least one answer to learn.
         if train and not any(any(tgt) for tgt in conv_tgt[:keep]):
-            cut = len(conversations) - keep
+            dropped = len(conversations) - keep
             raise ValueError(
                 f"{where}: no assistant answer to train on"
-                + (f" ({cut} later conversation(s) dropped to fit max_length)" if cut else "")
+                + (f" ({dropped} later conversation(s) dropped to fit max_length)" if dropped else "")
                 + "; give each conversation its answer, or encode it as a prompt (train=False)"
             )
         return self._assemble(prefix, conv_ids_list[:keep], conv_tgt[:keep], image_tensors, sample_id)

@@ -27,14 +27,37 @@ def require_training_inputs(cfg: RunConfig) -> None:
                 raise FileNotFoundError(entry.path)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.train[{i}].path: no shards at {entry.path!r} ({e})") from None
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"out_dir: {cfg.out_dir!r} is a file; give a folder for the run (new or its own)")
     if cfg.train.init_from:  # a later stage trains that folder's model: the config's names are not used
-        if not Path(cfg.train.init_from).is_dir():
-            raise ConfigError(
-                f"train.init_from: {cfg.train.init_from!r} is not a folder; give a saved model folder "
-                "(a run's out_dir/model), an `mmsmall import` output or a stock Molmo2 folder"
-            )
+        _require_model_folder(Path(cfg.train.init_from))
         return
     _require_model_names(cfg.model)
+
+
+def _require_model_folder(folder: Path) -> None:
+    """``train.init_from`` is a saved model (``VLM.save_pretrained``) or a stock Molmo2 folder."""
+    where = f"train.init_from: {str(folder)!r}"
+    wanted = "give a saved model folder (a run's out_dir/model), an `mmsmall import` output or a stock Molmo2 folder"
+    if not folder.is_dir():
+        raise ConfigError(f"{where} is not a folder; {wanted}")
+    if (folder / "model_config.yaml").is_file() and (folder / "model.safetensors").is_file():
+        return
+    if (folder / "model" / "model_config.yaml").is_file() or (folder / "checkpoints").is_dir():
+        raise ConfigError(
+            f"{where} is a training run folder; give its saved model: train.init_from={folder / 'model'}"
+        )
+    if (folder / "complete.json").is_file() or any(folder.glob("client_rank*.pt")):
+        raise ConfigError(
+            f"{where} is a DeepSpeed checkpoint; export it first (`mmsmall export {folder} OUT`, then "
+            "train.init_from=OUT) or give the run's model folder"
+        )
+    from mmsmall.export.importer import is_molmo2_folder
+
+    if not is_molmo2_folder(folder):
+        raise ConfigError(
+            f"{where} holds neither model_config.yaml + model.safetensors nor a Molmo2 release; {wanted}"
+        )
 
 
 def _require_model_names(m: ModelConfig) -> None:

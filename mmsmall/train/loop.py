@@ -31,17 +31,18 @@ import torch
 import torch.distributed as dist
 
 from mmsmall import faults
-from mmsmall.config import load_config, save_config
-from mmsmall.data.loader import NoUsableData, TrainData, batch_counts
+from mmsmall.config import ConfigError, save_config
+from mmsmall.data.loader import COUNTS, NoUsableData, TrainData, batch_counts
 from mmsmall.export import intact
 from mmsmall.logs import setup_logging
 from mmsmall.processing.batch import loss_normalizer, model_inputs
-from mmsmall.train import checkpoint, resume
+from mmsmall.train import checkpoint, resume, stage
 from mmsmall.train.engine import build_engine, init_distributed
 from mmsmall.train.flops import FlopCounter, peak_flops
-from mmsmall.train.inputs import require_training_inputs
 from mmsmall.train.live_eval import LiveEval
 from mmsmall.train.monitor import RunMonitor
+from mmsmall.train.preflight import check_run
+from mmsmall.train.runlock import RunLock
 from mmsmall.train.zero_init import build_model, held_elements
 
 log = logging.getLogger("mmsmall.train")
@@ -140,7 +141,7 @@ def train_step(
     return loss_all / max(n_global, 1.0), fused
 
 
-def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> intact.ResumePoint:
+def _resume_point(cfg, ckpt_root: Path, rank: int, world: int, model_keys: list[str]) -> intact.ResumePoint:
     """The verified checkpoint to resume from, with the reasons for any passed over; the config
     must agree with it (``resume.check_resume_config``) or the run stops here, before DeepSpeed."""
     point = intact.find_resume(ckpt_root)
@@ -148,12 +149,38 @@ def _resume_point(cfg, ckpt_root: Path, rank: int, world: int) -> intact.ResumeP
         if rank == 0:
             log.warning("resume: %s", note)
     if point.tag is not None:
-        applied = resume.check_resume_config(cfg, ckpt_root / point.tag, world)
+        model = None
+        if cfg.train.init_from:  # the model a later stage trains: the folder's, with its own processing
+            model = stage.stage_model(stage.folder_model_config(cfg.train.init_from), cfg.model, model_keys)
+        applied = resume.check_resume_config(cfg, ckpt_root / point.tag, world, model)
+        note = resume.global_batch_change(cfg, ckpt_root / point.tag, world)
         if rank == 0:
             log.info(
                 "resume: from %s%s", ckpt_root / point.tag, f" with {'; '.join(applied)}" if applied else ""
             )
+            if note:
+                log.warning("resume: %s", note)
     return point
+
+
+def _own_out_dir(out: Path, rank: int) -> RunLock | None:
+    """Rank 0 locks ``out`` for this run (``runlock``) before anything is written there; every
+    rank learns whether another live run holds it, and the run stops with its pid and host."""
+    lock, refusal = None, [None]
+    if rank == 0:
+        try:
+            lock = RunLock(out)
+        except ConfigError as e:
+            refusal = [str(e)]
+        else:
+            if lock.previous:
+                log.warning(
+                    "out_dir: taking over %s from a run no longer alive: %s", lock.path, lock.previous
+                )
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise ConfigError(refusal[0]) if rank == 0 else SystemExit(2)
+    return lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,16 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    cfg = load_config(argv[0], argv[1:])
-    require_training_inputs(cfg)
+    # what launch/train.sh checked already; also for torchrun / SLURM / a plain python run
+    cfg, model_keys = check_run(argv[0], argv[1:], probe_lock=False)
     # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
     setup_logging(logging.INFO if rank == 0 else logging.WARNING)
     t, out = cfg.train, Path(cfg.out_dir)
-    start = _resume_point(cfg, out / "checkpoints", rank, world)  # refuses a changed config before any build
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    lock = _own_out_dir(out, rank)  # rank 0 holds out_dir until the run ends
+    start = _resume_point(
+        cfg, out / "checkpoints", rank, world, model_keys
+    )  # refuses a changed config before any build
+    if rank == 0 and start.tag is None:  # a fresh run: an earlier run's logs and eval answers are not its own
+        resume.set_aside_records(out)
     dist.barrier()
 
     from mmsmall.processing.processor import Processor
@@ -178,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(cfg.seed)  # the same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
     # ZeRO-3: partitioned while it is built; a later stage (train.init_from): the previous model
     # with its config and tokenizer. `built` keeps transformers' ZeRO-3 view alive for the run.
-    built = build_model(cfg, world)
+    built = build_model(cfg, world, model_keys)
     cfg, model, tokenizer = built.run_cfg, built.model, built.tokenizer
     held, total = held_elements(model)
     encoder = Processor
@@ -220,27 +250,34 @@ def main(argv: list[str] | None = None) -> int:
         micro = [data.next_batch() for _ in range(t.grad_accum)]
         return micro, sum(loss_normalizer(b) for b in micro)
 
+    counts = dict.fromkeys(COUNTS, 0)
     try:
         micro, n_local = draw() if step < t.steps else ([], 0)
-        (n_global,) = _all_reduce([n_local], engine.device)  # later steps: fused into the step's one
+        # later steps: fused into the step's one; the data counts so far (a resumed run's included)
+        n_global, *counts = _all_reduce([n_local, *data.counts()], engine.device)
+        counts = dict(zip(COUNTS, map(int, counts)))
         while step < t.steps:
             t0 = time.perf_counter()
             saving = step + 1 == t.steps or bool(t.save_every and (step + 1) % t.save_every == 0)
             ahead: dict = {}
 
             def fuse(micro=micro, ahead=ahead, saving=saving, last=step + 1 == t.steps) -> list[float]:
-                # the data position of this step's end, then the next step's micro-batches (drawn
-                # now so their target count rides on this step's all-reduce)
+                # this step's repeats and the data position of its end, then the next step's
+                # micro-batches (drawn now so their target count rides on this step's all-reduce)
+                data.count_step([i for b in micro for i in b["sample_ids"]])
                 ahead["data"] = data.state_dict() if saving else None
                 ahead["micro"], n_next = draw() if not last else ([], 0)
                 targets, useful = (sum(c) for c in zip(*(batch_counts(b) for b in micro)))
                 n_samples = sum(len(b["sample_ids"]) for b in micro)
-                return [n_next, targets, useful, n_samples, sum(flops.step_flops(b) for b in micro)]
+                step_flops = sum(flops.step_flops(b) for b in micro)
+                return [n_next, targets, useful, n_samples, step_flops, *data.counts()]
 
-            loss, (n_next, n_targets, tokens, samples, total_flops) = train_step(
+            loss, (n_next, n_targets, tokens, samples, total_flops, *counts) = train_step(
                 engine, micro, world, dtype, step + 1, n_global, fuse
             )
             step += 1
+            counts = dict(zip(COUNTS, map(int, counts)))  # every rank's, summed
+            monitor.warn_repeats(step, counts["repeated_samples"])
             ids = [i for b in micro for i in b["sample_ids"]]
             dt = time.perf_counter() - t0
             monitor.samples(step, ids)
@@ -259,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         "step_time_s": dt,
                         "peak_mem_gib": peak_memory_gib(engine.device),
                         **{f"lr/{g['name']}": g["lr"] for g in groups},
-                        "skipped": dict(data.counters),
+                        **{f"data/{k}": n for k, n in counts.items()},
                     }
                 )
             kill_here = faults.kill_at_step() == step
@@ -274,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     kill_during_save=kill_here and faults.kill_during_save(),
                 )
             live_eval(step, engine, monitor)
+            faults.hold_after(step)
             if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
                 log.warning("debug: killing rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -283,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         data.close()
+        monitor.summary(step, counts)
         monitor.close()
     checkpoint.save_model(engine, out / "model")
     dist.destroy_process_group()
+    if lock is not None:
+        lock.release()
     return 0

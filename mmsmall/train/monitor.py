@@ -26,6 +26,7 @@ class RunMonitor:
         self.rank = rank
         self.samples_file = open(self.out / f"samples_rank{rank:05d}.jsonl", "a")  # noqa: SIM115
         self.jsonl = self.tb = self.wandb = self.bar = None
+        self.repeats_warned = False
         if rank != 0:
             return
         self.jsonl = open(self.out / "log.jsonl", "a")  # noqa: SIM115
@@ -87,6 +88,33 @@ class RunMonitor:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scores, step=step)
+
+    def warn_repeats(self, step: int, repeated: int) -> None:
+        """Warn once (rank 0) when samples first come twice inside one step (``repeated``: so far,
+        every rank's)."""
+        if self.rank != 0 or not repeated or self.repeats_warned:
+            return
+        self.repeats_warned = True
+        log.warning(
+            "step %d: %d samples came twice inside one step: the training data holds fewer samples than a "
+            "step takes (train.micro_batch_size x train.grad_accum, packed rows); add data or lower them "
+            "(counted as data/repeated_samples)",
+            step,
+            repeated,
+        )
+
+    def summary(self, step: int, counts: dict[str, int]) -> None:
+        """The run's data counts (every rank's, summed) at its end: one log line and a
+        ``{"event": "summary"}`` line in log.jsonl; rank 0 only."""
+        if self.rank != 0:
+            return
+        self.event({"event": "summary", "step": step, **{f"data/{k}": n for k, n in counts.items()}})
+        seen = {k: n for k, n in counts.items() if n}
+        log.info(
+            "data at step %d: %s",
+            step,
+            ", ".join(f"{k} {n}" for k, n in seen.items()) or "nothing skipped, dropped or repeated",
+        )
 
     def close(self) -> None:
         self.samples_file.close()

@@ -24,12 +24,13 @@ RESUMABLE_KEYS = (
 )  # fmt: skip
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: leaf}``."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -43,25 +44,33 @@ def _same_global_batch(old: dict, new: dict, ckpt_dir: Path, world_size: int | N
     return old.get("train.grad_accum", 0) * saved == new.get("train.grad_accum", 0) * world_size
 
 
-def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = None) -> list[str]:
+def check_resume_config(
+    run_cfg: Any, ckpt_dir: Path, world_size: int | None = None, model: Any = None
+) -> list[str]:
     """Refuse a resume whose config differs from the checkpoint's in a key that changes training.
 
     ``train.grad_accum`` may change when ``world_size`` differs from the checkpoint's and their
-    product (the global batch) stays. Returns the applied changes (``key: old -> new``); raises
-    ``ConfigError`` naming every refused key.
+    product (the global batch) stays. ``model``: with ``train.init_from``, the model config the
+    run trains (``stage.stage_model``): its processing settings are compared. Returns the
+    applied changes (``key: old -> new``); raises ``ConfigError`` naming every refused key.
     """
     import yaml
+
+    from mmsmall.train.stage import APPLIED
 
     saved_path = ckpt_dir / "config.yaml"
     if not saved_path.exists():
         return []
     saved = strip_removed(type(run_cfg), yaml.safe_load(saved_path.read_text()) or {})  # keys since removed
-    old, new = _flat(saved), _flat(to_dict(run_cfg))
+    old, new = flatten(saved), flatten(to_dict(run_cfg))
+    if model is not None:
+        new.update({f"model.{k}": v for k, v in flatten(to_dict(model)).items() if k in APPLIED})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if new.get("train.init_from") and old.get("train.init_from") == new.get("train.init_from"):
         # a later stage's model is the init_from folder's (the saved config holds it, the YAML does
-        # not): the same folder is the same model
-        changed = [k for k in changed if not k.startswith("model.")]
+        # not): the same folder is the same model; its processing settings are the run's own
+        own = {f"model.{k}" for k in APPLIED} if model is not None else set()
+        changed = [k for k in changed if not k.startswith("model.") or k in own]
     allowed = RESUMABLE_KEYS + (
         ("train.grad_accum",) if _same_global_batch(old, new, ckpt_dir, world_size) else ()
     )
@@ -74,6 +83,44 @@ def check_resume_config(run_cfg: Any, ckpt_dir: Path, world_size: int | None = N
             f"(train.init_from={ckpt_dir.parent.parent / 'model'} to start from its weights)"
         )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def global_batch_change(run_cfg: Any, ckpt_dir: Path, world_size: int) -> str | None:
+    """A note when resuming on ``world_size`` processes changes the global batch the checkpoint
+    trained with (micro batch x grad_accum x processes), naming the grad_accum that keeps it."""
+    import yaml
+
+    marker, saved_path = ckpt_dir / COMPLETE, ckpt_dir / "config.yaml"
+    if not (marker.exists() and saved_path.exists()):
+        return None
+    saved_world = json.loads(marker.read_text()).get("world_size")
+    old = (yaml.safe_load(saved_path.read_text()) or {}).get("train", {})
+    t = run_cfg.train
+    if not saved_world or saved_world == world_size:
+        return None
+    before = (
+        old.get("micro_batch_size", t.micro_batch_size) * old.get("grad_accum", t.grad_accum) * saved_world
+    )
+    after = t.micro_batch_size * t.grad_accum * world_size
+    if before == after:
+        return None
+    keeps, rest = divmod(before, t.micro_batch_size * world_size)
+    fix = f"train.grad_accum={keeps} keeps it" if keeps and not rest else "no whole train.grad_accum keeps it"
+    return (
+        f"the global batch changes from {before} to {after} micro-batch rows per step ({saved_world} processes "
+        f"-> {world_size}, train.grad_accum={t.grad_accum}); {fix}"
+    )
+
+
+# What a run writes about itself besides checkpoints and its model; a fresh run sets an earlier
+# run's aside so that its logs, curves and eval answers are its own.
+RECORDS = ("log.jsonl", "eval.jsonl", "eval", "tensorboard", "loss.png")
+
+
+def set_aside_records(out: Path) -> None:
+    """Move an earlier run's records (``RECORDS``, ``samples_rank*.jsonl``) out of the way."""
+    for path in [*(out / name for name in RECORDS), *sorted(out.glob("samples_rank*.jsonl"))]:
+        set_aside(path)
 
 
 def set_aside(ckpt_dir: Path) -> Path | None:

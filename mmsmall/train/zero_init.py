@@ -71,12 +71,13 @@ def llm_hidden_size(run_cfg: Any) -> int:
     return int(config.get_text_config().hidden_size)
 
 
-def build_model(run_cfg: Any, world_size: int) -> BuiltModel:
+def build_model(run_cfg: Any, world_size: int, model_keys: list[str] | tuple[str, ...] = ()) -> BuiltModel:
     """The VLM to train (``train.init_from``'s, else ``run_cfg.model``'s), its tokenizer and the
     filled DeepSpeed config, and the run config it trains (``run_cfg`` is not changed; with
-    ``init_from``, the returned config's model section is the folder's)."""
+    ``init_from``, the returned config's model section is the folder's, with the processing
+    settings among ``model_keys``, the keys the run sets itself, applied: ``mmsmall.train.stage``)."""
     if zero_stage(run_cfg) != 3:
-        model, tokenizer = _build(run_cfg, load_weights=True)
+        model, tokenizer = _build(run_cfg, load_weights=True, model_keys=model_keys)
         trained = dataclasses.replace(run_cfg, model=model.cfg)
         return BuiltModel(model, tokenizer, ds_config(trained, world_size, model), run_cfg=trained)
 
@@ -85,16 +86,19 @@ def build_model(run_cfg: Any, world_size: int) -> BuiltModel:
 
     config = ds_config(run_cfg, world_size, hidden_size=llm_hidden_size(run_cfg))
     hf_ds_config = HfDeepSpeedConfig(config)  # from here on transformers builds partitioned
-    model, tokenizer = _build(run_cfg, load_weights=False)
+    model, tokenizer = _build(run_cfg, load_weights=False, model_keys=model_keys)
     deepspeed.zero.Init(module=model, config_dict_or_path=config)  # what was built whole
     if run_cfg.train.init_from:
         load_partitioned(model, Path(run_cfg.train.init_from) / "model.safetensors")
     return BuiltModel(model, tokenizer, config, hf_ds_config, dataclasses.replace(run_cfg, model=model.cfg))
 
 
-def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
+def _build(
+    run_cfg: Any, load_weights: bool, model_keys: list[str] | tuple[str, ...] = ()
+) -> tuple[nn.Module, Any]:
     from mmsmall.model.vlm import VLM, build_vlm
     from mmsmall.processing.tokenizer import build_tokenizer
+    from mmsmall.train.stage import folder_model_config, stage_model
 
     folder = run_cfg.train.init_from
     if not folder:
@@ -105,9 +109,24 @@ def _build(run_cfg: Any, load_weights: bool) -> tuple[nn.Module, Any]:
         from mmsmall.export.importer import read_molmo2
 
         model = read_molmo2(folder)  # a stock transformers Molmo2 folder, mapped as `mmsmall import` does
+        cfg = stage_model(model.cfg, run_cfg.model, list(model_keys))
+        if cfg != model.cfg:  # processing settings, read when used; the attention set-up is built in
+            if cfg.llm.attn_implementation != model.cfg.llm.attn_implementation:
+                from mmsmall.config import ConfigError
+
+                raise ConfigError(
+                    f"train.init_from={folder}: model.llm.attn_implementation cannot change on a stock Molmo2 "
+                    f"folder; convert it once with `mmsmall import {folder} OUT` and set train.init_from=OUT"
+                )
+            model.cfg, model.bidirectional_image = cfg, cfg.bidirectional_image
     else:
-        model = VLM.from_pretrained(folder, load_weights=load_weights)
-    log.info("model, its config and tokenizer from %s (the config's model section is not used)", folder)
+        cfg = stage_model(folder_model_config(folder), run_cfg.model, list(model_keys))
+        model = VLM.from_pretrained(folder, load_weights=load_weights, cfg=cfg)
+    log.info(
+        "model, its config and tokenizer from %s (the run's model section is not used, but for the "
+        "processing settings it sets itself: mmsmall/train/stage.py)",
+        folder,
+    )
     return model.train(), model.tokenizer
 
 
