@@ -524,6 +524,10 @@ def _absolute_paths(cfg: CurateConfig) -> CurateConfig:
         if not hub_id and not is_remote(inp.path):  # so do http(s):// and pipe: shards
             inp.path = absolute(inp.path)
         inp.downloads = absolute(inp.downloads) or ""
+        if (
+            inp.hold_out and Path(inp.hold_out).exists()
+        ):  # a local copy of the eval set; a hub id stays as given
+            inp.hold_out = absolute(inp.hold_out) or ""
         inp.captions, inp.image_root = absolute(inp.captions), absolute(inp.image_root)
     for b in cfg.decontam.benchmarks:
         b.path = absolute(b.path)
