@@ -14,11 +14,20 @@ column (and an optional sha256 column), fetches every URL with ``aiohttp`` and w
 A rerun fetches only URLs that have no log entry; ``retry_failed=True`` (``--retry-failed``)
 also fetches the URLs whose last attempt failed, and nothing else.
 
-Failure reasons: ``fetch_http_<status>``, ``fetch_timeout``, ``fetch_connect_error``,
-``fetch_too_large`` (Content-Length over the cap, or the streamed body passing it),
-``fetch_not_image`` (content-type not ``image/*``), ``fetch_undecodable`` (PIL cannot read it),
-``fetch_sha256_mismatch``, ``fetch_too_many_redirects``, ``fetch_bad_url``, ``fetch_no_url``.
-429 and 5xx responses, timeouts and connection errors are retried with exponential backoff
+The decoded bytes decide what an image is, not the Content-Type header (S3 serves images as
+``binary/octet-stream``, many hosts send none): a body PIL reads is kept whatever its type, and the
+type is kept in the log (``content_type``). Every attempt has a deadline (``deadline_s``, connect
+plus the whole body) besides the wait for the next bytes (``read_timeout_s``), so a host that
+drips a byte at a time cannot hold a slot.
+
+Failure reasons: ``fetch_http_<status>``, ``fetch_timeout`` (no bytes for ``read_timeout_s``, or
+the attempt past ``deadline_s``), ``fetch_connect_error``, ``fetch_truncated`` (the connection
+closed before the body Content-Length announced), ``fetch_too_large`` (Content-Length over the
+cap, or the streamed body passing it), ``fetch_not_image`` (the body does not decode and the server
+called it something other than an image, e.g. an HTML error page), ``fetch_undecodable`` (the body
+does not decode though served as an image or with no type), ``fetch_sha256_mismatch``,
+``fetch_too_many_redirects``, ``fetch_bad_url``, ``fetch_no_url``. 429 and 5xx responses,
+timeouts, truncated bodies and connection errors are retried with exponential backoff
 (``Retry-After`` honoured up to ``max_backoff_s``) before they count as failures.
 """
 
@@ -40,7 +49,10 @@ import aiohttp
 
 from mmsmall.config import ConfigError
 
-IMAGE_EXTS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "TIFF": "tif", "BMP": "bmp"}  # PIL format
+# Content types that say nothing about the bytes: an undecodable body under them is "undecodable",
+# under any other non-image type (text/html, application/json) it is "not an image".
+UNTYPED = ("", "application/octet-stream", "binary/octet-stream")
 
 
 @dataclass
@@ -51,6 +63,7 @@ class DownloadConfig:
     per_host: int = 16  # requests in flight to one host
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0  # longest wait for the next bytes of a response
+    deadline_s: float = 120.0  # longest one attempt may take, connect + whole body
     retries: int = 3  # extra attempts after a 429 / 5xx / timeout / connection error
     backoff_s: float = 0.5  # first backoff; doubles each attempt, with jitter
     max_backoff_s: float = 30.0
@@ -68,6 +81,7 @@ class Fetched:
     bytes: int = 0
     attempts: int = 0
     detail: str = ""
+    content_type: str = ""  # as the server sent it; the decoded bytes decided
 
     def line(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -112,8 +126,6 @@ class Fetcher:
             if r.status != 200:
                 return Fetched(url, f"fetch_http_{r.status}"), False
             ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if not ctype.startswith("image/"):
-                return Fetched(url, "fetch_not_image", detail=ctype or "no content-type"), False
             if r.content_length is not None and r.content_length > cap:
                 return Fetched(
                     url, "fetch_too_large", detail=f"content-length {r.content_length} > {cap}"
@@ -129,15 +141,19 @@ class Fetcher:
             return Fetched(url, "fetch_sha256_mismatch", sha256=digest, bytes=len(data)), False
         fmt = _check_image(data)
         if fmt is None:
-            return Fetched(url, "fetch_undecodable", bytes=len(data), detail=ctype), False
+            typed = not ctype.startswith("image/") and ctype not in UNTYPED
+            reason = "fetch_not_image" if typed else "fetch_undecodable"
+            return Fetched(
+                url, reason, bytes=len(data), detail=ctype or "no content-type", content_type=ctype
+            ), False
         key = url_key(url)
-        rel = f"images/{key[:2]}/{key}.{IMAGE_EXTS.get(ctype, fmt.lower() or 'img')}"
+        rel = f"images/{key[:2]}/{key}.{EXTS.get(fmt, fmt.lower() or 'img')}"
         path = self.out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
-        return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data)), False
+        return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data), content_type=ctype), False
 
     async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
         cfg = self.cfg
@@ -149,13 +165,15 @@ class Fetcher:
         async with self.limit, self._host(url):
             for attempt in range(cfg.retries + 1):
                 try:
-                    result, retry = await self._once(session, url, sha256)
+                    result, retry = await asyncio.wait_for(self._once(session, url, sha256), cfg.deadline_s)
                 except aiohttp.TooManyRedirects:
                     result, retry = Fetched(url, "fetch_too_many_redirects"), False
                 except aiohttp.InvalidURL as e:
                     result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
                 except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
                     result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
+                except aiohttp.ClientPayloadError as e:  # the body ended before its Content-Length
+                    result, retry = Fetched(url, "fetch_truncated", detail=str(e)), True
                 except (aiohttp.ClientError, OSError) as e:
                     result, retry = (
                         Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),

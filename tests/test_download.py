@@ -44,6 +44,12 @@ def _routes() -> dict[str, Route]:
         "/garbage.jpg": Route(b"this is not a jpeg at all"),
         "/loop": Route(redirect="/loop"),
         "/gone.jpg": Route(status=410),
+        "/err.jpg": Route(status=500),
+        "/short.jpg": Route(_jpg(12), cut_after=300, fail_first=99),  # closes before its Content-Length
+        # good images under the types real hosts send: S3's default, the generic one, none at all
+        "/s3.jpg": Route(_jpg(9), "binary/octet-stream"),
+        "/octet.jpg": Route(_jpg(10), "application/octet-stream"),
+        "/untyped.jpg": Route(_jpg(11), None),
     }
 
 
@@ -52,7 +58,8 @@ EXPECTED = {
     "/missing.jpg": "fetch_http_404", "/gone.jpg": "fetch_http_410", "/stall.jpg": "fetch_timeout",
     "/page.html": "fetch_not_image", "/big.jpg": "fetch_too_large", "/big_nolength.jpg": "fetch_too_large",
     "/sha_bad.jpg": "fetch_sha256_mismatch", "/garbage.jpg": "fetch_undecodable",
-    "/loop": "fetch_too_many_redirects",
+    "/loop": "fetch_too_many_redirects", "/err.jpg": "fetch_http_500", "/short.jpg": "fetch_truncated",
+    "/s3.jpg": "ok", "/octet.jpg": "ok", "/untyped.jpg": "ok",
 }  # fmt: skip
 
 
@@ -65,7 +72,7 @@ def _rows(srv: LocalServer, paths) -> list[dict]:
 
 
 def _cfg(**kw) -> DownloadConfig:
-    base = dict(concurrency=8, per_host=4, read_timeout_s=0.5, connect_timeout_s=2.0, retries=1,
+    base = dict(concurrency=8, per_host=4, read_timeout_s=1.0, connect_timeout_s=2.0, retries=1,
                 backoff_s=0.05, max_bytes=CAP)  # fmt: skip
     return DownloadConfig(**{**base, **kw})
 
@@ -82,8 +89,13 @@ def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
         write_jsonl(tmp_path / "rows.jsonl", rows)
         report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg())
         assert _reasons(tmp_path / "dl") == EXPECTED
-        assert report["n_ok"] == 5 and report["failed"]["fetch_too_large"] == 2
+        assert report["n_ok"] == 8 and report["failed"]["fetch_too_large"] == 2
         assert srv.hits["/flaky.jpg"] == 2 and srv.hits["/stall.jpg"] == 2  # retried once
+        assert srv.hits["/err.jpg"] == 2 and srv.hits["/short.jpg"] == 2
+        log = [json.loads(x) for x in (tmp_path / "dl" / "fetch_log.jsonl").read_text().splitlines()]
+        types = {"/" + f["url"].split("/", 3)[3]: f["content_type"] for f in log}
+        assert [types[p] for p in ("/s3.jpg", "/octet.jpg", "/untyped.jpg", "/page.html")] == [
+            "binary/octet-stream", "application/octet-stream", "", "text/html"]  # fmt: skip
         assert srv.hits["/missing.jpg"] == 1 and srv.hits["/page.html"] == 1  # not retried
         kept = [json.loads(x) for x in (tmp_path / "dl" / "images.jsonl").read_text().splitlines()]
         files = {
@@ -112,13 +124,28 @@ def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
          "out_dir": str(tmp_path / "cur"), "dedup": {"near": False}},
         workers=1,
     )  # fmt: skip
-    assert summary["n_kept"] == 6
+    assert summary["n_kept"] == 9
     dropped = dict(summary["dropped"])
     assert dropped.pop("fetch_too_large") == 2 and "fetch_http_404" not in dropped
     assert dropped == {
         r: 1 for p, r in EXPECTED.items() if r not in ("ok", "fetch_too_large", "fetch_http_404")
     }
     assert "fetch_sha256_mismatch" in (tmp_path / "cur" / "report" / "report.html").read_text()
+
+
+def test_drip_feeding_host_times_out_and_the_run_ends_within_its_bound(tmp_path):
+    """A host that sends one byte every 0.2 s never trips the read timeout; the deadline per
+    attempt ends it, so the whole run is bounded by (retries + 1) x deadline plus backoff."""
+    routes = {"/drip.jpg": Route(_jpg(40), drip_s=0.2), "/fine.jpg": Route(_jpg(41))}
+    with LocalServer(routes) as srv:
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, list(routes)))
+        t0 = time.monotonic()
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(deadline_s=1.0, retries=1))
+        took = time.monotonic() - t0
+    assert report["n_ok"] == 1 and report["failed"] == {"fetch_timeout": 1}
+    assert took < 2 * 1.0 + 1.5, (
+        f"the run took {took:.1f} s; the drip body alone takes {len(_jpg(40)) * 0.2:.0f} s"
+    )
 
 
 @pytest.mark.slow
@@ -141,7 +168,9 @@ def test_killed_download_resumes_without_refetching(tmp_path):
             proc.wait(timeout=30)
         logged = {json.loads(x)["url"] for x in log.read_text().splitlines()}
         assert 3 <= len(logged) < 12, "the kill should land mid-run"
-        report = download(tmp_path / "rows.jsonl", out, _cfg())
+        report = download(
+            tmp_path / "rows.jsonl", out, _cfg(read_timeout_s=30)
+        )  # no timeouts on a busy machine
         assert report["n_ok"] == 12 and report["fetched_now"] == 12 - len(logged)
         for path in routes:
             if srv.url(path) in logged:
