@@ -1,7 +1,9 @@
 """Image URL download stage: rows carrying URLs (PixMo, LAION/DataComp parquet) become local images.
 
-``download(rows_file, out_dir, cfg)`` reads a parquet / jsonl / csv file of rows with a URL
-column (and an optional sha256 column), fetches every URL with ``aiohttp`` and writes:
+``download(rows_file, out_dir, cfg)`` streams a parquet / jsonl / csv file of rows with a URL
+column (and an optional sha256 column) in batches, never whole, fetches each distinct URL once with
+``aiohttp`` (``concurrency`` workers drawing from a short queue, so URLs in flight stay bounded;
+``per_host`` caps one host) and writes:
 
 - ``out_dir/images/ab/abcdef....{ext}``: the fetched images, named by the sha256 of their URL;
 - ``out_dir/fetch_log.jsonl``: one line per finished URL (``ok`` or a failure reason), appended as
@@ -36,11 +38,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -104,11 +107,10 @@ def _check_image(data: bytes) -> str | None:
 
 
 class Fetcher:
-    """Concurrent fetching into ``out_dir`` with a global and a per-host concurrency cap."""
+    """Concurrent fetching into ``out_dir``: ``concurrency`` workers, at most ``per_host`` on one host."""
 
     def __init__(self, out_dir: Path, cfg: DownloadConfig, on_done: Callable[[Fetched], None]):
         self.out_dir, self.cfg, self.on_done = out_dir, cfg, on_done
-        self.limit = asyncio.Semaphore(cfg.concurrency)
         self.hosts: dict[str, asyncio.Semaphore] = {}
 
     def _host(self, url: str) -> asyncio.Semaphore:
@@ -156,70 +158,91 @@ class Fetcher:
         return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data), content_type=ctype), False
 
     async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
-        cfg = self.cfg
-        if not url:
-            return Fetched(url, "fetch_no_url")
         if urlsplit(url).scheme not in ("http", "https"):
-            return Fetched(url, "fetch_bad_url", detail="not an http(s) URL")
-        result = Fetched(url, "fetch_bad_url")
-        async with self.limit, self._host(url):
-            for attempt in range(cfg.retries + 1):
-                try:
-                    result, retry = await asyncio.wait_for(self._once(session, url, sha256), cfg.deadline_s)
-                except aiohttp.TooManyRedirects:
-                    result, retry = Fetched(url, "fetch_too_many_redirects"), False
-                except aiohttp.InvalidURL as e:
-                    result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
-                except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
-                    result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
-                except aiohttp.ClientPayloadError as e:  # the body ended before its Content-Length
-                    result, retry = Fetched(url, "fetch_truncated", detail=str(e)), True
-                except (aiohttp.ClientError, OSError) as e:
-                    result, retry = (
-                        Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),
-                        True,
-                    )
-                result.attempts = attempt + 1
-                if not retry or attempt == cfg.retries:
-                    break
-                wait = cfg.backoff_s * 2**attempt * (1 + random.random() / 4)
-                if result.detail.isdigit():  # Retry-After in seconds
-                    wait = max(wait, float(result.detail))
-                await asyncio.sleep(min(wait, cfg.max_backoff_s))
+            result = Fetched(url, "fetch_bad_url", detail="not an http(s) URL")
+        else:
+            async with self._host(url):
+                result = await self._attempts(session, url, sha256)
         self.on_done(result)
         return result
 
-    async def run(self, items: list[tuple[str, str | None]]) -> list[Fetched]:
+    async def _attempts(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
+        """The first attempt that succeeds or may not be retried, else the last one."""
+        cfg = self.cfg
+        for attempt in range(cfg.retries + 1):
+            try:
+                result, retry = await asyncio.wait_for(self._once(session, url, sha256), cfg.deadline_s)
+            except aiohttp.TooManyRedirects:
+                result, retry = Fetched(url, "fetch_too_many_redirects"), False
+            except aiohttp.InvalidURL as e:
+                result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+                result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
+            except aiohttp.ClientPayloadError as e:  # the body ended before its Content-Length
+                result, retry = Fetched(url, "fetch_truncated", detail=str(e)), True
+            except (aiohttp.ClientError, OSError) as e:
+                result, retry = (
+                    Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),
+                    True,
+                )
+            result.attempts = attempt + 1
+            if not retry or attempt == cfg.retries:
+                break
+            wait = cfg.backoff_s * 2**attempt * (1 + random.random() / 4)
+            if result.detail.isdigit():  # Retry-After in seconds
+                wait = max(wait, float(result.detail))
+            await asyncio.sleep(min(wait, cfg.max_backoff_s))
+        return result
+
+    async def run(self, items: Iterator[tuple[str, str | None]]) -> None:
+        """Fetch every ``(url, sha256)`` of ``items`` with ``concurrency`` workers fed through a short
+        queue: the items are drawn as slots free up, so URLs in flight and in memory stay bounded."""
         cfg = self.cfg
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
         )
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.per_host)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * cfg.concurrency)
         async with aiohttp.ClientSession(
             timeout=timeout, connector=connector, headers={"user-agent": cfg.user_agent}, auto_decompress=True
         ) as session:
-            return await asyncio.gather(*(self.fetch(session, u, s) for u, s in items))
+
+            async def worker() -> None:
+                while (item := await queue.get()) is not None:
+                    await self.fetch(session, *item)
+
+            workers = [asyncio.create_task(worker()) for _ in range(cfg.concurrency)]
+            for item in items:
+                await queue.put(item)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
 
 
 # ----------------------------------------------------------------------------- rows in, rows out
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a parquet file (or folder of them), .jsonl or .csv."""
+def iter_row_batches(path: Path, batch_rows: int = 8192) -> Iterator[list[dict]]:
+    """Rows of a parquet file (or folder of them, e.g. a hub-layout copy), .jsonl or .csv, in
+    batches of at most ``batch_rows``: never the whole file in memory."""
     if not path.exists():
         raise ConfigError(f"download input not found: {path}; give a parquet, jsonl or csv file of rows")
     if path.is_dir() or path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]  # a hub-layout folder too
-        return [row for f in files for row in pq.read_table(f).to_pylist()]
-    if path.suffix == ".csv":
-        import csv
+        for f in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                yield batch.to_pylist()
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix == ".csv":
+            import csv
 
-        with open(path, newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+            rows: Iterator[dict] = (dict(r) for r in csv.DictReader(f))
+        else:
+            rows = (json.loads(line) for line in f if line.strip())
+        while batch := list(itertools.islice(rows, batch_rows)):
+            yield batch
 
 
 def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
@@ -244,50 +267,62 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
     cfg = cfg or DownloadConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(Path(rows_file))
-    if rows and cfg.url_field not in rows[0]:
-        raise ConfigError(
-            f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(rows[0])}); "
-            "set --url-field (PixMo: image_url)"
-        )
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)
-    wanted: dict[str, str | None] = {}
-    for row in rows:
-        url = str(row.get(cfg.url_field) or "")
-        prev = done.get(url)
-        if url and (prev is None or (retry_failed and prev.reason != "ok")):
-            wanted.setdefault(url, row.get(cfg.sha256_field) or None)
+    n_wanted = 0
+
+    def wanted() -> Iterator[tuple[str, str | None]]:
+        """Each URL to fetch this run once, in row order, read batch by batch."""
+        nonlocal n_wanted
+        queued: set[str] = set()
+        for n, batch in enumerate(iter_row_batches(Path(rows_file))):
+            if n == 0 and cfg.url_field not in batch[0]:
+                raise ConfigError(
+                    f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(batch[0])}); "
+                    "set --url-field (PixMo: image_url)"
+                )
+            for row in batch:
+                url = str(row.get(cfg.url_field) or "")
+                prev = done.get(url)
+                if url and url not in queued and (prev is None or (retry_failed and prev.reason != "ok")):
+                    queued.add(url)
+                    n_wanted += 1
+                    yield url, row.get(cfg.sha256_field) or None
+
     with open(log_path, "a", encoding="utf-8") as log:
 
         def record(f: Fetched) -> None:
             log.write(f.line() + "\n")
             log.flush()
             done[f.url] = f
+            bar.update(1)
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(wanted), desc="download", unit="img", dynamic_ncols=True)
-        fetcher = Fetcher(out, cfg, lambda f: (record(f), bar.update(1)))
-        asyncio.run(fetcher.run(list(wanted.items())))
+        bar = tqdm(desc="download", unit="img", dynamic_ncols=True)
+        asyncio.run(Fetcher(out, cfg, record).run(wanted()))
         bar.close()
-    reasons: Counter[str] = Counter()
+    n_rows, reasons = 0, Counter()
     with open(out / "images.jsonl.tmp", "w", encoding="utf-8") as f:
-        for n, row in enumerate(rows):
-            url = str(row.get(cfg.url_field) or "")
-            res = done.get(url, Fetched(url, "fetch_no_url"))
-            reasons[res.reason] += 1
-            keep = {
-                k: v for k, v in row.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))
-            }
-            if res.reason == "ok":
-                keep["image"] = res.file
-            else:
-                keep.update({"_error": res.reason, "_line": n + 1})
-            f.write(json.dumps(keep) + "\n")
+        for batch in iter_row_batches(Path(rows_file)):
+            for row in batch:
+                n_rows += 1
+                url = str(row.get(cfg.url_field) or "")
+                res = done.get(url, Fetched(url, "fetch_no_url"))
+                reasons[res.reason] += 1
+                keep = {
+                    k: v
+                    for k, v in row.items()
+                    if isinstance(v, (str, int, float, bool, list, dict, type(None)))
+                }
+                if res.reason == "ok":
+                    keep["image"] = res.file
+                else:
+                    keep.update({"_error": res.reason, "_line": n_rows})
+                f.write(json.dumps(keep) + "\n")
     os.replace(out / "images.jsonl.tmp", out / "images.jsonl")
     failed = {k: v for k, v in sorted(reasons.items()) if k != "ok"}
-    report = {"n_in": len(rows), "n_ok": reasons["ok"], "failed": failed, "fetched_now": len(wanted),
+    report = {"n_in": n_rows, "n_ok": reasons["ok"], "failed": failed, "fetched_now": n_wanted,
               "rows": str(out / "images.jsonl")}  # fmt: skip
     (out / "download_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -197,3 +197,38 @@ def test_mmsmall_download_command(tmp_path):
     report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
     assert report["n_ok"] == 1 and report["failed"] == {"fetch_http_404": 1, "fetch_sha256_mismatch": 1}
     assert '"fetch_sha256_mismatch": 1' in out.output
+
+
+# The child's own peak: VmHWM is per address space (ru_maxrss would carry the parent's peak over exec).
+_PEAK = """
+import sys
+from data_tools.download import DownloadConfig, download
+download(sys.argv[1], sys.argv[2], DownloadConfig(concurrency=8, per_host=8, retries=0))
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))  # KiB
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from /proc (Linux)")
+def test_rows_stream_with_memory_flat_in_the_row_count(tmp_path):
+    """10k and 100k rows naming the same 50 images (pixmo-points repeats an image_url per label):
+    the download's peak memory is the same, so rows are streamed, not read whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    routes = {f"/m{i}.jpg": Route(_jpg(100 + i)) for i in range(50)}
+    peaks = {}
+    with LocalServer(routes) as srv:
+        urls = [srv.url(p) for p in routes]
+        for n in (10_000, 100_000):
+            rows = pa.table(
+                {"url": [urls[i % 50] for i in range(n)], "caption": [f"row {i} " * 4 for i in range(n)]}
+            )
+            pq.write_table(rows, tmp_path / f"{n}.parquet", row_group_size=4096)
+            cmd = [sys.executable, "-c", _PEAK, str(tmp_path / f"{n}.parquet"), str(tmp_path / f"dl{n}")]
+            out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                 text=True, timeout=300, check=True)  # fmt: skip
+            peaks[n] = int(out.stdout.split()[-1]) / 1024  # MiB
+            kept = (tmp_path / f"dl{n}" / "images.jsonl").read_text().count('"image":')
+            assert kept == n
+        assert sum(srv.hits.values()) == 100  # each image once per run
+    assert peaks[100_000] - peaks[10_000] < 12, peaks  # MiB; rows read whole took 42 MiB more here
