@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--retries", type=int, default=3, help="retries on 429/5xx/timeouts")
     dl.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="size cap per image")
     dl.add_argument("--retry-failed", action="store_true", help="fetch again only what failed last time")
+    dl.add_argument("--output", choices=("files", "webdataset"), default="files",
+                    help="files: images/ + images.jsonl; webdataset: shards/*.tar (image, txt, json)")  # fmt: skip
+    dl.add_argument("--shard-rows", type=int, default=10_000, help="webdataset: rows per shard")
+    dl.add_argument(
+        "--caption-field", default="caption", help="webdataset: column written as .txt (LAION: TEXT)"
+    )
     args = parser.parse_args(argv)
     if args.command == "download":
         from .download import DownloadConfig, download
@@ -37,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DownloadConfig(
             url_field=args.url_field, sha256_field=args.sha256_field, concurrency=args.concurrency,
             per_host=args.per_host, read_timeout_s=args.timeout, retries=args.retries, max_bytes=args.max_bytes,
+            output=args.output, shard_rows=args.shard_rows, caption_field=args.caption_field,
             **({"deadline_s": args.deadline} if args.deadline else {}),
         )  # fmt: skip
         try:

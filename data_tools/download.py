@@ -13,6 +13,9 @@ column (and an optional sha256 column) in batches, never whole, fetches each dis
   shows in the funnel and the HTML report): curate it with ``{kind: jsonl, path: out_dir/images.jsonl}``;
 - ``out_dir/download_report.json``: counts in, ok and per failure reason.
 
+With ``output="webdataset"`` (``--output webdataset``) the images go into webdataset shards
+instead, resumable per shard: see :mod:`data_tools.download_shards`.
+
 A rerun fetches only URLs that have no log entry; ``retry_failed=True`` (``--retry-failed``)
 also fetches the URLs whose last attempt failed, and nothing else.
 
@@ -44,7 +47,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -73,6 +76,11 @@ class DownloadConfig:
     max_bytes: int = 20 * 1024 * 1024  # size cap, from Content-Length and while streaming
     max_redirects: int = 5
     user_agent: str = "mmsmall-download/0.1 (+https://github.com/mmsmall)"
+    output: str = (
+        "files"  # files: images/ + images.jsonl | webdataset: shards/ (data_tools/download_shards.py)
+    )
+    shard_rows: int = 10_000  # webdataset: rows per shard
+    caption_field: str = "caption"  # webdataset: written as each sample's .txt when the row has it
 
 
 @dataclass
@@ -85,9 +93,11 @@ class Fetched:
     attempts: int = 0
     detail: str = ""
     content_type: str = ""  # as the server sent it; the decoded bytes decided
+    ext: str = ""  # the file extension of the decoded format (jpg, png, ...)
+    data: bytes = field(default=b"", repr=False)  # the image bytes, until stored; never logged
 
     def line(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "data"}, sort_keys=True)
 
 
 def url_key(url: str) -> str:
@@ -107,10 +117,11 @@ def _check_image(data: bytes) -> str | None:
 
 
 class Fetcher:
-    """Concurrent fetching into ``out_dir``: ``concurrency`` workers, at most ``per_host`` on one host."""
+    """Concurrent fetching: ``concurrency`` workers, at most ``per_host`` on one host; each result
+    (an ``ok`` one carrying its bytes in ``data``) goes to ``on_done``, which stores it."""
 
-    def __init__(self, out_dir: Path, cfg: DownloadConfig, on_done: Callable[[Fetched], None]):
-        self.out_dir, self.cfg, self.on_done = out_dir, cfg, on_done
+    def __init__(self, cfg: DownloadConfig, on_done: Callable[[Fetched], None]):
+        self.cfg, self.on_done = cfg, on_done
         self.hosts: dict[str, asyncio.Semaphore] = {}
 
     def _host(self, url: str) -> asyncio.Semaphore:
@@ -148,14 +159,10 @@ class Fetcher:
             return Fetched(
                 url, reason, bytes=len(data), detail=ctype or "no content-type", content_type=ctype
             ), False
-        key = url_key(url)
-        rel = f"images/{key[:2]}/{key}.{EXTS.get(fmt, fmt.lower() or 'img')}"
-        path = self.out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
-        return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data), content_type=ctype), False
+        ext = EXTS.get(fmt, fmt.lower() or "img")
+        return Fetched(
+            url, "ok", sha256=digest, bytes=len(data), content_type=ctype, ext=ext, data=data
+        ), False
 
     async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
         if urlsplit(url).scheme not in ("http", "https"):
@@ -261,12 +268,38 @@ def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
     return done
 
 
+def save_file(out: Path, f: Fetched) -> str:
+    """Write an ``ok`` result's bytes under ``out/images/`` (named by the URL's sha256); its path."""
+    key = url_key(f.url)
+    rel = f"images/{key[:2]}/{key}.{f.ext}"
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(f.data)
+    os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
+    return rel
+
+
+def check_columns(rows_file, first: dict, cfg: DownloadConfig) -> None:
+    if cfg.url_field not in first:
+        raise ConfigError(
+            f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(first)}); "
+            "set --url-field (PixMo: image_url, LAION/DataComp: url)"
+        )
+
+
 def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | None = None,
              retry_failed: bool = False) -> dict:  # fmt: skip
     """Fetch the URLs of ``rows_file`` into ``out_dir`` (see the module docstring); the report dict."""
     cfg = cfg or DownloadConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.output == "webdataset":
+        from .download_shards import download_shards
+
+        return download_shards(Path(rows_file), out, cfg)
+    if cfg.output != "files":
+        raise ConfigError(f"download output {cfg.output!r}; valid: files, webdataset")
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)
     n_wanted = 0
@@ -276,11 +309,8 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         nonlocal n_wanted
         queued: set[str] = set()
         for n, batch in enumerate(iter_row_batches(Path(rows_file))):
-            if n == 0 and cfg.url_field not in batch[0]:
-                raise ConfigError(
-                    f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(batch[0])}); "
-                    "set --url-field (PixMo: image_url)"
-                )
+            if n == 0:
+                check_columns(rows_file, batch[0], cfg)
             for row in batch:
                 url = str(row.get(cfg.url_field) or "")
                 prev = done.get(url)
@@ -292,6 +322,8 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
     with open(log_path, "a", encoding="utf-8") as log:
 
         def record(f: Fetched) -> None:
+            if f.reason == "ok":
+                f.file, f.data = save_file(out, f), b""
             log.write(f.line() + "\n")
             log.flush()
             done[f.url] = f
@@ -300,7 +332,7 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="download", unit="img", dynamic_ncols=True)
-        asyncio.run(Fetcher(out, cfg, record).run(wanted()))
+        asyncio.run(Fetcher(cfg, record).run(wanted()))
         bar.close()
     n_rows, reasons = 0, Counter()
     with open(out / "images.jsonl.tmp", "w", encoding="utf-8") as f:

@@ -232,3 +232,65 @@ def test_rows_stream_with_memory_flat_in_the_row_count(tmp_path):
             assert kept == n
         assert sum(srv.hits.values()) == 100  # each image once per run
     assert peaks[100_000] - peaks[10_000] < 12, peaks  # MiB; rows read whole took 42 MiB more here
+
+
+def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_path):
+    """`mmsmall download rows.parquet --output webdataset` on LAION/DataComp columns (url, TEXT, key,
+    similarity): img2dataset's layout (image + .txt + .json per row, failures in a per-shard log), a
+    finished shard is never fetched again, and curation reads the shards."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    routes = {"/a.jpg": Route(_jpg(50), "binary/octet-stream"), "/b.jpg": Route(_jpg(51)),
+              "/c.png": Route(encode(natural_image(52, (96, 72)), "PNG"), "image/png"), "/d.jpg": Route(_jpg(53)),
+              "/page.html": Route(b"<html>moved</html>", "text/html")}  # fmt: skip
+    with LocalServer(routes) as srv:
+        paths = ["/a.jpg", "/missing.jpg", "/a.jpg", "/page.html", "/b.jpg", None, "/c.png", "/d.jpg"]
+        urls = [srv.url(p) if p else None for p in paths]
+        pq.write_table(pa.table({"url": urls, "TEXT": [f"a photo of thing number {i}" for i in range(8)],
+                                 "key": [f"{i:09d}" for i in range(8)], "similarity": [0.3] * 8}),
+                       tmp_path / "laion.parquet")  # fmt: skip
+        args = ["download", str(tmp_path / "laion.parquet"), "--out", str(tmp_path / "dl"), "--output", "webdataset",
+                "--shard-rows", "3", "--caption-field", "TEXT", "--retries", "0"]  # fmt: skip
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+        shards = tmp_path / "dl" / "shards"
+        with tarfile.open(shards / "00000.tar") as tar:
+            names = sorted(tar.getnames())
+            meta = json.loads(tar.extractfile("000000.json").read())
+        assert names == ["000000.jpg", "000000.json", "000000.txt", "000002.jpg", "000002.json", "000002.txt"]
+        assert (
+            meta["key"] == "000000"
+            and meta["similarity"] == 0.3
+            and meta["TEXT"] == "a photo of thing number 0"
+        )
+        fails = {k: sorted(json.loads(x)["reason"] for x in (shards / f"0000{k}_failures.jsonl").read_text().splitlines())
+                 for k in range(3)}  # fmt: skip
+        assert fails == {0: ["fetch_http_404"], 1: ["fetch_no_url", "fetch_not_image"], 2: []}
+        assert srv.hits["/a.jpg"] == 1  # a URL twice in one shard is fetched once
+
+        # a run killed in shard 2: its tar and stats are gone, a half-written tar is left
+        (shards / "00002.tar").rename(shards / "00002.tar.tmp")
+        (shards / "00002_stats.json").unlink()
+        before = dict(srv.hits)
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+        report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
+        assert report["shards_written_now"] == 1 and report["n_ok"] == 5
+        assert {p: srv.hits[p] - before.get(p, 0) for p in srv.hits} == {
+            p: int(p in ("/c.png", "/d.jpg")) for p in srv.hits
+        }
+
+    summary = run_curation(
+        {"inputs": [{"kind": "webdataset", "path": str(shards)}], "out_dir": str(tmp_path / "cur"),
+         "report": {"enabled": False}, "dedup": {"near": False}},
+        workers=1,
+    )  # fmt: skip
+    assert summary["n_in"] == 5 and summary["n_kept"] == 4, summary[
+        "dropped"
+    ]  # a.jpg twice: one exact duplicate
