@@ -92,14 +92,14 @@ def _hub_copy(root: Path, card: str, splits: dict[str, dict]) -> Path:
     return save_hub_layout(dd, root, card_yaml=card)
 
 
-def _curate(tmp: Path, name: str, root: Path, layout: str, srv=None, **inp) -> tuple[dict, list]:
+def _curate(tmp: Path, name: str, root: Path, layout: str, srv=None, extra=None, **inp) -> tuple[dict, list]:
     if srv is not None:
         cfg = DownloadConfig(url_field="image_url", sha256_field="image_sha256", retries=0, read_timeout_s=5)
         download(root, tmp / f"{name}_dl", cfg)
         inp["downloads"] = str(tmp / f"{name}_dl")
     summary = run_curation(
         {"inputs": [{"kind": "pixmo", "layout": layout, "path": str(root), **inp}], "out_dir": str(tmp / f"{name}_out"),
-         "report": {"enabled": False}, "dedup": {"near": False}, "unit_size": 2},
+         "report": {"enabled": False}, "dedup": {"near": False}, "unit_size": 2, **(extra or {})},
         workers=1,
     )  # fmt: skip
     return summary, _samples(tmp / f"{name}_out")
@@ -166,7 +166,9 @@ def test_pixmo_count_points_are_a_dict_of_pixel_lists_and_eval_splits_are_counts
         "test": {"image_url": [u[3]], "image_sha256": [None], "count": [7], "label": ["cup"], "points": [no_points]},
     }  # fmt: skip
     root = _hub_copy(tmp_path / "pixmo-count", COUNT_CARD, splits)
-    _, out = _curate(tmp_path, "count", root, "count", server)
+    # stored at most 60 px wide: pixel points still refer to the image as served (120 x 90)
+    _, out = _curate(tmp_path, "count", root, "count", server, extra={"normalize": {"max_side": 60}})
+    assert out[0]["image"]["width"] == 60
     assert [(s["task"], s["messages"][0]["content"], s["messages"][1]["content"]) for s in out] == [
         ("counting", "How many car are there?", "2"), ("counting", "How many dog are there?", "0")]  # fmt: skip
     # hand-computed: pixels / (W, H) = (10/120, 20/90), (30/120, 45/90); the dog is a negative
