@@ -143,7 +143,7 @@ def test_drip_feeding_host_times_out_and_the_run_ends_within_its_bound(tmp_path)
         report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(deadline_s=1.0, retries=1))
         took = time.monotonic() - t0
     assert report["n_ok"] == 1 and report["failed"] == {"fetch_timeout": 1}
-    assert took < 2 * 1.0 + 1.5, (
+    assert took < 2 * 1.0 + 3.0, (
         f"the run took {took:.1f} s; the drip body alone takes {len(_jpg(40)) * 0.2:.0f} s"
     )
 
