@@ -98,10 +98,24 @@ class ClipConfig:
     bf16: bool = True  # on CUDA, run the towers under bf16 autocast (scores are still compared in fp32)
 
 
+# decontamination benchmark layouts: eval's (read by eval's loaders), any parquet, our shards
+BENCHMARK_FORMATS = (
+    "auto",
+    "webdataset",
+    "parquet",
+    "chartqa",
+    "docvqa",
+    "infovqa",
+    "textvqa",
+    "ai2d",
+    "ocrbench",
+)
+
+
 @dataclass
 class BenchmarkConfig:
-    path: str = ""  # parquet file/folder, ChartQA json, or DocVQA RRC json
-    format: str = "auto"  # auto | parquet | chartqa | docvqa | webdataset
+    path: str = ""  # any layout `mmsmall eval --data` accepts: a folder or file (see data_tools/decontam.py)
+    format: str = "auto"  # one of BENCHMARK_FORMATS
     name: str = ""
 
 
@@ -163,10 +177,9 @@ def validate_curate(cfg: CurateConfig) -> None:
     if cfg.clip.quantile is not None and not 0.0 <= cfg.clip.quantile < 1.0:
         raise ConfigError(f"clip.quantile: {cfg.clip.quantile}; expected a share in [0, 1)")
     for i, b in enumerate(cfg.decontam.benchmarks):
-        if b.format not in ("auto", "parquet", "chartqa", "docvqa", "webdataset"):
+        if b.format not in BENCHMARK_FORMATS:
             raise ConfigError(
-                f"decontam.benchmarks[{i}].format: {b.format!r}; "
-                "valid: auto, chartqa, docvqa, parquet, webdataset"
+                f"decontam.benchmarks[{i}].format: {b.format!r}; valid: {', '.join(BENCHMARK_FORMATS)}"
             )
     if cfg.shard_size < 1 or cfg.unit_size < 1:
         raise ConfigError("shard_size and unit_size must be at least 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -42,6 +43,8 @@ from .shard_tasks import StageReader, remove_stale, write_shard
 from .shards import _add_member, safe_key, write_manifest
 from .textfilters import text_filter
 from .validate import decode_validate, normalize_image
+
+log = logging.getLogger(__name__)
 
 # Stage order of the funnel; every reason code belongs to one stage.
 STAGES = ("ingest", "validate", "points", "text", "decontam", "exact_dedup", "near_dedup", "clip")
@@ -89,7 +92,8 @@ def _preview(data: bytes) -> Image.Image | None:
 
 
 @lru_cache(maxsize=2)
-def _decontam_index(path: str) -> DecontamIndex:
+def _decontam_index(path: str, stamp: str) -> DecontamIndex:
+    """The saved index, cached per worker by its stamp's content (a rebuilt index is reloaded)."""
     return DecontamIndex.load(path)
 
 
@@ -133,7 +137,8 @@ def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
 
 def _decontaminate(cands: list[dict], hashes: np.ndarray, cfg: CurateConfig, work_dir: str):
     """Split candidates into (kept, [(cand, reason, detail)], hits) against the eval index."""
-    index = _decontam_index(str(Path(work_dir) / "decontam"))
+    work = Path(work_dir)
+    index = _decontam_index(str(work / "decontam"), (work / "decontam.fingerprint").read_text())
     img_hits = index.check_images(hashes) if cfg.decontam.images else {}
     kept, dropped, hits = [], [], []
     for n, c in enumerate(cands):
@@ -163,13 +168,49 @@ def _sample_json(c: dict, score: float | None) -> dict:
     }
 
 
-def finished_unit(units_dir: Path, uid: str, fingerprint: str) -> dict | None:
-    """The stats of unit ``uid`` when its done-marker was committed under this config fingerprint."""
-    done = units_dir / f"{uid}.done.json"
+def file_stat(path: str) -> list[int] | None:
+    """(size, mtime in ns) of a file, None when it is missing: what a rerun compares."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def changed_reads(reads: dict[str, list[int] | None]) -> list[str]:
+    """The recorded input files whose size or mtime differ now (or that appeared or disappeared)."""
+    return [p for p, st in reads.items() if file_stat(p) != st]
+
+
+def unit_key(unit: dict, fingerprint: str, bench: str) -> str:
+    """What a unit's result depends on besides the files it reads: the config, the decontam
+    index and the unit's plan (its rows, or its file and row range)."""
+    plan = {k: v for k, v in unit.items() if k not in ("uid", "key")}
+    blob = json.dumps([fingerprint, bench, plan], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished_unit(units_dir: Path, unit: dict) -> dict | None:
+    """The stats of ``unit`` when its done-marker has the unit's key and every file it read is unchanged."""
+    done = units_dir / f"{unit['uid']}.done.json"
     if not done.exists():
         return None
     stats = json.loads(done.read_text())
-    return stats if stats.get("fingerprint") == fingerprint else None
+    if stats.get("key") != unit["key"] or changed_reads(stats.get("reads", {})):
+        return None
+    return stats
+
+
+def _source_files(unit: dict, cfg: CurateConfig) -> list[str]:
+    """Local files a unit reads besides its images: its tar or parquet file, a local HF dataset folder."""
+    inp = cfg.inputs[unit["input"]]
+    if "file" in unit and not is_remote(unit["file"]):
+        return [unit["file"]]
+    if inp.kind in ("hf", "pixmo") and Path(inp.path).exists():
+        root = Path(inp.path)
+        files = [root] if root.is_file() else root.rglob("*")
+        return sorted(str(f) for f in files if f.is_file() and not f.name.startswith("."))
+    return []
 
 
 def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
@@ -180,11 +221,12 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     ``{uid}.done.json`` holds counts, drops with reasons, and per-candidate hashes and scores.
     """
     cfg = from_dict(CurateConfig, cfg_dict)
-    fp = config_fingerprint(cfg)
     units_dir = Path(work_dir) / "units"
     done = units_dir / f"{unit['uid']}.done.json"
-    if (stats := finished_unit(units_dir, unit["uid"], fp)) is not None:
+    if (stats := finished_unit(units_dir, unit)) is not None:
         return stats
+    # stat before reading: a file changed while it is read then differs at the next run
+    reads = {f: file_stat(f) for f in _source_files(unit, cfg)}
     drops: list[dict] = []
     cands: list[dict] = []
     thumbs: dict[str, bytes] = {}
@@ -209,6 +251,8 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     n_in = 0
     for pos, rec in enumerate(read_unit(unit, cfg)):
         n_in += 1
+        if rec["file"] is not None:
+            reads[rec["file"]] = file_stat(rec["file"])
         try:
             chk = _check_sample(rec, cfg, draft)
         except Exception as e:  # noqa: BLE001 - last guard: one record never stops a run
@@ -273,7 +317,9 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     os.replace(tmp, tar_path)
     stats = {
         "uid": unit["uid"],
-        "fingerprint": fp,
+        "key": unit["key"],
+        "reads": reads,
+        "digest": hashlib.sha256(json.dumps([unit["key"], reads], sort_keys=True).encode()).hexdigest()[:16],
         "n_in": n_in,
         "drops": drops,
         "cands": cand_stats,
@@ -380,7 +426,7 @@ def partitioned_reduce_and_write(
     )
     remove_stale(out, cfg.prefix, len(plan))
     dec = {"kept": g["kept_head"], "n_kept": sum(g["kept_per_unit"]), "drops": g["drops"],
-           "counts": g["counts"], "clip_threshold": g["clip_threshold"]}  # fmt: skip
+           "counts": g["counts"], "clip_threshold": g["clip_threshold"], "parts": g["parts"]}  # fmt: skip
     return dec, entries
 
 
@@ -407,7 +453,7 @@ def slim_stats(st: dict, shown: int) -> dict:
         seen[(d["stage"], d["reason"])] += 1
         if seen[(d["stage"], d["reason"])] <= shown:
             head.append(d)
-    keep = {k: st[k] for k in ("uid", "n_in", "hits")}
+    keep = {k: st[k] for k in ("uid", "digest", "n_in", "hits")}
     return keep | {"n_cands": len(st["cands"]), "drops": head, "drop_counts": seen}
 
 
@@ -435,24 +481,26 @@ def run_curation(
     units = plan_units(cfg)  # a missing input fails here, before any folder is made
     (work / "units").mkdir(parents=True, exist_ok=True)
     fp = config_fingerprint(cfg)
-    if cfg.decontam.benchmarks:
-        stamp = work / "decontam.fingerprint"
-        bench_fp = hashlib.sha256(json.dumps(to_dict(cfg.decontam), sort_keys=True).encode()).hexdigest()
-        if not (stamp.exists() and stamp.read_text() == bench_fp):
-            DecontamIndex.build(cfg.decontam).save(work / "decontam")
-            _atomic_write(stamp, bench_fp.encode())
-    todo, stats_by_uid = [], {}
+    bench = _decontam_stamp(cfg, work)
+    todo, stats_by_uid, redone = [], {}, []
     for u in units:
-        if (st := finished_unit(work / "units", u["uid"], fp)) is not None:
+        u["key"] = unit_key(u, fp, bench)
+        if (st := finished_unit(work / "units", u)) is not None:
             stats_by_uid[u["uid"]] = slim_stats(st, cfg.report.grid_size)
         else:
             todo.append(u)
+            if (work / "units" / f"{u['uid']}.done.json").exists():
+                redone.append(u["uid"])
+    if redone:
+        log.info("curate: %d unit(s) redone, their inputs or config changed: %s", len(redone), redone[:10])
     resumed = len(stats_by_uid)
     with session(executor, workers):  # one pool / Ray connection for the units, the global pass, the shards
         for st in run_units(unit_task, todo, (to_dict(cfg), str(work)), executor, workers, desc="curate"):
             stats_by_uid[st["uid"]] = st
         stats = [stats_by_uid[u["uid"]] for u in units]
-        dec, entries = partitioned_reduce_and_write(stats, cfg, work, out, fp, executor, workers)
+        # shards are reused only when every unit's inputs are those they were written from
+        run_fp = hashlib.sha256(json.dumps([fp, [s["digest"] for s in stats]]).encode()).hexdigest()[:16]
+        dec, entries = partitioned_reduce_and_write(stats, cfg, work, out, run_fp, executor, workers)
 
     all_drops = [d | {"uid": s["uid"]} for s in stats for d in s["drops"]] + dec["drops"]
     counts = sum((s["drop_counts"] for s in stats), Counter()) + dec["counts"]
@@ -465,6 +513,16 @@ def run_curation(
     ]
     dropped = dict(sorted(_by_reason(counts).items()))
     hits = [h for s in stats for h in s["hits"]]
+    per_input = Counter()
+    for u, s in zip(units, stats):
+        per_input[u["input"]] += s["n_in"]
+    warnings = [
+        f"inputs[{i}] ({inp.kind} {inp.path}) gave no samples; check its path and kind"
+        for i, inp in enumerate(cfg.inputs)
+        if per_input[i] == 0
+    ]
+    for w in warnings:
+        log.warning("curate: %s", w)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "out_dir": str(out),
@@ -474,8 +532,11 @@ def run_curation(
         "funnel": funnel,
         "clip_threshold": dec["clip_threshold"],
         "decontam_hits": len(hits),
+        "decontam_benchmarks": _decontam_counts(work) if cfg.decontam.benchmarks else {},
         "units": len(units),
         "units_resumed": resumed,
+        "units_redone": len(redone),
+        "warnings": warnings,
     }
     if n_in != summary["n_kept"] + sum(dropped.values()):
         raise RuntimeError(f"curation lost samples: in={n_in}, kept={summary['n_kept']}, dropped={dropped}")
@@ -494,24 +555,57 @@ def run_curation(
         )
     (out / "curation_summary.json").write_text(json.dumps(summary, indent=2))
     if not cfg.keep_work:
-        remove_work(work)
+        uids = [u["uid"] for u in units]
+        remove_work(
+            work, written_files(work, uids, dec["parts"], len(entries), bool(cfg.decontam.benchmarks))
+        )
     return summary
 
 
-# Everything a run writes under its work folder; nothing else there is ever deleted.
-_WORK_FILES = (
-    "units/u[0-9]*.tar", "units/u[0-9]*.done.json", "units/*.tmp", "shards/[0-9]*.json", "shards/*.tmp",
-    "decontam.npy", "decontam.json", "decontam.fingerprint", "decontam.fingerprint.tmp",
-    "reduce/cols/u[0-9]*.npz", "reduce/cols/*.tmp.npz", "reduce/keys/[gk][0-9]*.npy", "reduce/alive*.npy",
-)  # fmt: skip
+def _decontam_counts(work: Path) -> dict:
+    """Benchmark -> {items, images, questions} indexed, from the stamp of the index in use."""
+    stamp = work / "decontam.fingerprint"
+    return json.loads(stamp.read_text()).get("counts", {}) if stamp.exists() else {}
 
 
-def remove_work(work: Path) -> None:
-    """Delete the run's own stage files, then each folder of ``work`` that is left empty."""
-    for pattern in _WORK_FILES:
-        for f in work.glob(pattern):
-            if f.is_file() and not f.is_symlink():
-                f.unlink()
+def _decontam_stamp(cfg: CurateConfig, work: Path) -> str:
+    """Build the decontamination index unless the stamp shows the same config and unchanged
+    benchmark files (every file under each benchmark path and every image it read); returns the
+    stamp's digest, part of every unit's key, so changed benchmarks redo the units' decisions."""
+    if not cfg.decontam.benchmarks:
+        return ""
+    stamp = work / "decontam.fingerprint"
+    config = hashlib.sha256(json.dumps(to_dict(cfg.decontam), sort_keys=True).encode()).hexdigest()
+    old = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if not (
+        isinstance(old, dict) and old.get("config") == config and not changed_reads(old.get("reads", {}))
+    ):
+        index, reads = DecontamIndex.build(cfg.decontam)
+        index.save(work / "decontam")
+        old = {"config": config, "reads": {f: file_stat(f) for f in reads}, "counts": index.counts}
+        _atomic_write(stamp, json.dumps(old, sort_keys=True).encode())
+    return hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def written_files(work: Path, uids: list[str], parts: int, n_shards: int, decontam: bool) -> list[Path]:
+    """Every file this run wrote (or would have) under ``work``, named from its own plan."""
+    files = [work / "units" / f"{u}{ext}" for u in uids for ext in (".tar", ".done.json")]
+    files += [work / "reduce" / "cols" / f"{u}.npz" for u in uids]
+    files += [work / "shards" / f"{i:06d}.json" for i in range(n_shards)]
+    files += [work / "reduce" / "keys" / f"{g}{p}.npy" for p in range(parts) for g in "gk"]
+    files.append(work / "reduce" / "alive.npy")
+    if decontam:
+        files += [work / f"decontam{ext}" for ext in (".npy", ".json", ".fingerprint")]
+    return files
+
+
+def remove_work(work: Path, written: list[Path]) -> None:
+    """Delete the run's own stage files (and their temporary names), then each folder of ``work``
+    that is left empty; a file the run did not write is never deleted, whatever its name."""
+    for f in written:
+        for g in (f, f.with_name(f.name + ".tmp")):
+            if g.is_file() and not g.is_symlink():
+                g.unlink()
     for d in (work / "units", work / "shards", work / "reduce" / "cols", work / "reduce" / "keys",
               work / "reduce", work):  # fmt: skip
         if d.is_dir() and not any(d.iterdir()):

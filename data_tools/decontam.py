@@ -1,16 +1,24 @@
 """Decontamination against evaluation sets: image pHash matches and question n-gram overlap.
 
-:func:`load_benchmark` reads the layouts eval/ reads (../shared/EVAL_FORMATS.md):
-- ``parquet``: a Hugging Face parquet file or folder with an ``image`` column (``{bytes, path}``
-  struct or raw bytes) and a ``question`` (or ChartQA ``query``) column;
-- ``chartqa``: ChartQA's ``test_*.json`` list of ``{"imgname", "query", "label"}`` with ``png/``
-  beside the json (or one level up);
-- ``docvqa``: DocVQA's RRC json ``{"data": [{"questionId", "question", "image", ...}]}`` with image
-  paths relative to the json;
-- ``webdataset``: a shard folder (or one .tar) in the DESIGN.md schema, e.g. held-out synthetic
+:func:`load_benchmark` reads every layout ``mmsmall eval --data`` accepts, through eval's own
+loaders (``eval/tasks/*.py`` cite each format's source):
+
+- ``chartqa``: ChartQA's ``test_human.json`` / ``test_augmented.json`` with ``png/`` beside them
+  (the repository folder, its ``test/`` folder, or one json);
+- ``docvqa`` / ``infovqa``: the RRC json (``{"data": [{"questionId", "question", "image", ...}]}``;
+  InfographicVQA names images ``image_local_name``), a file or the folder holding it;
+- ``textvqa``: the official TextVQA json with ``train_images/`` (or ``test_images/``, ``images/``);
+- ``ai2d`` / ``ocrbench``: the lmms-eval / hub parquet layouts, read by eval's loaders;
+- ``parquet``: any parquet file or folder with an ``image`` column (``{bytes, path}`` struct or raw
+  bytes) and a ``question`` (or ChartQA ``query``) column;
+- ``webdataset``: a shard folder (or one tar) in the DESIGN.md schema, e.g. held-out synthetic
   eval shards (questions are the user turns).
-:class:`DecontamIndex` is built once in the driver, saved in the work folder, and loaded by every
-worker; :meth:`DecontamIndex.check` gives the hits for one sample.
+
+``format: auto`` takes shards when the path holds tars, parquet when it holds parquet files, and
+otherwise tries the json layouts in turn; a benchmark that yields no item is an error naming the
+path and each layout tried. :class:`DecontamIndex` is built once in the driver, saved in the work
+folder, and loaded by every worker; its ``counts`` say how many images and questions each
+benchmark gave.
 """
 
 from __future__ import annotations
@@ -24,94 +32,129 @@ import numpy as np
 from PIL import Image
 
 from mmsmall.config import ConfigError
+from mmsmall.data.shards import TAR_SUFFIXES
 
+from .config import BENCHMARK_FORMATS as FORMATS
 from .config import DecontamConfig
 from .dedup import NearDupIndex, hex64, phash
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+JSON_LAYOUTS = ("chartqa", "docvqa", "infovqa", "textvqa")  # tried in this order by format: auto
 
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _detect(path: Path) -> str:
-    if path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
-        return "webdataset"
-    if path.is_dir() or path.suffix == ".parquet":
-        return "parquet"
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and "data" in data:
-        return "docvqa"
-    if isinstance(data, list):
-        return "chartqa"
-    raise ConfigError(
-        f"decontam benchmark {path}: cannot tell its format; set format: parquet|chartqa|docvqa"
-    )
+def _is_tar(p: Path) -> bool:
+    return p.name.endswith(TAR_SUFFIXES)
 
 
-def _read_image(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
+def _candidates(path: Path) -> tuple[str, ...]:
+    """The layouts ``format: auto`` tries for ``path``, most specific first."""
+    if _is_tar(path) or (path.is_dir() and any(_is_tar(p) for p in path.iterdir())):
+        return ("webdataset",)
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+        return ("parquet",)
+    from eval.tasks.chartqa import json_files
+
+    # without ChartQA's json files its loader would read the folder as a hub dataset
+    return tuple(f for f in JSON_LAYOUTS if f != "chartqa" or json_files(path))
+
+
+def _parquet_items(path: Path, name: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    items = []
+    for f in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
+        table = pq.read_table(f)
+        cols = set(table.column_names)
+        if "image" not in cols:
+            raise ConfigError(f"{f} has no 'image' column (columns: {sorted(cols)})")
+        qcol = "question" if "question" in cols else "query" if "query" in cols else None
+        for n, row in enumerate(table.to_pylist()):
+            img = row.get("image")
+            if isinstance(img, dict):
+                img = img.get("bytes")
+            rid = row.get("questionId") or row.get("question_id") or f"{f.stem}_{n}"
+            question = str(row.get(qcol) or "") if qcol else ""
+            items.append({"benchmark": name, "id": str(rid), "question": question,
+                          "image_bytes": bytes(img) if isinstance(img, (bytes, bytearray)) else None})  # fmt: skip
+    return items
+
+
+def _shard_items(path: Path, name: str) -> list[dict]:
+    from .config import InputConfig
+    from .ingest import _tar_records
+
+    inp = InputConfig(kind="webdataset", path=str(path), name=name)
+    items = []
+    for tar in sorted(p for p in path.iterdir() if _is_tar(p)) if path.is_dir() else [path]:
+        for rec in _tar_records({"file": str(tar)}, inp):
+            if rec["error"] == "unreadable_shard":
+                raise ConfigError(f"shard {tar} is unreadable or truncated")
+            question = " ".join(m["content"] for m in rec["messages"] if m.get("role") == "user")
+            items.append(
+                {"benchmark": name, "id": rec["id"], "question": question, "image_bytes": rec["image_bytes"]}
+            )
+    return items
+
+
+def _eval_items(path: Path, fmt: str, name: str) -> list[dict]:
+    """Items of an eval layout, read by that eval task's loader; image files are read here."""
+    from eval.tasks import get_task
+
+    items = []
+    for r in get_task(fmt).load(str(path), None):
+        data, file = r.image_bytes, r.image_path
+        if data is None and r.image is not None:
+            buf = io.BytesIO()
+            r.image.save(buf, format="PNG")
+            data = buf.getvalue()
+        if data is None and file and Path(file).is_file():
+            data = Path(file).read_bytes()
+        items.append(
+            {"benchmark": name, "id": r.id, "question": r.question, "image_bytes": data, "file": file}
+        )
+    return items
+
+
+def _read_layout(path: Path, fmt: str, name: str) -> list[dict]:
+    if fmt == "webdataset":
+        return _shard_items(path, name)
+    if fmt == "parquet":
+        return _parquet_items(path, name)
+    return _eval_items(path, fmt, name)
 
 
 def load_benchmark(path: str | Path, format: str = "auto", name: str = "") -> list[dict]:
-    """Items ``{"benchmark", "id", "question", "image_bytes" | None}`` of one benchmark file."""
+    """Items ``{"benchmark", "id", "question", "image_bytes" | None, "file"?}`` of one benchmark.
+
+    Raises ``ConfigError`` naming the path and every layout tried when none yields an item.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"decontam benchmark not found: {path}")
-    fmt = _detect(path) if format == "auto" else format
+    if format not in FORMATS:
+        raise ConfigError(f"decontam benchmark {path}: format {format!r}; valid: {', '.join(FORMATS)}")
     name = name or path.stem
-    items: list[dict] = []
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-        for f in files:
-            table = pq.read_table(f)
-            cols = set(table.column_names)
-            qcol = "question" if "question" in cols else "query" if "query" in cols else None
-            for n, row in enumerate(table.to_pylist()):
-                img = row.get("image")
-                if isinstance(img, dict):
-                    img = img.get("bytes")
-                rid = row.get("questionId") or row.get("question_id") or f"{f.stem}_{n}"
-                items.append({"benchmark": name, "id": str(rid), "question": str(row.get(qcol) or "") if qcol else "",
-                              "image_bytes": bytes(img) if img else None})  # fmt: skip
-    elif fmt == "chartqa":
-        rows = json.loads(path.read_text())
-        for n, row in enumerate(rows):
-            img = None
-            for folder in (path.parent / "png", path.parent.parent / "png"):
-                img = img or _read_image(folder / str(row.get("imgname", "")))
-            items.append({"benchmark": name, "id": f"{row.get('imgname', n)}#{n}", "question": str(row.get("query", "")),
-                          "image_bytes": img})  # fmt: skip
-    elif fmt == "docvqa":
-        data = json.loads(path.read_text())
-        for row in data.get("data", []):
-            img = _read_image(path.parent / str(row.get("image", ""))) if row.get("image") else None
-            items.append({"benchmark": name, "id": str(row.get("questionId")), "question": str(row.get("question", "")),
-                          "image_bytes": img})  # fmt: skip
-    elif fmt == "webdataset":
-        from .config import InputConfig
-        from .ingest import _tar_records
-
-        inp = InputConfig(kind="webdataset", path=str(path), name=name)
-        for tar in sorted(path.glob("*.tar")) if path.is_dir() else [path]:
-            for rec in _tar_records({"file": str(tar)}, inp):
-                question = " ".join(m["content"] for m in rec["messages"] if m.get("role") == "user")
-                items.append(
-                    {
-                        "benchmark": name,
-                        "id": rec["id"],
-                        "question": question,
-                        "image_bytes": rec["image_bytes"],
-                    }
-                )
-    else:
-        raise ConfigError(
-            f"decontam benchmark {path}: format {fmt!r}; valid: auto, chartqa, docvqa, parquet, webdataset"
-        )
-    return items
+    tried = []
+    for fmt in _candidates(path) if format == "auto" else (format,):
+        try:
+            items = _read_layout(path, fmt, name)
+        except Exception as e:  # noqa: BLE001 - a loader meeting another layout fails in its own way
+            tried.append(f"{fmt} ({type(e).__name__}: {str(e)[:160]})")
+            continue
+        if items:
+            return items
+        tried.append(f"{fmt} (no items)")
+    raise ConfigError(
+        f"decontam benchmark {path}: no benchmark items found; layouts tried: {'; '.join(tried)}. "
+        "Give a folder or file in a layout `mmsmall eval --data` accepts (ChartQA, DocVQA, InfoVQA, "
+        "TextVQA json with their images; parquet with image and question columns; webdataset shards) "
+        "and set format: " + "|".join(FORMATS)
+    )
 
 
 class DecontamIndex:
@@ -126,26 +169,42 @@ class DecontamIndex:
         self.n = ngram
         self.max_distance = max_distance
         self._index = NearDupIndex(self.hashes, max_distance) if len(self.hashes) else None
+        self.counts: dict[str, dict[str, int]] = {}  # benchmark -> {items, images, questions} (build only)
 
     @classmethod
-    def build(cls, cfg: DecontamConfig) -> DecontamIndex:
+    def build(cls, cfg: DecontamConfig) -> tuple[DecontamIndex, list[str]]:
+        """The index of every benchmark, and the files it was built from (for the resume check)."""
         hashes, refs, grams = [], [], {}
         seen: set[int] = set()
+        counts: dict[str, dict[str, int]] = {}
+        reads: set[str] = set()
         for b in cfg.benchmarks:
-            for it in load_benchmark(b.path, b.format, b.name):
+            root = Path(b.path)
+            reads.update(str(f) for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file())
+            items = load_benchmark(b.path, b.format, b.name)
+            n = counts.setdefault(items[0]["benchmark"], {"items": 0, "images": 0, "questions": 0})
+            for it in items:
                 ref = f"{it['benchmark']}:{it['id']}"
+                n["items"] += 1
+                if it.get("file"):
+                    reads.add(str(it["file"]))
                 if it["image_bytes"]:
                     try:
                         h = phash(Image.open(io.BytesIO(it["image_bytes"])))
                     except Exception:  # noqa: BLE001 - a broken benchmark image cannot contaminate
                         h = None
+                    n["images"] += h is not None
                     if h is not None and h not in seen:
                         seen.add(h)
                         hashes.append(h)
                         refs.append(ref)
-                for g in question_grams(it["question"], cfg.ngram):
+                q = question_grams(it["question"], cfg.ngram)
+                n["questions"] += bool(q)
+                for g in q:
                     grams.setdefault(g, ref)
-        return cls(np.array(hashes, dtype=np.uint64), refs, grams, cfg.ngram, cfg.image_max_distance)
+        index = cls(np.array(hashes, dtype=np.uint64), refs, grams, cfg.ngram, cfg.image_max_distance)
+        index.counts = counts
+        return index, sorted(reads)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -16,6 +16,13 @@ column (and an optional sha256 column) in batches, never whole, fetches each dis
 With ``output="webdataset"`` (``--output webdataset``) the images go into webdataset shards
 instead, resumable per shard: see :mod:`data_tools.download_shards`.
 
+Each row is judged by its own sha256: a URL is fetched once per run however many rows name it (the
+rows are read through once before fetching, collecting per URL the hashes its rows expect), its
+bytes are refused at fetch time (``fetch_sha256_mismatch`` in the log) only when no row naming it
+expects them, and each row whose own sha256 differs from the fetched bytes' gets
+``fetch_sha256_mismatch`` in ``images.jsonl`` whatever the other rows of its URL expect, and in
+whichever batch of the stream it comes.
+
 A rerun fetches only URLs that have no log entry; ``retry_failed=True`` (``--retry-failed``)
 also fetches the URLs whose last attempt failed, and nothing else.
 
@@ -129,7 +136,7 @@ class Fetcher:
         return self.hosts.setdefault(host, asyncio.Semaphore(self.cfg.per_host))
 
     async def _once(
-        self, session: aiohttp.ClientSession, url: str, sha256: str | None
+        self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None
     ) -> tuple[Fetched, bool]:
         """One attempt: (result, retryable)."""
         cap = self.cfg.max_bytes
@@ -150,7 +157,7 @@ class Fetcher:
                     return Fetched(url, "fetch_too_large", detail=f"body passed {cap} bytes"), False
         data = bytes(buf)
         digest = hashlib.sha256(data).hexdigest()
-        if sha256 and digest != sha256.lower():
+        if sha256 and digest not in sha256:  # none of the rows naming this URL expects these bytes
             return Fetched(url, "fetch_sha256_mismatch", sha256=digest, bytes=len(data)), False
         fmt = _check_image(data)
         if fmt is None:
@@ -164,7 +171,7 @@ class Fetcher:
             url, "ok", sha256=digest, bytes=len(data), content_type=ctype, ext=ext, data=data
         ), False
 
-    async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
+    async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None) -> Fetched:
         if urlsplit(url).scheme not in ("http", "https"):
             result = Fetched(url, "fetch_bad_url", detail="not an http(s) URL")
         else:
@@ -173,7 +180,9 @@ class Fetcher:
         self.on_done(result)
         return result
 
-    async def _attempts(self, session: aiohttp.ClientSession, url: str, sha256: str | None) -> Fetched:
+    async def _attempts(
+        self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None
+    ) -> Fetched:
         """The first attempt that succeeds or may not be retried, else the last one."""
         cfg = self.cfg
         for attempt in range(cfg.retries + 1):
@@ -201,8 +210,9 @@ class Fetcher:
             await asyncio.sleep(min(wait, cfg.max_backoff_s))
         return result
 
-    async def run(self, items: Iterator[tuple[str, str | None]]) -> None:
-        """Fetch every ``(url, sha256)`` of ``items`` with ``concurrency`` workers fed through a short
+    async def run(self, items: Iterator[tuple[str, frozenset[str] | None]]) -> None:
+        """Fetch every ``(url, hashes)`` of ``items`` (``hashes``: the sha256s the URL's rows expect, one
+        of which the bytes must have; None or empty: any bytes) with ``concurrency`` workers fed through a short
         queue: the items are drawn as slots free up, so URLs in flight and in memory stay bounded."""
         cfg = self.cfg
         timeout = aiohttp.ClientTimeout(
@@ -229,9 +239,13 @@ class Fetcher:
 # ----------------------------------------------------------------------------- rows in, rows out
 
 
-def iter_row_batches(path: Path, batch_rows: int = 8192) -> Iterator[list[dict]]:
+ROW_BATCH = 8192  # rows read at a time when no batch size is given
+
+
+def iter_row_batches(path: Path, batch_rows: int | None = None) -> Iterator[list[dict]]:
     """Rows of a parquet file (or folder of them, e.g. a hub-layout copy), .jsonl or .csv, in
-    batches of at most ``batch_rows``: never the whole file in memory."""
+    batches of at most ``batch_rows`` (default ``ROW_BATCH``): never the whole file in memory."""
+    batch_rows = batch_rows or ROW_BATCH
     if not path.exists():
         raise ConfigError(f"download input not found: {path}; give a parquet, jsonl or csv file of rows")
     if path.is_dir() or path.suffix == ".parquet":
@@ -250,6 +264,27 @@ def iter_row_batches(path: Path, batch_rows: int = 8192) -> Iterator[list[dict]]
             rows = (json.loads(line) for line in f if line.strip())
         while batch := list(itertools.islice(rows, batch_rows)):
             yield batch
+
+
+def expected_sha256(row: dict, cfg: DownloadConfig) -> str | None:
+    """The sha256 a row expects of its image bytes, lower case; None when it names none."""
+    want = row.get(cfg.sha256_field)
+    return str(want).strip().lower() if want else None
+
+
+def add_expected(hashes: dict[str, frozenset[str] | None], url: str, want: str | None) -> None:
+    """Add one row's expected sha256 to its URL's set; None once any row of the URL takes any bytes."""
+    have = hashes.get(url, frozenset())
+    hashes[url] = None if want is None or have is None else have | {want}
+
+
+def judge_row(want: str | None, res: Fetched) -> Fetched:
+    """A row's own verdict on its URL's fetch: an ``ok`` whose bytes are not the sha256 this row expects
+    is ``fetch_sha256_mismatch`` for this row (another row of the URL may have expected them)."""
+    if res.reason != "ok" or want is None or res.sha256 == want:
+        return res
+    return Fetched(res.url, "fetch_sha256_mismatch", sha256=res.sha256, bytes=res.bytes, attempts=res.attempts,
+                   detail=f"expected {want}", content_type=res.content_type)  # fmt: skip
 
 
 def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
@@ -302,23 +337,19 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         raise ConfigError(f"download output {cfg.output!r}; valid: files, webdataset")
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)
-    n_wanted = 0
-
-    def wanted() -> Iterator[tuple[str, str | None]]:
-        """Each URL to fetch this run once, in row order, read batch by batch."""
-        nonlocal n_wanted
-        queued: set[str] = set()
-        for n, batch in enumerate(iter_row_batches(Path(rows_file))):
-            if n == 0:
-                check_columns(rows_file, batch[0], cfg)
-            for row in batch:
-                url = str(row.get(cfg.url_field) or "")
-                prev = done.get(url)
-                if url and url not in queued and (prev is None or (retry_failed and prev.reason != "ok")):
-                    queued.add(url)
-                    n_wanted += 1
-                    yield url, row.get(cfg.sha256_field) or None
-
+    # Read through once before fetching: per URL to fetch, the sha256s its rows expect (None: some row
+    # takes any bytes), wherever in the file its rows are. So a URL is fetched once per run, its bytes
+    # are refused only when no row expects them, and each row is judged by its own hash below
+    # (judge_row). One entry per distinct URL, none per row: memory stays flat in the row count.
+    wanted: dict[str, frozenset[str] | None] = {}
+    for n, batch in enumerate(iter_row_batches(Path(rows_file))):
+        if n == 0:
+            check_columns(rows_file, batch[0], cfg)
+        for row in batch:
+            url = str(row.get(cfg.url_field) or "")
+            prev = done.get(url)
+            if url and (prev is None or (retry_failed and prev.reason != "ok")):
+                add_expected(wanted, url, expected_sha256(row, cfg))
     with open(log_path, "a", encoding="utf-8") as log:
 
         def record(f: Fetched) -> None:
@@ -331,8 +362,8 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="download", unit="img", dynamic_ncols=True)
-        asyncio.run(Fetcher(cfg, record).run(wanted()))
+        bar = tqdm(total=len(wanted), desc="download", unit="img", dynamic_ncols=True)
+        asyncio.run(Fetcher(cfg, record).run(iter(wanted.items())))
         bar.close()
     n_rows, reasons = 0, Counter()
     with open(out / "images.jsonl.tmp", "w", encoding="utf-8") as f:
@@ -340,7 +371,7 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
             for row in batch:
                 n_rows += 1
                 url = str(row.get(cfg.url_field) or "")
-                res = done.get(url, Fetched(url, "fetch_no_url"))
+                res = judge_row(expected_sha256(row, cfg), done.get(url, Fetched(url, "fetch_no_url")))
                 reasons[res.reason] += 1
                 keep = {
                     k: v
@@ -354,7 +385,7 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
                 f.write(json.dumps(keep) + "\n")
     os.replace(out / "images.jsonl.tmp", out / "images.jsonl")
     failed = {k: v for k, v in sorted(reasons.items()) if k != "ok"}
-    report = {"n_in": n_rows, "n_ok": reasons["ok"], "failed": failed, "fetched_now": n_wanted,
+    report = {"n_in": n_rows, "n_ok": reasons["ok"], "failed": failed, "fetched_now": len(wanted),
               "rows": str(out / "images.jsonl")}  # fmt: skip
     (out / "download_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -10,7 +10,10 @@ Rows are read in batches of ``shard_rows`` (a shard each, in row order). Shard `
 
 A rerun skips complete shards and redoes the rest (a killed shard leaves only ``.tmp`` files), so a
 killed run resumes without refetching the shards it finished. Each shard fetches its distinct
-URLs once; a URL repeated in two shards is fetched in each. Curate the shards with
+URLs once; a URL repeated in two shards is fetched in each (a shard holds only its own rows, so its
+bytes are not kept for later shards). Each row is judged by its own sha256 against the bytes its
+shard fetched: the fetch is refused only when no row of the shard naming the URL expects those
+bytes, and a row whose own hash differs is a ``fetch_sha256_mismatch`` failure of that row alone. Curate the shards with
 ``{kind: webdataset, path: OUT/shards}`` (the ``.txt`` is the caption).
 """
 
@@ -24,7 +27,16 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from .download import DownloadConfig, Fetched, Fetcher, check_columns, iter_row_batches
+from .download import (
+    DownloadConfig,
+    Fetched,
+    Fetcher,
+    add_expected,
+    check_columns,
+    expected_sha256,
+    iter_row_batches,
+    judge_row,
+)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -62,20 +74,20 @@ def _write_shard(rows: list[dict], k: int, folder: Path, cfg: DownloadConfig) ->
             meta = {**_json_safe(row), "url": f.url, "key": key, "status": "ok", "sha256": f.sha256}
             _add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
 
-        sha: dict[str, str | None] = {}
+        hashes: dict[str, frozenset[str] | None] = {}  # per URL, the sha256s its rows in this shard expect
         for i, row in enumerate(rows):
             url = str(row.get(cfg.url_field) or "")
             if url:
                 by_url.setdefault(url, []).append(i)
-                sha.setdefault(url, row.get(cfg.sha256_field) or None)
+                add_expected(hashes, url, expected_sha256(row, cfg))
             else:
                 write(i, Fetched(url, "fetch_no_url"))
 
         def done(f: Fetched) -> None:
             for i in by_url[f.url]:
-                write(i, f)
+                write(i, judge_row(expected_sha256(rows[i], cfg), f))  # each row by its own sha256
 
-        asyncio.run(Fetcher(cfg, done).run(iter(sha.items())))
+        asyncio.run(Fetcher(cfg, done).run(iter(hashes.items())))
     os.replace(fail_tmp, folder / f"{k:05d}_failures.jsonl")
     os.replace(tar_tmp, stem.with_suffix(".tar"))
     return reasons

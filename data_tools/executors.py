@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -28,6 +30,25 @@ def default_workers() -> int:
 
 
 _POOL: dict[int, ProcessPoolExecutor] = {}  # the open session's local pool, by worker count
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool worker start-up: on Linux, ask the kernel to SIGTERM this worker when the driver dies
+    (killed, SIGTERM'd, crashed), so a stopped run leaves no workers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the driver died before the request took effect
+        os._exit(1)
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned workers (never inheriting torch/thread state from the driver) that die with it."""
+    return ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
 
 
 @contextmanager
@@ -51,7 +72,7 @@ def session(executor: str = "local", workers: int | None = None) -> Iterator[Non
     if n == 1 or n in _POOL:
         yield
         return
-    _POOL[n] = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
+    _POOL[n] = _new_pool(n)
     try:
         yield
     finally:
@@ -81,8 +102,8 @@ def run_units(
             bar.update(1)
     else:
         pool = next(iter(_POOL.values()), None)  # the open session's pool, if any
-        if pool is None:  # spawn: workers never inherit torch/thread state from the driver
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as own:
+        if pool is None:
+            with _new_pool(workers) as own:
                 _collect(own, fn, units, args, results, bar)
         else:
             _collect(pool, fn, units, args, results, bar)

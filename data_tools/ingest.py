@@ -24,6 +24,7 @@ from typing import Any
 from mmsmall.config import ConfigError
 from mmsmall.data.keys import member_key
 from mmsmall.data.remote import fetch_shard, is_remote, resolve_remote
+from mmsmall.data.shards import TAR_SUFFIXES, list_tars, tar_members
 
 from .config import CurateConfig, InputConfig
 from .records import CAPTION_PROMPT, clean_id, clean_messages, clean_points, scalar_text
@@ -39,23 +40,26 @@ def _source_name(inp: InputConfig) -> str:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl or .csv file (a bad jsonl line becomes a row with `_error`)."""
+    """Rows of a .jsonl or .csv file (a bad jsonl line, or one that is not UTF-8, becomes a row with `_error`)."""
     if not path.exists():
         raise ConfigError(f"input file not found: {path}")
     rows: list[dict] = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [dict(r) for r in csv.DictReader(f)]
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [dict(r) for r in csv.DictReader(f)]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the csv as UTF-8") from None
     else:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.decode("utf-8"))
                     if not isinstance(row, dict):
                         raise ValueError("not an object")
-                except ValueError:
+                except ValueError:  # UnicodeDecodeError too
                     row = {"_error": "bad_annotation", "_line": lineno}
                 rows.append(row)
     return rows
@@ -72,7 +76,7 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
         base = {"input": i}
         path = Path(inp.path)
         if inp.kind in ("folder", "jsonl", "csv"):
-            rows = _folder_rows(inp)
+            rows = _folder_rows(inp, [Path(p) for p in (cfg.out_dir, cfg.work_dir) if p])
             for a, b in _chunks(len(rows), cfg.unit_size):
                 units.append({**base, "rows": rows[a:b], "offset": a})
         elif inp.kind == "points":
@@ -98,16 +102,18 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
         elif inp.kind == "webdataset" and is_remote(inp.path):  # http(s):// shards or pipe: commands
             units.extend({**base, "file": t} for t in resolve_remote(inp.path))
         elif inp.kind == "webdataset":
-            tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+            tars = list_tars(path) if path.is_dir() else [path]
             if not tars or not tars[0].exists():
-                raise ConfigError(f"inputs[{i}]: no .tar shards at {path}")
+                raise ConfigError(f"inputs[{i}]: no {', '.join(TAR_SUFFIXES)} shards at {path}")
             units.extend({**base, "file": str(t)} for t in tars)
     for n, u in enumerate(units):
         u["uid"] = f"u{n:06d}"
     return units
 
 
-def _folder_rows(inp: InputConfig) -> list[dict]:
+def _folder_rows(inp: InputConfig, skip: list[Path]) -> list[dict]:
+    """Rows of a caption file, or one row per image of a folder (its ``.txt`` the caption); images
+    under ``skip`` (the run's own output and work folders) are not inputs."""
     path = Path(inp.path)
     if inp.kind in ("jsonl", "csv"):
         return _read_rows(path)
@@ -116,14 +122,15 @@ def _folder_rows(inp: InputConfig) -> list[dict]:
     if not path.is_dir():
         raise ConfigError(f"input folder not found: {path}")
     rows = []
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES):
+    images = (q for q in path.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir())
+    for p in sorted(q for q in images if not any(q.is_relative_to(s) for s in skip)):
+        row = {inp.image_field: str(p.relative_to(path)), inp.text_field: ""}
         txt = p.with_suffix(".txt")
-        rows.append(
-            {
-                inp.image_field: str(p.relative_to(path)),
-                inp.text_field: txt.read_text() if txt.exists() else "",
-            }
-        )
+        try:
+            row[inp.text_field] = txt.read_bytes().decode("utf-8") if txt.exists() else ""
+        except (UnicodeDecodeError, OSError) as e:  # this sample is bad, not the folder
+            row |= {"_error": "bad_annotation", "_line": f"{txt} unreadable as UTF-8 ({type(e).__name__})"}
+        rows.append(row)
     return rows
 
 
@@ -238,7 +245,8 @@ def _row_id(row: dict, inp: InputConfig, fallback: str) -> tuple[str, str | None
 
 
 def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]:
-    """(bytes, ref, error) from bytes, a path, or an HF ``{"bytes", "path"}`` struct."""
+    """(bytes, ref, error) from bytes, a path, or an HF ``{"bytes", "path"}`` struct; a local file
+    read (or looked for) is the ref itself, an absolute path."""
     if isinstance(value, dict):
         if value.get("bytes"):
             if not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
@@ -259,6 +267,13 @@ def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]
     return None, "<none>", "missing_image"
 
 
+def _local(value: Any, ref: str) -> str | None:
+    """The local file an image value named (read, or looked for when missing), else None."""
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    return ref if isinstance(value, str) and value and not is_remote(value) else None
+
+
 def _record(rid: str, source: str, **kw: Any) -> dict:
     rec = {
         "id": rid,
@@ -268,7 +283,7 @@ def _record(rid: str, source: str, **kw: Any) -> dict:
         "image_ref": "",
         "messages": [],
     }
-    rec.update({"points": None, "meta": {}, "error": None})
+    rec.update({"points": None, "meta": {}, "error": None, "file": None})
     rec.update(kw)
     return rec
 
@@ -283,7 +298,8 @@ def _rows_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         data, ref, err = _image_value(row.get(inp.image_field), root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err)
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
+                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
 
 
 def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -300,18 +316,19 @@ def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         ]
         yield _record(
             str(g["id"]), source, task=inp.task or "pointing", image_bytes=data, image_ref=ref,
-            points=pts, meta={"coords": inp.coords}, error=err,
+            points=pts, meta={"coords": inp.coords}, error=err, file=_local(g["image"], ref),
         )  # fmt: skip
 
 
-def _table_records(table_rows: list[dict], start: int, inp: InputConfig) -> Iterator[dict]:
-    source, root = _source_name(inp), _root(inp)
+def _table_records(table_rows: list[dict], start: int, inp: InputConfig, root: Path) -> Iterator[dict]:
+    source = _source_name(inp)
     for n, row in enumerate(table_rows):
         rid, id_err = _row_id(row, inp, f"{source}_{start + n}")
         data, ref, err = _image_value(row.get(inp.image_field), root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err)
+        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
+                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
 
 
 def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -323,7 +340,7 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     try:
         src = io.BytesIO(fetch_shard(unit["file"])) if is_remote(unit["file"]) else None  # http(s)/pipe:
         with tarfile.open(fileobj=src) if src else tarfile.open(unit["file"], "r:*") as tar:
-            for m in tar:
+            for m in tar_members(tar):
                 name = m.name
                 key, ext = member_key(name) or (name, "")
                 if not m.isfile():
@@ -335,10 +352,12 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
                     continue
                 f = tar.extractfile(m)
                 groups[key][ext] = f.read() if f is not None else b""
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError) as e:
+        groups.pop(next(reversed(groups), None), None)  # the sample being read may be cut short
         yield _record(
-            f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard", image_ref=unit["file"]
-        )
+            f"{source}_{Path(unit['file']).stem}", source, error="unreadable_shard",
+            image_ref=f"{unit['file']}: {type(e).__name__}: {e}",
+        )  # fmt: skip
     for name in bad:
         yield _record(name, source, error="unsafe_member", image_ref=name)
     for name in dups:
@@ -402,11 +421,12 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
     elif inp.kind == "points":
         yield from _points_records(unit, inp)
     elif inp.kind == "parquet":
+        root = Path(inp.image_root) if inp.image_root else Path(unit["file"]).parent  # beside the file
         yield from _table_records(
-            _parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp
+            _parquet_rows(unit["file"], unit["start"], unit["stop"]), unit["start"], inp, root
         )
     elif inp.kind == "hf":
-        yield from _table_records(*_hf_rows(unit, inp), inp)
+        yield from _table_records(*_hf_rows(unit, inp), inp, _root(inp))
     elif inp.kind == "webdataset":
         yield from _tar_records(unit, inp)
     elif inp.kind == "pixmo":

@@ -306,8 +306,13 @@ def write_curation_report(
         f"<tr><td>{html.escape(str(h['id']))}</td><td>{html.escape(h['source'])}</td><td>{h['kind']}</td>"
         f"<td>{html.escape(h['benchmark'])}</td><td>{html.escape(h['detail'])}</td></tr>" for h in hits
     )  # fmt: skip
+    indexed = "".join(
+        f"<tr><td>{html.escape(b)}</td><td>{n['items']}</td><td>{n['images']}</td><td>{n['questions']}</td></tr>"
+        for b, n in summary.get("decontam_benchmarks", {}).items()
+    )
     hits_html = (
-        f"<p>{len(hits)} samples matched evaluation data (removed).</p><table><tr><th>id</th><th>source</th>"
+        "<table><tr><th>benchmark</th><th>items indexed</th><th>images</th><th>questions</th></tr>"
+        f"{indexed}</table><p>{len(hits)} samples matched evaluation data (removed).</p><table><tr><th>id</th><th>source</th>"
         f"<th>kind</th><th>benchmark item</th><th>detail</th></tr>{hit_rows}</table>"
         if cfg.decontam.benchmarks else "<p>No benchmarks configured (decontam.benchmarks is empty).</p>"
     )  # fmt: skip

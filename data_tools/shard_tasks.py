@@ -103,7 +103,25 @@ def shard_plan(
 
 
 def remove_stale(out: Path, prefix: str, n_shards: int) -> None:
-    """Delete output shards numbered ``n_shards`` and up (left by an earlier, larger run)."""
+    """Delete output shards numbered ``n_shards`` and up (left by an earlier, larger run), and the
+    shards the previous ``manifest.json`` lists under names this run does not write (another prefix)."""
+    new = {f"{prefix}-{i:06d}.tar" for i in range(n_shards)}
+    old = out / "manifest.json"
+    if old.exists():
+        try:
+            names = [s["name"] for s in json.loads(old.read_text()).get("shards", [])]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            names = []  # not our manifest: nothing in it is ours to delete
+        for name in names:
+            p = out / str(name)
+            if (
+                str(name) not in new
+                and p.name == name
+                and p.suffix == ".tar"
+                and p.is_file()
+                and not p.is_symlink()
+            ):
+                p.unlink()
     for stale in out.glob(f"{prefix}-*.tar"):
         try:
             if int(stale.stem.rsplit("-", 1)[1]) >= n_shards:

@@ -16,6 +16,8 @@ import re
 import tarfile
 from pathlib import Path
 
+from mmsmall.errors import MissingInput
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -159,5 +161,5 @@ def write_manifest(out_dir: str | Path, shards: list[dict], extra: dict | None =
 def read_manifest(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest.json; is {shard_dir} a folder written by data_tools?")
+        raise MissingInput(f"{path}: no manifest.json; is {shard_dir} a folder written by data_tools?")
     return json.loads(path.read_text())

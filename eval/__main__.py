@@ -53,6 +53,12 @@ def build_parser(prog: str = "python -m eval") -> argparse.ArgumentParser:
         help="replace every image with a mid-grey one of the same size (blind baseline)",
     )
     ap.add_argument(
+        "--other-images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="ask each question about another sample's image of the same task (image-reliance baseline)",
+    )
+    ap.add_argument(
         "--molmo-style",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -89,6 +95,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eval") -> int
         limit=args.limit,
         data=data,
         blind=args.blind,
+        other_images=args.other_images,
         max_new_tokens=args.max_new_tokens,
         num_workers=args.num_workers,
         molmo_style=args.molmo_style,

@@ -28,8 +28,7 @@ def markdown_table(results: dict | Sequence[dict], names: Sequence[str] | None =
         for t in tasks:
             entry = r.get("tasks", {}).get(t)
             cells.append("–" if entry is None else f"{entry['score']:.1f}")
-        blind = " (blind)" if r.get("blind") else ""
-        rows.append(f"| {name}{blind} | " + " | ".join(cells) + " |")
+        rows.append(f"| {name}{_baseline(r)} | " + " | ".join(cells) + " |")
     return header + "\n" + "\n".join(rows) + "\n"
 
 
@@ -94,7 +93,12 @@ def compare(results_paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
 
 def _run_name(path, results: dict) -> str:
     name = Path(str(results.get("model", ""))).name or Path(path).parent.name
-    return name + (" (blind)" if results.get("blind") else "")
+    return name + _baseline(results)
+
+
+def _baseline(results: dict) -> str:
+    """The suffix naming a baseline run: grey images (blind) or other samples' images."""
+    return " (blind)" if results.get("blind") else " (other images)" if results.get("other_images") else ""
 
 
 def main(argv: Sequence[str] | None = None) -> None:

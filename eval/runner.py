@@ -109,34 +109,71 @@ def _barrier(world: int) -> None:
 
 
 class _ImageDataset(Dataset):
-    """Decodes one record's image (or its blank stand-in) in a DataLoader worker.
+    """Decodes one record's image (or its stand-in) in a DataLoader worker.
 
-    With an ``encode`` function (the mmsmall Predictor's processor) the worker also runs the
-    image preprocessing and prompt encoding, so the main process only batches and generates.
+    The stand-in of the blind baseline is a mid-grey image of the same size; with ``donors``
+    (record id -> another record of the task) the question is asked about the donor's image,
+    while the size reported for scoring stays the record's own. With an ``encode`` function (the
+    mmsmall Predictor's processor) the worker also runs the image preprocessing and prompt
+    encoding, so the main process only batches and generates.
     Items are ``(index, (width, height), image or encoded example)``.
     """
 
-    def __init__(self, records: list[Record], blind: bool, prompts: dict[str, str], encode=None):
+    def __init__(
+        self,
+        records: list[Record],
+        blind: bool,
+        prompts: dict[str, str],
+        encode=None,
+        donors: dict[str, Record] | None = None,
+    ):
         self.records = records
         self.blind = blind
         self.prompts = prompts
         self.encode = encode
+        self.donors = donors
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, tuple[int, int], Any]:
+    def __getitem__(self, i: int) -> tuple[int, tuple[int, int] | None, Any]:
         rec = self.records[i]
-        image = rec.load_image()
+        try:
+            image = rec.load_image()
+            size = image.size
+            if self.donors is not None:  # the image-reliance baseline: another sample's image
+                image = self.donors[rec.id].load_image()
+        except EvalDataError as e:  # raised in the main process (``_raise_bad``), not as a worker traceback
+            return i, None, str(e)
         if self.blind:  # the blind baseline: same size, no content
-            image = Image.new("RGB", image.size, BLIND_GREY)
+            image = Image.new("RGB", size, BLIND_GREY)
         if self.encode is not None:
-            return i, image.size, self.encode(image, self.prompts[rec.id])
-        return i, image.size, image
+            return i, size, self.encode(image, self.prompts[rec.id])
+        return i, size, image
+
+
+def other_image_donors(records: list[Record]) -> dict[str, Record]:
+    """Record id -> the record whose image its question is asked about in the ``other_images``
+    baseline: the one half the task away (a fixed derangement, the same on every rank and rerun;
+    half-way rather than the neighbour, since benchmarks list several questions of one image in a
+    row)."""
+    n = len(records)
+    if n < 2:
+        raise EvalDataError("other_images needs at least 2 samples per task")
+    return {r.id: records[(k + n // 2) % n] for k, r in enumerate(records)}
 
 
 def _collate(items: list) -> list:
     return items
+
+
+def _raise_bad(batch: list, task: Task) -> None:
+    """The first item whose image could not be read, as one clear error from the main process."""
+    for _, size, error in batch:
+        if size is None:
+            raise EvalDataError(
+                f"task {task.name}: {error}; restore or replace the file, or remove the sample from the data"
+            )
 
 
 def _worker_init(_: int) -> None:
@@ -157,7 +194,9 @@ def _fast_path(predictor: PredictorLike, style: str | None):
     def encode(image: Image.Image, prompt: str):
         return predictor.encode(image, prompt, task=style)
 
-    def collate_batch(items: list) -> tuple[list, dict]:
+    def collate_batch(items: list) -> tuple[list, dict | None]:
+        if any(size is None for _, size, _ in items):  # an unreadable image: nothing to collate
+            return items, None
         return [(i, size, None) for i, size, _ in items], predictor.collate([ex for _, _, ex in items])
 
     def generate(batch: dict, max_new_tokens: int) -> list[str]:
@@ -245,6 +284,7 @@ def _generate(
     molmo: bool,
     show_progress: bool,
     fast: bool = True,
+    donors: dict[str, Record] | None = None,
 ) -> int:
     """Answer ``records`` and append them to ``cache_file``; returns the number generated."""
     if not records:
@@ -252,7 +292,7 @@ def _generate(
     style = task.molmo_style if molmo else None
     encode, collate_fn, generate = _fast_path(predictor, style) if fast else (None, _collate, None)
     loader = DataLoader(
-        _ImageDataset(records, blind, prompts, encode),
+        _ImageDataset(records, blind, prompts, encode, donors),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -264,10 +304,11 @@ def _generate(
 
     bar = tqdm(total=len(records), desc=task.name, unit="q", disable=not show_progress, leave=False)
     _drop_torn_tail(cache_file)
-    with open(cache_file, "a", encoding="utf-8") as f:
+    with bar, open(cache_file, "a", encoding="utf-8") as f:  # the bar is cleared before any error shows
         for batch in loader:
             if generate is not None:
                 batch, model_batch = batch
+            _raise_bad(batch, task)
             recs = [records[i] for i, _, _ in batch]
             sizes = [size for _, size, _ in batch]
             inputs = [x for _, _, x in batch]
@@ -288,7 +329,6 @@ def _generate(
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(recs))
-    bar.close()
     return len(records)
 
 
@@ -319,6 +359,7 @@ def evaluate(
     blind: bool = False,
     max_new_tokens: int | None = None,
     *,
+    other_images: bool = False,
     num_workers: int = 2,
     molmo_style: bool = False,
     show_progress: bool = True,
@@ -331,7 +372,9 @@ def evaluate(
     model: a checkpoint / export folder, or an object with ``predict`` (see ``PredictorLike``).
     data: task name -> local path or hub id; tasks not named use their default hub dataset.
     limit: the first ``limit`` samples of each task. blind: every image replaced by a mid-grey
-    one of the same size. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
+    one of the same size. other_images: each question asked about another sample's image of the
+    same task (``other_image_donors``): what the model scores when it cannot see the right image,
+    the baseline that measures its reliance on the image. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
     the bare question with the Molmo task style and keep the text after ``Answer:``.
     device / dtype (fp32, bf16, fp16) / max_crops: how a model folder is loaded and its images cut.
     Returns the results dict (on rank 0; other ranks return ``{}``).
@@ -339,16 +382,19 @@ def evaluate(
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     from mmsmall.config import ConfigError
+    from mmsmall.inference.predictor import check_options
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be >= 1 or None, got {limit}")
+    check_options(
+        batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, num_workers=num_workers,
+        max_crops=max_crops,
+    )  # fmt: skip
+    if blind and other_images:
+        raise ConfigError("--blind and --other-images are two baselines: choose one")
     data = dict(data or {})
     specs = [get_task(t) for t in tasks]
     unknown = sorted(set(data) - {t.name for t in specs})
     if unknown:
-        raise ValueError(f"--data names task(s) {unknown} that are not being run ({', '.join(tasks)})")
+        raise ConfigError(f"--data names task(s) {unknown} that are not being run ({', '.join(tasks)})")
     rank, world = _dist()
     out = Path(out)
     pred_dir, samples_dir = out / "predictions", out / "samples"
@@ -362,6 +408,7 @@ def evaluate(
         "convention": CONVENTION,
         "prompt_style": "molmo" if molmo_style else "lmms-eval",
         "blind": blind,
+        "other_images": other_images,
         "limit": limit,
         **setup,
         "tasks": {},
@@ -381,6 +428,7 @@ def evaluate(
             "model": model_name,
             "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
             "blind": bool(blind),
+            "other_images": bool(other_images),
             "prompt_style": results["prompt_style"],
             **{k: setup[k] for k in ("prompt_format", "max_crops", "dtype")},
             "weights": weights,  # the cache key covers what changes answers: weights, data, prompts
@@ -401,7 +449,7 @@ def evaluate(
         n_new = _generate(
             predictor, task, todo, prompts, cache_file, settings,
             batch_size=batch_size, num_workers=num_workers, blind=blind, molmo=molmo_style,
-            show_progress=show_progress and rank == 0,
+            show_progress=show_progress and rank == 0, donors=other_image_donors(records) if other_images else None,
         )  # fmt: skip
         gen_seconds = time.time() - t0
         _barrier(world)
@@ -425,7 +473,9 @@ def evaluate(
             log.info("%s: no answers in %s; wrote %s for the test server", task.name, path, sub)
             continue
         metrics = _score(task, records, cached, molmo_style, samples_dir / f"{task.name}.jsonl")
-        skipped = records[0].meta.get("skipped")
+        skipped, note = records[0].meta.get("skipped"), records[0].meta.get("note")
+        if note:
+            log.warning("%s: %s", task.name, note)
         results["tasks"][task.name] = {
             "primary": task.primary,
             "score": 100.0 * metrics[task.primary],
@@ -436,6 +486,7 @@ def evaluate(
             "data": str(path),
             "max_new_tokens": settings["max_new_tokens"],
             **({"skipped_corrupt": skipped} if skipped else {}),
+            **({"note": note} if note else {}),
         }
         log.info("%s: %s = %.2f", task.name, task.primary, 100.0 * metrics[task.primary])
     if rank != 0:

@@ -125,6 +125,9 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+PLAN_FAILED = 2  # mmsmall plan: 0 fits, 1 does not fit, 2 could not plan
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def plan(
     config: Annotated[Path, typer.Argument(help="training YAML, e.g. configs/train/caption-pretrain.yaml")],
@@ -134,16 +137,23 @@ def plan(
     nodes: Annotated[int, typer.Option(help="nodes")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
-    """Per-GPU memory of a training run and the largest micro-batch that fits (exit 1: does not fit)."""
+    """Per-GPU memory of a training run and the largest micro-batch that fits.
+
+    Exit 0: fits; 1: does not fit (the last line says what to change); 2: could not plan (one line
+    on stderr: a bad number, config or DeepSpeed json, or a model whose architecture is unknown offline).
+    """
     from mmsmall.config import load_config
     from mmsmall.train.plan import as_dict, report
     from mmsmall.train.plan import plan as make_plan
 
     try:
         result = make_plan(load_config(config, list(overrides or ())), gpus, gpu_mem, nodes)
-    except ValueError as e:  # bad numbers or a DeepSpeed json the planner cannot read
-        typer.echo(f"mmsmall plan: {e}", err=True)
-        raise typer.Exit(2) from None
+    except Exception as e:  # one line and exit 2, never a traceback's exit 1 ("does not fit")
+        what = " ".join(str(e).split())
+        if not isinstance(e, (ValueError, OSError)):  # not bad input: a failure of the planner itself
+            what = f"{type(e).__name__}: {what}"
+        typer.echo(f"mmsmall plan: could not plan: {what}", err=True)
+        raise typer.Exit(PLAN_FAILED) from None
     typer.echo(json.dumps(as_dict(result), indent=2) if as_json else report(result))
     raise typer.Exit(0 if result.fits else 1)
 
@@ -227,11 +237,14 @@ def predict(
 def import_(
     source: Annotated[str, typer.Argument(help="a stock transformers Molmo2 folder or hub id")],
     out: Annotated[Path, typer.Argument(help="the mmsmall model folder to write")],
+    overwrite: Annotated[
+        bool, typer.Option(help="write into a non-empty folder (its other files stay)")
+    ] = False,
 ) -> None:
     """Turn a released Molmo2 checkpoint into a model folder that train, eval and export take."""
     from mmsmall.export.importer import import_molmo2
 
-    vlm = import_molmo2(source, out)
+    vlm = import_molmo2(source, out, overwrite=overwrite)
     typer.echo(f"imported {source} to {out} (prompt format: {vlm.cfg.prompt})")
 
 
@@ -246,25 +259,26 @@ def demo(
     run_demo(out, quick=quick)
 
 
-# Errors about the user's input (config, data, model folder): their messages say what, where and
-# what to do, so they are printed without a traceback. Looked up in the modules already imported,
-# since each command imports its part lazily.
-_USER_ERRORS = {
-    "mmsmall.config": "ConfigError",
-    "mmsmall.processing.crops": "ImageLoadError",
-    "mmsmall.export.molmo2": "Molmo2Incompatible",
-    "mmsmall.export.safetensors_io": "ShardIntegrityError",
-    "data_tools.synth.core": "SynthError",
-    "eval.tasks.base": "EvalDataError",
-}
+# Errors about the user's input (config, data, model folder, output folder): raised with a message
+# that says what, where and what to do, so they are printed without a traceback. Anything else,
+# a builtin FileNotFoundError included, is a bug and keeps its traceback. Looked up in the modules
+# already imported, since each command imports its part lazily.
+_USER_ERRORS = (
+    ("mmsmall.errors", "MissingInput"),
+    ("mmsmall.errors", "OutputExists"),
+    ("mmsmall.errors", "InputTooLong"),
+    ("mmsmall.errors", "AdapterBaseMismatch"),
+    ("mmsmall.config", "ConfigError"),
+    ("mmsmall.processing.crops", "ImageLoadError"),
+    ("mmsmall.export.molmo2", "Molmo2Incompatible"),
+    ("mmsmall.export.safetensors_io", "ShardIntegrityError"),
+    ("data_tools.synth.core", "SynthError"),
+    ("eval.tasks.base", "EvalDataError"),
+)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types_: list[type[BaseException]] = [FileNotFoundError, FileExistsError]
-    for module, name in _USER_ERRORS.items():
-        if module in sys.modules:
-            types_.append(getattr(sys.modules[module], name))
-    return tuple(types_)
+    return tuple(getattr(sys.modules[m], name) for m, name in _USER_ERRORS if m in sys.modules)
 
 
 def main() -> None:

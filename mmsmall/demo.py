@@ -49,15 +49,17 @@ class DemoPlan:
 # Easy presets, each a real task of its family that a tiny random-init model learns in minutes on
 # CPU (the full generators are beyond it): count 1-4 red circles (scenes.EASY_COUNT), point to 1-4
 # circles each centred in a cell of a 3 x 3 grid (scenes.EASY_POINT), name the tallest of four bars
-# (charts.EASY_CHART), read the store's name printed large on a receipt (docs.EASY_DOC), read the
-# hour from an analog clock's one hand (clocks.EASY_CLOCK). Every sample is verified by its
-# generator's check like any other synthetic sample. The rates give the slow learners (pointing,
-# charts, clocks) more of the mixture than counting, which the model learns first.
+# (charts.EASY_CHART), count the items a receipt lists (docs.EASY_ITEMS), read the hour from an
+# analog clock's one hand (clocks.EASY_CLOCK). Every sample is verified by its generator's check
+# like any other synthetic sample. The rates give the slow learners (pointing, charts, clocks) more
+# of the mixture than counting, which the model learns first. Naming the receipt's store
+# (docs.EASY_DOC, the earlier demo's question) is learned on some instruction sets and not on
+# others within the demo's steps (bench/RESULTS.md), so the demo no longer claims it.
 FAMILIES = {
     "counting": Family("scenes", "scenes.EASY_COUNT", 1000, 200, 0.4, ("synth_scenes_count",)),
     "pointing": Family("scenes", "scenes.EASY_POINT", 2000, 200, 2.0, ("synth_scenes_point",)),
     "charts": Family("charts", "charts.EASY_CHART", 800, 100, 2.0, ("synth_charts",)),
-    "docs": Family("docs", "docs.EASY_DOC", 1500, 100, 0.8, ("synth_docs",)),
+    "docs": Family("docs", "docs.EASY_ITEMS", 1500, 100, 1.2, ("synth_docs",)),
     "clocks": Family("clocks", "clocks.EASY_CLOCK", 1500, 100, 1.5, ("synth_clocks",)),
 }  # fmt: skip
 FULL = DemoPlan(FAMILIES, train_steps=3000, eval_limit=200, live_eval_every=750, live_eval_limit=40)
@@ -246,24 +248,11 @@ def _run(out: Path, plan: DemoPlan) -> dict:
     release = _export(run_dir, out)
     print(f"  {release}  ({time.time() - t:.0f} s)")
 
-    t = _step("5/6 evaluate on held-out synthetic sets, with images and blind")
-    from eval.report import compare
-    from eval.runner import evaluate
-
-    data = {task: str(synth[f"{name}_eval"]) for task, name in EVAL_TASKS.items()}
-    seen = evaluate(
-        str(release), list(EVAL_TASKS), str(out / "eval" / "model"), data=data, limit=plan.eval_limit
+    t = _step(
+        "5/6 evaluate on held-out synthetic sets: with their images, with other samples' images, "
+        "with grey images, and the chance level of each set"
     )
-    blind = evaluate(
-        str(release),
-        list(EVAL_TASKS),
-        str(out / "eval" / "blind"),
-        data=data,
-        limit=plan.eval_limit,
-        blind=True,
-    )
-    chart_png = out / "eval" / "model_vs_blind.png"
-    compare([out / "eval" / "model" / "results.json", out / "eval" / "blind" / "results.json"], chart_png)
+    baselines = _evaluate(release, synth, out, plan)
     print(f"  {time.time() - t:.0f} s")
 
     t = _step("6/6 draw pointing predictions on held-out scenes")
@@ -273,11 +262,11 @@ def _run(out: Path, plan: DemoPlan) -> dict:
     predict(str(release), str(synth["pointing_eval"]), str(points_dir), limit=16, max_new_tokens=192)
     print(f"  {time.time() - t:.0f} s")
 
-    table = _results_table(seen, blind)
+    table = _results_table(*baselines)
     artifacts = {
         **{f"curation report ({name})": Path(s["report"]) for name, s in curated.items()},
         "loss curve": run_dir / "loss.png",
-        "eval chart": chart_png,
+        "eval chart": out / "eval" / "model_vs_blind.png",
         "pointing predictions": points_dir,
         "release": release,
         "eval results": out / "eval" / "model" / "results.json",
@@ -293,43 +282,111 @@ def _run(out: Path, plan: DemoPlan) -> dict:
     return result
 
 
+def _evaluate(release: Path, synth: dict[str, Path], out: Path, plan: DemoPlan) -> tuple[dict, ...]:
+    """The release on every held-out set as it is, then with each question asked about another
+    sample's image of its set (the image-reliance baseline), then with grey images (blind); and
+    each set's chance level (the best score one fixed answer gets, ``eval.baselines.chance``).
+    Draws the model-vs-baselines chart. Returns (model, other images, grey, chance)."""
+    from eval.baselines import chance
+    from eval.report import compare
+    from eval.runner import evaluate
+
+    data = {task: str(synth[f"{name}_eval"]) for task, name in EVAL_TASKS.items()}
+    runs = {}
+    for name, kwargs in (("model", {}), ("other_images", {"other_images": True}), ("blind", {"blind": True})):
+        runs[name] = evaluate(
+            str(release),
+            list(EVAL_TASKS),
+            str(out / "eval" / name),
+            data=data,
+            limit=plan.eval_limit,
+            **kwargs,
+        )
+    levels = {task: chance(task, path, plan.eval_limit)["score"] for task, path in data.items()}
+    compare([out / "eval" / name / "results.json" for name in runs], out / "eval" / "model_vs_blind.png")
+    return runs["model"], runs["other_images"], runs["blind"], levels
+
+
+# The demo's claim for every family, on any CPU: the model reads the image. Its score beats both
+# blind baselines (another sample's image, a grey image) by OVER_BLIND points and the set's chance
+# level by OVER_CHANCE points.
+OVER_BLIND, OVER_CHANCE = 20.0, 15.0
+
+
 def _score(results: dict, task: str) -> float:
     return float(results["tasks"][task]["score"])
 
 
-def _results_table(seen: dict, blind: dict) -> list[dict]:
+def _results_table(seen: dict, other: dict, blind: dict, levels: dict[str, float]) -> list[dict]:
     rows = []
-    for task in EVAL_TASKS:
-        s, b = _score(seen, task), _score(blind, task)  # results.json scores are percentages
-        metric = seen["tasks"][task]["primary"]
+    for task in EVAL_TASKS:  # results.json scores are percentages
+        s, o, b, c = _score(seen, task), _score(other, task), _score(blind, task), levels[task]
         rows.append(
             {
                 "task": task,
-                "metric": metric,
+                "metric": seen["tasks"][task]["primary"],
                 "model": round(s, 1),
+                "chance": round(c, 1),
+                "other": round(o, 1),
                 "blind": round(b, 1),
-                "gain": round(s - b, 1),
+                "over_chance": round(s - c, 1),
+                "over_blind": round(s - max(o, b), 1),
             }
         )
     return rows
 
 
+def verdict(table: list[dict]) -> dict[str, str]:
+    """task -> why it fails the demo's claim (``OVER_BLIND`` over both blind baselines,
+    ``OVER_CHANCE`` over chance); empty when every family reads its image."""
+    failed = {}
+    for r in table:
+        why = []
+        if r["model"] - max(r["other"], r["blind"]) < OVER_BLIND:
+            why.append(
+                f"{r['model']:.1f} is not {OVER_BLIND:.0f} over blind (other {r['other']:.1f}, grey {r['blind']:.1f})"
+            )
+        if r["model"] - r["chance"] < OVER_CHANCE:
+            why.append(f"{r['model']:.1f} is not {OVER_CHANCE:.0f} over chance {r['chance']:.1f}")
+        if why:
+            failed[r["task"]] = "; ".join(why)
+    return failed
+
+
+COLUMNS = (  # (key, header, width) of the printed table after task and metric
+    ("model", "model", 6), ("chance", "chance", 6), ("other", "other image", 11), ("blind", "grey", 6),
+    ("over_chance", "over chance", 11), ("over_blind", "over blind", 10),
+)  # fmt: skip
+
+
 def results_markdown(table: list[dict]) -> str:
     """The results table as the demo prints it (and as README.md shows it)."""
+    head = "".join(f" {h:>{w}} |" for _, h, w in COLUMNS)
     lines = [
-        f"| {'task':<20} | {'metric':<16} | {'model':>6} | {'blind':>6} | {'gain':>6} |",
-        f"|{'-' * 22}|{'-' * 18}|{'-' * 8}|{'-' * 8}|{'-' * 8}|",
+        f"| {'task':<20} | {'metric':<16} |{head}",
+        f"|{'-' * 22}|{'-' * 18}|" + "".join(f"{'-' * (w + 2)}|" for _, _, w in COLUMNS),
     ]
     for r in table:
-        lines.append(
-            f"| {r['task']:<20} | {r['metric']:<16} | {r['model']:>6.1f} | {r['blind']:>6.1f} | {r['gain']:>+6.1f} |"
+        cells = "".join(
+            f" {r[k]:>+{w}.1f} |" if k.startswith("over") else f" {r[k]:>{w}.1f} |" for k, _, w in COLUMNS
         )
+        lines.append(f"| {r['task']:<20} | {r['metric']:<16} |{cells}")
     return "\n".join(lines)
 
 
 def _print_summary(table: list[dict], artifacts: dict, seconds: float) -> None:
     print("\n=== results (held-out synthetic sets, score %)")
     print(results_markdown(table))
+    failed = verdict(table)
+    if failed:
+        print("\n=== verdict: some families are not read from the image")
+        for task, why in failed.items():
+            print(f"  {task}: {why}")
+    else:
+        print(
+            f"\n=== verdict: every family is read from the image "
+            f"(>= {OVER_BLIND:.0f} over both blind baselines, >= {OVER_CHANCE:.0f} over chance)"
+        )
     print("\n=== artifacts")
     for name, path in artifacts.items():
         print(f"  {name:<28} {path}")

@@ -101,7 +101,7 @@ def test_predict_skips_unreadable_images_and_keeps_every_answer(saved, inputs, t
 
     jsonl = predict(str(saved), str(inputs), str(tmp_path / "pred"), question="What?", max_new_tokens=2)
     rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["good"]
+    assert [r["key"] for r in rows] == ["good.png"]
     assert "skipped 3 unreadable image(s): bomb.png, truncated.png, zero.png" in caplog.text
 
 
@@ -121,3 +121,18 @@ def test_export_refuses_a_non_empty_folder_and_lists_only_its_own_shards(saved, 
     assert "other.safetensors" not in listed and listed
     release = [p for p in out.iterdir() if p.name not in ("notes.txt", "other.safetensors")]
     assert len({p.stat().st_mode & 0o777 for p in release}) == 1  # one file mode for the whole release
+
+
+def test_eval_missing_image_is_one_line(saved, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`mmsmall eval --data chartqa=...` with one image gone, DataLoader workers on (issue 23):
+    one error line naming the sample and file, no worker traceback."""
+    from test_eval_tasks import make_chartqa_json
+
+    root = make_chartqa_json(tmp_path / "c")
+    (root / "test" / "png" / "b.png").unlink()
+    args = ["eval", "--model", str(saved), "--tasks", "chartqa", "--data", f"chartqa={root}",
+            "--out", str(tmp_path / "out"), "--num-workers", "2", "--max-new-tokens", "2"]  # fmt: skip
+    code, err = _cli(args, monkeypatch, capsys)
+    err = [x for x in "\n".join(err).replace("\r", "\n").splitlines() if x.strip() and "%|" not in x]
+    assert code == 2 and len(err) == 1, err
+    assert "augmented_test/00000" in err[0] and "b.png" in err[0] and "Traceback" not in err[0]

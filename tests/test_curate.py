@@ -101,7 +101,8 @@ def test_planted_benchmark_items_removed_and_reported(curated):
     ids = {meta["id"] for _, meta, _ in _samples(Path(summary["out_dir"])).values()}
     assert expected["planted_image_id"] not in ids and expected["planted_question_id"] not in ids
     html = Path(summary["report"]).read_text()
-    assert "test_human:c0.png#0" in html and "val_v1.0:7" in html
+    assert "test_human:human_test/00000" in html and "val_v1.0:7" in html
+    assert "<th>items indexed</th>" in html and summary["decontam_benchmarks"]["test_human"]["images"] == 1
     assert summary["decontam_hits"] == 2
 
 

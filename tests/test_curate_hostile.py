@@ -160,3 +160,126 @@ def test_failed_start_leaves_no_empty_output_folder(tmp_path):
     with pytest.raises(ConfigError, match="input file not found"):
         run_curation(cfg, workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_keep_work_false_spares_files_named_like_work_files(tmp_path):
+    """The cleanup deletes what the run's own plan names, not whatever matches a work-file pattern."""
+    work = tmp_path / "work"
+    theirs = ["units/u000099.tar", "units/u000099.done.json", "shards/000050.json", "decontam.json",
+              "reduce/cols/u000042.npz", "reduce/keys/g7.npy"]  # fmt: skip
+    for name in theirs:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("not the run's")
+    cfg = _hostile_inputs(tmp_path, {}, {}, {}) | {"work_dir": str(work), "keep_work": False}
+    assert run_curation(cfg, workers=1)["n_kept"] == 8
+    left = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    assert left == sorted(theirs)
+
+
+def test_parquet_folder_resolves_relative_image_paths_beside_each_file(tmp_path):
+    folder = tmp_path / "pq"
+    (folder / "imgs").mkdir(parents=True)
+    for i in range(3):
+        (folder / "imgs" / f"{i}.jpg").write_bytes(_JPEGS[i])
+    table = pa.table({"id": [f"p{i}" for i in range(3)], "image": [f"imgs/{i}.jpg" for i in range(3)],
+                      "caption": [GOOD] * 3})  # fmt: skip
+    pq.write_table(table, folder / "part-0.parquet")
+    runs = {}
+    for name, path in (("folder", folder), ("file", folder / "part-0.parquet")):
+        cfg = {"inputs": [{"kind": "parquet", "path": str(path)}], "out_dir": str(tmp_path / name),
+               "report": {"enabled": False}}  # fmt: skip
+        runs[name] = run_curation(cfg, workers=1)
+    assert runs["folder"]["n_kept"] == runs["file"]["n_kept"] == 3 and runs["folder"]["dropped"] == {}
+
+
+def test_folder_input_with_a_bad_caption_file_and_broken_links(tmp_path):
+    """A caption that is not UTF-8, a dangling symlink and a symlink loop: each one sample dropped
+    and counted in n_in, the rest of the folder curated."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_JPEGS[i])
+        (folder / f"{i}.txt").write_text(f"{GOOD} Number {i}.")
+    (folder / "1.txt").write_bytes("Une balle rouge sur la table, d\xe9j\xe0 vue.".encode("latin-1"))
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    cfg = {"inputs": [{"kind": "folder", "path": str(folder)}], "out_dir": str(tmp_path / "out"),
+           "report": {"enabled": False}}  # fmt: skip
+    summary = run_curation(cfg, workers=1)
+    assert summary["n_in"] == 5 and summary["n_kept"] == 2
+    assert summary["dropped"] == {"bad_annotation": 1, "missing_image": 1, "unreadable": 1}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_leaves_no_pool_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    (tmp_path / "wds").mkdir()
+    for t in range(4):
+        _tar(tmp_path / "wds" / f"s-{t:06d}.tar", {f"k{t}": {"id": f"k{t}"}})
+    cfg = {"inputs": [{"kind": "webdataset", "path": str(tmp_path / "wds")}], "out_dir": str(tmp_path / "out"),
+           "report": {"enabled": False}}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "data_tools", "curate", str(tmp_path / "c.json"), "--workers", "2"]
+    env = {**os.environ, "DATA_TOOLS_UNIT_DELAY_S": "5"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list = []
+    try:
+        marker = tmp_path / "out" / "_work" / "units" / "u000000.done.json"
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers and marker.exists(), "the signal must land while units run"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert alive == [], f"pool workers still running after the driver's SIGTERM: {alive}"
+    finally:  # whatever the outcome, nothing this test started keeps running
+        for p in workers:
+            if p.is_running():
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_out_dir_inside_the_input_folder_is_not_read_back(tmp_path):
+    """The report's PNGs and the shards of a run whose out_dir sits in its input folder are not
+    inputs of the next run."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_JPEGS[i])
+        (folder / f"{i}.txt").write_text(f"{GOOD} Number {i}.")
+    cfg = {"inputs": [{"kind": "folder", "path": str(folder)}], "out_dir": str(folder / "curated")}
+    first = run_curation(cfg, workers=1)
+    assert list((folder / "curated" / "report").glob("*.png"))  # the report wrote images there
+    again = run_curation(cfg | {"work_dir": str(tmp_path / "work2")}, workers=1)  # nothing resumed
+    assert first["n_in"] == again["n_in"] == 3 and again["n_kept"] == 3
+
+
+def test_a_changed_prefix_replaces_the_old_shards(tmp_path):
+    cfg = _hostile_inputs(tmp_path, {}, {}, {}) | {"report": {"enabled": False}}
+    run_curation(cfg | {"prefix": "old"}, workers=1)
+    summary = run_curation(cfg | {"prefix": "new"}, workers=1)
+    out = Path(summary["out_dir"])
+    listed = sorted(s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+    assert sorted(p.name for p in out.glob("*.tar")) == listed and all(n.startswith("new-") for n in listed)
+
+
+def test_an_input_that_gives_no_samples_is_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "image": "a.jpg", "caption": GOOD}])
+    (tmp_path / "a.jpg").write_bytes(_JPEGS[0])
+    cfg = {"inputs": [{"kind": "jsonl", "path": str(tmp_path / p)} for p in ("rows.jsonl", "empty.jsonl")],
+           "out_dir": str(tmp_path / "out"), "report": {"enabled": False}}  # fmt: skip
+    summary = run_curation(cfg, workers=1)
+    assert summary["n_kept"] == 1 and len(summary["warnings"]) == 1
+    assert "inputs[1]" in summary["warnings"][0] and "empty.jsonl" in summary["warnings"][0]
+    assert "gave no samples" in caplog.text

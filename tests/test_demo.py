@@ -1,7 +1,7 @@
 """The shortened demo end to end through the real entry point (`mmsmall demo --quick`):
 synthesize -> curate -> DeepSpeed training via launch/train.sh (with in-training eval) -> export ->
-eval (+ blind) -> pointing predictions, with every artifact the summary names on disk; and the full
-demo: every family beats its blind baseline by >= 20 points, and README.md shows its table."""
+eval (+ other images, grey images, chance) -> pointing predictions, with every artifact the summary
+names on disk; and the full demo: every family is read from its image (the verdict), on any CPU."""
 
 import json
 import os
@@ -42,11 +42,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     evals = [json.loads(line) for line in (out / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4] and all(f"eval/{t}" in evals[-1] for t in EVAL_TASKS)
     for row in result["table"]:
-        assert 0.0 <= row["model"] <= 100.0 and 0.0 <= row["blind"] <= 100.0
+        assert all(0.0 <= row[k] <= 100.0 for k in ("model", "chance", "other", "blind"))
+        assert row["over_blind"] == round(row["model"] - max(row["other"], row["blind"]), 1)
     for name, path in result["artifacts"].items():
         assert Path(path).exists(), f"demo artifact {name} missing: {path}"
     assert (out / "release" / "config.json").exists() and (out / "release" / "README.md").exists()
     assert json.loads((out / "eval" / "blind" / "results.json").read_text())["blind"] is True
+    assert json.loads((out / "eval" / "other_images" / "results.json").read_text())["other_images"] is True
     assert (out / "run" / "log.jsonl").read_text().count("\n") >= 1
 
     # a second run into the same folder (README: "a second make demo reuses ...") finishes and
@@ -61,39 +63,68 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_demo_beats_blind_baseline(tmp_path):
-    """The README's claim: from seed 0, the demo's model beats its blind baseline by >= 20 points on
-    every family's held-out set (counting, pointing, charts, receipts, clocks), and README.md shows
-    the table this run prints, each score within 10 points: the same seed on another CPU rounds
-    floats differently and 3,000 steps amplify it (CI once measured a chart score 9 points away
-    from this machine's), so the check is the verdict plus a bound, not equality."""
-    from mmsmall.demo import EVAL_TASKS, results_markdown, run_demo
+def test_full_demo_reads_every_image(tmp_path):
+    """The README's claim: from seed 0, on any CPU, the demo's model reads every family's image:
+    on each held-out set (counting, pointing, charts, receipts, clocks) it beats both blind
+    baselines (each question asked about another sample's image; grey images) by >= 20 points and
+    the set's chance level by >= 15. Floats round differently on other instruction sets and 3,000
+    steps amplify it, so the scores themselves are checked only against the spread measured over
+    instruction sets (README.md, bench/demo.py --isa all): within that range widened by its own
+    width on each side (at least 5 points), not against one machine's table."""
+    from mmsmall.demo import EVAL_TASKS, results_markdown, run_demo, verdict
 
     result = run_demo(tmp_path / "demo", quick=False)
     rows = {row["task"]: row for row in result["table"]}
     assert set(rows) == set(EVAL_TASKS)
     table = results_markdown(result["table"])
-    weak = {
-        task: row["model"] - row["blind"] for task, row in rows.items() if row["model"] - row["blind"] < 20.0
-    }
-    assert not weak, f"families within 20 points of blind: {weak}\n{table}"
-    shown = _readme_table()
-    assert set(shown) == set(rows), f"README.md's demo table has other tasks; paste it:\n{table}"
-    drift = {}
+    failed = verdict(result["table"])
+    assert not failed, f"families not read from the image: {failed}\n{table}"
+    spread = _readme_spread()
+    assert set(spread) == set(rows), f"README.md's demo spread names other tasks:\n{table}"
+    outside = {}
     for task, row in rows.items():
-        model, blind = shown[task]
-        if model - blind < 20.0 or max(abs(model - row["model"]), abs(blind - row["blind"])) > 10.0:
-            drift[task] = ((model, blind), (row["model"], row["blind"]))
-    assert not drift, f"README.md's demo table differs from this run's {drift}; paste it:\n{table}"
+        lo, hi = spread[task]
+        width = max(hi - lo, 5.0)
+        if not lo - width <= row["model"] <= hi + width:
+            outside[task] = (row["model"], (lo, hi))
+    assert not outside, f"scores outside README.md's measured spread {outside}:\n{table}"
 
 
-def _readme_table() -> dict[str, tuple[float, float]]:
-    """task -> (model, blind) from the results table in README.md's demo section."""
+def test_readme_table_passes_its_own_verdict():
+    """The table README.md shows is one run of the demo and holds the claim it states."""
+    from mmsmall.demo import EVAL_TASKS, verdict
+
+    shown = _readme_table()
+    assert set(shown) == set(EVAL_TASKS)
+    assert not verdict(list(shown.values()))
+    for task, (lo, hi) in _readme_spread().items():
+        assert lo <= hi and lo - max(hi - lo, 5.0) <= shown[task]["model"] <= hi + max(hi - lo, 5.0)
+
+
+KEYS = ("model", "chance", "other", "blind", "over_chance", "over_blind")
+
+
+def _readme_table() -> dict[str, dict]:
+    """task -> row of the results table in README.md's demo section."""
     text = (ROOT / "README.md").read_text()
     block = text[text.index("=== results") :].split("```", 1)[0]
     out = {}
     for line in block.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0].startswith("synth_"):
-            out[cells[0]] = (float(cells[2]), float(cells[3]))
+        if len(cells) == 2 + len(KEYS) and cells[0].startswith("synth_"):
+            out[cells[0]] = {"task": cells[0], "metric": cells[1], **dict(zip(KEYS, map(float, cells[2:])))}
+    return out
+
+
+def _readme_spread() -> dict[str, tuple[float, float]]:
+    """task -> (lowest, highest) model score over the instruction sets measured, from the spread
+    table in README.md's demo section (rows ``| synth_x | ... | lo–hi |``, the range last)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("=== spread") :].split("```", 1)[0]
+    out = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith("synth_"):
+            lo, hi = cells[-1].replace("–", "-").split("-")
+            out[cells[0]] = (float(lo), float(hi))
     return out

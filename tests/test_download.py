@@ -294,3 +294,93 @@ def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_pa
     assert summary["n_in"] == 5 and summary["n_kept"] == 4, summary[
         "dropped"
     ]  # a.jpg twice: one exact duplicate
+
+
+def test_each_row_is_checked_against_its_own_sha256(tmp_path):
+    """Two rows naming one URL with different expected hashes: the URL is fetched once, each row
+    is judged by its own hash, whichever comes first (issue 23, item 8)."""
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    good = hashlib.sha256(_jpg(40)).hexdigest()
+    with LocalServer({"/a.jpg": Route(_jpg(40))}) as srv:
+        for order, hashes in (("bad_first", ["f" * 64, good.upper()]), ("good_first", [good, "f" * 64])):
+            rows = [
+                {"url": srv.url("/a.jpg"), "sha256": h, "caption": f"row {i}"} for i, h in enumerate(hashes)
+            ]
+            write_jsonl(tmp_path / f"{order}.jsonl", rows)
+            out = tmp_path / order
+            res = CliRunner().invoke(app, ["download", str(tmp_path / f"{order}.jsonl"), "--out", str(out)])
+            assert res.exit_code == 0, res.output
+            got = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+            bad = 0 if order == "bad_first" else 1
+            assert got[bad]["_error"] == "fetch_sha256_mismatch" and "image" not in got[bad]
+            assert (out / got[1 - bad]["image"]).read_bytes() == _jpg(40)
+        assert srv.hits["/a.jpg"] == 2  # once per download
+
+
+def test_rows_of_one_url_in_different_batches_are_each_checked_against_their_own_sha256(
+    tmp_path, monkeypatch
+):
+    """Rows are streamed one per batch here, so the rows naming a URL arrive in different batches: the
+    URL is still fetched once per run, its bytes refused only when no row expects them, and each row
+    is judged by its own hash, whichever batch it is in."""
+    import data_tools.download as dl
+
+    monkeypatch.setattr(dl, "ROW_BATCH", 1)
+    good, other = hashlib.sha256(_jpg(60)).hexdigest(), hashlib.sha256(_jpg(61)).hexdigest()
+    with LocalServer({"/a.jpg": Route(_jpg(60)), "/b.jpg": Route(_jpg(61))}) as srv:
+        a, b = srv.url("/a.jpg"), srv.url("/b.jpg")
+        for order, hashes in (
+            ("bad_first", ["f" * 64, good, None]),
+            ("good_first", [good.upper(), None, "f" * 64]),
+        ):
+            rows = [{"url": a, "sha256": hashes[0]}, {"url": b, "sha256": "e" * 64}, {"url": a, "sha256": hashes[1]},
+                    {"url": b, "sha256": "d" * 64}, {"url": a, "sha256": hashes[2]}]  # fmt: skip
+            write_jsonl(tmp_path / f"{order}.jsonl", rows)
+            out = tmp_path / order
+            report = download(tmp_path / f"{order}.jsonl", out, _cfg())
+            got = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+            verdicts = [r.get("_error", "ok") for r in got]
+            want = [("ok" if h is None or h.lower() == good else "fetch_sha256_mismatch") for h in hashes]
+            assert verdicts == [want[0], "fetch_sha256_mismatch", want[1], "fetch_sha256_mismatch", want[2]]
+            assert all((out / r["image"]).read_bytes() == _jpg(60) for r in got if "image" in r)
+            assert report["fetched_now"] == 2 and report["n_ok"] == 2
+            log = {(f := json.loads(x))["url"]: f for x in (out / "fetch_log.jsonl").read_text().splitlines()}
+            assert log[a]["reason"] == "ok"  # some row of a expects its bytes
+            assert (
+                log[b]["reason"] == "fetch_sha256_mismatch" and log[b]["sha256"] == other
+            )  # none of b's rows
+            assert not (out / "images").exists() or not any(
+                p.read_bytes() == _jpg(61) for p in (out / "images").rglob("*.*")
+            )  # b's bytes, expected by no row, are not stored
+        assert srv.hits["/a.jpg"] == 2 and srv.hits["/b.jpg"] == 2  # once per run
+
+
+def test_webdataset_rows_are_each_checked_against_their_own_sha256(tmp_path):
+    """--output webdataset: rows of one URL with different hashes, in one shard and across shards: each
+    row's verdict is its own; the URL is fetched once per shard (a shard does not keep bytes for the next)."""
+    import tarfile
+
+    good = hashlib.sha256(_jpg(62)).hexdigest()
+    with LocalServer({"/a.jpg": Route(_jpg(62))}) as srv:
+        a = srv.url("/a.jpg")
+        hashes = ["f" * 64, good, good.upper(), None, "f" * 64, "e" * 64]  # shards of 2: mixed, good, all bad
+        write_jsonl(
+            tmp_path / "rows.jsonl",
+            [{"url": a, "sha256": h, "caption": f"row {i}"} for i, h in enumerate(hashes)],
+        )
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(output="webdataset", shard_rows=2))
+        shards = tmp_path / "dl" / "shards"
+        assert report["n_ok"] == 3 and report["failed"] == {"fetch_sha256_mismatch": 3}
+        fails = {k: [json.loads(x) for x in (shards / f"0000{k}_failures.jsonl").read_text().splitlines()]
+                 for k in range(3)}  # fmt: skip
+        assert [f["key"] for f in fails[0]] == ["000000"] and fails[0][0]["reason"] == "fetch_sha256_mismatch"
+        assert fails[1] == [] and [f["key"] for f in fails[2]] == ["000020", "000021"]
+        with tarfile.open(shards / "00000.tar") as tar:
+            assert sorted(tar.getnames()) == ["000001.jpg", "000001.json", "000001.txt"]
+            assert tar.extractfile("000001.jpg").read() == _jpg(62)
+        with tarfile.open(shards / "00002.tar") as tar:
+            assert tar.getnames() == []
+        assert srv.hits["/a.jpg"] == 3  # once per shard

@@ -226,3 +226,75 @@ def test_molmo_style(tmp_path):
         TaskRecordingPredictor(CHART_ANSWERS), ["chartqa"], tmp_path / "l", data=data, num_workers=0
     )
     assert lmms["tasks"]["chartqa"]["score"] == 0.0  # lmms-eval scores the whole response
+
+
+class ColourReader:
+    """Reads the chartqa fixture's answer off its image (image i is red 10*i, its answer 10*i + 5):
+    right exactly when it sees the question's own image."""
+
+    def predict(self, images, questions, max_new_tokens, task=None):
+        return [str(int(np.asarray(im)[0, 0, 0]) + 5) for im in images]
+
+
+def test_other_images_ask_each_question_about_another_samples_image(tmp_path):
+    data = {"chartqa": str(make_chartqa_parquet(tmp_path / "c"))}  # 6 samples, answers 5, 15, ..., 55
+    own = evaluate(ColourReader(), ["chartqa"], tmp_path / "own", data=data, num_workers=0)
+    other = evaluate(
+        ColourReader(), ["chartqa"], tmp_path / "other", data=data, num_workers=0, other_images=True
+    )
+    assert own["tasks"]["chartqa"]["score"] == 100.0
+    assert other["other_images"] is True and other["tasks"]["chartqa"]["score"] == 0.0
+    samples = [
+        json.loads(x) for x in (tmp_path / "other" / "samples" / "chartqa.jsonl").read_text().splitlines()
+    ]
+    # sample k saw the image of sample k + 3 (half the set away, wrapping): a fixed derangement
+    assert [s["response"] for s in samples] == [str(10 * ((k + 3) % 6) + 5) for k in range(6)]
+    assert "| chartqa (relaxed_overall) |" in markdown_table(other) and "(other images)" in markdown_table(
+        other
+    )
+    # never mixed with own-image answers in one cache
+    with pytest.raises(EvalDataError, match="predictions were made with"):
+        evaluate(ColourReader(), ["chartqa"], tmp_path / "own", data=data, num_workers=0, other_images=True)
+    from mmsmall.config import ConfigError
+
+    with pytest.raises(ConfigError, match="choose one"):
+        evaluate(ColourReader(), ["chartqa"], tmp_path / "x", data=data, blind=True, other_images=True)
+    assert build_parser().parse_args(["--model", "m", "--tasks", "chartqa", "--other-images"]).other_images
+
+
+def test_chance_is_the_best_score_of_one_fixed_answer(tmp_path):
+    from test_eval_tasks import img_cell, write_parquet
+
+    from eval.baselines import chance
+
+    answers = ["7", "7", "7", "3", "3", "90"]
+    write_parquet(
+        tmp_path / "c" / "data" / "test-00000-of-00001.parquet",
+        {
+            "question": [f"q{i}?" for i in range(6)],
+            "answer": answers,
+            "type": ["human_test"] * 6,
+            "image": [img_cell(i) for i in range(6)],
+        },
+    )
+    level = chance("chartqa", str(tmp_path / "c"))
+    assert level == {"score": 50.0, "answer": "7", "n": 6, "n_candidates": 3}  # the majority answer, 3 of 6
+    assert chance("chartqa", str(tmp_path / "c"), limit=5)["score"] == 60.0
+
+
+def test_chartqa_with_one_split_says_so(tmp_path):
+    root = make_chartqa_json(tmp_path / "c")
+    (root / "test" / "test_augmented.json").unlink()
+    res = evaluate(
+        LookupPredictor({}), ["chartqa"], tmp_path / "out", data={"chartqa": str(root)}, num_workers=0
+    )
+    note = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["chartqa"]["note"]
+    assert res["tasks"]["chartqa"]["n"] == 1 and "only the human_test split" in note
+    both = evaluate(
+        LookupPredictor({}),
+        ["chartqa"],
+        tmp_path / "both",
+        data={"chartqa": str(make_chartqa_json(tmp_path / "b"))},
+        num_workers=0,
+    )
+    assert "note" not in both["tasks"]["chartqa"]

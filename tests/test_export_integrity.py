@@ -111,7 +111,7 @@ def test_chat_and_predict_draw_points(saved, tmp_path):
         str(out), str(img_dir), str(tmp_path / "pred"), question="Point to the dot.", max_new_tokens=4
     )
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["im0", "im1", "im2"] and all("answer" in r for r in rows)
+    assert [r["key"] for r in rows] == ["im0.png", "im1.png", "im2.png"] and all("answer" in r for r in rows)
     # A shard set: each sample's own first question is asked.
     import io
 

@@ -335,6 +335,8 @@ def test_fine_tuning_an_import_trains_in_its_own_chat_template(imported):
     assert short.counters == {"dropped_conversations": 1}
     with pytest.raises(ValueError, match="max_length"):
         TemplateTrainingProcessor(tok, cfg, max_length=n).encode(img, convs[:1])
+    with pytest.raises(ValueError, match="s2.*no assistant answer to train on"):  # never a silent loss of 0
+        TemplateTrainingProcessor(tok, cfg).encode(img, [convs[0][:1]], sample_id="s2")
 
     odd = tok.__class__.from_pretrained(imported)  # a template that renders the turns out of order
     odd.chat_template = "{% for m in messages | reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

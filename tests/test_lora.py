@@ -6,7 +6,8 @@ activation checkpointing, 10 steps:
 - ``mmsmall export --format molmo2`` merges the adapters: stock ``AutoModelForImageTextToText`` loads it
   with no adapter code, its weights differ from the imported ones and its logits equal ours;
   the merged model's logits equal the unmerged (peft layers) model's within 1e-5;
-- ``--adapter-only`` writes peft adapter folders that ``PeftModel.from_pretrained`` puts on the base;
+- ``--adapter-only`` writes peft adapter folders that ``PeftModel.from_pretrained`` puts on the base,
+  recording that base (``load_vlm`` of the folder puts them on it);
 - QLoRA (bitsandbytes NF4 base, its CPU backend) through the same launcher: the 4-bit base is frozen,
   a restart is exact, and the export is a plain model stock transformers loads.
 """
@@ -14,6 +15,7 @@ activation checkpointing, 10 steps:
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -159,6 +161,12 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
         ref = stock(**stock_in).logits  # (1, T, text vocab)
     assert ref.shape[-1] == n and (ref - ours[..., :n]).abs().max().item() < 1e-4
 
+    # the adapters record their base; mmsmall loads them onto it (chat, eval, export take the folder)
+    meta = json.loads((setup / "adapters" / "adapters.json").read_text())
+    assert meta["base_model"] == str((setup / "imported").resolve()) and meta["base_fingerprint"]
+    with torch.no_grad():
+        again = load_vlm(setup / "adapters")[0](**{k: batch[k] for k in KEYS}).logits
+        assert (again - ours)[..., :n].abs().max().item() < 1e-5
     llm = PeftModel.from_pretrained(base.llm, str(setup / "adapters" / "llm"))
     base.llm = llm
     base.vision = PeftModel.from_pretrained(base.vision, str(setup / "adapters" / "vision"))

@@ -235,3 +235,17 @@ def test_one_batch_builder_packs_rows_and_pads_left(tok, proc):
             assert torch.equal(left[key][row, T - L :], flat[key][row, :L])
     with pytest.raises(ValueError, match="more than seq_len=10"):
         collate_rows([[a]], tok.pad_token_id, seq_len=10)
+
+
+def test_a_training_example_without_any_answer_is_refused(tok, proc):
+    """Never a silent loss of 0: a sample whose kept conversations hold no answer is an error
+    (the loader skips and counts it), and so is one whose answers were all dropped by max_length."""
+    with pytest.raises(ValueError, match="s3.*no assistant answer to train on"):
+        proc.encode(_image(), [_conv("What is this?")], sample_id="s3")
+    prompt = proc.encode(_image(), [_conv("What is this?")], train=False)  # a prompt needs no answer
+    assert (prompt["labels"] == IGNORE).all()
+    convs = [_conv("Unanswered question here?"), _conv("Q two?", "A two")]
+    first = int((proc.encode(_image(), convs, train=False)["conv_ids"] <= 1).sum())  # prefix + unanswered
+    short = Processor(tok, ImageConfig(**TINY), max_length=first)
+    with pytest.raises(ValueError, match="1 later conversation.*dropped to fit max_length"):
+        short.encode(_image(), convs)

@@ -60,15 +60,19 @@ def test_full_numel_reads_zero3_sizes():
     assert _dense_params(layer) == 150
 
 
-def test_finished_unit_needs_the_same_fingerprint(tmp_path):
-    from data_tools.curate import finished_unit
+def test_finished_unit_needs_the_same_key_and_unchanged_reads(tmp_path):
+    from data_tools.curate import file_stat, finished_unit
 
-    assert finished_unit(tmp_path, "u000001", "abc") is None
-    (tmp_path / "u000001.done.json").write_text(
-        json.dumps({"uid": "u000001", "fingerprint": "abc", "n_in": 3})
-    )
-    assert finished_unit(tmp_path, "u000001", "abc")["n_in"] == 3
-    assert finished_unit(tmp_path, "u000001", "other") is None
+    unit = {"uid": "u000001", "key": "abc"}
+    assert finished_unit(tmp_path, unit) is None
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"x")
+    done = {"uid": "u000001", "key": "abc", "n_in": 3, "reads": {str(img): file_stat(str(img))}}
+    (tmp_path / "u000001.done.json").write_text(json.dumps(done))
+    assert finished_unit(tmp_path, unit)["n_in"] == 3
+    assert finished_unit(tmp_path, unit | {"key": "other"}) is None
+    img.write_bytes(b"xy")  # a file it read changed
+    assert finished_unit(tmp_path, unit) is None
 
 
 def test_trainer_drops_the_launchers_local_rank(capsys):

@@ -332,11 +332,12 @@ def test_gallery_uses_the_report_format(shards, tmp_path):
     [
         ("charts", "EASY_CHART", r"Which category has the (highest|lowest) .+\?", {"North", "East", "South", "West"}),
         ("docs", "EASY_DOC", r"What is the name of the store\?", {"FRESH MART", "Corner Grocer", "QuickStop", "Green Basket"}),
+        ("docs", "EASY_ITEMS", r"How many different items are listed on the receipt\?", {str(n) for n in range(2, 8)}),
         ("clocks", "EASY_CLOCK", r"(What|Read).*(time|clock).*", {f"{h}:00" for h in range(1, 13)}),
     ],
 )  # fmt: skip
 def test_demo_presets_are_real_tasks_checked_like_any_sample(kind, preset, question, answers):
-    """The demo's easy presets (charts.EASY_CHART, docs.EASY_DOC, clocks.EASY_CLOCK): one kind of
+    """The easy presets (charts.EASY_CHART, docs.EASY_DOC / EASY_ITEMS, clocks.EASY_CLOCK): one kind of
     question with a small answer set, and each sample's answer re-derived by its generator's check,
     which refuses a wrong one."""
     import importlib

@@ -56,6 +56,8 @@ RECEIPT_QUESTIONS = ("total", "tax", "subtotal", "store", "date", "time", "payme
 EASY_DOC = dict(  # task "doc_qa": "What is the name of the store?" on receipts of four stores,
     doc_types=["receipt"], receipt_questions=["store"], n_stores=4, store_scale=2.6,  # the name in big type
 )  # fmt: skip
+# task "doc_qa" on the same receipts: "How many different items are listed on the receipt?" (2-7)
+EASY_ITEMS = {**EASY_DOC, "receipt_questions": ["n_items"]}
 
 
 @dataclass

@@ -32,11 +32,35 @@ from PIL import Image
 
 from mmsmall.data.keys import member_key
 from mmsmall.data.remote import expand_braces, fetch_shard, is_remote, resolve_remote
+from mmsmall.errors import MissingInput
 from mmsmall.processing.images import to_rgb_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder scan takes as shards (tarfile reads them all)
+
+
+class TruncatedTarError(tarfile.ReadError):
+    """A tar that ends without its end-of-archive block: cut short, not a shorter whole shard."""
+
+
+def list_tars(folder: Path) -> list[Path]:
+    """The shard files of a folder without a manifest, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
+
+
+def tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Every member of an open tar, then a check that the archive ended with its zero block.
+
+    ``tarfile`` stops quietly at a header that is cut short (or at a file ending on a block
+    boundary), so a truncated shard would read as a shorter complete one; here it raises
+    :class:`TruncatedTarError` after the last whole member instead.
+    """
+    yield from tar
+    tar.fileobj.seek(tar.offset)
+    if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise TruncatedTarError(f"truncated: no end-of-archive block at byte {tar.offset}")
 
 
 class Sample(TypedDict, total=False):
@@ -66,9 +90,11 @@ def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list
         if manifest.exists():
             shards = json.loads(manifest.read_text()).get("shards", [])
             return [path / s["name"] for s in shards]
-        tars = sorted(path.glob("*.tar"))
+        tars = list_tars(path)
         if not tars:
-            raise FileNotFoundError(f"{path}: no manifest.json and no *.tar files; is this a shard folder?")
+            raise MissingInput(
+                f"{path}: no manifest.json and no {', '.join(TAR_SUFFIXES)} files; is this a shard folder?"
+            )
         return tars
     text = str(shard_dir_or_tars)
     if "{" in text:
@@ -77,7 +103,7 @@ def resolve_shards(shard_dir_or_tars: str | Path | Sequence[str | Path]) -> list
         paths = [path]
     missing = [p for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"shard {missing[0]} not found ({len(missing)} of {len(paths)} missing) "
             f"while resolving {text!r}; give a shard folder, a tar, or a brace pattern of tars"
         )
@@ -113,11 +139,15 @@ def _open_tar(shard: Path | str) -> tarfile.TarFile:
 def read_shard_members(
     shard: Path, counters: dict[str, int] | None = None
 ) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of one tar as ``(key, {ext: bytes})`` in tar order; an unreadable tar gives ``[]``."""
+    """All samples of one tar as ``(key, {ext: bytes})`` in tar order.
+
+    An unreadable or truncated tar is counted once (``unreadable_tar``); the samples read before
+    the fault are kept except the last one, which the fault may have cut short.
+    """
     groups: dict[str, dict[str, bytes]] = {}
     try:
         with _open_tar(shard) as tar:
-            for member in tar:
+            for member in tar_members(tar):
                 if not member.isfile():
                     continue
                 split = member_key(member.name)
@@ -133,8 +163,7 @@ def read_shard_members(
                     parts[ext] = f.read()
     except (tarfile.TarError, OSError, EOFError) as e:
         _skip(counters, "unreadable_tar", shard, "*", str(e))
-        if not groups:
-            return []
+        return list(groups.items())[:-1]
     return list(groups.items())
 
 

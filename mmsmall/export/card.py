@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from mmsmall.errors import MissingInput
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
@@ -44,7 +46,7 @@ def eval_table(results: dict | None) -> str:
             f"| {name} | {r.get('primary', '')} | {float(r.get('score', 0.0)):.2f} | {r.get('n', '')} |"
         )
     notes = []
-    for key in ("convention", "prompt_style", "blind", "limit"):
+    for key in ("convention", "prompt_style", "blind", "other_images", "limit"):
         if results.get(key) is not None:
             notes.append(f"{key}: `{results[key]}`")
     return "\n".join(rows) + ("\n\n" + "; ".join(notes) if notes else "") + "\n"
@@ -157,5 +159,5 @@ def read_eval_results(path: str | Path | None) -> dict | None:
     if p.is_dir():
         p = p / "results.json"
     if not p.exists():
-        raise FileNotFoundError(f"eval results {p} not found (expected eval/runner.py's results.json)")
+        raise MissingInput(f"eval results {p} not found (expected eval/runner.py's results.json)")
     return json.loads(p.read_text())

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmsmall.errors import MissingInput
+
 if TYPE_CHECKING:
     from mmsmall.model.vlm import VLM
 
@@ -116,9 +118,7 @@ def load_checkpoint(ckpt_dir: Path, merge_lora: bool = True) -> VLM:
 
     cfg_path = ckpt_dir / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(
-            f"{cfg_path} missing: the checkpoint folder must hold the run's resolved config"
-        )
+        raise MissingInput(f"{cfg_path} missing: the checkpoint folder must hold the run's resolved config")
     run_cfg = load_config(cfg_path, cls=RunConfig)
     model_cfg = run_cfg.model
     tokenizer = build_tokenizer(model_cfg.tokenizer, model_cfg.llm.name)

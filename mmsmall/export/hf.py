@@ -35,6 +35,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmsmall.config import ModelConfig, from_dict, to_dict
+from mmsmall.errors import MissingInput
 from mmsmall.model.vlm import (
     IMAGE_TOKENS,
     VLM,
@@ -195,7 +196,7 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
                     snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision"))
                 )
             except Exception as e:
-                raise FileNotFoundError(
+                raise MissingInput(
                     f"{pretrained_model_name_or_path}: not a local folder, and fetching it from the hub failed ({e})"
                 ) from e
         verify_shards(path)
@@ -227,10 +228,11 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """transformers' save_pretrained (safetensors, 5 GB shards) + tokenizer + ``checksums.json``."""
-        from mmsmall.export.safetensors_io import write_checksums
+        from mmsmall.export.safetensors_io import shard_files, umask_mode, write_checksums
 
         kwargs.setdefault("max_shard_size", "5GB")
         super().save_pretrained(save_directory, *args, **kwargs)
+        umask_mode(*shard_files(save_directory))  # transformers writes them 0600
         self.vlm.tokenizer.save_pretrained(save_directory)
         write_checksums(save_directory)
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmsmall.errors import MissingInput
 from mmsmall.export.molmo2 import Molmo2Incompatible
 from mmsmall.export.safetensors_io import verify_shards
 
@@ -47,7 +48,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(source)))
     except Exception as e:  # offline without a cached copy, unknown repo, no access
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{source}: neither a local folder nor a hub checkpoint that could be fetched ({e}); "
             "give a local copy, or set HF_HUB_OFFLINE=0 with network access"
         ) from e
@@ -120,13 +121,19 @@ def read_molmo2(source: str | Path):
     return vlm
 
 
-def import_molmo2(source: str | Path, out: str | Path):
-    """Import ``source`` into ``out`` (see module docstring); returns the imported VLM."""
+def import_molmo2(source: str | Path, out: str | Path, overwrite: bool = False):
+    """Import ``source`` into ``out`` (see module docstring); returns the imported VLM.
+
+    A non-empty ``out`` is refused before anything is read, unless ``overwrite`` (then the files
+    the import writes are replaced and other files stay)."""
     import transformers
 
+    from mmsmall.export.release import refuse_non_empty
+
+    out = Path(out)
+    refuse_non_empty(out, "import", overwrite)
     vlm = read_molmo2(source)
     path = resolve_checkpoint(source)
-    out = Path(out)
     vlm.save_pretrained(out)
     gen = path / "generation_config.json"
     if gen.exists():

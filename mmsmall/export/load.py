@@ -7,7 +7,8 @@ A source is any of:
 * one checkpoint folder (``step_00000010/``: DeepSpeed ZeRO-1/2/3 files + ``config.yaml``),
 * a folder written by ``VLM.save_pretrained`` (``model_config.yaml`` + ``model.safetensors``),
 * a folder exported in our HF format (``config.json`` with ``model_type: mmsmall``),
-* a stock transformers Molmo2 folder (``model_type: molmo2``), prompted through its chat template.
+* a stock transformers Molmo2 folder (``model_type: molmo2``), prompted through its chat template,
+* an adapter-only export (``adapters.json``): the base model recorded in it, with the adapters merged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmsmall.errors import MissingInput
 from mmsmall.export.consolidate import is_ds_checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Source:
-    kind: str  # deepspeed | vlm | hf
+    kind: str  # deepspeed | vlm | hf | molmo2 | adapter
     path: Path  # the folder holding the weights
     run_dir: Path | None = None  # the training run, when known (for the model card)
 
@@ -37,7 +39,11 @@ def resolve_source(src: str | Path) -> Source:
     """Classify ``src`` (see module docstring); raises FileNotFoundError saying what was expected."""
     p = Path(src)
     if not p.exists():
-        raise FileNotFoundError(f"export source {p} does not exist")
+        raise MissingInput(f"export source {p} does not exist")
+    from mmsmall.model.lora import is_adapter_folder
+
+    if is_adapter_folder(p):
+        return Source("adapter", p)
     if (p / "model_config.yaml").exists() and (p / "model.safetensors").exists():
         return Source("vlm", p)
     if (p / "config.json").exists():
@@ -58,11 +64,9 @@ def resolve_source(src: str | Path) -> Source:
         for note in point.notes:
             log.warning("export: %s", note)
         if point.tag is None or not is_ds_checkpoint(root / point.tag):
-            raise FileNotFoundError(
-                f"{root}: no intact checkpoint ({'; '.join(point.notes) or 'none saved'})"
-            )
+            raise MissingInput(f"{root}: no intact checkpoint ({'; '.join(point.notes) or 'none saved'})")
         return Source("deepspeed", root / point.tag, root.parent if root.name == "checkpoints" else None)
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{p}: not a run folder (checkpoints/latest), checkpoint root (latest), checkpoint folder "
         "(*_model_states.pt + config.yaml), VLM.save_pretrained folder (model_config.yaml + model.safetensors) "
         "or exported HF folder (config.json)"
@@ -76,6 +80,10 @@ def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:
     ``merge_lora``, folded into the base weights (a plain VLM); without, they stay peft layers.
     """
     source = resolve_source(src)
+    if source.kind == "adapter":  # an adapter-only export: put on the base recorded in it
+        from mmsmall.model.lora import load_adapter
+
+        return load_adapter(source.path), source
     if source.kind == "vlm":
         from mmsmall.model.vlm import VLM
 

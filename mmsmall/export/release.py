@@ -14,8 +14,6 @@ every shard), config, generation config, tokenizer, processor, chat template and
 from __future__ import annotations
 
 import logging
-import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +23,7 @@ if TYPE_CHECKING:
     from mmsmall.model.vlm import VLM
 
 from mmsmall.export.card import CHAT_TEMPLATE, model_card, read_eval_results
-from mmsmall.export.safetensors_io import write_checksums
+from mmsmall.export.safetensors_io import shard_files, umask_mode, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +50,7 @@ def save_molmo2(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> P
     model = build_molmo2_model(vlm, vlm.tokenizer, vlm.cfg.image.crop_size)
     model.generation_config = _generation_config(vlm.tokenizer)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    umask_mode(*shard_files(out_dir))  # transformers writes them 0600
     processor = build_molmo2_processor(vlm.tokenizer, vlm.cfg.image, _chat_template(vlm))
     processor.save_pretrained(out_dir)
     write_checksums(out_dir)
@@ -74,6 +73,30 @@ def save_mmsmall(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> 
     processor_for(vlm, chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
     write_checksums(out_dir)
     return out_dir
+
+
+def refuse_non_empty(out: Path, command: str, overwrite: bool) -> None:
+    """Raise :class:`~mmsmall.errors.OutputExists` when ``out`` holds files and ``overwrite`` is off."""
+    from mmsmall.errors import OutputExists
+
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExists(
+            f"{out} is not empty; {command} into a new or empty folder, or pass --overwrite to replace "
+            f"the {command}ed files there (other files are left alone)"
+        )
+
+
+def _trained_from(ckpt_dir: Path) -> str | None:
+    """``train.init_from`` of the run that wrote ``ckpt_dir`` (absolute when it exists here)."""
+    import yaml
+
+    cfg = ckpt_dir / "config.yaml"
+    init_from = (
+        (yaml.safe_load(cfg.read_text()) or {}).get("train", {}).get("init_from") if cfg.exists() else None
+    )
+    if init_from and Path(init_from).exists():
+        return str(Path(init_from).resolve())
+    return init_from
 
 
 def run_export(
@@ -103,23 +126,18 @@ def run_export(
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r}; valid: {', '.join(FORMATS)}")
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out} is not empty; export into a new or empty folder, or pass --overwrite to replace "
-            "the release files there (other files are left alone)"
-        )
+    refuse_non_empty(out, "export", overwrite)
     if adapter_only:
         from mmsmall.model.lora import has_lora, save_adapter
 
-        vlm, _ = load_vlm(src, merge_lora=False)
+        vlm, source = load_vlm(src, merge_lora=False)
         if not has_lora(vlm):
             raise ConfigError(
                 f"--adapter-only: {src} holds no LoRA adapters (it was not trained with train.lora)"
             )
-        path = save_adapter(vlm, out)
+        path = save_adapter(vlm, out, base=_trained_from(source.path))
         log.info("exported the LoRA adapters of %s to %s", src, path)
         return path
-    started = time.time_ns()
     vlm, source = load_vlm(src)
     if fmt == "mmsmall" and vlm.cfg.prompt == "chat_template":
         raise ConfigError(
@@ -146,16 +164,5 @@ def run_export(
     with torch.no_grad():
         (save_molmo2 if fmt == "molmo2" else save_mmsmall)(vlm, out, max_shard_size=max_shard_size)
     (out / "README.md").write_text(model_card(vlm, fmt, run_config=run_cfg, eval_results=results))
-    _same_file_mode(out, since_ns=started)
     log.info("exported %s (%s) to %s in %s format", src, source.kind, out, fmt)
     return out
-
-
-def _same_file_mode(out: Path, since_ns: int) -> None:
-    """Give every file this export wrote the mode a new file gets under the umask (transformers
-    writes weights through a private 0600 temporary file); files that were there before stay."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in out.rglob("*"):
-        if p.is_file() and not p.is_symlink() and p.stat().st_mtime_ns >= since_ns:
-            p.chmod(0o666 & ~umask)

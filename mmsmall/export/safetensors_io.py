@@ -8,17 +8,22 @@ plus ``model.safetensors.index.json`` (Hugging Face's layout), and ``checksums.j
 Loading only ever reads safetensors. Before reading, every shard listed in ``checksums.json`` is
 checked for size (a truncated copy) and hash (a tampered copy); either fails with
 :class:`ShardIntegrityError` naming the file.
+
+Every weight file we write goes through :func:`save_safetensors` (or, for folders transformers
+writes, :func:`umask_mode` afterwards): safetensors creates its files 0600, and weights must get
+the mode every other new file gets under the umask (0644 under the usual 022).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -28,6 +33,41 @@ MAX_SHARD_BYTES = 5 * 1000**3  # 5 GB, Hugging Face's default shard limit
 
 class ShardIntegrityError(RuntimeError):
     """A weight file is missing, truncated, tampered with, or not valid safetensors."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(*paths: str | Path) -> None:
+    """Give ``paths`` the mode a new file gets under the umask (``0o666 & ~umask``)."""
+    mode = 0o666 & ~_umask()
+    for p in paths:
+        os.chmod(p, mode)
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor] | torch.nn.Module,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write one safetensors file (a state dict, or a module through ``save_model``, which drops
+    tied duplicates) with the umask's file mode; the one writer of weight files in mmsmall."""
+    if isinstance(tensors, torch.nn.Module):
+        save_model(tensors, str(path), metadata=metadata)
+    else:
+        save_file(tensors, str(path), metadata=metadata)
+    umask_mode(path)
+    return Path(path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -78,7 +118,7 @@ def write_sharded(
     weight_map: dict[str, str] = {}
     for i, keys in enumerate(groups, start=1):
         name = SINGLE_NAME if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: clean[k] for k in keys}, str(out_dir / name), metadata=meta)
+        save_safetensors({k: clean[k] for k in keys}, out_dir / name, metadata=meta)
         paths.append(out_dir / name)
         weight_map.update(dict.fromkeys(keys, name))
     if len(groups) > 1:
@@ -106,6 +146,21 @@ def shard_files(model_dir: str | Path) -> list[Path]:
         f"{model_dir}: no {SINGLE_NAME} and no {INDEX_NAME}; is this a model folder written by "
         "`mmsmall export` or save_pretrained?"
     )
+
+
+def weights_fingerprint(model_dir: str | Path, edge: int = 1 << 20) -> str:
+    """A cheap identity of a model folder's weights: sha256 over each weight file's name, size and
+    first and last ``edge`` bytes (the safetensors header, which lists every tensor, and both ends
+    of the data), so a 16 GB base is told apart in milliseconds, not by reading all of it."""
+    h = hashlib.sha256()
+    for p in shard_files(model_dir):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}\n".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(edge))
+            f.seek(max(0, size - edge))
+            h.update(f.read(edge))
+    return h.hexdigest()
 
 
 def write_checksums(model_dir: str | Path) -> Path:

@@ -15,6 +15,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mmsmall.errors import MissingInput
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -46,6 +48,9 @@ def chat(
     dtype: str = "fp32",
 ) -> str:
     """Answer ``question`` about ``image`` (None: text only) with greedy decoding."""
+    from mmsmall.inference.predictor import check_options
+
+    check_options(max_new_tokens=max_new_tokens, max_crops=max_crops)
     predictor = _predictor(model, device=device, max_crops=max_crops, dtype=dtype)
     img = _open_image(image) if image else None
     return predictor.predict([img], [question], max_new_tokens=max_new_tokens, task=task)[0]
@@ -142,7 +147,10 @@ def _gold_points(meta: dict, image: Image.Image) -> list[tuple[float, float]] | 
 def _iter_inputs(
     inputs: str, question: str | None
 ) -> Iterator[tuple[str, Image.Image | None, str, list[tuple[float, float]] | None]]:
-    """(key, image, question, gold points) from a folder of images or a shard set (its first user turn)."""
+    """(key, image, question, gold points) from a folder of images or a shard set (its first user turn).
+
+    The key is the image's file name with its extension (``cat.png`` and ``cat.jpg`` are two rows),
+    or the shard sample's key."""
     p = Path(inputs)
     images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
     if images:
@@ -155,9 +163,9 @@ def _iter_inputs(
             except ImageLoadError as e:  # skip and count; every good image is still answered
                 skipped.append((f.name, str(e)))
                 continue
-            yield f.stem, image, question or DEFAULT_QUESTION, None
+            yield f.name, image, question or DEFAULT_QUESTION, None  # cat.png and cat.jpg: two keys
         if len(skipped) == len(images):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{inputs}: none of its {len(images)} images could be read, e.g. {skipped[0][1]}"
             )
         if skipped:
@@ -179,9 +187,7 @@ def _iter_inputs(
     if counters:
         log.warning("predict: skipped corrupt shard members: %s", counters)
     if n == 0:
-        raise FileNotFoundError(
-            f"{inputs}: no images ({', '.join(IMAGE_SUFFIXES)}) and no readable shard samples"
-        )
+        raise MissingInput(f"{inputs}: no images ({', '.join(IMAGE_SUFFIXES)}) and no readable shard samples")
 
 
 def predict(
@@ -198,8 +204,12 @@ def predict(
     dtype: str = "fp32",
 ) -> Path:
     """Answer a question for every image of ``inputs`` (the first ``limit`` when given); writes
-    ``out/predictions.jsonl`` and, for answers that contain points, ``out/{key}.png`` with the
+    ``out/predictions.jsonl`` (one row per image, keyed by its file name or shard key) and, for
+    answers that contain points, ``out/{key}.png`` with the
     points drawn. Returns the jsonl path."""
+    from mmsmall.inference.predictor import check_options
+
+    check_options(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, max_crops=max_crops)
     predictor = _predictor(model, device=device, max_crops=max_crops, dtype=dtype)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,18 @@ from mmsmall.model.vlm import VLM
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The least value of each number chat / predict / eval take (None everywhere means "the default").
+MINIMUM = {"max_new_tokens": 1, "max_crops": 1, "batch_size": 1, "limit": 1, "num_workers": 0}
+
+
+def check_options(**values: int | None) -> None:
+    """Refuse an out-of-range number before any model loads: a ConfigError naming the option as
+    typed (``max_new_tokens`` -> ``--max-new-tokens``), its value and its least allowed value."""
+    from mmsmall.config import ConfigError
+
+    for name, value in values.items():
+        if value is not None and value < MINIMUM[name]:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {MINIMUM[name]}, got {value}")
 
 
 class Predictor:
@@ -42,8 +54,7 @@ class Predictor:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-        if max_crops is not None and max_crops < 1:
-            raise ValueError(f"max_crops={max_crops}; must be >= 1")
+        check_options(max_crops=max_crops)
         if isinstance(model_or_dir, VLM):
             model = model_or_dir
         else:
@@ -88,8 +99,7 @@ class Predictor:
             raise ValueError(
                 f"predict: {len(images)} images but {len(questions)} questions; give one image per question"
             )
-        if batch_size < 1:
-            raise ValueError(f"predict: batch_size={batch_size}; must be >= 1")
+        check_options(batch_size=batch_size, max_new_tokens=max_new_tokens)
         answers: list[str] = []
         for start in range(0, len(questions), batch_size):
             pairs = zip(images[start : start + batch_size], questions[start : start + batch_size])
@@ -119,9 +129,10 @@ class Predictor:
     ) -> list[str]:
         """Generate from a collated batch and decode: special tokens (EOS) dropped, cut at the first
         stop string, stripped."""
+        check_options(max_new_tokens=max_new_tokens)
         new_tokens = self.model.generate(
             batch,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=self._fit_positions(batch, max_new_tokens),
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -135,3 +146,30 @@ class Predictor:
                     text = text[: text.index(stop)]
             answers.append(text.strip())
         return answers
+
+    def _fit_positions(self, batch: dict, max_new_tokens: int) -> int:
+        """``max_new_tokens``, capped with a warning to the positions the model has left after the
+        longest prompt (``max_position_embeddings``); a prompt past them is refused, since what a
+        model answers there is noise, and cutting the prompt would cut the image or the question."""
+        from mmsmall.errors import InputTooLong
+
+        limit = getattr(self.model.llm.config, "max_position_embeddings", None)
+        if not limit:
+            return max_new_tokens
+        used = batch["position_ids"].amax(dim=1) + 1  # (B,) positions each prompt takes
+        row = int(used.argmax())
+        longest = int(used[row])
+        if longest > limit:
+            ids = batch.get("sample_ids") or []
+            name = f" (sample {ids[row]!r})" if row < len(ids) and ids[row] else ""
+            raise InputTooLong(
+                f"a prompt{name} takes {longest} positions, past the model's max_position_embeddings="
+                f"{limit}; shorten the question or lower --max-crops (fewer image tokens)"
+            )
+        room = limit - longest + 1  # the last new token needs no position of its own
+        if max_new_tokens > room:
+            logger.warning(
+                "a prompt takes %d of the model's %d positions: generating at most %d new tokens, not %d",
+                longest, limit, room, max_new_tokens,
+            )  # fmt: skip
+        return min(max_new_tokens, room)

@@ -81,6 +81,8 @@ class TemplateTrainingProcessor:
                     "model.image.max_crops, or shorten the text."
                 )
             keep -= 1
+        if not (ex["labels"] != IGNORE_INDEX).any():  # never a silent loss of 0
+            raise ValueError(f"{where}: no assistant answer to train on; give each conversation its answer")
         if keep < len(conversations):
             dropped = self.counters.get("dropped_conversations", 0) + len(conversations) - keep
             self.counters["dropped_conversations"] = dropped

@@ -1,7 +1,7 @@
 """LoRA fine-tuning with peft: adapters on the LLM (and optionally the ViT), the connector fully trained.
 
 ``train.lora.enabled=true`` (configs/train/lora-finetune.yaml): :func:`apply_lora` (called once,
-from ``engine.build_engine``) injects peft ``LoraConfig`` adapters into ``model.llm`` /
+from ``engine.set_trainable``) injects peft ``LoraConfig`` adapters into ``model.llm`` /
 ``model.vision`` in place (``inject_adapter_in_model``: no wrapper class, so every other name of
 the VLM stays the same), freezes every base weight and trains only the adapters and the connector.
 DeepSpeed checkpoints then hold adapters and base alike, so resume is exact.
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 ADAPTED = ("llm", "vision")
 ADAPTER = "default"  # peft's adapter name
+LORA_ZERO3 = (
+    "the adapters are added before DeepSpeed partitions the model, which ZeRO-3 does at construction; "
+    "use train.deepspeed=configs/deepspeed/zero2.json (LoRA's optimizer state is small, ZeRO-2 is "
+    "what it needs)"
+)
 
 
 def _lora_layers(model: nn.Module):
@@ -74,14 +79,33 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
 
 
+def four_bit_targets(llm: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers QLoRA stores in 4 bits: every ``nn.Linear`` of ``llm`` but ``lm_head``."""
+    return [
+        (name, m)
+        for name, m in llm.named_modules()
+        if type(m) is nn.Linear and name.rpartition(".")[2] != "lm_head"
+    ]
+
+
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes' blocksizes for the weights and their absmax
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one weight of ``numel`` elements as ``quantize_base`` stores it (bitsandbytes NF4,
+    double-quantized): two 4-bit values per byte, one 8-bit absmax per 64-element block, and for
+    those absmax one fp32 absmax per 256 blocks, their fp32 offset, the 256-entry fp32 code and
+    the 16-entry fp32 NF4 map."""
+    blocks = -(-numel // NF4_BLOCK)
+    return -(-numel // 2) + blocks + 4 * -(-blocks // NF4_NESTED_BLOCK) + 4 * (1 + 256 + 16)
+
+
 def quantize_base(llm: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``llm`` but ``lm_head`` for an NF4 ``Linear4bit`` in place; returns the count."""
     import bitsandbytes as bnb
 
     swapped = 0
-    for name, child in list(llm.named_modules()):
-        if type(child) is not nn.Linear or name.rpartition(".")[2] == "lm_head":
-            continue
+    for name, child in four_bit_targets(llm):
         q = bnb.nn.Linear4bit(
             child.in_features, child.out_features, bias=child.bias is not None, quant_type="nf4",
             compress_statistics=True, device="meta",
@@ -144,11 +168,7 @@ def inject_lora(model: nn.Module, cfg: Any) -> None:
     from peft import inject_adapter_in_model
 
     if any(hasattr(p, "ds_numel") for p in model.parameters()):
-        raise ValueError(
-            "train.lora with ZeRO-3: the adapters are added before DeepSpeed partitions the model, which "
-            "ZeRO-3 does at construction; use train.deepspeed=configs/deepspeed/zero2.json (LoRA's "
-            "optimizer state is small, ZeRO-2 is what it needs)"
-        )
+        raise ValueError(f"train.lora with ZeRO-3: {LORA_ZERO3}")
     _check_qlora(cfg)
     if cfg.qlora:  # the 4-bit base goes in first, so that peft wraps the 4-bit layers
         log.info("QLoRA: %d LLM Linear layers quantized to NF4", quantize_base(model.llm))
@@ -234,10 +254,22 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, out: str | Path) -> Path:
-    """peft adapter folders ``out/llm`` (and ``out/vision``) + ``out/connector.safetensors``."""
+ADAPTERS_JSON = "adapters.json"
+
+
+def save_adapter(model: nn.Module, out: str | Path, base: str | Path | None = None) -> Path:
+    """peft adapter folders ``out/llm`` (and ``out/vision``) + ``out/connector.safetensors``.
+
+    ``base``: the model folder the adapters were trained on (``train.init_from``); it is recorded
+    as peft's ``base_model_name_or_path`` and, with its :func:`weights_fingerprint`, in
+    ``adapters.json``, so :func:`load_adapter` refuses any other base. The adapters name mmsmall's
+    module layout (``llm.model.layers.N.self_attn.q_proj``), not a stock Molmo2 release's.
+    """
+    import copy
+
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+
+    from mmsmall.export.safetensors_io import save_safetensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,16 +280,82 @@ def save_adapter(model: nn.Module, out: str | Path) -> Path:
         if peft_cfg is None:
             continue
         folder = out / name
+        peft_cfg = copy.copy(peft_cfg)
+        peft_cfg.base_model_name_or_path = str(base) if base is not None else None
         peft_cfg.save_pretrained(str(folder))
         sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-        save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in sd.items()},
-                  str(folder / "adapter_model.safetensors"))  # fmt: skip
+        save_safetensors({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in sd.items()},
+                         folder / "adapter_model.safetensors")  # fmt: skip
         written.append(name)
     if not written:
         raise ValueError("the model has no LoRA adapters to save (train.lora.enabled was false)")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.connector.state_dict().items()},
-              str(out / "connector.safetensors"))  # fmt: skip
-    (out / "adapters.json").write_text(
-        json.dumps({"adapters": written, "connector": "connector.safetensors"}) + "\n"
-    )
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.connector.state_dict().items()},
+                     out / "connector.safetensors")  # fmt: skip
+    meta = {
+        "adapters": written,
+        "connector": "connector.safetensors",
+        "layout": "mmsmall",  # module names of mmsmall's VLM; a stock Molmo2 model fuses att_proj / ff_proj
+        "base_model": str(base) if base is not None else None,
+        "base_fingerprint": _fingerprint(base),
+    }
+    (out / ADAPTERS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _fingerprint(base: str | Path | None) -> str | None:
+    from mmsmall.export.safetensors_io import ShardIntegrityError, weights_fingerprint
+
+    if base is None or not Path(base).is_dir():
+        return None
+    try:
+        return weights_fingerprint(base)
+    except ShardIntegrityError:  # a folder without weight files of its own: nothing to compare
+        return None
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """True for a folder :func:`save_adapter` wrote (``mmsmall export --adapter-only``)."""
+    return (Path(path) / ADAPTERS_JSON).is_file()
+
+
+def load_adapter(folder: str | Path, base: str | Path | None = None) -> nn.Module:
+    """The VLM of an adapter-only export: its base (``base``, default: the one recorded) with the
+    adapters merged in and the connector replaced (fp32, eval).
+
+    Raises :class:`~mmsmall.errors.AdapterBaseMismatch` when the base's weights are not the ones
+    the adapters were trained on, and :class:`~mmsmall.errors.MissingInput` when no base is known
+    or it is gone."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mmsmall.errors import AdapterBaseMismatch, MissingInput
+    from mmsmall.export.load import load_vlm
+
+    folder = Path(folder)
+    meta = json.loads((folder / ADAPTERS_JSON).read_text())
+    base = base or meta.get("base_model")
+    if not base or not Path(base).exists():
+        raise MissingInput(
+            f"{folder}: its base model {base!r} (adapters.json base_model) is not a folder here; "
+            "give the folder the adapters were trained on (train.init_from of the run)"
+        )
+    recorded, actual = meta.get("base_fingerprint"), _fingerprint(base)
+    if recorded and actual != recorded:
+        raise AdapterBaseMismatch(
+            f"{folder}: trained on a base with weights fingerprint {recorded[:16]}... "
+            f"({meta.get('base_model')}), but {base} has {str(actual)[:16]}...; load it onto the base "
+            "it was trained on"
+        )
+    vlm, _ = load_vlm(base)
+    for name in meta["adapters"]:
+        module = getattr(vlm, name)
+        inject_adapter_in_model(LoraConfig.from_pretrained(str(folder / name)), module, adapter_name=ADAPTER)
+        state = load_file(folder / name / "adapter_model.safetensors")
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+        if getattr(result, "unexpected_keys", None):
+            raise AdapterBaseMismatch(
+                f"{folder / name}: adapter weights {result.unexpected_keys[:3]} name no layer of {base}"
+            )
+    vlm.connector.load_state_dict(load_file(folder / meta["connector"]))
+    return merge_lora(vlm).float().eval()

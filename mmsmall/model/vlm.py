@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -34,6 +34,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
+from mmsmall.errors import MissingInput
 from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
 from mmsmall.model.connector import Connector
 from mmsmall.model.params import full_numel
@@ -408,13 +409,16 @@ class VLM(nn.Module):
             # the unpruned depth, so that negative model.vision.layers resolve to the same blocks
             vision_config["num_hidden_layers"] = self.vision.backbone.num_blocks
             (out_dir / "vision_config.json").write_text(json.dumps(vision_config, indent=2))
+        from mmsmall.export.safetensors_io import save_safetensors
         from mmsmall.model.lora import has_lora, merged_state_dict, save_adapter
 
         if has_lora(self):  # LoRA-trained: the adapters merged into plain weights, and kept beside them
-            save_file(merged_state_dict(self), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+            save_safetensors(
+                merged_state_dict(self), out_dir / "model.safetensors", metadata={"format": "pt"}
+            )
             save_adapter(self, out_dir / "adapter")
         else:
-            save_model(self, str(out_dir / "model.safetensors"))
+            save_safetensors(self, out_dir / "model.safetensors")
         return out_dir
 
     @classmethod
@@ -431,7 +435,7 @@ class VLM(nn.Module):
         model_dir = Path(model_dir)
         weights = model_dir / "model.safetensors"
         if not weights.exists():
-            raise FileNotFoundError(f"{weights} not found; expected a folder written by VLM.save_pretrained")
+            raise MissingInput(f"{weights} not found; expected a folder written by VLM.save_pretrained")
         cfg = load_config(model_dir / "model_config.yaml", cls=ModelConfig)
         tokenizer = build_tokenizer(TokenizerConfig(name=str(model_dir)))
         model = build_offline(cfg, tokenizer, *folder_configs(model_dir))

@@ -153,10 +153,15 @@ class Processor:
 
         prefix, image_tensors = self._prefix(image, train)
         keep = self._fit(len(prefix), [len(c) for c in conv_ids_list], where)
-        n_answers = sum(m["role"] == "assistant" for conv in conversations[:keep] for m in conv)
-        return self._assemble(
-            prefix, conv_ids_list[:keep], conv_tgt[:keep], image_tensors, n_answers, sample_id, where
-        )
+        # Never a silent loss of 0: a training example keeps at least one answer to learn.
+        if train and not any(any(tgt) for tgt in conv_tgt[:keep]):
+            cut = len(conversations) - keep
+            raise ValueError(
+                f"{where}: no assistant answer to train on"
+                + (f" ({cut} later conversation(s) dropped to fit max_length)" if cut else "")
+                + "; give each conversation its answer, or encode it as a prompt (train=False)"
+            )
+        return self._assemble(prefix, conv_ids_list[:keep], conv_tgt[:keep], image_tensors, sample_id)
 
     def encode_prompt(
         self,
@@ -193,9 +198,7 @@ class Processor:
         convs: list[list[int]],
         targets: list[list[bool]],
         image_tensors: dict,
-        n_answers: int,
         sample_id: str,
-        where: str,
     ) -> Example:
         P = len(prefix)
         lens = [len(c) for c in convs]
@@ -215,13 +218,6 @@ class Processor:
         starts = torch.tensor([0, *np.cumsum(lens)[:-1].tolist()], dtype=torch.long)  # (n_conv,)
         offsets = torch.arange(len(body)) - torch.repeat_interleave(starts, torch.tensor(lens))
         position_ids = torch.cat([torch.arange(P), P + offsets])
-        # Never a silent loss of 0: every answer (and its EOS) must survive as targets.
-        n_targets = int((labels != IGNORE_INDEX).sum())
-        if n_targets != int(is_target.sum()) or n_targets < n_answers:
-            raise ValueError(
-                f"{where}: {n_targets} target tokens for {n_answers} answers; the labels do not line up "
-                "with the answers (a tokenizer problem); not training on this sample"
-            )
         ex: Example = {
             "input_ids": input_ids,
             "labels": labels,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from mmsmall.config import save_config
+from mmsmall.errors import MissingInput
 from mmsmall.export import intact
 from mmsmall.train import resume
 
@@ -116,7 +117,9 @@ def save(
     return ckpt_root / tag
 
 
-_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
+# What numpy's RNG state (a uint32 array) unpickles through: the array rebuild function is taken
+# from the public pickle protocol (``ndarray.__reduce__``), not from numpy's private modules.
+_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np.zeros(0).__reduce__()[0], np.dtypes.UInt32DType]
 
 
 def saved_world_size(ckpt_dir: Path) -> int | None:
@@ -169,7 +172,7 @@ def load_latest(engine: Any, ckpt_root: str | Path, tag: str | None = None) -> d
     saved = saved_world_size(ckpt_root / tag) or world
     client_path = ckpt_root / tag / f"client_rank{rank:05d}.pt"
     if saved == world and not client_path.exists():  # only a checkpoint without complete.json
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{client_path} missing: checkpoint {tag} predates complete.json and was written by fewer "
             f"ranks than this run has ({world}); resume it with the world size it was saved on"
         )

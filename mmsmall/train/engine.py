@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmsmall.config import MODULES
+from mmsmall.errors import MissingInput
 from mmsmall.model.params import full_numel, full_shape
 from mmsmall.resources import CONFIGS_DIR, find_config, torch_extensions_dir
 from mmsmall.train.schedule import build_scheduler
@@ -99,6 +100,16 @@ def freeze_modules(model: nn.Module, freeze: list[str]) -> dict[str, dict[str, A
     return summary
 
 
+def set_trainable(model: nn.Module, train_cfg: Any) -> None:
+    """What trains: ``train.freeze``, then with ``train.lora`` the adapters (injected here) and the
+    connector, every base weight frozen. ``mmsmall plan`` counts a meta-device model set up here."""
+    freeze_modules(model, train_cfg.freeze)
+    if train_cfg.lora.enabled:
+        from mmsmall.model.lora import apply_lora
+
+        apply_lora(model, train_cfg.lora)
+
+
 def param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
     """AdamW groups: one decayed and one undecayed group per trainable module."""
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -135,7 +146,7 @@ def read_ds_json(train_cfg: Any) -> tuple[Path, dict[str, Any]]:
     """``train.deepspeed``: its path (as given, else among the shipped configs) and its parsed JSON."""
     path = find_config(train_cfg.deepspeed)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"train.deepspeed: {train_cfg.deepspeed} not found (also looked among the shipped configs, {CONFIGS_DIR})"
         )
     return path, json.loads(path.read_text())
@@ -248,11 +259,7 @@ def build_engine(run_cfg: Any, model: nn.Module, world_size: int, config: dict[s
     import deepspeed
 
     t = run_cfg.train
-    freeze_modules(model, t.freeze)
-    if t.lora.enabled:  # adapters + connector train, every base weight is frozen
-        from mmsmall.model.lora import apply_lora
-
-        apply_lora(model, t.lora)
+    set_trainable(model, t)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
     groups = param_groups(model, t)

@@ -1,28 +1,32 @@
 """``mmsmall plan CONFIG [k=v ...] --gpus N --gpu-mem GiB [--nodes K]``: will the run fit?
 
 Per-GPU memory of a training run, from the configs alone (the model is built on the ``meta``
-device: shapes, no weights, no hub download beyond configs and the tokenizer):
+device: shapes, no weights, no download; see :func:`architecture` for where the widths and the
+vocabulary come from). Exit codes of the CLI: 0 fits, 1 does not fit, 2 could not plan.
 
 - model states per ZeRO stage and offload, with DeepSpeed's own accounting for bf16 mixed
   precision (2-byte parameters and gradients, fp32 gradients, master weights, momentum and
   variance: 2 + 18 bytes per trainable parameter, as ``estimate_zero2/3_model_states_mem_needs``;
   ZeRO-3 adds one gathered layer, 4 bytes per parameter of the largest module). An fp32 run keeps
   4 + 4 + 8 bytes (no separate master copy). Frozen modules hold only their parameters;
+  with ``train.lora`` what trains is what ``engine.set_trainable`` leaves trainable (the peft
+  adapters and the connector), and with ``qlora`` the LLM's 4-bit layers count ``nf4_bytes``;
 - activations of one micro-batch (``micro_batch_size`` rows of ``seq_len`` tokens): the tensors
   each LLM decoder layer and each ViT block keeps for backward, per token (see
   ``_llm_layer_elements`` / ``_vit_block_elements``), the 4D attention mask unless the docwise
   kernel is used, and the crops of one ``max_crops``-image per row (plus its low-resolution
   overview); with ``train.activation_checkpointing`` each layer keeps only its input and one
-  layer's activations are alive again during its recompute;
+  layer's activations are alive again during its recompute; LoRA adds each adapter's dropped-out
+  input and rank-wide output; a tower that nothing trains through keeps no activations;
 - the largest ``micro_batch_size`` that fits, and a message naming what to change when the run
   does not.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ import torch
 from torch import nn
 
 from mmsmall.model.attention import DOCWISE
+from mmsmall.model.lora import LORA_ZERO3
+from mmsmall.resources import CONFIGS_DIR
 from mmsmall.train.engine import read_ds_json
 
 GIB = 1024**3
@@ -53,6 +59,12 @@ class ModelShape:
     vit_heads: int
     llm_heads: int
     vocab: int
+    quantized: int = 0  # parameters stored in 4 bits (QLoRA's base)
+    quantized_bytes: int = 0  # their bytes with the quantization statistics
+    vision_trains: bool = True  # False: no gradient flows into the tower, it keeps no activations
+    vit_features: int = 2  # tower layers the connector reads
+    lora: dict = field(default_factory=dict)  # "llm" / "vision": (elements, mask bytes) per token per layer
+    source: str = "model"  # where the architecture came from
 
     @property
     def total(self) -> int:
@@ -86,33 +98,109 @@ class MemoryPlan:
         return self.total <= self.gpu_mem
 
 
-def model_shape(run_cfg: Any) -> ModelShape:
-    """Build the VLM of ``run_cfg`` on the meta device and read its counts and widths."""
+class PlanError(ValueError):
+    """The run could not be planned (``mmsmall plan`` exit 2): one line saying what and what to do."""
+
+
+FACTS = CONFIGS_DIR / "architectures" / "hub.yaml"
+
+
+def _hub_facts(name: str) -> dict | None:
+    """The shipped architecture facts of hub model ``name`` (``configs/architectures/hub.yaml``)."""
+    import yaml
+
+    return (yaml.safe_load(FACTS.read_text()) or {}).get(name)
+
+
+def _named_config(name: str, key: str, vision: bool = False) -> dict:
+    """The config dict of ``name`` (at config key ``key``): a local folder's, else the shipped
+    facts', else ``AutoConfig``'s (a hub config only; from the cache or the network)."""
     from transformers import AutoConfig
 
-    from mmsmall.model.vlm import build_vlm, folder_configs, offline_config
-    from mmsmall.processing.tokenizer import build_tokenizer
+    facts = None if Path(name).is_dir() else _hub_facts(name)
+    if facts is not None:
+        return dict(facts["config"])
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        raise PlanError(
+            f"{key}={name!r}: no architecture facts offline (not a local folder, not in {FACTS}, no "
+            f"cached hub config); give a local model folder or add {name!r} to that file"
+        ) from None
+    if vision:
+        config = getattr(config, "vision_config", config)
+        return {"model_type": config.model_type, **config.to_diff_dict()}
+    return config.get_text_config().to_dict()
 
-    mcfg = copy.deepcopy(run_cfg.model)
-    tokenizer_cfg = mcfg.tokenizer
-    if run_cfg.train.init_from:  # a later stage trains the folder's model, not the config's
-        from mmsmall.config import ModelConfig, TokenizerConfig, load_config
 
-        folder = Path(run_cfg.train.init_from)
-        mcfg = offline_config(
-            load_config(folder / "model_config.yaml", cls=ModelConfig), *folder_configs(folder)
-        )
-        tokenizer_cfg = TokenizerConfig(name=str(folder))
+def _tokenizer_len(cfg: Any, llm_name: str | None) -> int:
+    """``len`` of the run's tokenizer with the image tokens, without loading a hub tokenizer: the
+    tiny BPE or a local folder's tokenizer is built; a hub name's length is its shipped fact (an
+    upper bound: some image tokens may exist already); 0 when unknown (the config's vocab_size)."""
+    from mmsmall.config import TokenizerConfig
+    from mmsmall.processing.tokenizer import IMAGE_SPECIAL_TOKENS, build_tokenizer
+
+    name = cfg.name or llm_name
+    if name is None or Path(name).is_dir():
+        return len(build_tokenizer(TokenizerConfig(name=name, tiny_vocab_size=cfg.tiny_vocab_size)))
+    facts = _hub_facts(name)
+    return facts["tokenizer_len"] + len(IMAGE_SPECIAL_TOKENS) if facts else 0
+
+
+def architecture(run_cfg: Any) -> tuple[Any, int, str]:
+    """(model config whose every part is a ``custom`` dict, so that it builds with no download;
+    tokenizer length; where it came from).
+
+    With ``train.init_from`` the folder's model is trained, so it is planned when it is there;
+    before that stage has run, the config's own model is (a later stage keeps the architecture).
+    """
+    from mmsmall.config import ModelConfig, load_config
+    from mmsmall.model.vlm import folder_configs, offline_config
+
+    mcfg = run_cfg.model
+    folder = Path(run_cfg.train.init_from) if run_cfg.train.init_from else None
+    source = "model (the config's)"
+    if folder is not None and folder.is_dir():
+        if not (folder / "model_config.yaml").exists():
+            raise PlanError(
+                f"train.init_from: {folder} has no model_config.yaml (a stock Molmo2 folder?); plan the "
+                "folder `mmsmall import` writes from it"
+            )
+        saved = load_config(folder / "model_config.yaml", cls=ModelConfig)
+        return offline_config(saved, *folder_configs(folder)), 0, f"train.init_from {folder}"
+    if folder is not None:
+        source = f"model (train.init_from {folder} is not there yet)"
+    llm = None if mcfg.llm.custom is not None else _named_config(mcfg.llm.name, "model.llm.name")
     vision = None
     if mcfg.vision.backend == "hf" and mcfg.vision.custom is None:  # config only, never the weights
-        config = AutoConfig.from_pretrained(mcfg.vision.name)
-        config = getattr(config, "vision_config", config)
-        vision = {"model_type": config.model_type, **config.to_diff_dict()}
-    tokenizer = build_tokenizer(tokenizer_cfg, mcfg.llm.name)
-    mcfg = offline_config(mcfg, vision=vision)  # the one "without downloading" rule, as training builds
+        vision = _named_config(mcfg.vision.name, "model.vision.name", vision=True)
+    return offline_config(mcfg, llm, vision), _tokenizer_len(mcfg.tokenizer, mcfg.llm.name), source
+
+
+def model_shape(run_cfg: Any) -> ModelShape:
+    """Build the VLM of ``run_cfg`` on the meta device, set what trains as training does
+    (``engine.set_trainable``: freeze, LoRA adapters), and read its counts and widths.
+
+    QLoRA's 4-bit base is counted, not built (bitsandbytes quantizes real weights): the adapters
+    go on the plain layers, whose shapes are the same, and the layers ``quantize_base`` swaps are
+    counted at ``nf4_bytes``.
+    """
+    from mmsmall.config import TokenizerConfig
+    from mmsmall.model.lora import _lora_layers, four_bit_targets, nf4_bytes
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+    from mmsmall.train.engine import set_trainable
+
+    mcfg, tokenizer_len, source = architecture(run_cfg)
+    tiny = build_tokenizer(TokenizerConfig(name=None))  # its ids only: the vocabulary is counted above
+    custom = dict(mcfg.llm.custom)
+    custom["vocab_size"] = max(int(custom.get("vocab_size") or 0), tokenizer_len)
+    mcfg = replace(mcfg, llm=replace(mcfg.llm, custom=custom))
+    t = run_cfg.train
     with torch.device("meta"):
-        model = build_vlm(mcfg, tokenizer)
-    freeze = set(run_cfg.train.freeze)
+        model = build_vlm(mcfg, tiny)
+        quantized = four_bit_targets(model.llm) if t.lora.enabled and t.lora.qlora else []
+        set_trainable(model, replace(t, lora=replace(t.lora, qlora=False)))
     params = {
         name: sum(p.numel() for p in getattr(model, name).parameters())
         for name in ("vision", "connector", "llm")
@@ -127,7 +215,7 @@ def model_shape(run_cfg: Any) -> ModelShape:
     prefix = _vision_prefix_tokens(vt)
     return ModelShape(
         params=params,
-        trainable=sum(n for name, n in params.items() if name not in freeze),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         largest_layer=largest,
         llm_hidden=text.hidden_size,
         llm_intermediate=text.intermediate_size,
@@ -140,7 +228,27 @@ def model_shape(run_cfg: Any) -> ModelShape:
         vit_heads=vt.num_heads,
         llm_heads=heads,
         vocab=model.llm.get_output_embeddings().weight.shape[0],
+        quantized=sum(m.weight.numel() for _, m in quantized),
+        quantized_bytes=sum(nf4_bytes(m.weight.numel()) for _, m in quantized),
+        vision_trains=any(p.requires_grad for p in vt.parameters()),
+        vit_features=len(mcfg.vision.layers),
+        lora=_lora_per_token(_lora_layers(model), text.num_hidden_layers, vt.num_blocks),
+        source=source,
     )
+
+
+def _lora_per_token(layers: list, llm_layers: int, vit_blocks: int) -> dict[str, tuple[float, float]]:
+    """(elements, mask bytes) the adapters keep per token of one LLM layer / ViT block: the
+    dropped-out input of ``lora_A`` (and dropout's bool mask) when dropout is on, and ``lora_A``'s
+    rank-wide output, from the injected peft layers."""
+    out = {"llm": [0.0, 0.0], "vision": [0.0, 0.0]}
+    for name, m in layers:
+        where = name.split(".", 1)[0]
+        dropout = getattr(m.lora_dropout["default"], "p", 0.0) > 0
+        out[where][0] += m.r["default"] + (m.in_features if dropout else 0)
+        out[where][1] += m.in_features if dropout else 0
+    per = {"llm": max(llm_layers, 1), "vision": max(vit_blocks, 1)}
+    return {k: (e / per[k], b / per[k]) for k, (e, b) in out.items()}
 
 
 def _vision_prefix_tokens(tower: nn.Module) -> int:
@@ -201,14 +309,19 @@ def activation_bytes(
     vit_tokens = crops * s.vit_tokens
     docwise = run_cfg.model.llm.attn_implementation == DOCWISE
     # docwise attention passes no mask, so even a CPU takes a kernel that keeps no probabilities
+    lora_llm, lora_vit = s.lora.get("llm", (0, 0)), s.lora.get("vision", (0, 0))
     llm_layer = _llm_layer_elements(s) + (s.llm_heads * t_row if scores_saved and not docwise else 0)
+    llm_layer += lora_llm[0] + lora_llm[1] / nbytes  # the adapters' inputs and outputs, dropout masks
     vit_block = _vit_block_elements(s) + (s.vit_heads * s.vit_tokens if scores_saved else 0)
+    vit_block += lora_vit[0] + lora_vit[1] / nbytes
     if checkpointing:  # each layer's input, plus one layer recomputed in backward
         llm = tokens * (s.llm_layers * s.llm_hidden + llm_layer)
         vit = vit_tokens * (s.vit_blocks * s.vit_width + vit_block)
     else:
         llm = tokens * s.llm_layers * llm_layer
         vit = vit_tokens * s.vit_blocks * vit_block
+    if not s.vision_trains:  # nothing kept for backward: one block alive, the features read out
+        vit = vit_tokens * (s.vit_features * s.vit_width + vit_block)
     llm += tokens * 2 * s.llm_hidden  # the embeddings with image features added, the final norm
     mask = 0 if docwise else micro_batch * t_row**2  # (B, 1, T, T) bool
     logits = text * s.vocab * 4 * 2  # fp32 logits and their log-softmax at target positions
@@ -230,7 +343,7 @@ def model_state_bytes(
     p_bytes, g_bytes, o_bytes = (2, 6 if stage < 3 else 4, 12) if bf16 else (4, 4, 8)
     sharded = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
     gathered = 4 * s.largest_layer if stage >= 3 else 0
-    params = sharded(s.total * p_bytes, 3) + gathered
+    params = sharded((s.total - s.quantized) * p_bytes + s.quantized_bytes, 3) + gathered
     grads = sharded(s.trainable * g_bytes, 2)
     optim = sharded(s.trainable * o_bytes, 1)
     cpu = 0.0
@@ -253,12 +366,17 @@ def plan(
 ) -> MemoryPlan:
     """The memory plan of ``run_cfg`` on ``nodes`` x ``gpus`` GPUs of ``gpu_mem_gib`` GiB each
     (``scores_saved``: see ``activation_bytes``; True for a CPU run)."""
-    if gpus < 1 or nodes < 1 or gpu_mem_gib <= 0:
-        raise ValueError(f"--gpus {gpus} --nodes {nodes} --gpu-mem {gpu_mem_gib}: give positive numbers")
-    s = shape or model_shape(run_cfg)
+    if gpus < 1 or nodes < 1 or not (math.isfinite(gpu_mem_gib) and gpu_mem_gib > 0):
+        raise PlanError(
+            f"--gpus {gpus} --nodes {nodes} --gpu-mem {gpu_mem_gib}: give positive numbers "
+            "(whole GPUs and nodes, GiB of one GPU, e.g. --gpu-mem 80)"
+        )
     _, ds = read_ds_json(run_cfg.train)
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
+    if run_cfg.train.lora.enabled and stage >= 3:
+        raise PlanError(f"train.lora with ZeRO-3 ({run_cfg.train.deepspeed}): {LORA_ZERO3}")
+    s = shape or model_shape(run_cfg)
     off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
     off_param = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
     t = run_cfg.train
@@ -330,6 +448,12 @@ def report(p: MemoryPlan) -> str:
         f"model: {s.total:,} parameters ({s.trainable:,} trainable; "
         + ", ".join(f"{k} {v:,}" for k, v in s.params.items())
         + ")",
+        f"architecture from: {s.source}",
+        *(
+            [f"4-bit base (QLoRA): {s.quantized:,} parameters in {_gib(s.quantized_bytes)}"]
+            if s.quantized
+            else []
+        ),
         f"run: {p.nodes} node(s) x {p.gpus} GPU(s), ZeRO-{p.stage}{' offload ' + offload if offload else ''}, "
         f"{p.precision}, micro-batch {p.micro_batch_size}, checkpointing {'on' if p.checkpointing else 'off'}",
         "per GPU:",
