@@ -26,9 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--concurrency", type=int, default=64, help="requests in flight in total")
     dl.add_argument("--per-host", type=int, default=16, help="requests in flight to one host")
     dl.add_argument("--timeout", type=float, default=30.0, help="read timeout in seconds")
+    dl.add_argument("--deadline", type=float, default=None, help="seconds one attempt may take (default 120)")
     dl.add_argument("--retries", type=int, default=3, help="retries on 429/5xx/timeouts")
     dl.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="size cap per image")
     dl.add_argument("--retry-failed", action="store_true", help="fetch again only what failed last time")
+    dl.add_argument("--output", choices=("files", "webdataset"), default="files",
+                    help="files: images/ + images.jsonl; webdataset: shards/*.tar (image, txt, json)")  # fmt: skip
+    dl.add_argument("--shard-rows", type=int, default=10_000, help="webdataset: rows per shard")
+    dl.add_argument(
+        "--caption-field", default="caption", help="webdataset: column written as .txt (LAION: TEXT)"
+    )
     args = parser.parse_args(argv)
     if args.command == "download":
         from .download import DownloadConfig, download
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DownloadConfig(
             url_field=args.url_field, sha256_field=args.sha256_field, concurrency=args.concurrency,
             per_host=args.per_host, read_timeout_s=args.timeout, retries=args.retries, max_bytes=args.max_bytes,
+            output=args.output, shard_rows=args.shard_rows, caption_field=args.caption_field,
+            **({"deadline_s": args.deadline} if args.deadline else {}),
         )  # fmt: skip
         try:
             report = download(args.rows, args.out, cfg, retry_failed=args.retry_failed)

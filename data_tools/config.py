@@ -35,6 +35,7 @@ class InputConfig:
     streaming: bool = False  # hf kind: stream the data (one unit per data file) instead of materializing
     layout: str = ""  # pixmo kind: points | count | cap | ama | docs | clocks (data_tools/pixmo.py)
     downloads: str = ""  # pixmo kind: the download stage's folder holding the rows' image_url images
+    hold_out: str = ""  # pixmo kind: an eval set (allenai/pixmo-points-eval or a copy) whose images stay out
 
 
 @dataclass

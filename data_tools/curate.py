@@ -111,13 +111,18 @@ def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
     im, reason, info = decode_validate(rec["image_bytes"], cfg.validate, draft)
     if reason is not None:
         return out | {"reason": reason, "stage": "validate", "detail": info}
+    served = im.info.get("full_size", im.size)  # the size pixel coordinates refer to (before any resize)
     try:
         im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
     except Exception as e:  # noqa: BLE001 - e.g. malformed EXIF: a bad sample, never a crashed unit
         return out | {"reason": "normalize_failed", "stage": "validate", "detail": f"{type(e).__name__}: {e}"}
     out.update(im=im, data=data, ext=ext, size=size)
     if rec["points"] is not None:
-        pts, reason, detail = normalize_points(rec["points"], rec["meta"].pop("coords", "normalized"), *size)
+        if (served[0] > served[1]) != (size[0] > size[1]):  # turned upright by its EXIF orientation
+            served = served[::-1]
+        pts, reason, detail = normalize_points(
+            rec["points"], rec["meta"].pop("coords", "normalized"), *served
+        )
         if reason is not None:
             return out | {"reason": reason, "stage": "points", "detail": detail}
         rec["points"] = pts
@@ -618,6 +623,10 @@ def _absolute_paths(cfg: CurateConfig) -> CurateConfig:
         if not hub_id and not is_remote(inp.path):  # so do http(s):// and pipe: shards
             inp.path = absolute(inp.path)
         inp.downloads = absolute(inp.downloads) or ""
+        if (
+            inp.hold_out and Path(inp.hold_out).exists()
+        ):  # a local copy of the eval set; a hub id stays as given
+            inp.hold_out = absolute(inp.hold_out) or ""
         inp.captions, inp.image_root = absolute(inp.captions), absolute(inp.image_root)
     for b in cfg.decontam.benchmarks:
         b.path = absolute(b.path)

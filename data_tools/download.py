@@ -1,7 +1,9 @@
 """Image URL download stage: rows carrying URLs (PixMo, LAION/DataComp parquet) become local images.
 
-``download(rows_file, out_dir, cfg)`` reads a parquet / jsonl / csv file of rows with a URL
-column (and an optional sha256 column), fetches every URL with ``aiohttp`` and writes:
+``download(rows_file, out_dir, cfg)`` streams a parquet / jsonl / csv file of rows with a URL
+column (and an optional sha256 column) in batches, never whole, fetches each distinct URL once with
+``aiohttp`` (``concurrency`` workers drawing from a short queue, so URLs in flight stay bounded;
+``per_host`` caps one host) and writes:
 
 - ``out_dir/images/ab/abcdef....{ext}``: the fetched images, named by the sha256 of their URL;
 - ``out_dir/fetch_log.jsonl``: one line per finished URL (``ok`` or a failure reason), appended as
@@ -11,14 +13,33 @@ column (and an optional sha256 column), fetches every URL with ``aiohttp`` and w
   shows in the funnel and the HTML report): curate it with ``{kind: jsonl, path: out_dir/images.jsonl}``;
 - ``out_dir/download_report.json``: counts in, ok and per failure reason.
 
+With ``output="webdataset"`` (``--output webdataset``) the images go into webdataset shards
+instead, resumable per shard: see :mod:`data_tools.download_shards`.
+
+Each row is judged by its own sha256: a URL is fetched once per run however many rows name it (the
+rows are read through once before fetching, collecting per URL the hashes its rows expect), its
+bytes are refused at fetch time (``fetch_sha256_mismatch`` in the log) only when no row naming it
+expects them, and each row whose own sha256 differs from the fetched bytes' gets
+``fetch_sha256_mismatch`` in ``images.jsonl`` whatever the other rows of its URL expect, and in
+whichever batch of the stream it comes.
+
 A rerun fetches only URLs that have no log entry; ``retry_failed=True`` (``--retry-failed``)
 also fetches the URLs whose last attempt failed, and nothing else.
 
-Failure reasons: ``fetch_http_<status>``, ``fetch_timeout``, ``fetch_connect_error``,
-``fetch_too_large`` (Content-Length over the cap, or the streamed body passing it),
-``fetch_not_image`` (content-type not ``image/*``), ``fetch_undecodable`` (PIL cannot read it),
-``fetch_sha256_mismatch``, ``fetch_too_many_redirects``, ``fetch_bad_url``, ``fetch_no_url``.
-429 and 5xx responses, timeouts and connection errors are retried with exponential backoff
+The decoded bytes decide what an image is, not the Content-Type header (S3 serves images as
+``binary/octet-stream``, many hosts send none): a body PIL reads is kept whatever its type, and the
+type is kept in the log (``content_type``). Every attempt has a deadline (``deadline_s``, connect
+plus the whole body) besides the wait for the next bytes (``read_timeout_s``), so a host that
+drips a byte at a time cannot hold a slot.
+
+Failure reasons: ``fetch_http_<status>``, ``fetch_timeout`` (no bytes for ``read_timeout_s``, or
+the attempt past ``deadline_s``), ``fetch_connect_error``, ``fetch_truncated`` (the connection
+closed before the body Content-Length announced), ``fetch_too_large`` (Content-Length over the
+cap, or the streamed body passing it), ``fetch_not_image`` (the body does not decode and the server
+called it something other than an image, e.g. an HTML error page), ``fetch_undecodable`` (the body
+does not decode though served as an image or with no type), ``fetch_sha256_mismatch``,
+``fetch_too_many_redirects``, ``fetch_bad_url``, ``fetch_no_url``. 429 and 5xx responses,
+timeouts, truncated bodies and connection errors are retried with exponential backoff
 (``Retry-After`` honoured up to ``max_backoff_s``) before they count as failures.
 """
 
@@ -27,12 +48,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -40,7 +62,10 @@ import aiohttp
 
 from mmsmall.config import ConfigError
 
-IMAGE_EXTS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "TIFF": "tif", "BMP": "bmp"}  # PIL format
+# Content types that say nothing about the bytes: an undecodable body under them is "undecodable",
+# under any other non-image type (text/html, application/json) it is "not an image".
+UNTYPED = ("", "application/octet-stream", "binary/octet-stream")
 
 
 @dataclass
@@ -51,12 +76,18 @@ class DownloadConfig:
     per_host: int = 16  # requests in flight to one host
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0  # longest wait for the next bytes of a response
+    deadline_s: float = 120.0  # longest one attempt may take, connect + whole body
     retries: int = 3  # extra attempts after a 429 / 5xx / timeout / connection error
     backoff_s: float = 0.5  # first backoff; doubles each attempt, with jitter
     max_backoff_s: float = 30.0
     max_bytes: int = 20 * 1024 * 1024  # size cap, from Content-Length and while streaming
     max_redirects: int = 5
     user_agent: str = "mmsmall-download/0.1 (+https://github.com/mmsmall)"
+    output: str = (
+        "files"  # files: images/ + images.jsonl | webdataset: shards/ (data_tools/download_shards.py)
+    )
+    shard_rows: int = 10_000  # webdataset: rows per shard
+    caption_field: str = "caption"  # webdataset: written as each sample's .txt when the row has it
 
 
 @dataclass
@@ -68,9 +99,12 @@ class Fetched:
     bytes: int = 0
     attempts: int = 0
     detail: str = ""
+    content_type: str = ""  # as the server sent it; the decoded bytes decided
+    ext: str = ""  # the file extension of the decoded format (jpg, png, ...)
+    data: bytes = field(default=b"", repr=False)  # the image bytes, until stored; never logged
 
     def line(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "data"}, sort_keys=True)
 
 
 def url_key(url: str) -> str:
@@ -90,11 +124,11 @@ def _check_image(data: bytes) -> str | None:
 
 
 class Fetcher:
-    """Concurrent fetching into ``out_dir`` with a global and a per-host concurrency cap."""
+    """Concurrent fetching: ``concurrency`` workers, at most ``per_host`` on one host; each result
+    (an ``ok`` one carrying its bytes in ``data``) goes to ``on_done``, which stores it."""
 
-    def __init__(self, out_dir: Path, cfg: DownloadConfig, on_done: Callable[[Fetched], None]):
-        self.out_dir, self.cfg, self.on_done = out_dir, cfg, on_done
-        self.limit = asyncio.Semaphore(cfg.concurrency)
+    def __init__(self, cfg: DownloadConfig, on_done: Callable[[Fetched], None]):
+        self.cfg, self.on_done = cfg, on_done
         self.hosts: dict[str, asyncio.Semaphore] = {}
 
     def _host(self, url: str) -> asyncio.Semaphore:
@@ -112,8 +146,6 @@ class Fetcher:
             if r.status != 200:
                 return Fetched(url, f"fetch_http_{r.status}"), False
             ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if not ctype.startswith("image/"):
-                return Fetched(url, "fetch_not_image", detail=ctype or "no content-type"), False
             if r.content_length is not None and r.content_length > cap:
                 return Fetched(
                     url, "fetch_too_large", detail=f"content-length {r.content_length} > {cap}"
@@ -129,85 +161,130 @@ class Fetcher:
             return Fetched(url, "fetch_sha256_mismatch", sha256=digest, bytes=len(data)), False
         fmt = _check_image(data)
         if fmt is None:
-            return Fetched(url, "fetch_undecodable", bytes=len(data), detail=ctype), False
-        key = url_key(url)
-        rel = f"images/{key[:2]}/{key}.{IMAGE_EXTS.get(ctype, fmt.lower() or 'img')}"
-        path = self.out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
-        return Fetched(url, "ok", file=rel, sha256=digest, bytes=len(data)), False
+            typed = not ctype.startswith("image/") and ctype not in UNTYPED
+            reason = "fetch_not_image" if typed else "fetch_undecodable"
+            return Fetched(
+                url, reason, bytes=len(data), detail=ctype or "no content-type", content_type=ctype
+            ), False
+        ext = EXTS.get(fmt, fmt.lower() or "img")
+        return Fetched(
+            url, "ok", sha256=digest, bytes=len(data), content_type=ctype, ext=ext, data=data
+        ), False
 
     async def fetch(self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None) -> Fetched:
-        cfg = self.cfg
-        if not url:
-            return Fetched(url, "fetch_no_url")
         if urlsplit(url).scheme not in ("http", "https"):
-            return Fetched(url, "fetch_bad_url", detail="not an http(s) URL")
-        result = Fetched(url, "fetch_bad_url")
-        async with self.limit, self._host(url):
-            for attempt in range(cfg.retries + 1):
-                try:
-                    result, retry = await self._once(session, url, sha256)
-                except aiohttp.TooManyRedirects:
-                    result, retry = Fetched(url, "fetch_too_many_redirects"), False
-                except aiohttp.InvalidURL as e:
-                    result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
-                except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
-                    result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
-                except (aiohttp.ClientError, OSError) as e:
-                    result, retry = (
-                        Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),
-                        True,
-                    )
-                result.attempts = attempt + 1
-                if not retry or attempt == cfg.retries:
-                    break
-                wait = cfg.backoff_s * 2**attempt * (1 + random.random() / 4)
-                if result.detail.isdigit():  # Retry-After in seconds
-                    wait = max(wait, float(result.detail))
-                await asyncio.sleep(min(wait, cfg.max_backoff_s))
+            result = Fetched(url, "fetch_bad_url", detail="not an http(s) URL")
+        else:
+            async with self._host(url):
+                result = await self._attempts(session, url, sha256)
         self.on_done(result)
         return result
 
-    async def run(self, items: list[tuple[str, frozenset[str] | None]]) -> list[Fetched]:
+    async def _attempts(
+        self, session: aiohttp.ClientSession, url: str, sha256: frozenset[str] | None
+    ) -> Fetched:
+        """The first attempt that succeeds or may not be retried, else the last one."""
+        cfg = self.cfg
+        for attempt in range(cfg.retries + 1):
+            try:
+                result, retry = await asyncio.wait_for(self._once(session, url, sha256), cfg.deadline_s)
+            except aiohttp.TooManyRedirects:
+                result, retry = Fetched(url, "fetch_too_many_redirects"), False
+            except aiohttp.InvalidURL as e:
+                result, retry = Fetched(url, "fetch_bad_url", detail=str(e)), False
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+                result, retry = Fetched(url, "fetch_timeout", detail=type(e).__name__), True
+            except aiohttp.ClientPayloadError as e:  # the body ended before its Content-Length
+                result, retry = Fetched(url, "fetch_truncated", detail=str(e)), True
+            except (aiohttp.ClientError, OSError) as e:
+                result, retry = (
+                    Fetched(url, "fetch_connect_error", detail=f"{type(e).__name__}: {e}"),
+                    True,
+                )
+            result.attempts = attempt + 1
+            if not retry or attempt == cfg.retries:
+                break
+            wait = cfg.backoff_s * 2**attempt * (1 + random.random() / 4)
+            if result.detail.isdigit():  # Retry-After in seconds
+                wait = max(wait, float(result.detail))
+            await asyncio.sleep(min(wait, cfg.max_backoff_s))
+        return result
+
+    async def run(self, items: Iterator[tuple[str, frozenset[str] | None]]) -> None:
+        """Fetch every ``(url, hashes)`` of ``items`` (``hashes``: the sha256s the URL's rows expect, one
+        of which the bytes must have; None or empty: any bytes) with ``concurrency`` workers fed through a short
+        queue: the items are drawn as slots free up, so URLs in flight and in memory stay bounded."""
         cfg = self.cfg
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
         )
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.per_host)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * cfg.concurrency)
         async with aiohttp.ClientSession(
             timeout=timeout, connector=connector, headers={"user-agent": cfg.user_agent}, auto_decompress=True
         ) as session:
-            return await asyncio.gather(*(self.fetch(session, u, s) for u, s in items))
+
+            async def worker() -> None:
+                while (item := await queue.get()) is not None:
+                    await self.fetch(session, *item)
+
+            workers = [asyncio.create_task(worker()) for _ in range(cfg.concurrency)]
+            for item in items:
+                await queue.put(item)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
 
 
 # ----------------------------------------------------------------------------- rows in, rows out
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a parquet file (or folder of them), .jsonl or .csv."""
+ROW_BATCH = 8192  # rows read at a time when no batch size is given
+
+
+def iter_row_batches(path: Path, batch_rows: int | None = None) -> Iterator[list[dict]]:
+    """Rows of a parquet file (or folder of them, e.g. a hub-layout copy), .jsonl or .csv, in
+    batches of at most ``batch_rows`` (default ``ROW_BATCH``): never the whole file in memory."""
+    batch_rows = batch_rows or ROW_BATCH
     if not path.exists():
         raise ConfigError(f"download input not found: {path}; give a parquet, jsonl or csv file of rows")
     if path.is_dir() or path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]  # a hub-layout folder too
-        return [row for f in files for row in pq.read_table(f).to_pylist()]
-    if path.suffix == ".csv":
-        import csv
+        for f in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                yield batch.to_pylist()
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix == ".csv":
+            import csv
 
-        with open(path, newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+            rows: Iterator[dict] = (dict(r) for r in csv.DictReader(f))
+        else:
+            rows = (json.loads(line) for line in f if line.strip())
+        while batch := list(itertools.islice(rows, batch_rows)):
+            yield batch
 
 
-def _expected(row: dict, cfg: DownloadConfig) -> str | None:
+def expected_sha256(row: dict, cfg: DownloadConfig) -> str | None:
     """The sha256 a row expects of its image bytes, lower case; None when it names none."""
     want = row.get(cfg.sha256_field)
     return str(want).strip().lower() if want else None
+
+
+def add_expected(hashes: dict[str, frozenset[str] | None], url: str, want: str | None) -> None:
+    """Add one row's expected sha256 to its URL's set; None once any row of the URL takes any bytes."""
+    have = hashes.get(url, frozenset())
+    hashes[url] = None if want is None or have is None else have | {want}
+
+
+def judge_row(want: str | None, res: Fetched) -> Fetched:
+    """A row's own verdict on its URL's fetch: an ``ok`` whose bytes are not the sha256 this row expects
+    is ``fetch_sha256_mismatch`` for this row (another row of the URL may have expected them)."""
+    if res.reason != "ok" or want is None or res.sha256 == want:
+        return res
+    return Fetched(res.url, "fetch_sha256_mismatch", sha256=res.sha256, bytes=res.bytes, attempts=res.attempts,
+                   detail=f"expected {want}", content_type=res.content_type)  # fmt: skip
 
 
 def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
@@ -226,62 +303,89 @@ def read_log(log: Path, out_dir: Path) -> dict[str, Fetched]:
     return done
 
 
+def save_file(out: Path, f: Fetched) -> str:
+    """Write an ``ok`` result's bytes under ``out/images/`` (named by the URL's sha256); its path."""
+    key = url_key(f.url)
+    rel = f"images/{key[:2]}/{key}.{f.ext}"
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(f.data)
+    os.replace(tmp, path)  # a killed run never leaves a half-written image under its final name
+    return rel
+
+
+def check_columns(rows_file, first: dict, cfg: DownloadConfig) -> None:
+    if cfg.url_field not in first:
+        raise ConfigError(
+            f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(first)}); "
+            "set --url-field (PixMo: image_url, LAION/DataComp: url)"
+        )
+
+
 def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | None = None,
              retry_failed: bool = False) -> dict:  # fmt: skip
     """Fetch the URLs of ``rows_file`` into ``out_dir`` (see the module docstring); the report dict."""
     cfg = cfg or DownloadConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(Path(rows_file))
-    if rows and cfg.url_field not in rows[0]:
-        raise ConfigError(
-            f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(rows[0])}); "
-            "set --url-field (PixMo: image_url)"
-        )
+    if cfg.output == "webdataset":
+        from .download_shards import download_shards
+
+        return download_shards(Path(rows_file), out, cfg)
+    if cfg.output != "files":
+        raise ConfigError(f"download output {cfg.output!r}; valid: files, webdataset")
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)
-    # per URL, the hashes its rows expect (None: some row accepts any bytes); each row is checked below
+    # Read through once before fetching: per URL to fetch, the sha256s its rows expect (None: some row
+    # takes any bytes), wherever in the file its rows are. So a URL is fetched once per run, its bytes
+    # are refused only when no row expects them, and each row is judged by its own hash below
+    # (judge_row). One entry per distinct URL, none per row: memory stays flat in the row count.
     wanted: dict[str, frozenset[str] | None] = {}
-    for row in rows:
-        url = str(row.get(cfg.url_field) or "")
-        prev = done.get(url)
-        if url and (prev is None or (retry_failed and prev.reason != "ok")):
-            want = _expected(row, cfg)
-            have = wanted.get(url, frozenset())
-            wanted[url] = None if want is None or have is None else have | {want}
+    for n, batch in enumerate(iter_row_batches(Path(rows_file))):
+        if n == 0:
+            check_columns(rows_file, batch[0], cfg)
+        for row in batch:
+            url = str(row.get(cfg.url_field) or "")
+            prev = done.get(url)
+            if url and (prev is None or (retry_failed and prev.reason != "ok")):
+                add_expected(wanted, url, expected_sha256(row, cfg))
     with open(log_path, "a", encoding="utf-8") as log:
 
         def record(f: Fetched) -> None:
+            if f.reason == "ok":
+                f.file, f.data = save_file(out, f), b""
             log.write(f.line() + "\n")
             log.flush()
             done[f.url] = f
+            bar.update(1)
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(wanted), desc="download", unit="img", dynamic_ncols=True)
-        fetcher = Fetcher(out, cfg, lambda f: (record(f), bar.update(1)))
-        asyncio.run(fetcher.run(list(wanted.items())))
+        asyncio.run(Fetcher(cfg, record).run(iter(wanted.items())))
         bar.close()
-    reasons: Counter[str] = Counter()
+    n_rows, reasons = 0, Counter()
     with open(out / "images.jsonl.tmp", "w", encoding="utf-8") as f:
-        for n, row in enumerate(rows):
-            url = str(row.get(cfg.url_field) or "")
-            res = done.get(url, Fetched(url, "fetch_no_url"))
-            want = _expected(row, cfg)
-            if res.reason == "ok" and want is not None and res.sha256 != want:  # this row's own check
-                res = Fetched(url, "fetch_sha256_mismatch", sha256=res.sha256, detail=f"expected {want}")
-            reasons[res.reason] += 1
-            keep = {
-                k: v for k, v in row.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))
-            }
-            if res.reason == "ok":
-                keep["image"] = res.file
-            else:
-                keep.update({"_error": res.reason, "_line": n + 1})
-            f.write(json.dumps(keep) + "\n")
+        for batch in iter_row_batches(Path(rows_file)):
+            for row in batch:
+                n_rows += 1
+                url = str(row.get(cfg.url_field) or "")
+                res = judge_row(expected_sha256(row, cfg), done.get(url, Fetched(url, "fetch_no_url")))
+                reasons[res.reason] += 1
+                keep = {
+                    k: v
+                    for k, v in row.items()
+                    if isinstance(v, (str, int, float, bool, list, dict, type(None)))
+                }
+                if res.reason == "ok":
+                    keep["image"] = res.file
+                else:
+                    keep.update({"_error": res.reason, "_line": n_rows})
+                f.write(json.dumps(keep) + "\n")
     os.replace(out / "images.jsonl.tmp", out / "images.jsonl")
     failed = {k: v for k, v in sorted(reasons.items()) if k != "ok"}
-    report = {"n_in": len(rows), "n_ok": reasons["ok"], "failed": failed, "fetched_now": len(wanted),
+    report = {"n_in": n_rows, "n_ok": reasons["ok"], "failed": failed, "fetched_now": len(wanted),
               "rows": str(out / "images.jsonl")}  # fmt: skip
     (out / "download_report.json").write_text(json.dumps(report, indent=2))
     return report

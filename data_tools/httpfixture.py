@@ -4,7 +4,8 @@
 thread pool until the block ends. A route is a :class:`Route`: a body with a content type, or a
 behaviour (``status``, ``fail_first`` 500s before succeeding, ``stall_s`` before the body,
 ``redirect`` to another path, ``lie_length`` to announce a small size and send a big body,
-``cut_after`` bytes to drop the connection mid-body). ``srv.hits[path]`` counts the requests.
+``cut_after`` bytes to drop the connection mid-body, ``drip_s`` between single body bytes,
+``content_type=None`` for no Content-Type header). ``srv.hits[path]`` counts the requests.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ class _Server(ThreadingHTTPServer):
 @dataclass
 class Route:
     body: bytes = b""
-    content_type: str = "image/jpeg"
+    content_type: str | None = "image/jpeg"  # None: no Content-Type header
     status: int = 200
     fail_first: int = 0  # answer 500 to the first N requests
     stall_s: float = 0.0  # wait this long after the headers before sending the body
     redirect: str = ""  # 302 to this path
     send_length: bool = True  # False: no Content-Length (the size cap must hold while streaming)
     cut_after: int = -1  # send this many body bytes, then close the connection (fail_first times only)
+    drip_s: float = 0.0  # send the body one byte at a time, this long apart (a slow-loris host)
 
 
 class LocalServer:
@@ -78,7 +80,8 @@ class LocalServer:
             if route.status != 200:
                 return self._send(h, route.status, b"error", "text/plain")
             h.send_response(200)
-            h.send_header("Content-Type", route.content_type)
+            if route.content_type is not None:
+                h.send_header("Content-Type", route.content_type)
             if route.send_length:
                 h.send_header("Content-Length", str(len(route.body)))
             else:
@@ -92,7 +95,13 @@ class LocalServer:
                 h.close_connection = True
                 h.connection.shutdown(2)
                 return None
-            h.wfile.write(route.body)
+            if route.drip_s:
+                for i in range(len(route.body)):
+                    h.wfile.write(route.body[i : i + 1])
+                    h.wfile.flush()
+                    time.sleep(route.drip_s)
+            else:
+                h.wfile.write(route.body)
             if not route.send_length:
                 h.close_connection = True
         except (BrokenPipeError, ConnectionResetError, OSError):

@@ -44,6 +44,12 @@ def _routes() -> dict[str, Route]:
         "/garbage.jpg": Route(b"this is not a jpeg at all"),
         "/loop": Route(redirect="/loop"),
         "/gone.jpg": Route(status=410),
+        "/err.jpg": Route(status=500),
+        "/short.jpg": Route(_jpg(12), cut_after=300, fail_first=99),  # closes before its Content-Length
+        # good images under the types real hosts send: S3's default, the generic one, none at all
+        "/s3.jpg": Route(_jpg(9), "binary/octet-stream"),
+        "/octet.jpg": Route(_jpg(10), "application/octet-stream"),
+        "/untyped.jpg": Route(_jpg(11), None),
     }
 
 
@@ -52,7 +58,8 @@ EXPECTED = {
     "/missing.jpg": "fetch_http_404", "/gone.jpg": "fetch_http_410", "/stall.jpg": "fetch_timeout",
     "/page.html": "fetch_not_image", "/big.jpg": "fetch_too_large", "/big_nolength.jpg": "fetch_too_large",
     "/sha_bad.jpg": "fetch_sha256_mismatch", "/garbage.jpg": "fetch_undecodable",
-    "/loop": "fetch_too_many_redirects",
+    "/loop": "fetch_too_many_redirects", "/err.jpg": "fetch_http_500", "/short.jpg": "fetch_truncated",
+    "/s3.jpg": "ok", "/octet.jpg": "ok", "/untyped.jpg": "ok",
 }  # fmt: skip
 
 
@@ -65,7 +72,7 @@ def _rows(srv: LocalServer, paths) -> list[dict]:
 
 
 def _cfg(**kw) -> DownloadConfig:
-    base = dict(concurrency=8, per_host=4, read_timeout_s=0.5, connect_timeout_s=2.0, retries=1,
+    base = dict(concurrency=8, per_host=4, read_timeout_s=1.0, connect_timeout_s=2.0, retries=1,
                 backoff_s=0.05, max_bytes=CAP)  # fmt: skip
     return DownloadConfig(**{**base, **kw})
 
@@ -82,8 +89,13 @@ def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
         write_jsonl(tmp_path / "rows.jsonl", rows)
         report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg())
         assert _reasons(tmp_path / "dl") == EXPECTED
-        assert report["n_ok"] == 5 and report["failed"]["fetch_too_large"] == 2
+        assert report["n_ok"] == 8 and report["failed"]["fetch_too_large"] == 2
         assert srv.hits["/flaky.jpg"] == 2 and srv.hits["/stall.jpg"] == 2  # retried once
+        assert srv.hits["/err.jpg"] == 2 and srv.hits["/short.jpg"] == 2
+        log = [json.loads(x) for x in (tmp_path / "dl" / "fetch_log.jsonl").read_text().splitlines()]
+        types = {"/" + f["url"].split("/", 3)[3]: f["content_type"] for f in log}
+        assert [types[p] for p in ("/s3.jpg", "/octet.jpg", "/untyped.jpg", "/page.html")] == [
+            "binary/octet-stream", "application/octet-stream", "", "text/html"]  # fmt: skip
         assert srv.hits["/missing.jpg"] == 1 and srv.hits["/page.html"] == 1  # not retried
         kept = [json.loads(x) for x in (tmp_path / "dl" / "images.jsonl").read_text().splitlines()]
         files = {
@@ -112,13 +124,28 @@ def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
          "out_dir": str(tmp_path / "cur"), "dedup": {"near": False}},
         workers=1,
     )  # fmt: skip
-    assert summary["n_kept"] == 6
+    assert summary["n_kept"] == 9
     dropped = dict(summary["dropped"])
     assert dropped.pop("fetch_too_large") == 2 and "fetch_http_404" not in dropped
     assert dropped == {
         r: 1 for p, r in EXPECTED.items() if r not in ("ok", "fetch_too_large", "fetch_http_404")
     }
     assert "fetch_sha256_mismatch" in (tmp_path / "cur" / "report" / "report.html").read_text()
+
+
+def test_drip_feeding_host_times_out_and_the_run_ends_within_its_bound(tmp_path):
+    """A host that sends one byte every 0.2 s never trips the read timeout; the deadline per
+    attempt ends it, so the whole run is bounded by (retries + 1) x deadline plus backoff."""
+    routes = {"/drip.jpg": Route(_jpg(40), drip_s=0.2), "/fine.jpg": Route(_jpg(41))}
+    with LocalServer(routes) as srv:
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, list(routes)))
+        t0 = time.monotonic()
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(deadline_s=1.0, retries=1))
+        took = time.monotonic() - t0
+    assert report["n_ok"] == 1 and report["failed"] == {"fetch_timeout": 1}
+    assert took < 2 * 1.0 + 3.0, (
+        f"the run took {took:.1f} s; the drip body alone takes {len(_jpg(40)) * 0.2:.0f} s"
+    )
 
 
 @pytest.mark.slow
@@ -141,7 +168,9 @@ def test_killed_download_resumes_without_refetching(tmp_path):
             proc.wait(timeout=30)
         logged = {json.loads(x)["url"] for x in log.read_text().splitlines()}
         assert 3 <= len(logged) < 12, "the kill should land mid-run"
-        report = download(tmp_path / "rows.jsonl", out, _cfg())
+        report = download(
+            tmp_path / "rows.jsonl", out, _cfg(read_timeout_s=30)
+        )  # no timeouts on a busy machine
         assert report["n_ok"] == 12 and report["fetched_now"] == 12 - len(logged)
         for path in routes:
             if srv.url(path) in logged:
@@ -170,6 +199,103 @@ def test_mmsmall_download_command(tmp_path):
     assert '"fetch_sha256_mismatch": 1' in out.output
 
 
+# The child's own peak: VmHWM is per address space (ru_maxrss would carry the parent's peak over exec).
+_PEAK = """
+import sys
+from data_tools.download import DownloadConfig, download
+download(sys.argv[1], sys.argv[2], DownloadConfig(concurrency=8, per_host=8, retries=0))
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))  # KiB
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from /proc (Linux)")
+def test_rows_stream_with_memory_flat_in_the_row_count(tmp_path):
+    """10k and 100k rows naming the same 50 images (pixmo-points repeats an image_url per label):
+    the download's peak memory is the same, so rows are streamed, not read whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    routes = {f"/m{i}.jpg": Route(_jpg(100 + i)) for i in range(50)}
+    peaks = {}
+    with LocalServer(routes) as srv:
+        urls = [srv.url(p) for p in routes]
+        for n in (10_000, 100_000):
+            rows = pa.table(
+                {"url": [urls[i % 50] for i in range(n)], "caption": [f"row {i} " * 4 for i in range(n)]}
+            )
+            pq.write_table(rows, tmp_path / f"{n}.parquet", row_group_size=4096)
+            cmd = [sys.executable, "-c", _PEAK, str(tmp_path / f"{n}.parquet"), str(tmp_path / f"dl{n}")]
+            out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                 text=True, timeout=300, check=True)  # fmt: skip
+            peaks[n] = int(out.stdout.split()[-1]) / 1024  # MiB
+            kept = (tmp_path / f"dl{n}" / "images.jsonl").read_text().count('"image":')
+            assert kept == n
+        assert sum(srv.hits.values()) == 100  # each image once per run
+    assert peaks[100_000] - peaks[10_000] < 12, peaks  # MiB; rows read whole took 42 MiB more here
+
+
+def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_path):
+    """`mmsmall download rows.parquet --output webdataset` on LAION/DataComp columns (url, TEXT, key,
+    similarity): img2dataset's layout (image + .txt + .json per row, failures in a per-shard log), a
+    finished shard is never fetched again, and curation reads the shards."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    routes = {"/a.jpg": Route(_jpg(50), "binary/octet-stream"), "/b.jpg": Route(_jpg(51)),
+              "/c.png": Route(encode(natural_image(52, (96, 72)), "PNG"), "image/png"), "/d.jpg": Route(_jpg(53)),
+              "/page.html": Route(b"<html>moved</html>", "text/html")}  # fmt: skip
+    with LocalServer(routes) as srv:
+        paths = ["/a.jpg", "/missing.jpg", "/a.jpg", "/page.html", "/b.jpg", None, "/c.png", "/d.jpg"]
+        urls = [srv.url(p) if p else None for p in paths]
+        pq.write_table(pa.table({"url": urls, "TEXT": [f"a photo of thing number {i}" for i in range(8)],
+                                 "key": [f"{i:09d}" for i in range(8)], "similarity": [0.3] * 8}),
+                       tmp_path / "laion.parquet")  # fmt: skip
+        args = ["download", str(tmp_path / "laion.parquet"), "--out", str(tmp_path / "dl"), "--output", "webdataset",
+                "--shard-rows", "3", "--caption-field", "TEXT", "--retries", "0"]  # fmt: skip
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+        shards = tmp_path / "dl" / "shards"
+        with tarfile.open(shards / "00000.tar") as tar:
+            names = sorted(tar.getnames())
+            meta = json.loads(tar.extractfile("000000.json").read())
+        assert names == ["000000.jpg", "000000.json", "000000.txt", "000002.jpg", "000002.json", "000002.txt"]
+        assert (
+            meta["key"] == "000000"
+            and meta["similarity"] == 0.3
+            and meta["TEXT"] == "a photo of thing number 0"
+        )
+        fails = {k: sorted(json.loads(x)["reason"] for x in (shards / f"0000{k}_failures.jsonl").read_text().splitlines())
+                 for k in range(3)}  # fmt: skip
+        assert fails == {0: ["fetch_http_404"], 1: ["fetch_no_url", "fetch_not_image"], 2: []}
+        assert srv.hits["/a.jpg"] == 1  # a URL twice in one shard is fetched once
+
+        # a run killed in shard 2: its tar and stats are gone, a half-written tar is left
+        (shards / "00002.tar").rename(shards / "00002.tar.tmp")
+        (shards / "00002_stats.json").unlink()
+        before = dict(srv.hits)
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+        report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
+        assert report["shards_written_now"] == 1 and report["n_ok"] == 5
+        assert {p: srv.hits[p] - before.get(p, 0) for p in srv.hits} == {
+            p: int(p in ("/c.png", "/d.jpg")) for p in srv.hits
+        }
+
+    summary = run_curation(
+        {"inputs": [{"kind": "webdataset", "path": str(shards)}], "out_dir": str(tmp_path / "cur"),
+         "report": {"enabled": False}, "dedup": {"near": False}},
+        workers=1,
+    )  # fmt: skip
+    assert summary["n_in"] == 5 and summary["n_kept"] == 4, summary[
+        "dropped"
+    ]  # a.jpg twice: one exact duplicate
+
+
 def test_each_row_is_checked_against_its_own_sha256(tmp_path):
     """Two rows naming one URL with different expected hashes: the URL is fetched once, each row
     is judged by its own hash, whichever comes first (issue 23, item 8)."""
@@ -192,3 +318,69 @@ def test_each_row_is_checked_against_its_own_sha256(tmp_path):
             assert got[bad]["_error"] == "fetch_sha256_mismatch" and "image" not in got[bad]
             assert (out / got[1 - bad]["image"]).read_bytes() == _jpg(40)
         assert srv.hits["/a.jpg"] == 2  # once per download
+
+
+def test_rows_of_one_url_in_different_batches_are_each_checked_against_their_own_sha256(
+    tmp_path, monkeypatch
+):
+    """Rows are streamed one per batch here, so the rows naming a URL arrive in different batches: the
+    URL is still fetched once per run, its bytes refused only when no row expects them, and each row
+    is judged by its own hash, whichever batch it is in."""
+    import data_tools.download as dl
+
+    monkeypatch.setattr(dl, "ROW_BATCH", 1)
+    good, other = hashlib.sha256(_jpg(60)).hexdigest(), hashlib.sha256(_jpg(61)).hexdigest()
+    with LocalServer({"/a.jpg": Route(_jpg(60)), "/b.jpg": Route(_jpg(61))}) as srv:
+        a, b = srv.url("/a.jpg"), srv.url("/b.jpg")
+        for order, hashes in (
+            ("bad_first", ["f" * 64, good, None]),
+            ("good_first", [good.upper(), None, "f" * 64]),
+        ):
+            rows = [{"url": a, "sha256": hashes[0]}, {"url": b, "sha256": "e" * 64}, {"url": a, "sha256": hashes[1]},
+                    {"url": b, "sha256": "d" * 64}, {"url": a, "sha256": hashes[2]}]  # fmt: skip
+            write_jsonl(tmp_path / f"{order}.jsonl", rows)
+            out = tmp_path / order
+            report = download(tmp_path / f"{order}.jsonl", out, _cfg())
+            got = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+            verdicts = [r.get("_error", "ok") for r in got]
+            want = [("ok" if h is None or h.lower() == good else "fetch_sha256_mismatch") for h in hashes]
+            assert verdicts == [want[0], "fetch_sha256_mismatch", want[1], "fetch_sha256_mismatch", want[2]]
+            assert all((out / r["image"]).read_bytes() == _jpg(60) for r in got if "image" in r)
+            assert report["fetched_now"] == 2 and report["n_ok"] == 2
+            log = {(f := json.loads(x))["url"]: f for x in (out / "fetch_log.jsonl").read_text().splitlines()}
+            assert log[a]["reason"] == "ok"  # some row of a expects its bytes
+            assert (
+                log[b]["reason"] == "fetch_sha256_mismatch" and log[b]["sha256"] == other
+            )  # none of b's rows
+            assert not (out / "images").exists() or not any(
+                p.read_bytes() == _jpg(61) for p in (out / "images").rglob("*.*")
+            )  # b's bytes, expected by no row, are not stored
+        assert srv.hits["/a.jpg"] == 2 and srv.hits["/b.jpg"] == 2  # once per run
+
+
+def test_webdataset_rows_are_each_checked_against_their_own_sha256(tmp_path):
+    """--output webdataset: rows of one URL with different hashes, in one shard and across shards: each
+    row's verdict is its own; the URL is fetched once per shard (a shard does not keep bytes for the next)."""
+    import tarfile
+
+    good = hashlib.sha256(_jpg(62)).hexdigest()
+    with LocalServer({"/a.jpg": Route(_jpg(62))}) as srv:
+        a = srv.url("/a.jpg")
+        hashes = ["f" * 64, good, good.upper(), None, "f" * 64, "e" * 64]  # shards of 2: mixed, good, all bad
+        write_jsonl(
+            tmp_path / "rows.jsonl",
+            [{"url": a, "sha256": h, "caption": f"row {i}"} for i, h in enumerate(hashes)],
+        )
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(output="webdataset", shard_rows=2))
+        shards = tmp_path / "dl" / "shards"
+        assert report["n_ok"] == 3 and report["failed"] == {"fetch_sha256_mismatch": 3}
+        fails = {k: [json.loads(x) for x in (shards / f"0000{k}_failures.jsonl").read_text().splitlines()]
+                 for k in range(3)}  # fmt: skip
+        assert [f["key"] for f in fails[0]] == ["000000"] and fails[0][0]["reason"] == "fetch_sha256_mismatch"
+        assert fails[1] == [] and [f["key"] for f in fails[2]] == ["000020", "000021"]
+        with tarfile.open(shards / "00000.tar") as tar:
+            assert sorted(tar.getnames()) == ["000001.jpg", "000001.json", "000001.txt"]
+            assert tar.extractfile("000001.jpg").read() == _jpg(62)
+        with tarfile.open(shards / "00002.tar") as tar:
+            assert tar.getnames() == []
+        assert srv.hits["/a.jpg"] == 3  # once per shard
