@@ -62,7 +62,7 @@ FAMILIES = {
     "docs": Family("docs", "docs.EASY_ITEMS", 1500, 100, 1.2, ("synth_docs",)),
     "clocks": Family("clocks", "clocks.EASY_CLOCK", 1500, 100, 1.5, ("synth_clocks",)),
 }  # fmt: skip
-FULL = DemoPlan(FAMILIES, train_steps=3000, eval_limit=200, live_eval_every=750, live_eval_limit=40)
+FULL = DemoPlan(FAMILIES, train_steps=4500, eval_limit=200, live_eval_every=900, live_eval_limit=40)
 QUICK = DemoPlan(
     {k: replace(f, n_train=12, n_eval=8) for k, f in FAMILIES.items()},
     train_steps=4,
