@@ -27,7 +27,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from .download import (
+from .fetch import (
     DownloadConfig,
     Fetched,
     Fetcher,

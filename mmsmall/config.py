@@ -375,6 +375,16 @@ def _from_file(cls: type, path: Path, where: str = "") -> Any:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: leaf}``."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain nested dicts/lists (YAML- and JSON-serializable)."""
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg

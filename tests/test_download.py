@@ -326,9 +326,9 @@ def test_rows_of_one_url_in_different_batches_are_each_checked_against_their_own
     """Rows are streamed one per batch here, so the rows naming a URL arrive in different batches: the
     URL is still fetched once per run, its bytes refused only when no row expects them, and each row
     is judged by its own hash, whichever batch it is in."""
-    import data_tools.download as dl
+    import data_tools.fetch as fetch
 
-    monkeypatch.setattr(dl, "ROW_BATCH", 1)
+    monkeypatch.setattr(fetch, "ROW_BATCH", 1)
     good, other = hashlib.sha256(_jpg(60)).hexdigest(), hashlib.sha256(_jpg(61)).hexdigest()
     with LocalServer({"/a.jpg": Route(_jpg(60)), "/b.jpg": Route(_jpg(61))}) as srv:
         a, b = srv.url("/a.jpg"), srv.url("/b.jpg")

@@ -151,7 +151,7 @@ def test_an_adapter_records_its_base_and_refuses_another(saved, tmp_path, monkey
     from mmsmall.config import LoRAConfig, ModelConfig, load_config
     from mmsmall.errors import AdapterBaseMismatch
     from mmsmall.export.load import load_vlm
-    from mmsmall.model.lora import inject_lora, load_adapter, merge_lora, save_adapter
+    from mmsmall.model.lora import adapter_base, inject_lora, merge_lora, save_adapter
     from mmsmall.model.vlm import VLM, build_vlm
     from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -181,7 +181,7 @@ def test_an_adapter_records_its_base_and_refuses_another(saved, tmp_path, monkey
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
     build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(other)
     with pytest.raises(AdapterBaseMismatch, match="load it onto the base it was trained on"):
-        load_adapter(tmp_path / "adapters", base=other)
+        adapter_base(tmp_path / "adapters", base=other)
     shutil.rmtree(base)
     shutil.copytree(other, base)  # the recorded folder now holds another model
     code, err = _cli(["chat", "Hi?", "--model", str(tmp_path / "adapters")], monkeypatch, capsys)

@@ -128,7 +128,7 @@ def import_molmo2(source: str | Path, out: str | Path, overwrite: bool = False):
     the import writes are replaced and other files stay)."""
     import transformers
 
-    from mmsmall.export.release import refuse_non_empty
+    from mmsmall.errors import refuse_non_empty
 
     out = Path(out)
     refuse_non_empty(out, "import", overwrite)

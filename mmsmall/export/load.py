@@ -81,9 +81,9 @@ def load_vlm(src: str | Path, merge_lora: bool = True) -> tuple[VLM, Source]:
     """
     source = resolve_source(src)
     if source.kind == "adapter":  # an adapter-only export: put on the base recorded in it
-        from mmsmall.model.lora import load_adapter
+        from mmsmall.model.lora import adapter_base, load_adapter
 
-        return load_adapter(source.path), source
+        return load_adapter(source.path, load_vlm(adapter_base(source.path))[0]), source
     if source.kind == "vlm":
         from mmsmall.model.vlm import VLM
 

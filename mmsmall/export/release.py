@@ -22,6 +22,7 @@ import torch
 if TYPE_CHECKING:
     from mmsmall.model.vlm import VLM
 
+from mmsmall.errors import refuse_non_empty
 from mmsmall.export.card import CHAT_TEMPLATE, model_card, read_eval_results
 from mmsmall.export.safetensors_io import shard_files, umask_mode, write_checksums
 
@@ -73,17 +74,6 @@ def save_mmsmall(vlm: VLM, out_dir: str | Path, max_shard_size: str = "5GB") -> 
     processor_for(vlm, chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
     write_checksums(out_dir)
     return out_dir
-
-
-def refuse_non_empty(out: Path, command: str, overwrite: bool) -> None:
-    """Raise :class:`~mmsmall.errors.OutputExists` when ``out`` holds files and ``overwrite`` is off."""
-    from mmsmall.errors import OutputExists
-
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(
-            f"{out} is not empty; {command} into a new or empty folder, or pass --overwrite to replace "
-            f"the {command}ed files there (other files are left alone)"
-        )
 
 
 def _trained_from(ckpt_dir: Path) -> str | None:

@@ -318,18 +318,13 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTERS_JSON).is_file()
 
 
-def load_adapter(folder: str | Path, base: str | Path | None = None) -> nn.Module:
-    """The VLM of an adapter-only export: its base (``base``, default: the one recorded) with the
-    adapters merged in and the connector replaced (fp32, eval).
+def adapter_base(folder: str | Path, base: str | Path | None = None) -> Path:
+    """The base model folder of an adapter-only export (``base``, default: the one recorded),
+    checked against the fingerprint of the weights the adapters were trained on.
 
-    Raises :class:`~mmsmall.errors.AdapterBaseMismatch` when the base's weights are not the ones
-    the adapters were trained on, and :class:`~mmsmall.errors.MissingInput` when no base is known
-    or it is gone."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+    Raises :class:`~mmsmall.errors.AdapterBaseMismatch` when the base's weights are not those, and
+    :class:`~mmsmall.errors.MissingInput` when no base is known or it is gone."""
     from mmsmall.errors import AdapterBaseMismatch, MissingInput
-    from mmsmall.export.load import load_vlm
 
     folder = Path(folder)
     meta = json.loads((folder / ADAPTERS_JSON).read_text())
@@ -346,7 +341,20 @@ def load_adapter(folder: str | Path, base: str | Path | None = None) -> nn.Modul
             f"({meta.get('base_model')}), but {base} has {str(actual)[:16]}...; load it onto the base "
             "it was trained on"
         )
-    vlm, _ = load_vlm(base)
+    return Path(base)
+
+
+def load_adapter(folder: str | Path, vlm: nn.Module) -> nn.Module:
+    """The VLM of an adapter-only export: ``vlm``, its base loaded from :func:`adapter_base`, with
+    the adapters merged in and the connector replaced (fp32, eval)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mmsmall.errors import AdapterBaseMismatch
+
+    folder = Path(folder)
+    meta = json.loads((folder / ADAPTERS_JSON).read_text())
+    base = meta.get("base_model")
     for name in meta["adapters"]:
         module = getattr(vlm, name)
         inject_adapter_in_model(LoraConfig.from_pretrained(str(folder / name)), module, adapter_name=ADAPTER)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmsmall.config import ConfigError, strip_removed, to_dict
+from mmsmall.config import ConfigError, flatten, strip_removed, to_dict
 from mmsmall.export.intact import COMPLETE
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,6 @@ RESUMABLE_KEYS = (
     "name", "out_dir", "train.steps", "train.save_every", "train.keep_last", "train.log_every",
     "train.tensorboard", "train.wandb", "data.num_workers",
 )  # fmt: skip
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{dotted.key: leaf}``."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _same_global_batch(old: dict, new: dict, ckpt_dir: Path, world_size: int | None) -> bool:

@@ -16,9 +16,8 @@ from typing import Any
 
 import yaml
 
-from mmsmall.config import ConfigError, ModelConfig, load_config, to_dict
+from mmsmall.config import ConfigError, ModelConfig, flatten, load_config, to_dict
 from mmsmall.resources import find_config
-from mmsmall.train.resume import flatten
 
 # model.* keys a later stage may change: none of them changes a parameter's shape
 APPLIED = (
