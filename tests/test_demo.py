@@ -70,7 +70,8 @@ def test_full_demo_reads_every_image(tmp_path):
     the set's chance level by >= 15. Floats round differently on other instruction sets and 3,000
     steps amplify it, so the scores themselves are checked only against the spread measured over
     instruction sets (README.md, bench/demo.py --isa all): within that range widened by its own
-    width on each side (at least 5 points), not against one machine's table."""
+    width on each side, at least 10 points (two sampling standard deviations of a score on 100
+    held-out samples), not against one machine's table."""
     from mmsmall.demo import EVAL_TASKS, results_markdown, run_demo, verdict
 
     result = run_demo(tmp_path / "demo", quick=False)
@@ -84,7 +85,7 @@ def test_full_demo_reads_every_image(tmp_path):
     outside = {}
     for task, row in rows.items():
         lo, hi = spread[task]
-        width = max(hi - lo, 5.0)
+        width = max(hi - lo, 10.0)
         if not lo - width <= row["model"] <= hi + width:
             outside[task] = (row["model"], (lo, hi))
     assert not outside, f"scores outside README.md's measured spread {outside}:\n{table}"
@@ -98,7 +99,7 @@ def test_readme_table_passes_its_own_verdict():
     assert set(shown) == set(EVAL_TASKS)
     assert not verdict(list(shown.values()))
     for task, (lo, hi) in _readme_spread().items():
-        assert lo <= hi and lo - max(hi - lo, 5.0) <= shown[task]["model"] <= hi + max(hi - lo, 5.0)
+        assert lo <= hi and lo - max(hi - lo, 10.0) <= shown[task]["model"] <= hi + max(hi - lo, 10.0)
 
 
 KEYS = ("model", "chance", "other", "blind", "over_chance", "over_blind")
