@@ -244,10 +244,12 @@ CPU_LORA = [
 
 
 def _import_footprint() -> float:
-    """Peak resident bytes of a process that imported what a training rank imports and built nothing."""
+    """Peak resident bytes of a process that imported what a training rank imports and built nothing,
+    read as the training loop reads its own peak (``peak_memory_gib``: VmHWM, not ru_maxrss, which a
+    child inherits from a test runner that has grown)."""
     code = (
-        "import resource, deepspeed, open_clip, peft, transformers, mmsmall.train.loop;"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "import torch, deepspeed, open_clip, peft, transformers, mmsmall.train.loop as loop;"
+        "print(loop.peak_memory_gib(torch.device('cpu')) * 2**30)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])

@@ -79,10 +79,17 @@ def _all_reduce_once(
 
 def peak_memory_gib(device: torch.device) -> float:
     """This rank's peak memory so far: the CUDA allocator's peak on a GPU, the process's peak
-    resident set on CPU (Linux reports ``ru_maxrss`` in KiB). Read from host counters, no sync."""
+    resident set on CPU. Read from host counters, no sync. On Linux the peak is ``VmHWM`` of
+    /proc/self/status, this process's own: ``ru_maxrss`` keeps the peak of the process that
+    started it (a launcher, a test runner) across fork and exec."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
