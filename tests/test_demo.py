@@ -63,7 +63,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_demo_reads_every_image(tmp_path):
+def test_full_demo_reads_every_image(tmp_path, monkeypatch):
     """The README's claim: from seed 0, on any CPU, the demo's model reads every family's image:
     on each held-out set (counting, pointing, charts, receipts, clocks) it beats both blind
     baselines (each question asked about another sample's image; grey images) by >= 20 points and
@@ -74,6 +74,10 @@ def test_full_demo_reads_every_image(tmp_path):
     held-out samples), not against one machine's table."""
     from mmsmall.demo import EVAL_TASKS, results_markdown, run_demo, verdict
 
+    # The suite's other worker keeps a core busy: OpenMP threads that spin at their barriers lose
+    # much of their time to it (0.183 s/step spinning against 0.125 passive, one core busy; alone,
+    # spinning is faster: 0.086 against 0.149). How threads wait changes no float.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     result = run_demo(tmp_path / "demo", quick=False)
     rows = {row["task"]: row for row in result["table"]}
     assert set(rows) == set(EVAL_TASKS)
