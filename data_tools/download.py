@@ -54,7 +54,7 @@ from pathlib import Path
 from mmsmall.config import ConfigError
 
 from .download_shards import download_shards
-from .fetch import (  # noqa: F401  (re-exported: the stage's public names)
+from .fetch import (
     DownloadConfig,
     Fetched,
     Fetcher,
@@ -65,7 +65,6 @@ from .fetch import (  # noqa: F401  (re-exported: the stage's public names)
     judge_row,
     read_log,
     save_file,
-    url_key,
 )
 
 

@@ -96,7 +96,7 @@ def pixmo_units(inp, ds, unit_size: int) -> list[dict]:
 @functools.lru_cache(maxsize=4)
 def _read_downloads(folder: str, stamp: tuple[int, int]) -> dict:
     """The fetch log of ``folder``, read once per process while the log is unchanged (``stamp``)."""
-    from .download import read_log
+    from .fetch import read_log
 
     return read_log(Path(folder) / "fetch_log.jsonl", Path(folder))
 

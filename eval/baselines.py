@@ -6,7 +6,7 @@ the answer distribution scores at best (the majority answer for a count or a bar
 common layout for pointing). A model that reads the image must beat it; a blind model cannot.
 
     >>> chance("synth_charts", "demo_out/synth/charts_eval")
-    {'score': 27.0, 'answer': 'East', 'n': 100, 'n_candidates': 4}
+    {'score': 30.0, 'answer': 'East', 'n': 100, 'n_candidates': 4}
 """
 
 from __future__ import annotations
