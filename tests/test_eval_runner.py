@@ -260,6 +260,9 @@ def test_other_images_ask_each_question_about_another_samples_image(tmp_path):
     with pytest.raises(ConfigError, match="choose one"):
         evaluate(ColourReader(), ["chartqa"], tmp_path / "x", data=data, blind=True, other_images=True)
     assert build_parser().parse_args(["--model", "m", "--tasks", "chartqa", "--other-images"]).other_images
+    one = {"chartqa": str(make_chartqa_parquet(tmp_path / "one", n=1))}  # no other image to ask about
+    with pytest.raises(EvalDataError, match="other_images needs at least 2 samples"):
+        evaluate(ColourReader(), ["chartqa"], tmp_path / "o1", data=one, num_workers=0, other_images=True)
 
 
 def test_chance_is_the_best_score_of_one_fixed_answer(tmp_path):
