@@ -138,14 +138,16 @@ class Predictor:
             top_p=top_p,
             stop_strings=tuple(stop_strings),
         )
-        answers = []
-        for tokens in new_tokens:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # EOS is special: dropped
-            for stop in stop_strings:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            answers.append(text.strip())
-        return answers
+        return [self.text(tokens, stop_strings) for tokens in new_tokens]
+
+    def text(self, tokens: Sequence[int], stop_strings: Sequence[str] = ()) -> str:
+        """New token ids -> the answer: special tokens (EOS) dropped, cut at the first stop string,
+        stripped (what :meth:`answer` and the serving engine return)."""
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)  # EOS is special: dropped
+        for stop in stop_strings:
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        return text.strip()
 
     def _fit_positions(self, batch: dict, max_new_tokens: int) -> int:
         """``max_new_tokens``, capped with a warning to the positions the model has left after the
