@@ -233,6 +233,51 @@ def predict(
     )
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="model folder (any folder mmsmall eval --model takes)")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (0: a free one, printed at start)")] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="the model id clients send (default: the folder's name)")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="require 'Authorization: Bearer KEY' (default: $MMSMALL_API_KEY; none: open)"),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="most requests generating together")] = 32,
+    max_queue: Annotated[int, typer.Option(min=1, help="most requests waiting; past it: HTTP 503")] = 256,
+    max_request_bytes: Annotated[int, typer.Option(min=1, help="request body limit (HTTP 413)")] = 32 << 20,
+    max_image_bytes: Annotated[int, typer.Option(min=1, help="encoded image limit (HTTP 413)")] = 20 << 20,
+    max_image_pixels: Annotated[
+        int, typer.Option(min=1, help="image width x height limit (HTTP 413)")
+    ] = 40_000_000,
+    max_tokens_limit: Annotated[
+        int, typer.Option(min=1, help="the most max_tokens a request may ask")
+    ] = 1024,
+    allow_text_only: Annotated[bool, typer.Option(help="answer requests that carry no image")] = False,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="seconds in-flight requests get to finish on SIGTERM / Ctrl-C")
+    ] = 60.0,
+    device: Device = None,
+    dtype: DType = "fp32",
+    max_crops: MaxCrops = None,
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/models), requests batched as they arrive."""
+    from mmsmall.inference.predictor import check_options
+    from mmsmall.serve.server import ServeOptions
+    from mmsmall.serve.server import serve as run_serve
+
+    check_options(max_crops=max_crops)
+    opts = ServeOptions(
+        host=host, port=port, served_model_name=served_model_name, api_key=api_key, max_batch=max_batch,
+        max_queue=max_queue, max_request_bytes=max_request_bytes, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_tokens_limit=max_tokens_limit, allow_text_only=allow_text_only,
+        shutdown_timeout=shutdown_timeout,
+    )  # fmt: skip
+    run_serve(model, opts, device=_device(device), dtype=dtype, max_crops=max_crops)
+
+
 @app.command("import")
 def import_(
     source: Annotated[str, typer.Argument(help="a stock transformers Molmo2 folder or hub id")],

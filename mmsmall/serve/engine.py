@@ -52,6 +52,7 @@ class Request:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks; vLLM's ignore_eos)
     # called in the engine thread after every new token, and once when the request ends
     on_token: Callable[[Request], None] | None = None
     on_done: Callable[[Request], None] | None = None
@@ -271,7 +272,7 @@ class Engine:
         request.tokens.append(token)
         if request.on_token is not None:
             request.on_token(request)
-        if token == self.eos_id:
+        if token == self.eos_id and not request.ignore_eos:
             reason = "stop"
         elif request.stop and any(
             s in self.tokenizer.decode(request.tokens, skip_special_tokens=False) for s in request.stop if s
