@@ -1,0 +1,193 @@
+"""The lmms-eval backend, run by the real lmms-eval 0.7.3 (in its own venv: tests/lmms_venv.py).
+
+Parity gate: a local copy of ChartQA in the hub layout, run by lmms-eval's own ``chartqa`` task
+(``lmms_eval/tasks/chartqa/chartqa.yaml``: prompt, generation settings, ``relaxed_correctness``
+scoring) through a task YAML that includes it and points ``dataset_path`` at the copy, gives the
+per-sample answers and the scores ``mmsmall eval`` gives. The columns (question, answer, type,
+image) are those lmms-eval's ``lmms_eval/tasks/chartqa/utils.py`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hub_layout import save_hub_layout
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SUFFIX = "\nAnswer the question with a single word."  # lmms-eval chartqa.yaml's default post_prompt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lmms_python() -> Path:
+    from lmms_venv import lmms_venv
+
+    return lmms_venv()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from mmsmall.config import ModelConfig, load_config
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
+    return build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(
+        tmp_path_factory.mktemp("m") / "model"
+    )
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 255, (50 + 9 * i, 90 - 4 * i, 3), dtype=np.uint8)) for i in range(n)
+    ]
+
+
+def test_entry_point_registers_the_backend(lmms_python):
+    out = subprocess.run(
+        [str(lmms_python), "-c", "from lmms_eval.models import get_model; print(get_model('mmsmall'))"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mmsmall.lmms.backend.MmsmallLMM" in out.stdout
+
+
+def test_lmms_eval_chartqa_gives_the_answers_and_score_of_mmsmall_eval(lmms_python, model_dir, tmp_path):
+    from mmsmall.inference.predictor import Predictor
+
+    n = 6
+    imgs = images(n)
+    questions = [f"What is the value of bar {i}?" for i in range(n)]
+    said = Predictor(str(model_dir)).predict(imgs, [q + SUFFIX for q in questions], max_new_tokens=16)
+    # gold answers: what the model says for two samples, so that the score is not trivially 0
+    answers = [said[i] if i in (0, 3) else str(10 * i + 5) for i in range(n)]
+    features = datasets.Features(
+        {k: datasets.Value("string") for k in ("question", "answer", "type")} | {"image": datasets.Image()}
+    )
+    rows = {"question": questions, "answer": answers, "image": imgs,
+            "type": ["human_test" if i % 2 == 0 else "augmented_test" for i in range(n)]}  # fmt: skip
+    data = save_hub_layout(
+        datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}),
+        tmp_path / "chartqa",
+    )
+
+    lmms_dir = subprocess.check_output(
+        [str(lmms_python), "-c", "import lmms_eval, os; print(os.path.dirname(lmms_eval.__file__))"],
+        env=_env(),
+        text=True,
+    ).strip()
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "chartqa_local.yaml").write_text(
+        textwrap.dedent(f"""\
+        include: {lmms_dir}/tasks/chartqa/chartqa.yaml
+        task: chartqa_local
+        dataset_path: {data}
+        dataset_kwargs: {{}}
+        """)
+    )
+    out = tmp_path / "lmms_out"
+    _run(
+        [str(lmms_python), "-m", "lmms_eval", "--model", "mmsmall", "--model_args", f"pretrained={model_dir},device=cpu",
+         "--batch_size", "4", "--tasks", "chartqa_local", "--include_path", str(tasks), "--output_path", str(out),
+         "--log_samples"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    ours = tmp_path / "ours"
+    _run(
+        [sys.executable, "-m", "mmsmall.cli", "eval", "--model", str(model_dir), "--tasks", "chartqa",
+         "--data", f"chartqa={data}", "--out", str(ours)],
+        cwd=ROOT,
+    )  # fmt: skip
+
+    samples = [
+        json.loads(x) for x in next(out.glob("*/*_samples_chartqa_local.jsonl")).read_text().splitlines()
+    ]
+    theirs = {s["doc_id"]: s["filtered_resps"] for s in samples}
+    theirs = {i: r[0] if isinstance(r, list) else r for i, r in theirs.items()}
+    mine = [json.loads(x) for x in (ours / "predictions" / "chartqa.jsonl").read_text().splitlines()]
+    mine = {int(m["id"]): m["response"] for m in mine}
+    assert theirs == mine and len(mine) == n
+    assert [theirs[i] for i in range(n)] == said
+
+    lmms_scores = json.loads(next(out.glob("*/*_results.json")).read_text())["results"]["chartqa_local"]
+    our_scores = json.loads((ours / "results.json").read_text())["tasks"]["chartqa"]["metrics"]
+    assert lmms_scores["relaxed_overall,none"] == pytest.approx(2 / 6)
+    for metric in ("relaxed_overall", "relaxed_human_split", "relaxed_augmented_split"):
+        assert our_scores[metric] == pytest.approx(lmms_scores[f"{metric},none"]), metric
+
+
+BACKEND_SCRIPT = """
+import json, sys
+import numpy as np
+from PIL import Image
+from lmms_eval.api.instance import Instance
+from lmms_eval.models import get_model
+
+model_dir = sys.argv[1]
+lm = get_model("mmsmall").create_from_arg_string(
+    f"pretrained={model_dir},device=cpu,dtype=bf16,max_crops=1", {"batch_size": "3", "device": None}
+)
+rng = np.random.default_rng(0)
+docs = [{"image": Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 80, 3), dtype=np.uint8))} for i in range(4)]
+docs.append({"image": None})
+lm.task_dict = {"t": {"test": docs}}
+one = lambda doc: [doc["image"]] if doc["image"] is not None else []
+two = lambda doc: [doc["image"], doc["image"]]
+def inst(i, q, kwargs, visual=one):
+    return Instance(request_type="generate_until", arguments=(q, kwargs, visual, i, "t", "test"), idx=0,
+                    metadata={"task": "t", "doc_id": i, "repeats": 1})
+requests = [inst(i, f"Question {i}?", {"max_new_tokens": 6 + i, "until": ["dw"], "temperature": 0}) for i in range(5)]
+answers = lm.generate_until(requests)
+try:
+    lm.generate_until([inst(0, "Two?", {"max_new_tokens": 4}, visual=two)])
+    multi = "no error"
+except NotImplementedError as e:
+    multi = str(e)
+print(json.dumps({"answers": answers, "multi": multi}))
+"""
+
+
+def test_backend_class_on_lmms_eval_instances(lmms_python, model_dir):
+    """lmms-eval's own ``Instance`` objects: one image or none, stop strings (``until``), dtype and
+    crop settings from model_args, a batch of 3; a two-image request is refused with a clear error."""
+    from mmsmall.inference.predictor import Predictor
+
+    proc = subprocess.run([str(lmms_python), "-c", BACKEND_SCRIPT, str(model_dir)],
+                          env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    predictor = Predictor(str(model_dir), dtype="bf16", max_crops=1)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 80, 3), dtype=np.uint8)) for i in range(4)] + [
+        None
+    ]
+    want = [
+        predictor.predict([im], [f"Question {i}?"], max_new_tokens=6 + i, stop_strings=["dw"])[0]
+        for i, im in enumerate(imgs)
+    ]
+    assert got["answers"] == want
+    assert "gives 2 images" in got["multi"] and "one image per prompt" in got["multi"]
