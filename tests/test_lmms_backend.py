@@ -75,9 +75,12 @@ def test_entry_point_registers_the_backend(lmms_python):
     assert "mmsmall.lmms.backend.MmsmallLMM" in out.stdout
 
 
-def test_lmms_eval_chartqa_gives_the_answers_and_score_of_mmsmall_eval(lmms_python, model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def chartqa(lmms_python, model_dir, tmp_path_factory) -> dict:
+    """A hub-layout ChartQA copy, an lmms-eval task YAML for it, and what ``mmsmall eval`` says on it."""
     from mmsmall.inference.predictor import Predictor
 
+    tmp = tmp_path_factory.mktemp("chartqa")
     n = 6
     imgs = images(n)
     questions = [f"What is the value of bar {i}?" for i in range(n)]
@@ -90,16 +93,14 @@ def test_lmms_eval_chartqa_gives_the_answers_and_score_of_mmsmall_eval(lmms_pyth
     rows = {"question": questions, "answer": answers, "image": imgs,
             "type": ["human_test" if i % 2 == 0 else "augmented_test" for i in range(n)]}  # fmt: skip
     data = save_hub_layout(
-        datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}),
-        tmp_path / "chartqa",
+        datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}), tmp / "chartqa"
     )
-
     lmms_dir = subprocess.check_output(
         [str(lmms_python), "-c", "import lmms_eval, os; print(os.path.dirname(lmms_eval.__file__))"],
         env=_env(),
         text=True,
     ).strip()
-    tasks = tmp_path / "tasks"
+    tasks = tmp / "tasks"
     tasks.mkdir()
     (tasks / "chartqa_local.yaml").write_text(
         textwrap.dedent(f"""\
@@ -109,35 +110,71 @@ def test_lmms_eval_chartqa_gives_the_answers_and_score_of_mmsmall_eval(lmms_pyth
         dataset_kwargs: {{}}
         """)
     )
-    out = tmp_path / "lmms_out"
-    _run(
-        [str(lmms_python), "-m", "lmms_eval", "--model", "mmsmall", "--model_args", f"pretrained={model_dir},device=cpu",
-         "--batch_size", "4", "--tasks", "chartqa_local", "--include_path", str(tasks), "--output_path", str(out),
-         "--log_samples"],
-        cwd=tmp_path,
-    )  # fmt: skip
-    ours = tmp_path / "ours"
+    ours = tmp / "ours"
     _run(
         [sys.executable, "-m", "mmsmall.cli", "eval", "--model", str(model_dir), "--tasks", "chartqa",
          "--data", f"chartqa={data}", "--out", str(ours)],
         cwd=ROOT,
     )  # fmt: skip
+    mine = [json.loads(x) for x in (ours / "predictions" / "chartqa.jsonl").read_text().splitlines()]
+    return {
+        "tasks": tasks,
+        "said": said,
+        "answers": {int(m["id"]): m["response"] for m in mine},
+        "scores": json.loads((ours / "results.json").read_text())["tasks"]["chartqa"]["metrics"],
+    }
 
+
+def _lmms_eval(
+    lmms_python: Path, chartqa: dict, out: Path, *model: str, env: dict | None = None
+) -> tuple[dict, dict]:
+    """Run ``lmms_eval`` on the local ChartQA task; its per-doc answers and its scores."""
+    cmd = [str(lmms_python), "-m", "lmms_eval", *model, "--tasks", "chartqa_local",
+           "--include_path", str(chartqa["tasks"]), "--output_path", str(out), "--log_samples"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=out.parent, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     samples = [
         json.loads(x) for x in next(out.glob("*/*_samples_chartqa_local.jsonl")).read_text().splitlines()
     ]
-    theirs = {s["doc_id"]: s["filtered_resps"] for s in samples}
-    theirs = {i: r[0] if isinstance(r, list) else r for i, r in theirs.items()}
-    mine = [json.loads(x) for x in (ours / "predictions" / "chartqa.jsonl").read_text().splitlines()]
-    mine = {int(m["id"]): m["response"] for m in mine}
-    assert theirs == mine and len(mine) == n
-    assert [theirs[i] for i in range(n)] == said
+    answers = {s["doc_id"]: s["filtered_resps"] for s in samples}
+    answers = {i: r[0] if isinstance(r, list) else r for i, r in answers.items()}
+    scores = json.loads(next(out.glob("*/*_results.json")).read_text())["results"]["chartqa_local"]
+    return answers, scores
 
-    lmms_scores = json.loads(next(out.glob("*/*_results.json")).read_text())["results"]["chartqa_local"]
-    our_scores = json.loads((ours / "results.json").read_text())["tasks"]["chartqa"]["metrics"]
-    assert lmms_scores["relaxed_overall,none"] == pytest.approx(2 / 6)
+
+def _same_as_mmsmall_eval(chartqa: dict, answers: dict, scores: dict) -> None:
+    assert answers == chartqa["answers"] and len(answers) == 6
+    assert [answers[i] for i in range(6)] == chartqa["said"]
+    assert scores["relaxed_overall,none"] == pytest.approx(2 / 6)
     for metric in ("relaxed_overall", "relaxed_human_split", "relaxed_augmented_split"):
-        assert our_scores[metric] == pytest.approx(lmms_scores[f"{metric},none"]), metric
+        assert chartqa["scores"][metric] == pytest.approx(scores[f"{metric},none"]), metric
+
+
+def test_lmms_eval_chartqa_gives_the_answers_and_score_of_mmsmall_eval(
+    lmms_python, model_dir, chartqa, tmp_path
+):
+    """``lmms_eval --model mmsmall`` (our backend, batched through the engine)."""
+    model = ["--model", "mmsmall", "--model_args", f"pretrained={model_dir},device=cpu", "--batch_size", "4"]
+    _same_as_mmsmall_eval(chartqa, *_lmms_eval(lmms_python, chartqa, tmp_path / "out", *model))
+
+
+def test_lmms_eval_openai_backend_scores_mmsmall_serve_as_mmsmall_eval(
+    lmms_python, model_dir, chartqa, tmp_path
+):
+    """Stock ``lmms_eval --model openai`` pointed at ``mmsmall serve``: same answers and scores."""
+    from test_serve import Served
+
+    server = Served(model_dir, "--served-model-name", "tiny")
+    try:
+        model = ["--model", "openai", "--model_args", f"model=tiny,base_url={server.url},num_concurrent=4"]
+        answers, scores = _lmms_eval(
+            lmms_python, chartqa, tmp_path / "out", *model, env={"OPENAI_API_KEY": "unused"}
+        )
+    finally:
+        assert server.stop() == 0
+    _same_as_mmsmall_eval(chartqa, answers, scores)
 
 
 BACKEND_SCRIPT = """
