@@ -10,9 +10,9 @@
   client keeping 1, 8 and 32 requests in flight.
 
 Every server answer is checked equal to the baseline's answer for the same request. Printed:
-requests/s, p50 and p99 latency per setting, and the speed-up in requests/s over the baseline
-(target >= 4x at concurrency 32), and serve at 32 over serve at 1 (the batching gain alone). Both
-sides get ``BENCH_THREADS`` torch threads (default 1: the tiny model gains nothing from a second
+requests/s, p50 and p99 latency per setting, the speed-up in requests/s over the baseline (run
+before and after the server; the faster run is the reference; target >= 4x at concurrency 32), and
+serve at 32 over serve at 1 (the batching gain alone). Both sides get ``BENCH_THREADS`` torch threads (default 1: the tiny model gains nothing from a second
 thread, and two OpenMP threads on a loaded shared CPU slowed the baseline's main thread 3-7x in a
 measurement here while a worker thread was hit less, which would flatter the server). The server
 also decodes and encodes images in its own threads while the engine generates.
@@ -147,10 +147,10 @@ async def worker_warmup(session, url, body) -> None:
         await resp.read()
 
 
-def row(name: str, latencies: list[float], wall: float, base_rps: float | None) -> float:
+def row(name: str, latencies: list[float], wall: float, base_rps: float) -> float:
     rps = len(latencies) / wall
     p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
-    ratio = f"{rps / base_rps:6.2f}x" if base_rps else "   1.00x"
+    ratio = f"{rps / base_rps:6.2f}x"
     print(f"  {name:<38} {rps:8.2f} req/s   p50 {p50 * 1000:8.1f} ms   p99 {p99 * 1000:8.1f} ms   {ratio}")
     return rps
 
@@ -165,28 +165,30 @@ def main() -> int:
             f"tiny VLM, {N} requests (one image each), max_tokens {TOKENS}, greedy, {THREADS} torch threads"
         )
         want, lat, wall = baseline(model_dir, reqs)
-        base_rps = row("batch-1 sequential (mmsmall chat)", lat, wall, None)
+        runs = [("batch-1 sequential (mmsmall chat), before", lat, wall)]
         proc, url = start_server(model_dir)
         ok = True
-        first = None
         try:
             for c in CONCURRENCY:
                 answers, lat, wall, generated = asyncio.run(drive(url, reqs, c))
-                same = answers == want
-                ok &= same
-                rps = row(f"mmsmall serve, concurrency {c}", lat, wall, base_rps)
-                first = first or rps
-                if not same:
-                    bad = sum(a != b for a, b in zip(answers, want))
-                    print(f"    {bad} answers differ from the baseline")
-            print(
-                f"  answers identical to the baseline: {'yes' if ok else 'NO'} (mean {np.mean(generated):.1f} new tokens)"
-            )
-            print(f"  speed-up at concurrency 32: {rps / base_rps:.2f}x over the baseline (target >= 4x), "
-                  f"{rps / first:.2f}x over serve at concurrency 1")  # fmt: skip
+                runs.append((f"mmsmall serve, concurrency {c}", lat, wall))
+                if answers != want:
+                    ok = False
+                    print(f"    concurrency {c}: {sum(a != b for a, b in zip(answers, want))} answers differ")
         finally:
             proc.terminate()
             proc.wait(timeout=120)
+        again, lat, wall = baseline(model_dir, reqs)
+        ok &= again == want
+        runs.insert(1, ("batch-1 sequential (mmsmall chat), after", lat, wall))
+    # the faster of the two baseline runs is the reference (the conservative ratio on a noisy machine)
+    base_rps = max(len(lat) / wall for _, lat, wall in runs[:2])
+    rates = [row(name, lat, wall, base_rps) for name, lat, wall in runs]
+    print(
+        f"  answers identical to the baseline: {'yes' if ok else 'NO'} (mean {np.mean(generated):.1f} new tokens)"
+    )
+    print(f"  speed-up at concurrency 32: {rates[-1] / base_rps:.2f}x over the faster baseline run (target >= 4x), "
+          f"{rates[-1] / rates[2]:.2f}x over serve at concurrency 1")  # fmt: skip
     return 0 if ok else 1
 
 
