@@ -41,7 +41,7 @@ class EngineClosed(RuntimeError):
     """The engine is shutting down and takes no new requests."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (it holds tensors)
 class Request:
     """One prompt to generate from; ``example`` is ``Predictor.encode`` output."""
 
