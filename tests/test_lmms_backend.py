@@ -204,16 +204,47 @@ try:
     multi = "no error"
 except NotImplementedError as e:
     multi = str(e)
-print(json.dumps({"answers": answers, "multi": multi}))
+# loglikelihood, fp32: (context, continuation, doc_to_visual, doc_id, task, split)
+lm32 = get_model("mmsmall").create_from_arg_string(f"pretrained={model_dir},device=cpu", {"batch_size": "1"})
+lm32.task_dict = lm.task_dict
+continuations = json.loads(sys.argv[2])
+scored = lm32.loglikelihood([
+    Instance(request_type="loglikelihood", arguments=(f"Question {i}?", c, one, i, "t", "test"), idx=0,
+             metadata={"task": "t", "doc_id": i, "repeats": 1})
+    for i, c in continuations
+])
+print(json.dumps({"answers": answers, "multi": multi, "scored": scored}))
 """
 
 
 def test_backend_class_on_lmms_eval_instances(lmms_python, model_dir):
     """lmms-eval's own ``Instance`` objects: one image or none, stop strings (``until``), dtype and
-    crop settings from model_args, a batch of 3; a two-image request is refused with a clear error."""
+    crop settings from model_args, a batch of 3; a two-image request is refused with a clear error;
+    loglikelihood requests score as one uncached forward pass does."""
     from mmsmall.inference.predictor import Predictor
 
-    proc = subprocess.run([str(lmms_python), "-c", BACKEND_SCRIPT, str(model_dir)],
+    predictor32 = Predictor(str(model_dir))
+    tok = predictor32.tokenizer
+    rng = np.random.default_rng(0)
+    docs = [Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 80, 3), dtype=np.uint8)) for i in range(4)] + [
+        None
+    ]
+    # a continuation the model would say itself: the first doc whose greedy words survive decode + encode
+    greedy_case = None
+    for i, doc in enumerate(docs):
+        ids = predictor32.model.generate(
+            predictor32.collate([predictor32.encode(doc, f"Question {i}?")]), max_new_tokens=3
+        )[0]
+        ids = [t for t in ids if t != tok.eos_token_id]
+        for n in range(len(ids), 0, -1):
+            if tok.encode(tok.decode(ids[:n]), add_special_tokens=False) == ids[:n]:
+                greedy_case = (i, tok.decode(ids[:n]))
+                break
+        if greedy_case:
+            break
+    assert greedy_case is not None, "no greedy continuation survives the tokenizer round trip"
+    continuations = [greedy_case, (0, " 12 apples"), (1, " red"), (4, " Yes")]
+    proc = subprocess.run([str(lmms_python), "-c", BACKEND_SCRIPT, str(model_dir), json.dumps(continuations)],
                           env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -228,3 +259,43 @@ def test_backend_class_on_lmms_eval_instances(lmms_python, model_dir):
     ]
     assert got["answers"] == want
     assert "gives 2 images" in got["multi"] and "one image per prompt" in got["multi"]
+
+    # loglikelihood against one uncached forward pass over prompt + continuation (an independent path)
+    rng = np.random.default_rng(0)
+    docs = [Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 80, 3), dtype=np.uint8)) for i in range(4)] + [
+        None
+    ]
+    for (i, text), (logprob, is_greedy) in zip(continuations, got["scored"]):
+        ref, ref_greedy = full_pass_logprob(
+            predictor32,
+            predictor32.encode(docs[i], f"Question {i}?"),
+            tok.encode(text, add_special_tokens=False),
+        )
+        assert logprob == pytest.approx(ref, abs=1e-4) and is_greedy == ref_greedy
+    assert got["scored"][0][1] is True and got["scored"][0][0] < 0  # the model's own greedy words
+    assert got["scored"][1][1] is False
+
+
+def full_pass_logprob(predictor, example: dict, tokens: list[int]) -> tuple[float, bool]:
+    """Sum of log-probabilities of ``tokens`` after the prompt, from one forward pass without a cache."""
+    n, t = len(tokens), len(example["input_ids"])
+    cont = torch.tensor(tokens)
+    ex = dict(example)
+    ex["input_ids"] = torch.cat([ex["input_ids"], cont])
+    ex["position_ids"] = torch.cat([ex["position_ids"], ex["position_ids"][-1] + 1 + torch.arange(n)])
+    ex["conv_ids"] = torch.cat([ex["conv_ids"], ex["conv_ids"][-1].repeat(n)])
+    ex["labels"] = torch.cat([ex["labels"], torch.full((n,), -100)])
+    batch = predictor.collate([ex])
+    keys = (
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "doc_ids",
+        "conv_ids",
+        "pixel_values",
+        "image_token_pooling",
+    )
+    with torch.no_grad():
+        logits = predictor.model(**{k: batch[k] for k in keys if batch.get(k) is not None}).logits[0]
+    logp = torch.log_softmax(predictor.model.emittable(logits[t - 1 : t - 1 + n].float()), -1)  # (n, V)
+    return float(logp[torch.arange(n), cont].sum()), bool((logp.argmax(-1) == cont).all())

@@ -116,10 +116,51 @@ class MmsmallLMM(lmms):
         return flat[0].convert("RGB")
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(
-            "mmsmall backend: loglikelihood tasks (output_type: loglikelihood / multiple_choice) are not "
-            "supported yet; use the task's generate_until variant"
-        )
+        """``Instance.args = (context, continuation or doc_to_target, doc_to_visual, doc_id, task,
+        split)`` -> (sum of the continuation tokens' log-probabilities after the prompt, whether
+        greedy decoding would give exactly those tokens). The continuation is tokenized on its own,
+        as lmms-eval's Hugging Face backends do."""
+        out = []
+        for instance in requests:
+            context, target, doc_to_visual, doc_id, task, split = instance.args
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            image = self._image(doc_to_visual(doc), task, doc_id)
+            tokens = self.predictor.tokenizer.encode(continuation, add_special_tokens=False)
+            if not tokens:
+                raise ValueError(f"mmsmall backend: task {task!r} doc {doc_id}: an empty continuation")
+            example = self.predictor.encode(image, context, task=self.style)
+            out.append(continuation_logprob(self.predictor, example, tokens))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), out[-1])
+        return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("mmsmall backend: multi-round generation is not supported")
+
+
+def continuation_logprob(predictor, example: dict, tokens: list[int]) -> tuple[float, bool]:
+    """Log-probability of ``tokens`` following the encoded prompt ``example``, and whether each is
+    the argmax: the prompt prefilled into a KV cache, the continuation fed in one decode pass."""
+    import torch
+    from transformers import DynamicCache
+
+    from mmsmall.serve.engine import prefill_inputs
+
+    model = predictor.model
+    with torch.no_grad():
+        on = prefill_inputs(predictor.collate([example]), model.device)
+        cache = DynamicCache(config=model.llm.config)
+        first, allowed = model.prefill(**on, cache=cache, use_cache=True, logits_to_keep=1)
+        cont = torch.tensor([tokens], device=model.device)  # (1, C)
+        logits = first.logits[:, -1:]  # (1, 1, V): predicts the first continuation token
+        if len(tokens) > 1:
+            n = len(tokens) - 1
+            keys = torch.cat(
+                [allowed[:, 0, -1, :], torch.ones(1, n, dtype=torch.bool, device=model.device)], 1
+            )
+            positions = on["position_ids"][:, -1:] + 1 + torch.arange(n, device=model.device)  # (1, C-1)
+            rest = model.decode(cont[:, :-1], keys, positions, cache).logits  # (1, C-1, V)
+            logits = torch.cat([logits, rest], 1)
+        logits = model.emittable(logits.float())  # (1, C, V)
+        logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None]).sum()
+        return float(logp), bool((logits.argmax(-1) == cont).all())

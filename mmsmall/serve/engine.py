@@ -225,11 +225,7 @@ class Engine:
     def _prefill(self, requests: list[Request]) -> None:
         batch = self.predictor.collate([r.example for r in requests])
         device = self.model.device
-        on = {k: batch[k].to(device) for k in PREFILL_KEYS if batch.get(k) is not None}
-        if "attention_mask" not in on:
-            on["attention_mask"] = torch.ones_like(on["input_ids"])
-        if "position_ids" not in on:
-            on["position_ids"] = (on["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        on = prefill_inputs(batch, device)
         cache = DynamicCache(config=self.model.llm.config)
         out, allowed = self.model.prefill(**on, cache=cache, use_cache=True, logits_to_keep=1)
         keys = allowed[:, 0, -1, :]  # (b, T): what a token after the prompt may see
@@ -336,6 +332,17 @@ class Engine:
 
     def _reset(self) -> None:
         self.rows, self._cache, self._keys, self._pos, self._pending = [], None, None, None, None
+
+
+def prefill_inputs(batch: dict, device: torch.device) -> dict:
+    """The keys of a collated batch that ``VLM.prefill`` reads, on ``device``, with the attention
+    mask and positions filled in where the batch has none."""
+    on = {k: batch[k].to(device) for k in PREFILL_KEYS if batch.get(k) is not None}
+    if "attention_mask" not in on:
+        on["attention_mask"] = torch.ones_like(on["input_ids"])
+    if "position_ids" not in on:
+        on["position_ids"] = (on["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return on
 
 
 def _left_pad(kv: torch.Tensor, length: int) -> torch.Tensor:
