@@ -97,7 +97,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(model_dir):
     server = Served(model_dir, "--served-model-name", NAME, "--max-image-pixels", "250000",
-                    "--max-image-bytes", "400000", env={"MMSMALL_API_KEY": KEY})  # fmt: skip
+                    "--max-image-bytes", "400000", "--max-request-bytes", "2000000", env={"MMSMALL_API_KEY": KEY})  # fmt: skip
     yield server
     assert server.stop() == 0, "".join(server.lines)
 
@@ -180,6 +180,18 @@ def test_streaming_chunks_add_up_to_the_same_answers(served, expected):
         assert text == want and finish in (["stop"], ["length"])
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
+    # a stop string inside the answer: the streamed text stops where the whole answer stops
+    question, size, seed = CASES[0]
+    kw = dict(model=NAME, messages=message(question, data_url(png(size, seed))), max_tokens=12)
+    stop = expected[0][3:5]
+    whole = client.chat.completions.create(**kw, stop=[stop]).choices[0].message.content
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**kw, stop=[stop], stream=True)
+        if c.choices
+    ]
+    assert "".join(parts) == whole == expected[0][: expected[0].index(stop)].strip()
+
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(served, model_dir):
     """24 requests at once: each answers what it answers alone, and several decoded together."""
@@ -248,9 +260,10 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(served
     assert statuses["unknown model"] == 404
     assert all(400 <= s < 500 for s in statuses.values()), statuses
 
-    raw = httpx.post(
-        served.url + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
-    )
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = httpx.post(served.url + "/chat/completions", content=b"x" * 3_000_000, headers=auth)
+    assert big.status_code == 413 and "2000000 byte limit" in big.json()["error"]["message"]
+    raw = httpx.post(served.url + "/chat/completions", content=b"{not json", headers=auth)
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     with pytest.raises(openai.AuthenticationError, match="wrong API key"):
         served.client(key="wrong").models.list()
