@@ -101,3 +101,30 @@ def test_queue_bound_and_seeded_sampling(predictor):
 
     assert sample(7) == sample(7)  # the same seed, the same tokens
     assert len({tuple(sample(s)) for s in range(4)}) > 1
+
+
+def test_a_stock_molmo2_release_answers_as_predictor(tmp_path):
+    """A ``--format molmo2`` release (its own chat template, OLMo-2 LLM, HF SigLIP tower) in bf16."""
+    from mmsmall.config import ModelConfig, load_config
+    from mmsmall.export import run_export
+    from mmsmall.inference.predictor import Predictor
+    from mmsmall.model.vlm import build_vlm
+    from mmsmall.processing.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
+    build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(tmp_path / "saved")
+    release = run_export(str(tmp_path / "saved"), str(tmp_path / "release"), fmt="molmo2")
+    predictor = Predictor(str(release), dtype="bf16")
+    assert predictor.prompt_format == "chat_template"
+    imgs, questions = prompts(6)
+    alone = [
+        predictor.predict([im], [q], max_new_tokens=8 + i)[0]
+        for i, (im, q) in enumerate(zip(imgs, questions))
+    ]
+    engine = Engine(predictor, max_batch=4, max_prefill=2)
+    jobs = [
+        Request(predictor.encode(im, q), max_new_tokens=8 + i)
+        for i, (im, q) in enumerate(zip(imgs, questions))
+    ]
+    assert [engine.text(j) for j in engine.generate(jobs)] == alone
