@@ -168,6 +168,13 @@ def validate_curate(cfg: CurateConfig) -> None:
             raise ConfigError(f"inputs[{i}].path: empty; give the folder or file to read")
         if inp.coords not in COORD_SPACES:
             raise ConfigError(f"inputs[{i}].coords: {inp.coords!r}; valid: {', '.join(COORD_SPACES)}")
+        dl = Path(inp.downloads) if inp.downloads else None
+        if dl is not None and (dl / "shards").is_dir() and not (dl / "fetch_log.jsonl").exists():
+            raise ConfigError(
+                f"inputs[{i}].downloads: {dl} holds webdataset shards (mmsmall download's default output); "
+                "the pixmo input reads the loose-file layout: fetch again with `mmsmall download ROWS --out "
+                f"{dl} --url-field image_url --sha256-field image_sha256 --output files`"
+            )
     if cfg.normalize.format not in ("keep", "jpg", "png"):
         raise ConfigError(f"normalize.format: {cfg.normalize.format!r}; valid: jpg, keep, png")
     if not 0 <= cfg.dedup.max_distance < 32:

@@ -78,7 +78,8 @@ def curate(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def download(ctx: typer.Context) -> None:
-    """Fetch the image URLs of a parquet/jsonl/csv file: ROWS --out DIR [--url-field] [--retry-failed]."""
+    """Fetch the image URLs of a parquet/jsonl/csv file into webdataset shards: ROWS --out DIR [--url-field]
+    [--output webdataset|files] [--executor local|ray] [--retry-failed]."""
     from data_tools.__main__ import main as data_main
 
     raise typer.Exit(data_main(["download", *ctx.args]))
