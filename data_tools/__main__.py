@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     dl = sub.add_parser("download", help="fetch the image URLs of a parquet/jsonl/csv file of rows")
     dl.add_argument("rows", help="parquet file or folder, .jsonl or .csv with a URL column")
-    dl.add_argument("--out", required=True, help="folder for shards/ (or, with --output files, images/ + images.jsonl)")
+    dl.add_argument(
+        "--out", required=True, help="folder for shards/ (or, with --output files, images/ + images.jsonl)"
+    )
     dl.add_argument("--url-field", default="url", help="URL column (PixMo: image_url)")
     dl.add_argument("--sha256-field", default="sha256", help="expected-sha256 column (PixMo: image_sha256)")
     dl.add_argument("--concurrency", type=int, default=64, help="requests in flight in total")
@@ -31,10 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--retries", type=int, default=3, help="retries on 429/5xx/timeouts")
     dl.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="size cap per image")
     dl.add_argument("--retry-failed", action="store_true", help="fetch again only what failed last time")
-    dl.add_argument("--output", choices=("webdataset", "files"), default="webdataset",
-                    help="webdataset: shards/*.tar (image, txt, json; the default); files: images/ + images.jsonl")
-    dl.add_argument("--executor", choices=("local", "ray"), default="local",
-                    help="ray: the shards run as tasks on the Ray cluster (RAY_ADDRESS) curation uses")
+    dl.add_argument(
+        "--output",
+        choices=("webdataset", "files"),
+        default="webdataset",
+        help="webdataset: shards/*.tar (image, txt, json; the default); files: images/ + images.jsonl",
+    )
+    dl.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: the shards run as tasks on the Ray cluster (RAY_ADDRESS) curation uses",
+    )
     dl.add_argument("--workers", type=int, default=None, help="ray: shards in flight (default: the cluster's CPUs)")  # fmt: skip
     dl.add_argument("--shard-rows", type=int, default=10_000, help="webdataset: rows per shard")
     dl.add_argument(

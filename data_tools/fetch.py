@@ -42,7 +42,9 @@ class DownloadConfig:
     max_bytes: int = 20 * 1024 * 1024  # size cap, from Content-Length and while streaming
     max_redirects: int = 5
     user_agent: str = "mmsmall-download/0.1 (+https://github.com/mmsmall)"
-    output: str = "webdataset"  # webdataset: shards/ (data_tools/download_shards.py) | files: images/ + images.jsonl
+    output: str = (
+        "webdataset"  # webdataset: shards/ (data_tools/download_shards.py) | files: images/ + images.jsonl
+    )
     shard_rows: int = 10_000  # webdataset: rows per shard
     caption_field: str = "caption"  # webdataset: written as each sample's .txt when the row has it
 

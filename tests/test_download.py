@@ -200,7 +200,9 @@ def test_mmsmall_download_command(tmp_path):
     import tarfile
 
     with tarfile.open(tmp_path / "dl" / "shards" / "00000.tar") as tar:  # shards are the default output
-        assert tar.extractfile("000000000.jpg").read() == _jpg(30) and not (tmp_path / "dl" / "images").exists()
+        assert (
+            tar.extractfile("000000000.jpg").read() == _jpg(30) and not (tmp_path / "dl" / "images").exists()
+        )
 
 
 # The child's own peak: VmHWM is per address space (ru_maxrss would carry the parent's peak over exec).
@@ -398,3 +400,47 @@ def test_webdataset_rows_are_each_checked_against_their_own_sha256(tmp_path):
         with tarfile.open(shards / "00002.tar") as tar:
             assert tar.getnames() == []
         assert srv.hits["/a.jpg"] == 3  # once per shard
+
+
+def test_retry_failed_refetches_only_the_failed_rows_of_finished_shards(tmp_path):
+    """`mmsmall download ROWS --out DIR --retry-failed` on shards: a finished shard's failed rows are
+    fetched again and join its tar beside the samples it had (copied, not refetched); a shard with no
+    failures is left alone."""
+    import tarfile
+
+    routes = {f"/r{i}.jpg": Route(_jpg(70 + i)) for i in range(5)}
+    with LocalServer(routes) as srv:
+        paths = ["/r0.jpg", "/late.jpg", "/r1.jpg", "/r2.jpg", "/r3.jpg", "/r4.jpg"]
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, paths))
+        first = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(shard_rows=3))
+        assert first["failed"] == {"fetch_http_404": 1}
+        routes["/late.jpg"] = Route(_jpg(79))  # the server gets the file meanwhile
+        before = dict(srv.hits)
+        again = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(shard_rows=3), retry_failed=True)
+        assert {p: n - before.get(p, 0) for p, n in srv.hits.items() if n != before.get(p, 0)} == {
+            "/late.jpg": 1
+        }
+        assert again["n_ok"] == 6 and again["failed"] == {} and again["shards_written_now"] == 1
+    shards = tmp_path / "dl" / "shards"
+    with tarfile.open(shards / "00000.tar") as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert {k: v for k, v in got.items() if k.endswith(".jpg")} == {
+        "000000.jpg": _jpg(70), "000001.jpg": _jpg(79), "000002.jpg": _jpg(71)}  # fmt: skip
+    assert json.loads(got["000001.json"])["url"] == srv.url("/late.jpg")
+    assert (shards / "00000_failures.jsonl").read_text() == ""
+    assert json.loads((shards / "00000_stats.json").read_text())["reasons"] == {"ok": 3}
+
+
+def test_pixmo_input_refuses_a_downloads_folder_of_shards_with_the_command_to_run(tmp_path):
+    """The pixmo input reads the loose-file layout; pointed at the default (shards) output it stops
+    before any work, saying to fetch with --output files."""
+    from mmsmall.config import ConfigError
+
+    (tmp_path / "dl" / "shards").mkdir(parents=True)
+    cfg = {"inputs": [{"kind": "pixmo", "layout": "points", "path": str(tmp_path / "pixmo-points"),
+                       "downloads": str(tmp_path / "dl")}], "out_dir": str(tmp_path / "cur")}  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"inputs\[0\]\.downloads: .* holds webdataset shards.*--output files"
+    ):
+        run_curation(cfg, workers=1)
+    assert not (tmp_path / "cur").exists()
