@@ -278,5 +278,5 @@ def check_columns(rows_file, first: dict, cfg: DownloadConfig) -> None:
     if cfg.url_field not in first:
         raise ConfigError(
             f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(first)}); "
-            "set --url-field (PixMo: image_url, LAION/DataComp: url)"
+            "set --url-field (LAION-400M/5B: URL, DataComp and img2dataset: url, PixMo: image_url)"
         )

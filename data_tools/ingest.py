@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,7 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
             files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
             if not files or not files[0].exists():
                 raise ConfigError(f"inputs[{i}]: no parquet files at {path}")
+            _refuse_url_rows(i, inp, files[0], pq.ParquetFile(files[0]).schema_arrow.names)
             for f in files:
                 n = pq.ParquetFile(f).metadata.num_rows
                 for a, b in _chunks(n, cfg.unit_size):
@@ -109,6 +111,27 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
     for n, u in enumerate(units):
         u["uid"] = f"u{n:06d}"
     return units
+
+
+URL_COLUMNS = (
+    "url",
+    "URL",
+    "image_url",
+)  # LAION-400M/5B: URL; DataComp, img2dataset's own: url; PixMo: image_url
+
+
+def _refuse_url_rows(i: int, inp: InputConfig, file: Path, columns: list[str]) -> None:
+    """A parquet of image URLs with no image column (LAION/DataComp metadata) is the download stage's
+    input, not curation's: say so, with the command, instead of dropping every row as missing_image."""
+    url = next((c for c in URL_COLUMNS if c in columns), None)
+    if inp.image_field in columns or url is None:
+        return
+    caption = next((c for c in ("TEXT", "text", "caption") if c in columns), "caption")
+    raise ConfigError(
+        f"inputs[{i}] ({file}): rows of image URLs (column {url!r}) and no image column {inp.image_field!r}; "
+        f"fetch them first: `mmsmall download {inp.path} --out DIR --url-field {url} --caption-field {caption}`, "
+        "then curate {kind: webdataset, path: DIR/shards}"
+    )
 
 
 def _folder_rows(inp: InputConfig, skip: list[Path]) -> list[dict]:
@@ -396,6 +419,56 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         )  # fmt: skip
 
 
+_I2D_HTTP = re.compile(r"HTTP Error (\d{3})")
+
+
+def _img2dataset_reason(status: str, message: str) -> str:
+    """A reason code for an img2dataset failure: its ``error_message`` is free text (urllib's
+    ``str(err)``, ``hash mismatch``, the resizer's message), its ``status`` failed_to_download or
+    failed_to_resize (img2dataset/downloader.py)."""
+    if m := _I2D_HTTP.search(message):
+        return f"fetch_http_{m.group(1)}"
+    if message == "hash mismatch":
+        return "fetch_sha256_mismatch"
+    if "timed out" in message.lower():
+        return "fetch_timeout"
+    return f"fetch_{status}" if status in ("failed_to_download", "failed_to_resize") else "fetch_failed"
+
+
+def _shard_failures(tar: str, source: str) -> Iterator[dict]:
+    """The rows a download wrote no sample for, from the files beside its shard: ours
+    (``{shard}_failures.jsonl``, data_tools/download_shards.py) or img2dataset's (``{shard}.parquet``:
+    every row with its ``status``; the failures have no sample in the tar). Each one a record with
+    its reason, so failed downloads show in the funnel; a shard with neither file yields none."""
+    path = Path(tar)
+    suffix = next((s for s in TAR_SUFFIXES if path.name.endswith(s)), path.suffix)
+    stem = path.parent / path.name[: len(path.name) - len(suffix)]
+    ours, theirs = Path(f"{stem}_failures.jsonl"), Path(f"{stem}.parquet")
+    if ours.exists():
+        for n, line in enumerate(ours.read_text(encoding="utf-8").splitlines()):
+            try:
+                f = json.loads(line)
+                key, reason = clean_id(f.get("key")) or f"{stem.name}_fail{n}", str(f["reason"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                key, reason = f"{stem.name}_fail{n}", "bad_annotation"
+            yield _record(key, source, error=reason, image_ref=f"{ours}:{n + 1}")
+    elif theirs.exists():
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(theirs)
+        if not {"key", "status"} <= set(f.schema_arrow.names):
+            return
+        cols = [c for c in ("key", "status", "error_message", "url") if c in f.schema_arrow.names]
+        for batch in f.iter_batches(columns=cols):
+            for row in batch.to_pylist():
+                if row["status"] == "success":
+                    continue
+                msg = str(row.get("error_message") or "")
+                yield _record(clean_id(row["key"]) or str(row["key"]), source,
+                              error=_img2dataset_reason(str(row["status"]), msg),
+                              image_ref=f"{row.get('url')}: {msg}")  # fmt: skip
+
+
 def _parquet_rows(path: str, start: int, stop: int) -> list[dict]:
     """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
     import pyarrow.parquet as pq
@@ -429,6 +502,8 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
         yield from _table_records(*_hf_rows(unit, inp), inp, _root(inp))
     elif inp.kind == "webdataset":
         yield from _tar_records(unit, inp)
+        if not is_remote(unit["file"]):
+            yield from _shard_failures(unit["file"], _source_name(inp))
     elif inp.kind == "pixmo":
         from .pixmo import pixmo_records
 

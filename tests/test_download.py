@@ -305,9 +305,10 @@ def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_pa
          "report": {"enabled": False}, "dedup": {"near": False}},
         workers=1,
     )  # fmt: skip
-    assert summary["n_in"] == 5 and summary["n_kept"] == 4, summary[
-        "dropped"
-    ]  # a.jpg twice: one exact duplicate
+    # 5 samples (a.jpg twice: one exact duplicate) and the 3 rows of the failure logs, under their reasons
+    assert summary["n_in"] == 8 and summary["n_kept"] == 4, summary["dropped"]
+    assert dict(summary["dropped"]) == {"exact_duplicate": 1, "fetch_http_404": 1, "fetch_no_url": 1,
+                                        "fetch_not_image": 1}  # fmt: skip
 
 
 def test_each_row_is_checked_against_its_own_sha256(tmp_path):
