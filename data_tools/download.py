@@ -83,6 +83,11 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         raise ConfigError(f"download output {cfg.output!r}; valid: webdataset, files")
     if executor not in ("local", "ray"):
         raise ConfigError(f"download executor {executor!r}; valid: local, ray")
+    if workers is not None and executor == "local":
+        raise ConfigError(
+            "--workers sets the shards in flight on Ray (--executor ray); a local run fetches "
+            "--concurrency URLs at a time in one process"
+        )
     if cfg.output == "webdataset":
         return download_shards(Path(rows_file), out, cfg, retry_failed, executor, workers)
     if executor != "local":

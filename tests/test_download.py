@@ -409,6 +409,10 @@ def test_retry_failed_refetches_only_the_failed_rows_of_finished_shards(tmp_path
     failures is left alone."""
     import tarfile
 
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
     routes = {f"/r{i}.jpg": Route(_jpg(70 + i)) for i in range(5)}
     with LocalServer(routes) as srv:
         paths = ["/r0.jpg", "/late.jpg", "/r1.jpg", "/r2.jpg", "/r3.jpg", "/r4.jpg"]
@@ -417,7 +421,12 @@ def test_retry_failed_refetches_only_the_failed_rows_of_finished_shards(tmp_path
         assert first["failed"] == {"fetch_http_404": 1}
         routes["/late.jpg"] = Route(_jpg(79))  # the server gets the file meanwhile
         before = dict(srv.hits)
-        again = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(shard_rows=3), retry_failed=True)
+        args = ["download", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "dl"), "--shard-rows", "3"]
+        res = CliRunner().invoke(app, [*args, "--retry-failed", "--workers", "2"])
+        assert res.exit_code == 2 and "--workers sets the shards in flight on Ray" in res.output
+        res = CliRunner().invoke(app, [*args, "--retry-failed"])
+        assert res.exit_code == 0, res.output
+        again = json.loads((tmp_path / "dl" / "download_report.json").read_text())
         assert {p: n - before.get(p, 0) for p, n in srv.hits.items() if n != before.get(p, 0)} == {
             "/late.jpg": 1
         }
