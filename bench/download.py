@@ -9,7 +9,8 @@ like a remote host, and serves ``--urls`` distinct URLs (16 JPEGs of 256x192 beh
 webdataset shards of ``--shard-rows`` samples (image + caption + json):
 
 - ours: ``python -m data_tools download ROWS --out DIR --shard-rows N --concurrency C --per-host C``
-  (one process, one fetch loop; every body decoded to check it is an image, its bytes kept);
+  (one process, one fetch loop; every body checked to be an image, its bytes kept), and, for
+  context, the same with ``--workers 2`` (two shards at a time in two processes);
 - img2dataset: ``img2dataset --input_format parquet --output_format webdataset --resize_mode no
   --skip_reencode True`` (its bytes kept too: no resizing or re-encoding; it still decodes each
   image for its size), ``--processes_count P --thread_count T``; and, for context, the least it can
@@ -142,9 +143,11 @@ def main() -> None:
         pq.write_table(pa.table({"url": urls, "caption": [f"picture {i}" for i in range(args.urls)]}), rows)
         runs = {
             "mmsmall download": [sys.executable, "-m", "data_tools", "download", str(rows), "--out",
-                                 f"{tmp}/ours", "--shard-rows", str(args.shard_rows), "--concurrency",
+                                 f"{tmp}/OUT", "--shard-rows", str(args.shard_rows), "--concurrency",
                                  str(args.concurrency), "--per-host", str(args.concurrency)],
         }  # fmt: skip
+        # for context: two shards at a time in two processes, as img2dataset's two processes do
+        runs["mmsmall --workers 2"] = [*runs["mmsmall download"], "--workers", "2"]
         if i2d is not None:
             runs["img2dataset 1.47"] = [
                 str(i2d), "--url_list", str(rows), "--input_format", "parquet", "--url_col", "url",
@@ -157,7 +160,7 @@ def main() -> None:
             runs["img2dataset no-decode"] = [*runs["img2dataset 1.47"][:-6], "--disable_all_reencoding", "True",
                                              "--retries", "0", "--timeout", "10"]  # fmt: skip
         for name, cmd in runs.items():
-            out = Path(tmp) / {"mmsmall download": "ours", "img2dataset 1.47": "i2d"}.get(name, "i2d_raw")
+            out = Path(tmp) / f"out{len(results)}"
             res = measure([c.replace(f"{tmp}/OUT", str(out)) for c in cmd], env)
             res["images"] = count_images(out)
             results[name] = res

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         default="local",
         help="ray: the shards run as tasks on the Ray cluster (RAY_ADDRESS) curation uses",
     )
-    dl.add_argument("--workers", type=int, default=None, help="ray: shards in flight (default: the cluster's CPUs)")  # fmt: skip
+    dl.add_argument("--workers", type=int, default=None, help="shards in flight: local processes (default 1), or Ray tasks (default: the cluster's CPUs)")  # fmt: skip
     dl.add_argument("--shard-rows", type=int, default=10_000, help="webdataset: rows per shard")
     dl.add_argument(
         "--caption-field", default="caption", help="webdataset: column written as .txt (LAION: TEXT)"

@@ -5,8 +5,9 @@ column (and an optional sha256 column) in batches, never whole, fetches each dis
 ``aiohttp`` (``concurrency`` workers drawing from a short queue, so URLs in flight stay bounded;
 ``per_host`` caps one host) and writes, by default (``output="webdataset"``), webdataset shards as
 img2dataset does: ``out_dir/shards/{k:05d}.tar`` (image + ``.txt`` caption + the row's ``.json``
-per sample), a failure log and a stats file per shard, resumable per shard, on this machine or as
-Ray tasks (``executor="ray"``): see :mod:`data_tools.download_shards`.
+per sample), a failure log and a stats file per shard, resumable per shard, one shard after another
+in this process, ``workers`` shards at a time in local processes, or as Ray tasks
+(``executor="ray"``): see :mod:`data_tools.download_shards`.
 
 With ``output="files"`` (``--output files``) it writes loose files instead, each distinct URL
 fetched once per run:
@@ -83,17 +84,12 @@ def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | N
         raise ConfigError(f"download output {cfg.output!r}; valid: webdataset, files")
     if executor not in ("local", "ray"):
         raise ConfigError(f"download executor {executor!r}; valid: local, ray")
-    if workers is not None and executor == "local":
-        raise ConfigError(
-            "--workers sets the shards in flight on Ray (--executor ray); a local run fetches "
-            "--concurrency URLs at a time in one process"
-        )
     if cfg.output == "webdataset":
         return download_shards(Path(rows_file), out, cfg, retry_failed, executor, workers)
-    if executor != "local":
+    if executor != "local" or (workers or 1) > 1:
         raise ConfigError(
-            f"--output files runs on this machine only (one fetch log); use --output webdataset "
-            f"(the default) for --executor {executor}, whose shards are its tasks"
+            "--output files runs in one process (one fetch log); use --output webdataset (the default) "
+            "for --executor ray or --workers, whose shards are the tasks"
         )
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)

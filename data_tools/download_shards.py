@@ -16,10 +16,12 @@ rows, so its bytes are not kept for later shards). Each row is judged by its own
 bytes its shard fetched: the fetch is refused only when no row of the shard naming the URL expects
 those bytes, and a row whose own hash differs is a ``fetch_sha256_mismatch`` failure of that row alone.
 
-Shards are independent tasks: ``executor="ray"`` (``--executor ray``) runs them on the Ray cluster
-curation uses (:func:`data_tools.executors.stream_units`; every node must see ``out`` at the same
-path), each with its own fetch loop, at most ``workers`` shards in flight; the driver reads the rows
-one shard ahead of a free slot, so its memory stays bounded too. The shards are the same whichever
+Shards are independent tasks (:func:`data_tools.executors.stream_units`), each with its own fetch
+loop: one after another in this process by default, ``workers`` at a time in local processes
+(``--workers N``; a shard's slowest URLs then no longer hold the next shard back), or on the Ray
+cluster curation uses with ``executor="ray"`` (``--executor ray``; every node must see ``out`` at
+the same path), at most ``workers`` shards in flight. The driver reads a shard's rows only when a
+slot frees up, so its memory stays bounded too. The shards are the same whichever
 executor wrote them (same samples under the same keys, same bytes; members in fetch order).
 Curate them with ``{kind: webdataset, path: OUT/shards}`` (the ``.txt`` is the caption; the
 failure logs bring each failed row's reason into the funnel).
@@ -124,7 +126,7 @@ def write_shard(unit: dict, cfg: DownloadConfig) -> dict:
 def _failed_rows(folder: Path, k: int, cfg: DownloadConfig) -> list[int]:
     """Row numbers (in shard ``k``) of the rows its failure log lists."""
     lines = (folder / f"{k:05d}_failures.jsonl").read_text(encoding="utf-8").splitlines()
-    return sorted(int(json.loads(x)["key"][5:]) for x in lines if x.strip())
+    return sorted(int(json.loads(x)["key"][len(f"{k:05d}") :]) for x in lines if x.strip())
 
 
 def download_shards(rows_file: Path, out: Path, cfg: DownloadConfig, retry_failed: bool = False,

@@ -131,15 +131,30 @@ def stream_units(
 ) -> Iterator[dict]:
     """``fn(unit, *args)`` for units drawn lazily from ``units`` (a stream too long to list, e.g. the
     download stage's shards); results are yielded as they finish, in no fixed order. Local: one unit
-    after another in this process. Ray: at most ``workers`` units in flight (default: the cluster's
-    CPUs), the next drawn only when one finishes, so the units held at once stay bounded."""
+    after another in this process, or with ``workers`` > 1 that many at a time in a spawned process
+    pool. Ray: at most ``workers`` units in flight (default: the cluster's CPUs). Either way the next
+    unit is drawn only when one finishes, so the units held at once stay bounded."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     bar = tqdm(desc=desc if executor == "local" else f"{desc} (ray)", unit="unit", dynamic_ncols=True)
-    if executor == "local":
+    if executor == "local" and (workers or 1) == 1:
         for u in units:
             yield fn(u, *args)
             bar.update(1)
+        bar.close()
+        return
+    if executor == "local":
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        todo = iter(units)
+        with _new_pool(workers) as pool:
+            futs = {pool.submit(fn, u, *args) for u in itertools.islice(todo, workers)}
+            while futs:
+                done, futs = wait(futs, return_when=FIRST_COMPLETED)
+                futs |= {pool.submit(fn, u, *args) for u in itertools.islice(todo, len(done))}
+                for f in done:
+                    yield f.result()
+                    bar.update(1)
         bar.close()
         return
     started = _ray_init(workers)

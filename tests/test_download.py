@@ -422,8 +422,6 @@ def test_retry_failed_refetches_only_the_failed_rows_of_finished_shards(tmp_path
         routes["/late.jpg"] = Route(_jpg(79))  # the server gets the file meanwhile
         before = dict(srv.hits)
         args = ["download", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "dl"), "--shard-rows", "3"]
-        res = CliRunner().invoke(app, [*args, "--retry-failed", "--workers", "2"])
-        assert res.exit_code == 2 and "--workers sets the shards in flight on Ray" in res.output
         res = CliRunner().invoke(app, [*args, "--retry-failed"])
         assert res.exit_code == 0, res.output
         again = json.loads((tmp_path / "dl" / "download_report.json").read_text())
@@ -454,3 +452,42 @@ def test_pixmo_input_refuses_a_downloads_folder_of_shards_with_the_command_to_ru
     ):
         run_curation(cfg, workers=1)
     assert not (tmp_path / "cur").exists()
+
+
+def shard_contents(folder: Path) -> dict[str, object]:
+    """Per shard: its samples by member name (the bytes), its failures (key and reason) and its stats.
+    Members are compared by name, not position: a shard writes samples in the order fetches finish."""
+    import tarfile
+
+    got: dict[str, object] = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            got[tar.name] = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+        fails = [json.loads(x) for x in (folder / f"{tar.stem}_failures.jsonl").read_text().splitlines()]
+        got[f"{tar.stem}_failures"] = sorted(f"{f['key']} {f['reason']}" for f in fails)
+        got[f"{tar.stem}_stats"] = json.loads((folder / f"{tar.stem}_stats.json").read_text())
+    return got
+
+
+@pytest.mark.slow
+def test_local_workers_write_the_same_shards(tmp_path):
+    """`mmsmall download ROWS --out DIR --workers 2`: two shards at a time in local processes, the same
+    shards as one after another in this process; `--output files` has one fetch log, so it refuses."""
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    routes = {f"/w{i}.jpg": Route(_jpg(80 + i)) for i in range(9)}
+    with LocalServer(routes) as srv:
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, [*routes, "/missing.jpg", "/w2.jpg", "/w0.jpg"]))
+        args = ["download", str(tmp_path / "rows.jsonl"), "--shard-rows", "4", "--retries", "0"]
+        for out, extra in (("one", []), ("two", ["--workers", "2"])):
+            res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out), *extra])
+            assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(
+            app, [*args, "--out", str(tmp_path / "f"), "--output", "files", "--workers", "2"]
+        )
+        assert res.exit_code == 2 and "--output files runs in one process" in res.output
+    want = shard_contents(tmp_path / "one" / "shards")
+    assert len(want) == 9 and want["00002_failures"] == ["000021 fetch_http_404"]
+    assert shard_contents(tmp_path / "two" / "shards") == want

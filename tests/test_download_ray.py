@@ -5,32 +5,17 @@ from __future__ import annotations
 
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 from ray_head import ray_head, run_driver
+from test_download import shard_contents
 
 from data_tools.download import DownloadConfig, download
 from data_tools.fixtures import encode, natural_image, write_jsonl
 from data_tools.httpfixture import LocalServer, Route
 
 ray = pytest.importorskip("ray", reason="Ray is the `distributed` extra: pip install 'mmsmall[distributed]'")
-
-
-def _shards(folder: Path) -> dict[str, object]:
-    """Per shard: its samples by member name (the bytes), its failure lines and its stats. Members are
-    compared by name, not position: a shard writes its samples in the order their fetches finish."""
-    got: dict[str, object] = {}
-    for tar in sorted(folder.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            got[tar.name] = {m.name: t.extractfile(m).read() for m in t.getmembers()}
-        fails = (folder / f"{tar.stem}_failures.jsonl").read_text().splitlines()
-        got[f"{tar.stem}_failures"] = sorted(
-            json.loads(x)["key"] + " " + json.loads(x)["reason"] for x in fails
-        )
-        got[f"{tar.stem}_stats"] = json.loads((folder / f"{tar.stem}_stats.json").read_text())
-    return got
 
 
 @pytest.mark.slow
@@ -69,6 +54,6 @@ def test_ray_download_on_a_local_head_writes_the_local_runs_shards(tmp_path):
     assert {k: v for k, v in report.items() if k != "shards"} == {
         k: v for k, v in local.items() if k != "shards"
     }
-    want = _shards(tmp_path / "local" / "shards")
+    want = shard_contents(tmp_path / "local" / "shards")
     assert len([k for k in want if k.endswith(".tar")]) == 4
-    assert _shards(tmp_path / "ray" / "shards") == want
+    assert shard_contents(tmp_path / "ray" / "shards") == want
