@@ -123,7 +123,7 @@ def write_shard(unit: dict, cfg: DownloadConfig) -> dict:
     return {"k": k, "reasons": dict(reasons)}
 
 
-def _failed_rows(folder: Path, k: int, cfg: DownloadConfig) -> list[int]:
+def _failed_rows(folder: Path, k: int) -> list[int]:
     """Row numbers (in shard ``k``) of the rows its failure log lists."""
     lines = (folder / f"{k:05d}_failures.jsonl").read_text(encoding="utf-8").splitlines()
     return sorted(int(json.loads(x)["key"][len(f"{k:05d}") :]) for x in lines if x.strip())
@@ -151,7 +151,7 @@ def download_shards(rows_file: Path, out: Path, cfg: DownloadConfig, retry_faile
                 if not retry_failed or reasons.get("ok", 0) == len(rows):
                     totals.update(reasons)
                     continue
-                redo = _failed_rows(folder, k, cfg)
+                redo = _failed_rows(folder, k)
             yield {"k": k, "rows": rows, "folder": str(folder), "redo": redo}
 
     for res in stream_units(write_shard, todo(), (cfg,), executor, workers, desc="download shards"):
