@@ -38,6 +38,7 @@ __all__ = [
     "levenshtein",
     "pointing_scores_masks",
     "pointing_scores_distance",
+    "pointing_scores_images",
 ]
 
 
@@ -417,3 +418,11 @@ def pointing_scores_distance(
     dist = np.linalg.norm(pred[:, None, :] - gold[None, :, :], axis=-1)  # (P, G)
     hits = np.nan_to_num(dist, nan=np.inf) <= threshold
     return _prf(_max_matching(hits), len(pred), len(gold))
+
+
+def pointing_scores_images(per_image: Sequence[tuple[int, int, int]]) -> dict[str, float]:
+    """Precision / recall / F1 of one answer over several images from each image's
+    ``(n_match, n_pred, n_gold)``: a point is matched only against its own image's gold (Molmo2's
+    multi-image pointing), and the counts add up across the images. One image: that image's scores."""
+    n_match = sum(int(m) for m, _, _ in per_image)
+    return _prf(n_match, sum(int(p) for _, p, _ in per_image), sum(int(g) for _, _, g in per_image))

@@ -27,6 +27,7 @@ def check_run(
     cfg = load_config(config, overrides)
     require_training_inputs(cfg)
     keys = stage.explicit_model_keys(config, overrides)
+    stage.resolve_point_format(cfg)  # data.point_format: the run's own, else the model's
     if cfg.train.init_from:
         stage.stage_model(stage.folder_model_config(cfg.train.init_from), cfg.model, keys)
     if probe_lock:
