@@ -307,3 +307,27 @@ def test_point_format_config_key(tmp_path):
     assert resolve_point_format(follow) == "molmo2"
     chosen = load_config(tiny, [f"train.init_from={older}", "data.point_format=molmo"], cls=RunConfig)
     assert resolve_point_format(chosen) == "molmo"  # the run's own choice wins
+
+
+def test_resume_keeps_the_point_format(tmp_path):
+    import yaml
+
+    from mmsmall.config import ConfigError, RunConfig, load_config, save_config, to_dict
+    from mmsmall.train.resume import check_resume_config
+    from mmsmall.train.stage import resolve_point_format
+
+    tiny = "configs/train/tiny-pretrain.yaml"
+    run = load_config(tiny, [], cls=RunConfig)
+    resolve_point_format(run)  # as the preflight does
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    save_config(run, ckpt / "config.yaml")
+    assert check_resume_config(run, ckpt) == []
+    other = load_config(tiny, ["data.point_format=molmo2"], cls=RunConfig)
+    resolve_point_format(other)
+    with pytest.raises(ConfigError, match="data.point_format='molmo2' \\(checkpoint: 'molmo'\\)"):
+        check_resume_config(other, ckpt)  # the answers' text cannot change under a resume
+    old = to_dict(run)  # a checkpoint written before the key existed trained in Molmo's text
+    del old["data"]["point_format"], old["model"]["point_format"]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_resume_config(run, ckpt) == []
