@@ -18,7 +18,7 @@ import io
 
 import numpy as np
 
-from mmsmall.processing.points import read_point_text
+from mmsmall.processing.points import PointsRead, read_point_text
 
 from ..metrics import pointing_scores_distance, pointing_scores_images, pointing_scores_masks
 from .base import EvalDataError, Record, Task, register
@@ -112,11 +112,18 @@ def score_points(raw: str, record: Record, molmo: bool = False) -> dict[str, flo
         counts.append((int(s["n_match"]), len(pred), n_gold))
     out = pointing_scores_images(counts)
     out.pop("n_match", None)
-    out["points_outside"] = float(read.dropped)  # coordinates that are not points, not counted
-    # which pointing text the answer was read in (their means: the share of answers in each)
-    out["read_molmo2"] = float(read.format == "molmo2")
-    out["read_molmo"] = float(read.format == "molmo")
-    return out
+    return {**out, **read_counts(read)}
+
+
+def read_counts(read: PointsRead) -> dict[str, float]:
+    """What reading the answer found besides its points: ``points_outside`` (coordinates that are
+    not points, not scored) and which pointing text it was in (their means: the share of answers
+    in each)."""
+    return {
+        "points_outside": float(read.dropped),
+        "read_molmo2": float(read.format == "molmo2"),
+        "read_molmo": float(read.format == "molmo"),
+    }
 
 
 TASK = register(
