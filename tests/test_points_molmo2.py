@@ -331,3 +331,29 @@ def test_resume_keeps_the_point_format(tmp_path):
     del old["data"]["point_format"], old["model"]["point_format"]
     (ckpt / "config.yaml").write_text(yaml.safe_dump(old))
     assert check_resume_config(run, ckpt) == []
+
+
+def test_model_point_format_under_init_from_is_refused_naming_the_data_key(tmp_path):
+    from data_tools.fixtures import encode, natural_image
+    from data_tools.shards import ShardWriter
+    from mmsmall.config import ConfigError, ModelConfig, load_config, save_config
+    from mmsmall.train.preflight import check_run
+
+    with ShardWriter(tmp_path / "shards", prefix="s", max_count=4) as w:
+        msgs = [{"role": "user", "content": "Point to the dot."}, {"role": "assistant", "content": NO_POINTS}]
+        w.write("s_000", encode(natural_image(1, (32, 32)), "PNG"), "png", {"id": "s0", "messages": msgs})
+    folder = tmp_path / "imported"
+    folder.mkdir()
+    model = load_config("configs/model/tiny.yaml", cls=ModelConfig)
+    model.point_format = "molmo2"  # as `mmsmall import` saves a Molmo2
+    save_config(model, folder / "model_config.yaml")
+    (folder / "model.safetensors").write_bytes(b"")
+    base = [
+        f"out_dir={tmp_path / 'run'}",
+        f"data.train=[{{path: {tmp_path / 'shards'}}}]",
+        f"train.init_from={folder}",
+    ]
+    with pytest.raises(ConfigError, match="set data.point_format=molmo\\|molmo2"):
+        check_run("configs/train/tiny-finetune.yaml", [*base, "model.point_format=molmo"], probe_lock=False)
+    cfg, _ = check_run("configs/train/tiny-finetune.yaml", base, probe_lock=False)
+    assert cfg.data.point_format == "molmo2"  # the folder's, resolved before any process starts

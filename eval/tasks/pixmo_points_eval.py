@@ -36,7 +36,7 @@ ATTACH = (
 _N = r"\s*\d+(?:\.\d+)?"
 # A whole answer in one pointing form (Molmo's is_valid_format, plus Molmo2's coords tag).
 _VALID = re.compile(
-    rf"(?:\(\s*-?{_N}\s*,\s*-?{_N}\s*\)\n?)+"
+    r"(?:\(\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*\)\n?)+"
     rf'|<point\s+x="{_N}"\s+y="{_N}"\s+alt="[\s\S]*?">[\s\S]*?</point>'
     rf'|<points\s+(?:x\d+="{_N}"\s+y\d+="{_N}"\s+)+alt="[\s\S]*?">[\s\S]*?</points>'
     r'|<point\s+p=\s*\d{3}\s*,\s*\d{3}\s+alt="[\s\S]*?">[\s\S]*?</point>'
