@@ -357,3 +357,16 @@ def test_model_point_format_under_init_from_is_refused_naming_the_data_key(tmp_p
         check_run("configs/train/tiny-finetune.yaml", [*base, "model.point_format=molmo"], probe_lock=False)
     cfg, _ = check_run("configs/train/tiny-finetune.yaml", base, probe_lock=False)
     assert cfg.data.point_format == "molmo2"  # the folder's, resolved before any process starts
+
+
+def test_chat_and_predict_draw_molmo2_points(tmp_path):
+    from PIL import Image
+
+    from mmsmall.inference.chat import answer_record
+
+    blank = Image.new("RGB", (50, 40))
+    rec = answer_record(
+        "m2", blank, "Point.", '<points coords="1 1 500 500 2 1200 100">dot</points>', tmp_path
+    )
+    assert rec["points"] == [[25.0, 20.0]] and rec["points_outside"] == 1 and rec["drawn"] == "m2.png"
+    assert Image.open(tmp_path / "m2.png").width > 50  # drawn, enlarged
