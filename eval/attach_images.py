@@ -5,7 +5,8 @@
 
 ROWS is a hub id or a copy in the hub layout (or a ``save_to_disk`` folder); the images come from
 the download stage's output folder (``--downloads``: ``mmsmall download ROWS --out DIR
---url-field image_url --sha256-field image_sha256``, read through its fetch log) or from a folder of
+--url-field image_url --sha256-field image_sha256``, its loose files read through the fetch log, or
+its webdataset shards with ``--output webdataset``) or from a folder of
 files named as the download stage names them (``--images``: the sha256 hex of the URL, any
 extension, at any depth, e.g. ``images/ab/ab12...ef.jpg``). OUT is a hub-layout copy
 (``data/{split}-00000-of-00001.parquet`` + README) with every column of ROWS plus ``image``, which
@@ -37,6 +38,46 @@ def _image_index(folder: Path) -> dict[str, Path]:
         if p.is_file() and len(stem) == 64 and all(c in "0123456789abcdef" for c in stem):
             index[stem] = p
     return index
+
+
+class _ShardImages:
+    """``url`` -> image bytes (or a failure reason) from the download stage's webdataset output
+    (``DIR/shards/*.tar``: ``{key}.{ext}`` + ``{key}.json`` with the row's ``url``; failed rows in
+    ``*_failures.jsonl``), keeping only the bytes of ``wanted`` URLs."""
+
+    def __init__(self, folder: Path, wanted: set[str]):
+        import tarfile
+
+        self.data: dict[str, bytes] = {}
+        self.failed: dict[str, str] = {}
+        for log in sorted((folder / "shards").glob("*_failures.jsonl")):
+            for line in log.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                self.failed[str(row.get("url"))] = str(row.get("reason") or "failed")
+        for tar_path in sorted((folder / "shards").glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                key, body = None, None
+                for m in tar:
+                    stem, _, ext = m.name.rpartition(".")
+                    if stem != key:
+                        key, body = stem, None
+                    f = tar.extractfile(m) if m.isfile() else None
+                    if f is None:
+                        continue
+                    if ext == "json":
+                        url = str(json.loads(f.read()).get("url"))
+                        if body is not None and url in wanted:
+                            self.data[url] = body
+                    elif ext != "txt":
+                        body = f.read()
+
+    def get(self, url: str) -> tuple[bytes | None, str, str | None]:
+        if url in self.data:
+            return self.data[url], url, None
+        return None, url, self.failed.get(url, "not_downloaded")
 
 
 def _decodes(data: bytes) -> str | None:
@@ -73,10 +114,12 @@ def attach_images(
     source = Path(downloads or images)
     if not source.is_dir():
         raise EvalDataError(f"attach_images: {source} is not a folder")
-    if downloads and not (source / "fetch_log.jsonl").is_file():
+    shards = downloads is not None and any((source / "shards").glob("*.tar"))
+    if downloads and not shards and not (source / "fetch_log.jsonl").is_file():
         raise EvalDataError(
-            f"attach_images: {source} has no fetch_log.jsonl; --downloads takes the output folder of "
-            "`mmsmall download` (files output); a folder of images named by URL key is --images"
+            f"attach_images: {source} has neither fetch_log.jsonl nor shards/*.tar; --downloads takes the "
+            "output folder of `mmsmall download` (files or webdataset output); a folder of images named "
+            "by URL key is --images"
         )
     try:
         ds = load_hf(rows, split=split)
@@ -86,7 +129,10 @@ def attach_images(
         raise EvalDataError(
             f"attach_images: {rows} split {split!r} has no {url_field!r} column ({ds.column_names})"
         )
-    fetched = Downloads(str(source)) if downloads else None
+    if shards:
+        fetched = _ShardImages(source, {str(u) for u in ds[url_field]})
+    else:
+        fetched = Downloads(str(source)) if downloads else None
     index = _image_index(source) if images else {}
     keep, cells, dropped = [], [], {}
     has_sha = sha256_field in ds.column_names

@@ -117,7 +117,15 @@ def test_pixmo_points_eval_downloaded_attached_and_scored_as_molmo(tmp_path, ser
     assert again["attached"] == 3 and again["dropped"] == {"not_downloaded": 1, "fetch_sha256_mismatch": 1}
     assert [r.question for r in task.load(str(tmp_path / "attached2"), None)] == [r.question for r in records]
     assert main([str(rows), "--downloads", str(keyed), "--out", str(tmp_path / "x")]) == 2
-    assert "no fetch_log.jsonl" in capsys.readouterr().err  # a folder of images is --images
+    assert "neither fetch_log.jsonl nor shards" in capsys.readouterr().err  # a folder of images is --images
+
+    # the download stage's webdataset output (shards with each row's json) attaches the same rows
+    wds = tmp_path / "dl_wds"
+    cfg = DownloadConfig(url_field="image_url", sha256_field="image_sha256", retries=0, output="webdataset")
+    download(rows, wds, cfg)
+    third = attach_images(str(rows), tmp_path / "attached3", downloads=str(wds))
+    assert third["attached"] == 3 and third["dropped"] == {"fetch_http_404": 1, "fetch_sha256_mismatch": 1}
+    assert [r.load_image().size for r in task.load(str(tmp_path / "attached3"), None)] == [(W, H)] * 3
 
 
 def test_molmo_pointing_scores_by_hand():
