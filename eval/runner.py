@@ -78,6 +78,7 @@ def model_settings(predictor: PredictorLike) -> dict[str, Any]:
 
     return {
         "prompt_format": getattr(predictor, "prompt_format", None),
+        "point_format": getattr(predictor, "point_format", None),  # the pointing text it trained in
         "max_crops": getattr(predictor, "max_crops", None),
         "dtype": getattr(predictor, "dtype", None),
         "transformers": transformers.__version__,

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mmsmall.processing.points import POINT_FORMATS
 from mmsmall.resources import find_config
 
 
@@ -86,6 +87,9 @@ class ModelConfig:
     # How eval / chat / predict prompt the model: "mmsmall" (` User: ... Assistant:`) or
     # "chat_template" (the tokenizer's own chat template through transformers' Molmo2 processor).
     prompt: str = "mmsmall"
+    # The pointing text the model was trained in: "molmo" (<point x="12.3" ...>, percent) or
+    # "molmo2" (<points coords="1 1 523 412">, per mille); imported Molmo2 checkpoints speak molmo2.
+    point_format: str = "molmo"
 
 
 # ----------------------------------------------------------------------------- data
@@ -106,6 +110,9 @@ class DataConfig:
     max_conversations: int = 4  # annotations of one image joined in one sequence
     response_dropout: float = 0.0  # fraction of response tokens dropped from the loss
     num_workers: int = 0
+    # Pointing answers are trained in this text: "molmo" | "molmo2" (answers in the shards are
+    # rewritten from Molmo's text); "" follows the model: an init_from Molmo2 trains in "molmo2".
+    point_format: str = ""
 
 
 # ----------------------------------------------------------------------------- train
@@ -454,6 +461,11 @@ def validate(cfg: Any) -> None:
                 f"data.response_dropout: {cfg.data.response_dropout!r}; valid range [0, 1) (at 1 every "
                 "target is dropped and the loss is 0)"
             )
+        if cfg.data.point_format not in ("", *POINT_FORMATS):
+            raise ConfigError(
+                f"data.point_format: {cfg.data.point_format!r}; valid: {', '.join(POINT_FORMATS)} "
+                "(or leave it unset to follow the model)"
+            )
         ev = cfg.train.eval
         if ev.every < 0 or ev.limit < 0 or ev.batch_size < 1:
             raise ConfigError("train.eval: every and limit must be >= 0 and batch_size >= 1")
@@ -467,6 +479,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
         if cfg.prompt not in PROMPT_FORMATS:
             raise ConfigError(f"model.prompt: {cfg.prompt!r}; valid: {', '.join(PROMPT_FORMATS)}")
+        if cfg.point_format not in POINT_FORMATS:
+            raise ConfigError(f"model.point_format: {cfg.point_format!r}; valid: {', '.join(POINT_FORMATS)}")
 
 
 # (key, smallest allowed value): counts and sizes a run cannot work with below these.

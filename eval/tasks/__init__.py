@@ -8,6 +8,8 @@ from . import (  # noqa: F401  (each module registers its task)
     infovqa,
     ocrbench,
     pixmo_count,
+    pixmo_count_molmo,
+    pixmo_points_eval,
     pointing,
     synth_charts,
     synth_clocks,

@@ -70,6 +70,7 @@ class Predictor:
         image_cfg.max_crops = image_cfg.max_crops_eval = crops
         self.max_crops = crops
         self.prompt_format = cfg.prompt
+        self.point_format = cfg.point_format  # the pointing text it was trained in (eval reads both)
         self.tokenizer = self.model.tokenizer
         if cfg.prompt == "chat_template":
             from mmsmall.inference.chat_template import ChatTemplateProcessor

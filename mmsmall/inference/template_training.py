@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerFast
 from mmsmall.config import ImageConfig
 from mmsmall.inference.chat_template import require_chat_template, template_example
 from mmsmall.processing.batch import IGNORE_INDEX, Example
+from mmsmall.processing.points import check_point_format, to_point_format
 from mmsmall.processing.processor import _check_conversation
 
 
@@ -39,9 +40,12 @@ class TemplateTrainingProcessor:
         image_cfg: ImageConfig,
         style_prefix: bool = False,
         max_length: int | None = None,
+        point_format: str = "molmo",
     ):
         from mmsmall.export.molmo2 import build_molmo2_processor
 
+        check_point_format(point_format)
+        self.point_format = point_format
         require_chat_template(tokenizer)
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg
@@ -95,6 +99,8 @@ class TemplateTrainingProcessor:
                 text = m["content"]
                 if m["role"] == "user" and self.style_prefix and task:
                     text = f"{task}: {text}"
+                elif m["role"] == "assistant":
+                    text = to_point_format(text, self.point_format)
                 out.append({"role": m["role"], "content": text})
         return out
 

@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerFast
 from mmsmall.config import ImageConfig
 from mmsmall.processing.batch import IGNORE_INDEX, Batch, Example, collate  # noqa: F401  (collate: the batch builder)
 from mmsmall.processing.crops import load_image, preprocess_image
+from mmsmall.processing.points import check_point_format, to_point_format
 from mmsmall.processing.tokenizer import special_ids
 from mmsmall.processing.tokens import answer_text, image_token_ids, user_text
 
@@ -44,6 +45,8 @@ class Processor:
         image_cfg: crop size, patch size, crops (train / eval), margins, pooling, mean/std.
         style_prefix: prepend ``{task}: `` to questions (Molmo's task styles).
         max_length: longest Example in tokens (None = no limit); see truncation above.
+        point_format: the pointing text answers are trained in (``molmo`` | ``molmo2``: Molmo's
+            tags in the answers are rewritten in Molmo2's, ``points.to_point_format``).
     """
 
     def __init__(
@@ -52,8 +55,11 @@ class Processor:
         image_cfg: ImageConfig,
         style_prefix: bool = False,
         max_length: int | None = None,
+        point_format: str = "molmo",
     ):
+        check_point_format(point_format)
         self.tokenizer = tokenizer
+        self.point_format = point_format
         self.image_cfg = image_cfg
         self.style_prefix = style_prefix
         self.max_length = max_length
@@ -137,7 +143,8 @@ class Processor:
                 if msg["role"] == "user":
                     segments.append((k, user_text(msg["content"], task, self.style_prefix), False))
                 else:
-                    segments.append((k, answer_text(msg["content"]), True))
+                    answer = to_point_format(msg["content"], self.point_format)
+                    segments.append((k, answer_text(answer), True))
         pieces = self.tokenize_text([text for _, text, _ in segments])
 
         # Per conversation: ids and target flags, EOS after each answer.
