@@ -10,12 +10,11 @@ and ``VLM.generate`` decodes it exactly like a prompt of ours.
 from __future__ import annotations
 
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
 from mmsmall.processing.batch import IGNORE_INDEX
-from mmsmall.processing.processor import Example
+from mmsmall.processing.processor import Example, ImageInput, as_images
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -48,12 +47,14 @@ class ChatTemplateProcessor:
         self.hf_processor = build_molmo2_processor(tokenizer, image_cfg, tokenizer.chat_template)
 
     def encode_prompt(
-        self, image: Image.Image | None, question: str, task: str | None = None, sample_id: str = ""
+        self, image: ImageInput, question: str, task: str | None = None, sample_id: str = ""
     ) -> Example:
-        """One user turn (image first) + the generation prompt -> an Example without targets."""
+        """One user turn (the images first, in order) + the generation prompt -> an Example
+        without targets."""
         if self.style_prefix and task:
             question = f"{task}: {question}"
-        content = [{"type": "image", "image": image}] if image is not None else []
+        images = as_images(image)
+        content = [{"type": "image", "image": im} for im in images]
         content.append({"type": "text", "text": question})
         enc = self.hf_processor.apply_chat_template(
             [{"role": "user", "content": content}],
@@ -63,7 +64,7 @@ class ChatTemplateProcessor:
             return_dict=True,
         )
         ids = enc["input_ids"][0]  # (T,)
-        return template_example(enc, torch.full_like(ids, IGNORE_INDEX), image is not None, sample_id)
+        return template_example(enc, torch.full_like(ids, IGNORE_INDEX), bool(images), sample_id)
 
 
 def template_example(enc: dict, labels: torch.Tensor, with_image: bool, sample_id: str) -> Example:

@@ -18,6 +18,7 @@ token for token what :class:`~mmsmall.inference.chat_template.ChatTemplateProces
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ from transformers import PreTrainedTokenizerFast
 from mmsmall.config import ImageConfig
 from mmsmall.inference.chat_template import require_chat_template, template_example
 from mmsmall.processing.batch import IGNORE_INDEX, Example
-from mmsmall.processing.processor import _check_conversation
+from mmsmall.processing.crops import load_image
+from mmsmall.processing.processor import _check_conversation, as_images, fit_crops, to_size
 
 
 class TemplateTrainingProcessor:
@@ -39,6 +41,7 @@ class TemplateTrainingProcessor:
         image_cfg: ImageConfig,
         style_prefix: bool = False,
         max_length: int | None = None,
+        max_image_tokens: int | None = None,
     ):
         from mmsmall.export.molmo2 import build_molmo2_processor
 
@@ -47,6 +50,7 @@ class TemplateTrainingProcessor:
         self.image_cfg = image_cfg
         self.style_prefix = style_prefix
         self.max_length = max_length
+        self.max_image_tokens = max_image_tokens
         self.counters: dict[str, int] = {}
         train_crops = dataclasses.replace(image_cfg, max_crops_eval=image_cfg.max_crops)
         self.hf_processor = build_molmo2_processor(tokenizer, train_crops, tokenizer.chat_template)
@@ -59,7 +63,8 @@ class TemplateTrainingProcessor:
         train: bool = True,
         sample_id: str = "",
     ) -> Example:
-        """One image and its conversations (joined into one chat) -> an Example with answer targets.
+        """An image (or an ordered list of them, or None) and its conversations (joined into one
+        chat) -> an Example with answer targets; the images' crops kept within ``max_image_tokens``.
 
         Whole conversations are dropped from the end until the Example fits ``max_length``
         (counted in ``counters["dropped_conversations"]``); a first one that does not fit raises.
@@ -69,9 +74,13 @@ class TemplateTrainingProcessor:
             raise ValueError(f"{where}: no conversations to encode")
         for k, conv in enumerate(conversations):
             _check_conversation(conv, f"{where}, conversation {k}")
+        images = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in as_images(image)]
+        # the image token budget, as Processor applies it: fewer crops per image when over it
+        budget, crops = self.max_image_tokens, self.image_cfg.max_crops
+        crops = fit_crops(self.image_cfg, [to_size(im) for im in images], crops, budget, self.counters, where)
         keep = len(conversations)
         while True:
-            ex = self._encode(image, conversations[:keep], task, sample_id, where)
+            ex = self._encode(images, crops, conversations[:keep], task, sample_id, where)
             if self.max_length is None or len(ex["input_ids"]) <= self.max_length:
                 break
             if keep == 1:
@@ -104,15 +113,24 @@ class TemplateTrainingProcessor:
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _encode(self, image: Any, conversations, task, sample_id: str, where: str) -> Example:
+    def _encode(self, images: list, crops: int, conversations, task, sample_id: str, where: str) -> Example:
         messages = self._messages(conversations, task)
         chat = placeholder = messages  # the chat as processed, and as rendered to count text tokens
-        if image is not None:  # the image goes into the first user turn, as at eval
+        if images:  # the images go into the first user turn, in order, as at eval
             text = {"type": "text", "text": messages[0]["content"]}
-            chat = [dict(messages[0], content=[{"type": "image", "image": image}, text]), *messages[1:]]
-            placeholder = [dict(messages[0], content=[{"type": "image"}, text]), *messages[1:]]
+            parts = [{"type": "image", "image": im} for im in images]
+            chat = [dict(messages[0], content=[*parts, text]), *messages[1:]]
+            placeholder = [
+                dict(messages[0], content=[{"type": "image"}] * len(images) + [text]),
+                *messages[1:],
+            ]
         enc = self.hf_processor.apply_chat_template(
-            chat, tokenize=True, add_generation_prompt=False, return_tensors="pt", return_dict=True
+            chat,
+            tokenize=True,
+            add_generation_prompt=False,
+            return_tensors="pt",
+            return_dict=True,
+            processor_kwargs={"max_crops": crops} if images else None,
         )
         ids = enc["input_ids"][0]  # (T,) with the image expanded
         text_ids = self._text_ids(placeholder, False)
@@ -136,4 +154,4 @@ class TemplateTrainingProcessor:
                     "the answers cannot be located; fine-tune with model.prompt=mmsmall"
                 )
             labels[start + shift : end + shift] = span
-        return template_example(enc, labels, image is not None, sample_id)
+        return template_example(enc, labels, bool(images), sample_id)

@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = Processor
     if cfg.model.prompt == "chat_template":  # an imported release: fine-tuned in its own chat template
         from mmsmall.inference.template_training import TemplateTrainingProcessor as encoder
-    processor = encoder(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
+    processor = encoder(
+        tokenizer, cfg.model.image, cfg.model.style_prefix, cfg.data.seq_len, cfg.data.max_image_tokens
+    )
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
     saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None
     if saved_world not in (None, world):  # elastic resume: DeepSpeed loads a universal checkpoint
