@@ -163,3 +163,28 @@ def test_max_image_tokens_is_a_data_key_checked_before_launch():
         load_config(run, ["data.max_image_token=800"])
     assert load_config(run, ["data.max_image_tokens=800"]).data.max_image_tokens == 800
     assert load_config(run).data.max_image_tokens is None
+
+
+def test_one_processor_interface_chosen_in_one_place(tok):
+    """Ours and the chat-template processor offer the same Encoder interface and are picked by the
+    model's prompt format in one function; both take several images for training and prompting."""
+    from mmsmall.export.card import CHAT_TEMPLATE
+    from mmsmall.inference.chat_template import ChatTemplateProcessor, make_processor
+    from mmsmall.processing.processor import Encoder
+
+    templ = build_tokenizer(TokenizerConfig())
+    templ.chat_template = CHAT_TEMPLATE
+    cfg = ImageConfig(**{**CFG, "max_crops_eval": 2})  # training and eval crop counts differ
+    ours = make_processor("mmsmall", tok, cfg)
+    theirs = make_processor("chat_template", templ, cfg, max_length=4096)
+    assert type(ours) is Processor and type(theirs) is ChatTemplateProcessor
+    conv = [[{"role": "user", "content": "What is the total?"}, {"role": "assistant", "content": "42"}]]
+    pages = _pages(3)
+    for proc in (ours, theirs):
+        assert isinstance(proc, Encoder)
+        prompt = proc.encode_prompt(pages, "What is the total?")
+        example = proc.encode(pages, conv, train=False)  # eval crops: the prompt is the example's prefix
+        n = len(prompt["input_ids"])
+        assert example["input_ids"][:n].tolist() == prompt["input_ids"].tolist()
+        assert prompt["image_grids"].shape == (3, 4)
+        assert len(proc.encode(pages, conv)["pixel_values"]) > len(prompt["pixel_values"])  # training crops

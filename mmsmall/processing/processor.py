@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -50,6 +50,32 @@ from mmsmall.processing.tokens import answer_text, image_token_ids, user_text
 # them, or None (text only).
 OneImage = Image.Image | np.ndarray | str | os.PathLike
 ImageInput = OneImage | Sequence[OneImage] | None
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What every processor offers (ours, :class:`Processor`; a checkpoint's chat template,
+    :class:`mmsmall.inference.chat_template.ChatTemplateProcessor`), chosen in one place:
+    :func:`mmsmall.inference.chat_template.make_processor`."""
+
+    counters: dict[str, int]  # what encoding dropped or lowered, for the training log
+
+    def encode(
+        self,
+        image: ImageInput,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        task: str | None = None,
+        train: bool = True,
+        sample_id: str = "",
+    ) -> Example:
+        """A training example: the images and their conversations, answers as targets."""
+        ...
+
+    def encode_prompt(
+        self, image: ImageInput, question: str, task: str | None = None, sample_id: str = ""
+    ) -> Example:
+        """A generation prompt: the images and one question, no targets."""
+        ...
 
 
 class Processor:
