@@ -130,6 +130,37 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
     return 0.0 if score < threshold else score
 
 
+# ----------------------------------------------------------------------------- MP-DocVQA (lmms-eval multidocvqa)
+
+
+def _mp_norm(text: str) -> str:
+    return text.lower().strip()  # the MP-DocVQA evaluator's only normalization (no whitespace collapse)
+
+
+def mp_anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
+    """ANLS as MP-DocVQA's evaluator (lmms-eval ``multidocvqa``) computes it, which differs from
+    DocVQA's :func:`anls`: both sides are only lower-cased and stripped, the divisor is the longer
+    *normalized* string, an empty prediction or the prediction ``none`` scores 0 (even against an
+    empty gold), and a best similarity of exactly ``threshold`` is kept."""
+    answers = _check_answers(answers, "mp_anls")
+    if not isinstance(prediction, str):
+        return 0.0
+    pred = _mp_norm(prediction)
+    if not pred or pred == "none":
+        return 0.0
+    best = max(1 - levenshtein(_mp_norm(g), pred) / max(len(_mp_norm(g)), len(pred)) for g in answers)
+    return best if best >= threshold else 0.0
+
+
+def mp_accuracy(prediction: str, answers: list[str]) -> float:
+    """MP-DocVQA's exact-match accuracy: lower-cased, stripped equality with any gold; ``none`` is 0."""
+    answers = _check_answers(answers, "mp_accuracy")
+    if not isinstance(prediction, str):
+        return 0.0
+    pred = _mp_norm(prediction)
+    return float(pred != "none" and any(_mp_norm(g) == pred for g in answers))
+
+
 # ----------------------------------------------------------------------------- TextVQA (EvalAI)
 
 _CONTRACTIONS = {

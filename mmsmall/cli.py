@@ -195,18 +195,20 @@ def export(
 def chat(
     question: Annotated[str, typer.Argument(help="the question to ask about the image")],
     model: Annotated[str, typer.Option(help="model folder")],
-    image: Annotated[Path | None, typer.Option(help="image file")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="image file; repeat for several images, asked about in order")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     device: Device = None,
     dtype: DType = "fp32",
     max_crops: MaxCrops = None,
 ) -> None:
-    """Ask one question about one image."""
+    """Ask one question about an image, several images (``--image`` repeated) or none."""
     from mmsmall.inference.chat import chat as run_chat
 
     answer = run_chat(
         model,
-        str(image) if image else None,
+        [str(p) for p in image] if image else None,
         question,
         max_new_tokens=max_new_tokens,
         device=_device(device),

@@ -108,6 +108,9 @@ class DataConfig:
     seq_len: int = 2048  # token budget of one packed sequence
     pack: bool = True
     max_conversations: int = 4  # annotations of one image joined in one sequence
+    # image tokens one sample may take (None: no cap); over it the crops per image are lowered
+    # together, so a many-page document fits seq_len (counted as lowered_image_crops in the log)
+    max_image_tokens: int | None = None
     response_dropout: float = 0.0  # fraction of response tokens dropped from the loss
     num_workers: int = 0
     # Pointing answers are trained in this text: "molmo" | "molmo2" (answers in the shards are
@@ -488,7 +491,7 @@ _MINIMUMS = (
     ("train.steps", 1), ("train.micro_batch_size", 1), ("train.grad_accum", 1), ("train.save_every", 0),
     ("train.keep_last", 1), ("train.log_every", 1), ("train.eps", 0), ("train.weight_decay", 0),
     ("train.clip_grad", 0), ("train.min_lr_ratio", 0), ("data.seq_len", 1), ("data.max_conversations", 1),
-    ("data.num_workers", 0), ("data.response_dropout", 0),
+    ("data.max_image_tokens", 1), ("data.num_workers", 0), ("data.response_dropout", 0),
     *((f"train.{group}.{m}", 0) for group in ("lr", "warmup") for m in MODULES),
 )  # fmt: skip
 
@@ -498,7 +501,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value < low:
+        if value is not None and value < low:  # None: an optional cap left off
             raise ConfigError(f"{key}: {value!r} is below the smallest allowed value, {low}")
 
 

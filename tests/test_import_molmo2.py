@@ -411,3 +411,42 @@ def test_a_run_from_an_import_trains_and_is_evaluated_in_molmo2_pointing_text(im
     assert results["point_format"] == "molmo2"
     metrics = results["tasks"]["pointing"]["metrics"]
     assert {"read_molmo2", "read_molmo", "points_outside"} <= set(metrics)
+
+
+def test_imported_stock_answers_multi_image_prompts_as_stock_generate(stock, imported, tmp_path):
+    """Several images in one prompt (issue 25): stock ``generate`` on the stock folder, with the
+    images as consecutive image parts of one user turn (how transformers' Molmo2 chat templates
+    take several images), against ``mmsmall chat --image A --image B ...`` on the import and the
+    Predictor batching prompts of 3, 1 and 2 images together; token for token."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmsmall.inference.predictor import Predictor
+
+    model = AutoModelForImageTextToText.from_pretrained(stock).eval()
+    processor = AutoProcessor.from_pretrained(stock)
+    question = "Which page shows the total?"
+    prompts = [[image(40), image(41), image(42)], [image(43)], [image(44), image(45)]]
+    want = []
+    for imgs in prompts:
+        content = [{"type": "image", "image": im} for im in imgs] + [{"type": "text", "text": question}]
+        inputs = processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        )  # fmt: skip
+        assert inputs["image_grids"].shape[0] == len(imgs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=BUDGET, do_sample=False)
+        want.append(
+            processor.tokenizer.decode(
+                out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
+        )
+    assert len(set(want)) > 1  # the answers differ between prompts: the check is sharp
+    predictor = Predictor(str(imported))
+    assert predictor.predict([p if len(p) > 1 else p[0] for p in prompts], [question] * 3, BUDGET) == want
+    paths = []
+    for i, im in enumerate(prompts[0]):
+        paths += ["--image", str(tmp_path / f"page{i}.png")]
+        im.save(tmp_path / f"page{i}.png")
+    proc = _run("chat", question, "--model", str(imported), *paths, "--max-new-tokens", str(BUDGET))
+    assert proc.returncode == 0 and proc.stdout.strip() == want[0], proc.stderr[-2000:]

@@ -6,6 +6,8 @@ from . import (  # noqa: F401  (each module registers its task)
     countbench,
     docvqa,
     infovqa,
+    muirbench,
+    multidocvqa,
     ocrbench,
     pixmo_count,
     pixmo_count_molmo,
