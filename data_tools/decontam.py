@@ -97,6 +97,7 @@ def _shard_items(path: Path, name: str) -> list[dict]:
             question = " ".join(m["content"] for m in rec["messages"] if m.get("role") == "user")
             items.append(
                 {"benchmark": name, "id": rec["id"], "question": question, "image_bytes": rec["image_bytes"]}
+                | ({"images": rec["images"]} if rec["images"] else {})
             )
     return items
 
@@ -188,9 +189,11 @@ class DecontamIndex:
                 n["items"] += 1
                 if it.get("file"):
                     reads.add(str(it["file"]))
-                if it["image_bytes"]:
+                for data in it.get("images") or [it["image_bytes"]]:  # every page of a several-image item
+                    if not data:
+                        continue
                     try:
-                        h = phash(Image.open(io.BytesIO(it["image_bytes"])))
+                        h = phash(Image.open(io.BytesIO(data)))
                     except Exception:  # noqa: BLE001 - a broken benchmark image cannot contaminate
                         h = None
                     n["images"] += h is not None
