@@ -110,6 +110,8 @@ BENCHMARK_FORMATS = (
     "textvqa",
     "ai2d",
     "ocrbench",
+    "multidocvqa",
+    "muirbench",
 )
 
 

@@ -293,3 +293,39 @@ def test_csv_and_parquet_rows_give_their_images_lists(tmp_path):
     for key, pages in (("c_csvdoc", names[:2]), ("q_pqdoc", names[2:])):
         got = [by_key[key][f"{i}.jpg"] for i in range(2)]
         assert got == [(tmp_path / n).read_bytes() for n in pages]  # 320x240 JPEGs are kept byte for byte
+
+
+# MP-DocVQA's hub parquet as lmms-eval 0.7.3 reads it (tasks/multidocvqa/utils.py, the card of
+# lmms-lab-encoder/MP-DocVQA): questionId, question, answers (a list literal) and image_1 .. image_20
+MP_CARD = (
+    "features:\n"
+    + "".join(f"- name: {n}\n  dtype: string\n" for n in ("questionId", "question", "answers"))
+    + "".join(f"- name: image_{i}\n  dtype: image\n" for i in range(1, 21))
+)
+
+
+def test_decontam_against_mp_docvqa_indexes_every_page(tmp_path):
+    """``format: auto`` on MP-DocVQA's hub layout: a training page equal to any page of an eval
+    document drops its sample, whichever page of either it is."""
+    import datasets
+    from hub_layout import card_features, save_hub_layout
+
+    pngs = [encode(natural_image(120 + i, (96, 128)), "PNG") for i in range(8)]
+    rows = [{"questionId": str(q), "question": f"What is the total of document {q}?", "answers": "['12']"}
+            | {f"image_{i}": {"bytes": pngs[3 * q + i - 1], "path": None} if i <= 3 else None
+               for i in range(1, 21)} for q in range(2)]  # fmt: skip
+    ds = datasets.Dataset.from_list(rows, features=card_features(MP_CARD))
+    bench = save_hub_layout(datasets.DatasetDict({"val": ds}), tmp_path / "mpdocvqa", card_yaml=MP_CARD)
+    for i in (2, 4, 6, 7):
+        (tmp_path / f"t{i}.png").write_bytes(pngs[i])
+    rows = [
+        {"id": "leak_doc", "images": ["t6.png", "t2.png"]} | _qa("Which page?", "2"),  # q0's page 3
+        {"id": "leak_one", "image": "t4.png"} | _qa("What is shown?", "A page."),  # q1's page 2
+        {"id": "clean", "images": ["t6.png", "t7.png"]} | _qa("Which page?", "1"),  # t6: leak_doc went
+    ]
+    summary = _curate(
+        tmp_path, rows, decontam={"benchmarks": [{"path": str(bench), "name": "mp"}], "text": False}
+    )
+    assert summary["dropped"] == {"decontam_image": 2}, summary["dropped"]
+    assert summary["decontam_benchmarks"]["mp"] == {"items": 2, "images": 6, "questions": 2}
+    assert [s["__key__"] for s in _read_stock(tmp_path / "out")] == ["docs_clean"]
