@@ -112,14 +112,17 @@ def _decontam_index(path: str, stamp: str) -> DecontamIndex:
 def _check_pages(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
     """Decode, validate and normalize each image of a record, stopping at the first bad one.
 
-    Returns ``{"pages": [{"im", "data", "ext", "size", "served"}]}`` for the good images so far, and
-    for a bad one ``reason, stage, detail`` (``image i of n: ...`` for several) and its bytes ``raw``.
+    Returns ``{"pages": [{"thumb", "data", "ext", "size", "served"}], "im"}`` for the good images so
+    far (``thumb``: the (32, 32) pHash thumbnail; ``im``: the first image, the only decoded one kept,
+    so a unit of long documents holds one image per sample), and for a bad one ``reason, stage,
+    detail`` (``image i of n: ...`` for several) and its bytes ``raw``.
     """
     blobs = rec["images"] if rec["images"] is not None else [rec["image_bytes"]]
     pages: list[dict] = []
+    first = None
     for i, raw in enumerate(blobs):
         where = f"image {i} of {len(blobs)}: " if len(blobs) > 1 else ""
-        bad = {"pages": pages, "stage": "validate", "raw": raw}
+        bad = {"pages": pages, "im": first, "stage": "validate", "raw": raw}
         im, reason, info = decode_validate(raw, cfg.validate, draft)
         if reason is not None:
             return bad | {"reason": reason, "detail": where + info}
@@ -130,8 +133,9 @@ def _check_pages(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
             return bad | {"reason": "normalize_failed", "detail": f"{where}{type(e).__name__}: {e}"}
         if (served[0] > served[1]) != (size[0] > size[1]):  # turned upright by its EXIF orientation
             served = served[::-1]
-        pages.append({"im": im, "data": data, "ext": ext, "size": size, "served": served})
-    return {"pages": pages, "reason": None}
+        pages.append({"thumb": phash_thumb(im), "data": data, "ext": ext, "size": size, "served": served})
+        first = im if first is None else first
+    return {"pages": pages, "im": first, "reason": None}
 
 
 def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
@@ -146,7 +150,7 @@ def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
         return out
     chk = _check_pages(rec, cfg, draft)
     pages = chk.pop("pages")
-    out.update(im=pages[0]["im"] if pages else None, pages=pages)
+    out.update(im=chk.pop("im"), pages=pages)
     if chk["reason"] is not None:
         return out | chk
     if rec["points"] is not None:
@@ -310,7 +314,7 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
 
     # (P, 32, 32) thumbnails of every image of every candidate -> (P,) 64-bit pHashes, one batched DCT
     pages = [p for c in cands for p in c["pages"]]
-    hashes = phash_batch(np.stack([phash_thumb(p["im"]) for p in pages])) if pages else np.zeros(0, np.uint64)
+    hashes = phash_batch(np.stack([p.pop("thumb") for p in pages])) if pages else np.zeros(0, np.uint64)
     for p, h in zip(pages, hashes.tolist()):
         p["phash"], p["sha256"] = h, hashlib.sha256(p["data"]).hexdigest()
 
