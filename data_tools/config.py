@@ -24,6 +24,7 @@ class InputConfig:
     captions: str | None = None  # folder kind: a .jsonl or .csv with one row per image
     image_root: str | None = None  # where relative image paths of rows live (default: beside the file)
     image_field: str = "image"  # row field / parquet column with the image (bytes, path or {bytes,path})
+    images_field: str = "images"  # row field / column with a list of images (pages), each as image_field
     id_field: str = "id"  # row field with a sample id ("" or missing = row number)
     text_field: str = "caption"  # caption field (caption task)
     question_field: str = "question"  # vqa rows: question and answer fields
@@ -109,6 +110,8 @@ BENCHMARK_FORMATS = (
     "textvqa",
     "ai2d",
     "ocrbench",
+    "multidocvqa",
+    "muirbench",
 )
 
 

@@ -6,7 +6,12 @@ touching images. Reading (:func:`read_unit`) yields one :class:`dict` record per
 
     {"id": str, "source": str, "task": str, "image_bytes": bytes | None, "image_ref": str,
      "messages": [{"role", "content"}], "points": [{"label", "xy"}] | None, "meta": dict,
-     "error": str | None}   # error = a drop reason code found while reading
+     "error": str | None,   # error = a drop reason code found while reading
+     "images": [bytes | None, ...] | None,  # a sample of several images (pages), in order; else None
+     "file": str | None, "files": [str]}    # local image file(s) read, for the rerun check
+
+A row gives several images through ``images_field`` (a list, each item as ``image_field`` takes
+it); a list of one is a one-image sample. A tar sample gives them as ``{key}.0.jpg``, ``{key}.1.png``...
 
 Tar shards are read in memory only; member names are never used as file-system paths.
 """
@@ -31,6 +36,8 @@ from .config import CurateConfig, InputConfig
 from .records import CAPTION_PROMPT, clean_id, clean_messages, clean_points, scalar_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_PAGE_EXT = re.compile(r"(\d+)\.(jpg|jpeg|png|webp)")  # a member {key}.3.png: image 3 of its sample
 
 
 # ----------------------------------------------------------------------------- planning
@@ -290,6 +297,39 @@ def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]
     return None, "<none>", "missing_image"
 
 
+def _row_images(row: dict, inp: InputConfig, root: Path) -> tuple[dict, str | None]:
+    """(record fields, error) of a row's image, or of its ``images_field`` list of images."""
+    one, many = row.get(inp.image_field), row.get(inp.images_field)
+    if many is None or many == "":
+        data, ref, err = _image_value(one, root)
+        return {"image_bytes": data, "image_ref": ref, "file": _local(one, ref)}, err
+    if one is not None and one != "":
+        detail = f"both {inp.image_field!r} and {inp.images_field!r} given; a row takes one of them"
+        return {"image_ref": detail}, "bad_annotation"
+    if isinstance(many, str) and many.lstrip().startswith("["):  # a csv cell holding a JSON list
+        try:
+            many = json.loads(many)
+        except ValueError:
+            pass
+    if not isinstance(many, list):
+        return {"image_ref": f"{inp.images_field!r} is not a list of images"}, "bad_annotation"
+    if not many:
+        return {"image_ref": f"{inp.images_field!r} is an empty list"}, "missing_image"
+    datas, refs, files, err, where = [], [], [], None, ""
+    for i, value in enumerate(many):
+        data, ref, e = _image_value(value, root)
+        datas.append(data)
+        refs.append(ref)
+        if (f := _local(value, ref)) is not None:
+            files.append(f)
+        if e is not None and err is None:
+            err, where = e, f"image {i} of {len(many)}: {ref}"
+    if len(many) == 1:  # one image stays the one-image sample
+        return {"image_bytes": datas[0], "image_ref": refs[0], "file": files[0] if files else None}, err
+    ref = where or f"{refs[0]} (+{len(refs) - 1} more)"
+    return {"image_bytes": datas[0], "images": datas, "image_ref": ref, "files": files}, err
+
+
 def _local(value: Any, ref: str) -> str | None:
     """The local file an image value named (read, or looked for when missing), else None."""
     if isinstance(value, dict) and not value.get("bytes"):
@@ -306,7 +346,7 @@ def _record(rid: str, source: str, **kw: Any) -> dict:
         "image_ref": "",
         "messages": [],
     }
-    rec.update({"points": None, "meta": {}, "error": None, "file": None})
+    rec.update({"points": None, "meta": {}, "error": None, "file": None, "images": None, "files": []})
     rec.update(kw)
     return rec
 
@@ -318,11 +358,10 @@ def _rows_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         if "_error" in row:
             yield _record(rid, source, error=row["_error"], image_ref=f"line {row.get('_line')}")
             continue
-        data, ref, err = _image_value(row.get(inp.image_field), root)
+        fields, err = _row_images(row, inp, root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
-                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
+        yield _record(rid, source, task=task, messages=msgs or [], error=err, **fields)
 
 
 def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -347,11 +386,10 @@ def _table_records(table_rows: list[dict], start: int, inp: InputConfig, root: P
     source = _source_name(inp)
     for n, row in enumerate(table_rows):
         rid, id_err = _row_id(row, inp, f"{source}_{start + n}")
-        data, ref, err = _image_value(row.get(inp.image_field), root)
+        fields, err = _row_images(row, inp, root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
-                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
+        yield _record(rid, source, task=task, messages=msgs or [], error=err, **fields)
 
 
 def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -386,7 +424,6 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     for name in dups:
         yield _record(name, source, error="duplicate_member", image_ref=name)
     for key, parts in groups.items():
-        img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
         meta: dict = {}
         err = None
         if "json" in parts:
@@ -411,11 +448,12 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         if not (shape_ok and None not in names and isinstance(extra, dict)):
             err, msgs, points, extra = err or "bad_annotation", [], None, {}
             names = [n if n is not None else d for n, d in zip(names, (key, source, "caption"))]
+        fields, img_err = _tar_images(parts, meta.get("images"))
+        fields["image_ref"] = f"{unit['file']}:{key}" + fields.get("image_ref", "")
         yield _record(
-            names[0], names[1], task=names[2],
-            image_bytes=parts.get(img_ext) if img_ext else None, image_ref=f"{unit['file']}:{key}",
-            messages=msgs, points=points, meta={**extra, "coords": "normalized"} if points is not None else extra,
-            error=err or (None if img_ext else "missing_image"),
+            names[0], names[1], task=names[2], messages=msgs, points=points,
+            meta={**extra, "coords": "normalized"} if points is not None else extra,
+            error=err or img_err, **fields,
         )  # fmt: skip
 
 
@@ -467,6 +505,27 @@ def _shard_failures(tar: str, source: str) -> Iterator[dict]:
                 yield _record(clean_id(row["key"]) or str(row["key"]), source,
                               error=_img2dataset_reason(str(row["status"]), msg),
                               image_ref=f"{row.get('url')}: {msg}")  # fmt: skip
+
+
+def _tar_images(parts: dict[str, bytes], listed: Any) -> tuple[dict, str | None]:
+    """(record fields, error) of one tar sample's image members: ``{key}.jpg``, or ``{key}.0.jpg``,
+    ``{key}.1.png``, ... numbered 0..n-1 (as many as its json's ``images`` list, when it has one)."""
+    plain = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
+    pages: dict[int, bytes] = {}
+    for ext, data in sorted(parts.items()):
+        if (m := _PAGE_EXT.fullmatch(ext)) is not None:
+            pages.setdefault(int(m[1]), data)
+    if not pages:
+        return {"image_bytes": parts.get(plain) if plain else None}, None if plain else "missing_image"
+    if plain is not None:
+        return {"image_ref": f": both .{plain} and numbered images .0.jpg ..."}, "bad_annotation"
+    n = len(pages)
+    if sorted(pages) != list(range(n)):
+        return {"image_ref": f": images numbered {sorted(pages)[:8]}, not 0..{n - 1}"}, "missing_image"
+    if isinstance(listed, list) and len(listed) != n:
+        return {"image_ref": f": its json lists {len(listed)} images, the tar holds {n}"}, "missing_image"
+    images = [pages[i] for i in range(n)]
+    return {"image_bytes": images[0], "images": images if n > 1 else None}, None
 
 
 def _parquet_rows(path: str, start: int, stop: int) -> list[dict]:
