@@ -3,6 +3,9 @@
 Both get the same decoded PIL images (a mix of sizes like a real pretraining + document mix);
 every output is checked equal (pixels within 1e-5, identical pooling indices and grids).
 Prints both rates, the ratio per size class and overall, and a line for bench/RESULTS.md.
+Then the multi-image row: ``--docs`` documents of ``--pages`` pages each (document-sized pages)
+through the whole processors, stock ``Molmo2Processor`` (a prompt with one ``<|image|>`` per page)
+against ``Processor.encode_prompt(pages, question)``: token ids, pixels, pooling and grids equal.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py            # 200 images, default settings
     OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py --setting tiny --n 100
@@ -66,6 +69,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="number of images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="default")
+    ap.add_argument("--docs", type=int, default=10, help="multi-image row: documents (0: skip the row)")
+    ap.add_argument("--pages", type=int, default=3, help="multi-image row: pages per document")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -122,6 +127,62 @@ def main() -> None:
     print(
         f"| preprocess ({args.setting}, {n} mixed images, 1 thread, {cpu}) | Molmo2ImageProcessor "
         f"{n / t_stock:.1f} img/s | mmsmall {n / t_ours:.1f} img/s | {t_stock / t_ours:.2f}x | outputs equal |"
+    )
+    if args.docs:
+        multi_image_row(args, s, rng, cpu)
+
+
+def multi_image_row(args, s: dict, rng: np.random.Generator, cpu: str) -> None:
+    """Whole processors on documents of several pages: stock Molmo2Processor vs ours, outputs equal."""
+    from transformers.models.molmo2.processing_molmo2 import Molmo2Processor
+    from transformers.models.molmo2.video_processing_molmo2 import Molmo2VideoProcessor
+
+    from mmsmall.config import TokenizerConfig
+    from mmsmall.processing.processor import Processor
+    from mmsmall.processing.tokenizer import build_tokenizer
+    from mmsmall.processing.tokens import user_text
+
+    tok = build_tokenizer(TokenizerConfig())
+    cfg = ImageConfig(**{**s, "max_crops_eval": s["max_crops"]})
+    stock = Molmo2Processor(image_processor=molmo2_image_processor(cfg), video_processor=Molmo2VideoProcessor(),
+                            tokenizer=tok)  # fmt: skip
+    ours = Processor(tok, cfg)
+    question = "On which page is the total?"
+    text = "<|image|>" * args.pages + user_text(question)
+    (_, (h0, h1), (w0, w1)) = MIX["document"]
+    t_stock = t_ours = 0.0
+    for d in range(args.docs):
+        pages = [
+            make_image(rng, int(rng.integers(h0, h1 + 1)), int(rng.integers(w0, w1 + 1)))
+            for _ in range(args.pages)
+        ]
+        order = (0, 1) if d % 2 == 0 else (1, 0)
+        out = [None, None]
+        for which in order:
+            t0 = time.perf_counter()
+            out[which] = (stock(images=pages, text=text, return_tensors="pt") if which == 0
+                          else ours.encode_prompt(pages, question))  # fmt: skip
+            dt = time.perf_counter() - t0
+            if which == 0:
+                t_stock += dt
+            else:
+                t_ours += dt
+        ref, mine = out
+        same = (
+            mine["input_ids"].tolist() == ref["input_ids"][0].tolist()
+            and (mine["pixel_values"] - ref["pixel_values"]).abs().max().item() <= 1e-5
+            and torch.equal(mine["image_token_pooling"], ref["image_token_pooling"].long())
+            and torch.equal(mine["image_grids"], ref["image_grids"].long())
+        )
+        if not same:
+            raise SystemExit(f"MISMATCH on document {d} ({args.pages} pages)")
+    n = args.docs
+    print(f"{n} documents x {args.pages} pages: stock Molmo2Processor {n / t_stock:.2f} docs/s, "
+          f"mmsmall Processor {n / t_ours:.2f} docs/s, {t_stock / t_ours:.2f}x, outputs equal")  # fmt: skip
+    print(
+        f"| preprocess multi-image ({args.setting}, {n} documents x {args.pages} pages, 1 thread, {cpu}) | "
+        f"Molmo2Processor {n / t_stock:.2f} docs/s | mmsmall {n / t_ours:.2f} docs/s | {t_stock / t_ours:.2f}x | "
+        "outputs equal |"
     )
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_tools.synth import KINDS, generate  # noqa: E402
 from data_tools.synth.scenes import EASY_COUNT  # noqa: E402
 
-N = {"charts": 150, "docs": 150, "tables": 150, "clocks": 150, "scenes": 150}
+N = {"charts": 150, "docs": 150, "invoices": 60, "tables": 150, "clocks": 150, "scenes": 150}
 TARGETS = {"charts": 10.0}  # images/s/core
 EASY = EASY_COUNT
 

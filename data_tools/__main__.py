@@ -1,5 +1,6 @@
 """``python -m data_tools curate CONFIG [key=value ...] [--executor local|ray] [--workers N]``;
-``python -m data_tools download ROWS --out DIR [--url-field url] [--retry-failed]``."""
+``python -m data_tools download ROWS --out DIR [--url-field url] [--output webdataset|files]
+[--executor local|ray] [--retry-failed]``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     dl = sub.add_parser("download", help="fetch the image URLs of a parquet/jsonl/csv file of rows")
     dl.add_argument("rows", help="parquet file or folder, .jsonl or .csv with a URL column")
-    dl.add_argument("--out", required=True, help="folder for images/, images.jsonl and the fetch log")
+    dl.add_argument(
+        "--out", required=True, help="folder for shards/ (or, with --output files, images/ + images.jsonl)"
+    )
     dl.add_argument("--url-field", default="url", help="URL column (PixMo: image_url)")
     dl.add_argument("--sha256-field", default="sha256", help="expected-sha256 column (PixMo: image_sha256)")
     dl.add_argument("--concurrency", type=int, default=64, help="requests in flight in total")
@@ -30,8 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--retries", type=int, default=3, help="retries on 429/5xx/timeouts")
     dl.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="size cap per image")
     dl.add_argument("--retry-failed", action="store_true", help="fetch again only what failed last time")
-    dl.add_argument("--output", choices=("files", "webdataset"), default="files",
-                    help="files: images/ + images.jsonl; webdataset: shards/*.tar (image, txt, json)")  # fmt: skip
+    dl.add_argument(
+        "--output",
+        choices=("webdataset", "files"),
+        default="webdataset",
+        help="webdataset: shards/*.tar (image, txt, json; the default); files: images/ + images.jsonl",
+    )
+    dl.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: the shards run as tasks on the Ray cluster (RAY_ADDRESS) curation uses",
+    )
+    dl.add_argument("--workers", type=int, default=None, help="shards in flight: local processes (default 1), or Ray tasks (default: the cluster's CPUs)")  # fmt: skip
     dl.add_argument("--shard-rows", type=int, default=10_000, help="webdataset: rows per shard")
     dl.add_argument(
         "--caption-field", default="caption", help="webdataset: column written as .txt (LAION: TEXT)"
@@ -47,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             **({"deadline_s": args.deadline} if args.deadline else {}),
         )  # fmt: skip
         try:
-            report = download(args.rows, args.out, cfg, retry_failed=args.retry_failed)
+            report = download(args.rows, args.out, cfg, retry_failed=args.retry_failed, executor=args.executor,
+                              workers=args.workers)  # fmt: skip
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

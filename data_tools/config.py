@@ -24,6 +24,7 @@ class InputConfig:
     captions: str | None = None  # folder kind: a .jsonl or .csv with one row per image
     image_root: str | None = None  # where relative image paths of rows live (default: beside the file)
     image_field: str = "image"  # row field / parquet column with the image (bytes, path or {bytes,path})
+    images_field: str = "images"  # row field / column with a list of images (pages), each as image_field
     id_field: str = "id"  # row field with a sample id ("" or missing = row number)
     text_field: str = "caption"  # caption field (caption task)
     question_field: str = "question"  # vqa rows: question and answer fields
@@ -109,6 +110,8 @@ BENCHMARK_FORMATS = (
     "textvqa",
     "ai2d",
     "ocrbench",
+    "multidocvqa",
+    "muirbench",
 )
 
 
@@ -168,6 +171,13 @@ def validate_curate(cfg: CurateConfig) -> None:
             raise ConfigError(f"inputs[{i}].path: empty; give the folder or file to read")
         if inp.coords not in COORD_SPACES:
             raise ConfigError(f"inputs[{i}].coords: {inp.coords!r}; valid: {', '.join(COORD_SPACES)}")
+        dl = Path(inp.downloads) if inp.downloads else None
+        if dl is not None and (dl / "shards").is_dir() and not (dl / "fetch_log.jsonl").exists():
+            raise ConfigError(
+                f"inputs[{i}].downloads: {dl} holds webdataset shards (mmsmall download's default output); "
+                "the pixmo input reads the loose-file layout: fetch again with `mmsmall download ROWS --out "
+                f"{dl} --url-field image_url --sha256-field image_sha256 --output files`"
+            )
     if cfg.normalize.format not in ("keep", "jpg", "png"):
         raise ConfigError(f"normalize.format: {cfg.normalize.format!r}; valid: jpg, keep, png")
     if not 0 <= cfg.dedup.max_distance < 32:

@@ -35,10 +35,19 @@ from mmsmall.data.remote import is_remote
 
 from .config import CurateConfig, load_curate_config
 from .decontam import DecontamIndex, hit_record
-from .dedup import NearDupIndex, greedy_keep, hex64, phash_batch, phash_thumb
+from .dedup import (
+    NearDupIndex,
+    greedy_groups,
+    greedy_keep,
+    hex64,
+    near_detail,
+    pages_of,
+    phash_batch,
+    phash_thumb,
+)
 from .executors import run_units, session
 from .ingest import plan_units, read_unit
-from .points import normalize_points, pointing_messages
+from .points import normalize_page_points, pointing_messages
 from .shard_tasks import StageReader, remove_stale, write_shard
 from .shards import _add_member, safe_key, write_manifest
 from .textfilters import text_filter
@@ -100,28 +109,53 @@ def _decontam_index(path: str, stamp: str) -> DecontamIndex:
 # ----------------------------------------------------------------------------- map
 
 
-def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
-    """Ingest error, decode/validate, normalize, points and text checks of one record.
+def _check_pages(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
+    """Decode, validate and normalize each image of a record, stopping at the first bad one.
 
-    Returns ``{"reason", "stage", "detail", "im"}`` plus ``data, ext, size`` when it passes.
+    Returns ``{"pages": [{"thumb", "data", "ext", "size", "served"}], "im"}`` for the good images so
+    far (``thumb``: the (32, 32) pHash thumbnail; ``im``: the first image, the only decoded one kept,
+    so a unit of long documents holds one image per sample), and for a bad one ``reason, stage,
+    detail`` (``image i of n: ...`` for several) and its bytes ``raw``.
     """
-    out = {"reason": rec["error"], "stage": "ingest", "detail": rec["image_ref"], "im": None}
-    if out["reason"] is not None:
-        return out
-    im, reason, info = decode_validate(rec["image_bytes"], cfg.validate, draft)
-    if reason is not None:
-        return out | {"reason": reason, "stage": "validate", "detail": info}
-    served = im.info.get("full_size", im.size)  # the size pixel coordinates refer to (before any resize)
-    try:
-        im, data, ext, size = normalize_image(im, rec["image_bytes"], info, cfg.normalize)
-    except Exception as e:  # noqa: BLE001 - e.g. malformed EXIF: a bad sample, never a crashed unit
-        return out | {"reason": "normalize_failed", "stage": "validate", "detail": f"{type(e).__name__}: {e}"}
-    out.update(im=im, data=data, ext=ext, size=size)
-    if rec["points"] is not None:
+    blobs = rec["images"] if rec["images"] is not None else [rec["image_bytes"]]
+    pages: list[dict] = []
+    first = None
+    for i, raw in enumerate(blobs):
+        where = f"image {i} of {len(blobs)}: " if len(blobs) > 1 else ""
+        bad = {"pages": pages, "im": first, "stage": "validate", "raw": raw}
+        im, reason, info = decode_validate(raw, cfg.validate, draft)
+        if reason is not None:
+            return bad | {"reason": reason, "detail": where + info}
+        served = im.info.get("full_size", im.size)  # the size pixel coordinates refer to (before any resize)
+        try:
+            im, data, ext, size = normalize_image(im, raw, info, cfg.normalize)
+        except Exception as e:  # noqa: BLE001 - e.g. malformed EXIF: a bad sample, never a crashed unit
+            return bad | {"reason": "normalize_failed", "detail": f"{where}{type(e).__name__}: {e}"}
         if (served[0] > served[1]) != (size[0] > size[1]):  # turned upright by its EXIF orientation
             served = served[::-1]
-        pts, reason, detail = normalize_points(
-            rec["points"], rec["meta"].pop("coords", "normalized"), *served
+        pages.append({"thumb": phash_thumb(im), "data": data, "ext": ext, "size": size, "served": served})
+        first = im if first is None else first
+    return {"pages": pages, "im": first, "reason": None}
+
+
+def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
+    """Ingest error, decode/validate/normalize of every image, points and text checks of one record.
+
+    Returns ``{"reason", "stage", "detail", "im", "raw"}`` (``im``: the first image, for thumbnails and
+    CLIP) plus ``pages`` when it passes. A sample with any bad image is dropped whole, with that reason.
+    """
+    out = {"reason": rec["error"], "stage": "ingest", "detail": rec["image_ref"], "im": None,
+           "raw": rec["image_bytes"]}  # fmt: skip
+    if out["reason"] is not None:
+        return out
+    chk = _check_pages(rec, cfg, draft)
+    pages = chk.pop("pages")
+    out.update(im=chk.pop("im"), pages=pages)
+    if chk["reason"] is not None:
+        return out | chk
+    if rec["points"] is not None:
+        pts, reason, detail = normalize_page_points(
+            rec["points"], rec["meta"].pop("coords", "normalized"), [p["served"] for p in pages]
         )
         if reason is not None:
             return out | {"reason": reason, "stage": "points", "detail": detail}
@@ -136,15 +170,19 @@ def _check_sample(rec: dict, cfg: CurateConfig, draft: tuple[int, int]) -> dict:
 
 
 def _decontaminate(cands: list[dict], hashes: np.ndarray, cfg: CurateConfig, work_dir: str):
-    """Split candidates into (kept, [(cand, reason, detail)], hits) against the eval index."""
+    """Split candidates into (kept, [(cand, reason, detail)], hits) against the eval index; ``hashes``
+    holds every image of every candidate in order, and one matching image drops its whole sample."""
     work = Path(work_dir)
     index = _decontam_index(str(work / "decontam"), (work / "decontam.fingerprint").read_text())
-    img_hits = index.check_images(hashes) if cfg.decontam.images else {}
+    page_hits = index.check_images(hashes) if cfg.decontam.images else {}
+    first = np.cumsum([0] + [len(c["pages"]) for c in cands]).tolist()
     kept, dropped, hits = [], [], []
     for n, c in enumerate(cands):
-        if n in img_hits:
-            ref, dist = img_hits[n]
-            kind, reason, detail = "image", "decontam_image", f"pHash within {dist} bits of {ref}"
+        hit = next((i for i in range(first[n], first[n + 1]) if i in page_hits), None)
+        if hit is not None:
+            ref, dist = page_hits[hit]
+            where = f"image {hit - first[n]}: " if len(c["pages"]) > 1 else ""
+            kind, reason, detail = "image", "decontam_image", f"{where}pHash within {dist} bits of {ref}"
         elif cfg.decontam.text and (t := index.check_text(c["rec"]["messages"])) is not None:
             ref, kind, reason, detail = t[0], "text", "decontam_text", f"question overlaps {t[0]}: {t[1]!r}"
         else:
@@ -156,11 +194,16 @@ def _decontaminate(cands: list[dict], hashes: np.ndarray, cfg: CurateConfig, wor
 
 
 def _sample_json(c: dict, score: float | None) -> dict:
-    rec, (width, height) = c["rec"], c["size"]
+    """The shard json of a candidate: ``image`` for one image, ``images`` (in order) for several."""
+    rec = c["rec"]
+    images = [
+        {"width": p["size"][0], "height": p["size"][1], "sha256": p["sha256"], "phash": hex64(p["phash"])}
+        for p in c["pages"]
+    ]
     return {
         "id": rec["id"],
         "source": rec["source"],
-        "image": {"width": width, "height": height, "sha256": c["sha256"], "phash": hex64(c["phash"])},
+        **({"image": images[0]} if len(images) == 1 else {"images": images}),
         "task": rec["task"],
         "messages": rec["messages"],
         "points": rec["points"] if rec["points"] is not None else [],
@@ -216,8 +259,9 @@ def _source_files(unit: dict, cfg: CurateConfig) -> list[str]:
 def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     """Run every per-sample stage on one unit and commit its stage tar and done-marker.
 
-    The stage tar holds each surviving candidate as ``s{pos}.{jpg|png}`` + ``s{pos}.json`` (its
-    final sample json) and report thumbnails of dropped samples as ``d{pos}.jpg``; the marker
+    The stage tar holds each surviving candidate as ``s{pos}.{jpg|png}`` (several images:
+    ``s{pos}.0.jpg``, ``s{pos}.1.png``, ...) + ``s{pos}.json`` (its final sample json) and report
+    thumbnails of dropped samples as ``d{pos}.jpg`` (a sample's first image); the marker
     ``{uid}.done.json`` holds counts, drops with reasons, and per-candidate hashes and scores.
     """
     cfg = from_dict(CurateConfig, cfg_dict)
@@ -251,8 +295,8 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     n_in = 0
     for pos, rec in enumerate(read_unit(unit, cfg)):
         n_in += 1
-        if rec["file"] is not None:
-            reads[rec["file"]] = file_stat(rec["file"])
+        for f in rec["files"] + ([rec["file"]] if rec["file"] is not None else []):
+            reads[f] = file_stat(f)
         try:
             chk = _check_sample(rec, cfg, draft)
         except Exception as e:  # noqa: BLE001 - last guard: one record never stops a run
@@ -264,15 +308,15 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
             }
         base = {"pos": pos, "id": rec["id"], "source": rec["source"], "text": _short(rec["messages"])}
         if chk["reason"] is not None:
-            drop(pos, base, chk["stage"], chk["reason"], chk["detail"], chk["im"], rec["image_bytes"])
+            drop(pos, base, chk["stage"], chk["reason"], chk["detail"], chk["im"], chk.get("raw"))
         else:
-            cands.append(base | {"rec": rec} | {k: chk[k] for k in ("im", "data", "ext", "size")})
+            cands.append(base | {"rec": rec, "im": chk["im"], "pages": chk["pages"]})
 
-    # (N, 32, 32) thumbnails -> (N,) 64-bit pHashes, one batched DCT
-    hashes = phash_batch(np.stack([phash_thumb(c["im"]) for c in cands])) if cands else np.zeros(0, np.uint64)
-    for c, h in zip(cands, hashes.tolist()):
-        c["phash"] = h
-        c["sha256"] = hashlib.sha256(c["data"]).hexdigest()
+    # (P, 32, 32) thumbnails of every image of every candidate -> (P,) 64-bit pHashes, one batched DCT
+    pages = [p for c in cands for p in c["pages"]]
+    hashes = phash_batch(np.stack([p.pop("thumb") for p in pages])) if pages else np.zeros(0, np.uint64)
+    for p, h in zip(pages, hashes.tolist()):
+        p["phash"], p["sha256"] = h, hashlib.sha256(p["data"]).hexdigest()
 
     hits: list[dict] = []
     if cfg.decontam.benchmarks:
@@ -302,15 +346,19 @@ def process_unit(unit: dict, cfg_dict: dict, work_dir: str) -> dict:
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for c, score in zip(cands, scores):
             sample = _sample_json(c, score)
-            _add_member(tar, f"s{c['pos']:06d}.{c['ext']}", c["data"])
+            pages = c["pages"]
+            for i, p in enumerate(pages):  # s{pos}.jpg, or s{pos}.0.jpg, s{pos}.1.png, ... for several
+                _add_member(tar, f"s{c['pos']:06d}{f'.{i}' if len(pages) > 1 else ''}.{p['ext']}", p["data"])
             _add_member(
                 tar, f"s{c['pos']:06d}.json", json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()
             )
             answer = " ".join(m["content"] for m in sample["messages"] if m["role"] == "assistant")
+            first = pages[0]
             cand_stats.append(
-                {k: c[k] for k in ("pos", "id", "source", "text", "ext", "sha256")}
-                | {"phash": hex64(c["phash"]), "clip": score, "w": c["size"][0], "h": c["size"][1]}
-                | {"text_len": len(answer)}
+                {k: c[k] for k in ("pos", "id", "source", "text")}
+                | {"ext": first["ext"], "sha256": first["sha256"], "phash": hex64(first["phash"])}
+                | {"clip": score, "w": first["size"][0], "h": first["size"][1], "text_len": len(answer)}
+                | ({"pages": [[p["sha256"], hex64(p["phash"])] for p in pages]} if len(pages) > 1 else {})
             )
         for name, data in thumbs.items():
             _add_member(tar, f"{name}.jpg", data)
@@ -350,24 +398,23 @@ def reduce_decisions(stats: list[dict], cfg: CurateConfig) -> dict:
         drops.append({k: c[k] for k in ("pos", "id", "source", "text")} | {"uid": uid, "stage": stage,
                      "reason": reason, "detail": detail, "thumb": False, "cand": True})  # fmt: skip
 
-    if cfg.dedup.exact:
-        first: dict[str, int] = {}
-        for i, (_, c) in enumerate(flat):
-            if c["sha256"] in first:
-                drop(
-                    i, "exact_dedup", "exact_duplicate", f"same bytes as {flat[first[c['sha256']]][1]['id']}"
-                )
-            else:
-                first[c["sha256"]] = i
+    if cfg.dedup.exact:  # every image of every candidate; a sample repeating a kept one's image goes
+        owner = np.array([i for i, (_, c) in enumerate(flat) for _ in pages_of(c)], dtype=np.int64)
+        shas = np.array([sha for _, c in flat for sha, _ in pages_of(c)], dtype="S64")
+        _, group = np.unique(shas, return_inverse=True)
+        for i, f in zip(*greedy_groups(owner, group.reshape(-1))):
+            drop(i, "exact_dedup", "exact_duplicate", f"same bytes as {flat[f][1]['id']}")
     if cfg.dedup.near:
         idx = np.flatnonzero(alive)
-        hashes = np.array([int(flat[i][1]["phash"], 16) for i in idx], dtype=np.uint64)
+        owner = np.array([j for j, i in enumerate(idx) for _ in pages_of(flat[i][1])], dtype=np.int64)
+        hashes = np.array([int(h, 16) for i in idx for _, h in pages_of(flat[i][1])], dtype=np.uint64)
         a, b = NearDupIndex(hashes, cfg.dedup.max_distance, cfg.dedup.bands).self_pairs()
-        keep, dup_of = greedy_keep(len(idx), a, b)
+        a, b = owner[a], owner[b]  # image pairs -> sample pairs (a <= b: a sample's images are adjacent)
+        pairs = np.unique(np.stack([a[a != b], b[a != b]]), axis=1)
+        keep, dup_of = greedy_keep(len(idx), pairs[0], pairs[1])
         for j in np.flatnonzero(~keep).tolist():
-            other = flat[idx[dup_of[j]]][1]
-            dist = bin(int(hashes[j]) ^ int(hashes[dup_of[j]])).count("1")
-            drop(int(idx[j]), "near_dedup", "near_duplicate", f"pHash within {dist} bits of {other['id']}")
+            c, other = flat[idx[j]][1], flat[idx[dup_of[j]]][1]
+            drop(int(idx[j]), "near_dedup", "near_duplicate", near_detail(c, other))
     threshold = None
     if cfg.clip.enabled:
         idx = np.flatnonzero(alive)

@@ -9,13 +9,15 @@ loaders (``eval/tasks/*.py`` cite each format's source):
   InfographicVQA names images ``image_local_name``), a file or the folder holding it;
 - ``textvqa``: the official TextVQA json with ``train_images/`` (or ``test_images/``, ``images/``);
 - ``ai2d`` / ``ocrbench``: the lmms-eval / hub parquet layouts, read by eval's loaders;
+- ``multidocvqa`` / ``muirbench``: their hub parquet layouts (MP-DocVQA's ``image_1`` .. ``image_20``,
+  MuirBench's ``image_list``): every image of a question is indexed;
 - ``parquet``: any parquet file or folder with an ``image`` column (``{bytes, path}`` struct or raw
   bytes) and a ``question`` (or ChartQA ``query``) column;
 - ``webdataset``: a shard folder (or one tar) in the DESIGN.md schema, e.g. held-out synthetic
   eval shards (questions are the user turns).
 
-``format: auto`` takes shards when the path holds tars, parquet when it holds parquet files, and
-otherwise tries the json layouts in turn; a benchmark that yields no item is an error naming the
+``format: auto`` takes shards when the path holds tars, parquet (then the several-image parquet
+layouts) when it holds parquet files, and otherwise tries the json layouts in turn; a benchmark that yields no item is an error naming the
 path and each layout tried. :class:`DecontamIndex` is built once in the driver, saved in the work
 folder, and loaded by every worker; its ``counts`` say how many images and questions each
 benchmark gave.
@@ -56,7 +58,7 @@ def _candidates(path: Path) -> tuple[str, ...]:
     if _is_tar(path) or (path.is_dir() and any(_is_tar(p) for p in path.iterdir())):
         return ("webdataset",)
     if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
-        return ("parquet",)
+        return ("parquet", "multidocvqa", "muirbench")
     from eval.tasks.chartqa import json_files
 
     # without ChartQA's json files its loader would read the folder as a hub dataset
@@ -97,6 +99,7 @@ def _shard_items(path: Path, name: str) -> list[dict]:
             question = " ".join(m["content"] for m in rec["messages"] if m.get("role") == "user")
             items.append(
                 {"benchmark": name, "id": rec["id"], "question": question, "image_bytes": rec["image_bytes"]}
+                | ({"images": rec["images"]} if rec["images"] else {})
             )
     return items
 
@@ -107,17 +110,31 @@ def _eval_items(path: Path, fmt: str, name: str) -> list[dict]:
 
     items = []
     for r in get_task(fmt).load(str(path), None):
-        data, file = r.image_bytes, r.image_path
-        if data is None and r.image is not None:
-            buf = io.BytesIO()
-            r.image.save(buf, format="PNG")
-            data = buf.getvalue()
-        if data is None and file and Path(file).is_file():
-            data = Path(file).read_bytes()
+        pages = [r] if r.images is None else [r.page(k) for k in range(len(r.images))]
+        blobs = [_record_image(p) for p in pages]
         items.append(
-            {"benchmark": name, "id": r.id, "question": r.question, "image_bytes": data, "file": file}
+            {
+                "benchmark": name,
+                "id": r.id,
+                "question": r.question,
+                "image_bytes": blobs[0][0],
+                "file": blobs[0][1],
+            }
+            | ({"images": [d for d, _ in blobs], "files": [f for _, f in blobs if f]} if r.images else {})
         )
     return items
+
+
+def _record_image(r) -> tuple[bytes | None, str | None]:
+    """(bytes, file) of an eval record's one image, from its bytes, PIL image or file."""
+    data, file = r.image_bytes, r.image_path
+    if data is None and r.image is not None:
+        buf = io.BytesIO()
+        r.image.save(buf, format="PNG")
+        data = buf.getvalue()
+    if data is None and file and Path(file).is_file():
+        data = Path(file).read_bytes()
+    return data, file
 
 
 def _read_layout(path: Path, fmt: str, name: str) -> list[dict]:
@@ -152,7 +169,8 @@ def load_benchmark(path: str | Path, format: str = "auto", name: str = "") -> li
     raise ConfigError(
         f"decontam benchmark {path}: no benchmark items found; layouts tried: {'; '.join(tried)}. "
         "Give a folder or file in a layout `mmsmall eval --data` accepts (ChartQA, DocVQA, InfoVQA, "
-        "TextVQA json with their images; parquet with image and question columns; webdataset shards) "
+        "TextVQA json with their images; parquet with image and question columns; the MP-DocVQA / "
+        "MuirBench hub parquet; webdataset shards) "
         "and set format: " + "|".join(FORMATS)
     )
 
@@ -186,11 +204,14 @@ class DecontamIndex:
             for it in items:
                 ref = f"{it['benchmark']}:{it['id']}"
                 n["items"] += 1
-                if it.get("file"):
-                    reads.add(str(it["file"]))
-                if it["image_bytes"]:
+                for f in [it.get("file"), *it.get("files", [])]:
+                    if f:
+                        reads.add(str(f))
+                for data in it.get("images") or [it["image_bytes"]]:  # every page of a several-image item
+                    if not data:
+                        continue
                     try:
-                        h = phash(Image.open(io.BytesIO(it["image_bytes"])))
+                        h = phash(Image.open(io.BytesIO(data)))
                     except Exception:  # noqa: BLE001 - a broken benchmark image cannot contaminate
                         h = None
                     n["images"] += h is not None

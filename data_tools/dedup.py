@@ -236,3 +236,43 @@ def greedy_keep(n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nd
             keep[bi] = False
             dup_of[bi] = ai
     return keep, dup_of
+
+
+def pages_of(cand: dict) -> list[tuple[str, str]]:
+    """(sha256, pHash hex) of each image of a curation candidate record, in order (see curate.py)."""
+    return [tuple(p) for p in cand["pages"]] if cand.get("pages") else [(cand["sha256"], cand["phash"])]
+
+
+def near_detail(cand: dict, other: dict) -> str:
+    """Why ``cand`` is a near duplicate of ``other``: the closest pair of their images."""
+    dist = min(bin(int(a, 16) ^ int(b, 16)).count("1") for _, a in pages_of(cand) for _, b in pages_of(other))
+    return f"pHash within {dist} bits of {other['id']}"
+
+
+def greedy_groups(owner: np.ndarray, group: np.ndarray) -> tuple[list[int], list[int]]:
+    """Exact dedup of samples that hold several images: walk the samples in order; a sample one of
+    whose groups (images with the same bytes) an earlier *kept* sample holds is dropped, else it keeps
+    and holds all its groups. Two equal images inside one sample do not drop it.
+
+    ``owner (P,)``: the sample of each image; ``group (P,)``: its group id. Returns (dropped samples,
+    ascending; for each, the earliest kept sample it repeats). With one image per sample this is
+    "the first occurrence of each sha256 stays".
+    """
+    order = np.lexsort((group, owner))
+    owner_l, group_l = owner[order].tolist(), group[order].tolist()
+    holder: dict[int, int] = {}
+    dup, of = [], []
+    i = 0
+    while i < len(owner_l):
+        j = i
+        while j < len(owner_l) and owner_l[j] == owner_l[i]:
+            j += 1
+        c, groups = owner_l[i], group_l[i:j]
+        hit = min((holder[g] for g in groups if g in holder), default=None)
+        if hit is not None:
+            dup.append(c)
+            of.append(hit)
+        else:
+            holder.update((g, c) for g in groups)
+        i = j
+    return dup, of

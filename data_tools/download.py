@@ -1,20 +1,25 @@
 """Image URL download stage: rows carrying URLs (PixMo, LAION/DataComp parquet) become local images.
 
 ``download(rows_file, out_dir, cfg)`` streams a parquet / jsonl / csv file of rows with a URL
-column (and an optional sha256 column) in batches, never whole, fetches each distinct URL once with
+column (and an optional sha256 column) in batches, never whole, fetches each distinct URL with
 ``aiohttp`` (``concurrency`` workers drawing from a short queue, so URLs in flight stay bounded;
-``per_host`` caps one host) and writes:
+``per_host`` caps one host) and writes, by default (``output="webdataset"``), webdataset shards as
+img2dataset does: ``out_dir/shards/{k:05d}.tar`` (image + ``.txt`` caption + the row's ``.json``
+per sample), a failure log and a stats file per shard, resumable per shard, one shard after another
+in this process, ``workers`` shards at a time in local processes, or as Ray tasks
+(``executor="ray"``): see :mod:`data_tools.download_shards`.
+
+With ``output="files"`` (``--output files``) it writes loose files instead, each distinct URL
+fetched once per run:
 
 - ``out_dir/images/ab/abcdef....{ext}``: the fetched images, named by the sha256 of their URL;
 - ``out_dir/fetch_log.jsonl``: one line per finished URL (``ok`` or a failure reason), appended as
   results arrive, so a killed run resumes without refetching what it already has or tried;
 - ``out_dir/images.jsonl``: every input row with ``image`` set to its local file, or with
   ``_error`` set to the failure reason (curation then drops it under that reason, so the reason
-  shows in the funnel and the HTML report): curate it with ``{kind: jsonl, path: out_dir/images.jsonl}``;
-- ``out_dir/download_report.json``: counts in, ok and per failure reason.
+  shows in the funnel and the HTML report): curate it with ``{kind: jsonl, path: out_dir/images.jsonl}``.
 
-With ``output="webdataset"`` (``--output webdataset``) the images go into webdataset shards
-instead, resumable per shard: see :mod:`data_tools.download_shards`.
+Both write ``out_dir/download_report.json``: counts in, ok and per failure reason.
 
 Each row is judged by its own sha256: a URL is fetched once per run however many rows name it (the
 rows are read through once before fetching, collecting per URL the hashes its rows expect), its
@@ -23,8 +28,9 @@ expects them, and each row whose own sha256 differs from the fetched bytes' gets
 ``fetch_sha256_mismatch`` in ``images.jsonl`` whatever the other rows of its URL expect, and in
 whichever batch of the stream it comes.
 
-A rerun fetches only URLs that have no log entry; ``retry_failed=True`` (``--retry-failed``)
-also fetches the URLs whose last attempt failed, and nothing else.
+A rerun fetches only URLs that have no log entry (shards: only unfinished shards);
+``retry_failed=True`` (``--retry-failed``) also fetches the URLs whose last attempt failed (shards:
+the failed rows of finished shards), and nothing else.
 
 The decoded bytes decide what an image is, not the Content-Type header (S3 serves images as
 ``binary/octet-stream``, many hosts send none): a body PIL reads is kept whatever its type, and the
@@ -69,15 +75,22 @@ from .fetch import (
 
 
 def download(rows_file: str | Path, out_dir: str | Path, cfg: DownloadConfig | None = None,
-             retry_failed: bool = False) -> dict:  # fmt: skip
+             retry_failed: bool = False, executor: str = "local", workers: int | None = None) -> dict:  # fmt: skip
     """Fetch the URLs of ``rows_file`` into ``out_dir`` (see the module docstring); the report dict."""
     cfg = cfg or DownloadConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.output not in ("webdataset", "files"):
+        raise ConfigError(f"download output {cfg.output!r}; valid: webdataset, files")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"download executor {executor!r}; valid: local, ray")
     if cfg.output == "webdataset":
-        return download_shards(Path(rows_file), out, cfg)
-    if cfg.output != "files":
-        raise ConfigError(f"download output {cfg.output!r}; valid: files, webdataset")
+        return download_shards(Path(rows_file), out, cfg, retry_failed, executor, workers)
+    if executor != "local" or (workers or 1) > 1:
+        raise ConfigError(
+            "--output files runs in one process (one fetch log); use --output webdataset (the default) "
+            "for --executor ray or --workers, whose shards are the tasks"
+        )
     log_path = out / "fetch_log.jsonl"
     done = read_log(log_path, out)
     # Read through once before fetching: per URL to fetch, the sha256s its rows expect (None: some row

@@ -11,11 +11,12 @@ cluster; every node must see the input paths and the work folder at the same abs
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Any
@@ -118,6 +119,62 @@ def _collect(
     for fut in as_completed(futures):
         results[futures[fut]] = fut.result()
         bar.update(1)
+
+
+def stream_units(
+    fn: Callable[..., dict],
+    units: Iterable[dict],
+    args: tuple = (),
+    executor: str = "local",
+    workers: int | None = None,
+    desc: str = "units",
+) -> Iterator[dict]:
+    """``fn(unit, *args)`` for units drawn lazily from ``units`` (a stream too long to list, e.g. the
+    download stage's shards); results are yielded as they finish, in no fixed order. Local: one unit
+    after another in this process, or with ``workers`` > 1 that many at a time in a spawned process
+    pool. Ray: at most ``workers`` units in flight (default: the cluster's CPUs). Either way the next
+    unit is drawn only when one finishes, so the units held at once stay bounded."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    bar = tqdm(desc=desc if executor == "local" else f"{desc} (ray)", unit="unit", dynamic_ncols=True)
+    if executor == "local" and (workers or 1) == 1:
+        for u in units:
+            yield fn(u, *args)
+            bar.update(1)
+        bar.close()
+        return
+    if executor == "local":
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        todo = iter(units)
+        with _new_pool(workers) as pool:
+            futs = {pool.submit(fn, u, *args) for u in itertools.islice(todo, workers)}
+            while futs:
+                done, futs = wait(futs, return_when=FIRST_COMPLETED)
+                futs |= {pool.submit(fn, u, *args) for u in itertools.islice(todo, len(done))}
+                for f in done:
+                    yield f.result()
+                    bar.update(1)
+        bar.close()
+        return
+    started = _ray_init(workers)
+    import ray
+
+    try:
+        remote = ray.remote(fn)
+        window = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        todo = iter(units)
+        refs = [remote.remote(u, *args) for u in itertools.islice(todo, window)]
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            refs.extend(remote.remote(u, *args) for u in itertools.islice(todo, len(done)))
+            for r in done:
+                yield ray.get(r)
+                bar.update(1)
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _ray_init(workers: int | None) -> bool:

@@ -43,7 +43,7 @@ class DownloadConfig:
     max_redirects: int = 5
     user_agent: str = "mmsmall-download/0.1 (+https://github.com/mmsmall)"
     output: str = (
-        "files"  # files: images/ + images.jsonl | webdataset: shards/ (data_tools/download_shards.py)
+        "webdataset"  # webdataset: shards/ (data_tools/download_shards.py) | files: images/ + images.jsonl
     )
     shard_rows: int = 10_000  # webdataset: rows per shard
     caption_field: str = "caption"  # webdataset: written as each sample's .txt when the row has it
@@ -278,5 +278,5 @@ def check_columns(rows_file, first: dict, cfg: DownloadConfig) -> None:
     if cfg.url_field not in first:
         raise ConfigError(
             f"{rows_file}: no URL column {cfg.url_field!r} (columns: {sorted(first)}); "
-            "set --url-field (PixMo: image_url, LAION/DataComp: url)"
+            "set --url-field (LAION-400M/5B: URL, DataComp and img2dataset: url, PixMo: image_url)"
         )

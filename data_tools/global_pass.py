@@ -12,6 +12,11 @@ here the records stay in the units' ``done.json`` files and executor tasks do th
                                  rank to one bucket, whose values come back; then the drops
     keys    (one task per key-root partition)  unique keys; only the renamed ones are written
 
+A candidate of several images (a document's pages) has one row per image in the sha256 and pHash
+columns, each naming its candidate: the tasks compare images and return candidates (exact: the
+candidates of each repeated sha256, walked by ``greedy_groups``; near: candidate pairs, a candidate
+never paired with itself), so a sample goes when any of its images repeats a kept sample's.
+
 Partitions are exact: duplicates share a sha256 prefix, and a key and every ``_N`` rename of it share
 the root left after stripping trailing ``_digits``, so no decision crosses a partition. The driver holds
 ``alive`` (one byte per candidate), the duplicates the tasks return, and per-unit counts; see
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dedup import bucket_pairs, greedy_keep, table_key, table_spans
+from .dedup import bucket_pairs, greedy_groups, greedy_keep, near_detail, pages_of, table_key, table_spans
 from .executors import run_units
 from .shards import safe_key
 
@@ -67,14 +72,18 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
 
 
 def columns_task(task: dict, work: str) -> dict:
-    """One unit's candidates -> compact columns and partitioned sha256s and keys; returns the count."""
+    """One unit's candidates -> compact columns and partitioned sha256s and keys; returns the count.
+
+    The sha256 and pHash columns have a row per image; ``sharow``/``nrow`` name each image's candidate.
+    """
     cands = json.loads((Path(work) / "units" / f"{task['uid']}.done.json").read_text())["cands"]
     parts = task["parts"]
-    sha = np.array([c["sha256"] for c in cands], dtype="S64")
+    owner = np.array([r for r, c in enumerate(cands) for _ in pages_of(c)], dtype=np.int64)  # (P,)
+    sha = np.array([sha for c in cands for sha, _ in pages_of(c)], dtype="S64")  # (P,)
+    phash = np.array([int(h, 16) for c in cands for _, h in pages_of(c)], dtype=np.uint64)  # (P,)
     keys = [safe_key(f"{c['source']}_{c['id']}") for c in cands]
     cols = {
         "pos": np.array([c["pos"] for c in cands], dtype=np.int64),
-        "phash": np.array([int(c["phash"], 16) for c in cands], dtype=np.uint64),
         "clip": np.array([np.nan if c["clip"] is None else c["clip"] for c in cands], dtype=np.float64),
         "key": np.array(keys, dtype=str) if keys else np.zeros(0, dtype="U1"),
         **{k: np.array([c[k] for c in cands], dtype=np.int64) for k in ("w", "h", "text_len")},
@@ -83,32 +92,35 @@ def columns_task(task: dict, work: str) -> dict:
     key_part = _part_of([_root(k) for k in keys], parts)
     for p in range(parts):
         rows = np.flatnonzero(sha_part == p)
-        cols[f"sha{p}"], cols[f"sharow{p}"] = sha[rows], rows
+        cols[f"sha{p}"], cols[f"sharow{p}"] = sha[rows], owner[rows]
         cols[f"keyrow{p}"] = np.flatnonzero(key_part == p)
     for t, spans in enumerate(task["tables"]):  # near dedup: each table's hashes by bucket-key partition
-        part = table_key(cols["phash"], spans) % np.uint64(task["near_parts"])
+        part = table_key(phash, spans) % np.uint64(task["near_parts"])
         for p in range(task["near_parts"]):
             rows = np.flatnonzero(part == np.uint64(p))
-            cols[f"nrow{t}_{p}"], cols[f"nhash{t}_{p}"] = rows, cols["phash"][rows]
+            cols[f"nrow{t}_{p}"], cols[f"nhash{t}_{p}"] = owner[rows], phash[rows]
     _save(_cols_path(work, task["uid"]), **cols)
     return {"uid": task["uid"], "n": len(cands)}
 
 
 def exact_task(task: dict, work: str) -> tuple[np.ndarray, np.ndarray]:
-    """Partition ``p``: (duplicate, first occurrence) global indices of every repeated sha256."""
+    """Partition ``p``: (candidate global index, group id) of every image whose sha256 is repeated;
+    group ids are distinct across partitions (``p + parts * k``)."""
     p, shas, gidx = task["p"], [], []
     for uid, offset in task["units"]:
         with np.load(_cols_path(work, uid)) as z:
             shas.append(z[f"sha{p}"])
             gidx.append(z[f"sharow{p}"] + offset)
     sha, g = np.concatenate(shas), np.concatenate(gidx)  # in global order
-    _, first, inverse = np.unique(sha, return_index=True, return_inverse=True)
-    dup = np.flatnonzero(first[inverse] != np.arange(len(sha)))
-    return g[dup], g[first[inverse[dup]]]
+    _, inverse, counts = np.unique(sha, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    rep = np.flatnonzero(counts[inverse] > 1)
+    return g[rep], p + task["parts"] * inverse[rep]
 
 
 def near_task(task: dict, work: str, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Table ``t``, key partition ``p``: global (a < b) of surviving pairs within ``max_distance`` bits.
+    """Table ``t``, key partition ``p``: global candidate pairs (a < b) of surviving images within
+    ``max_distance`` bits (two images of one candidate are no pair).
 
     Two hashes within k bits agree on every band of at least one table, so they share a bucket there;
     a bucket lives in one partition. The union over all (t, p) is every pair, exactly.
@@ -121,9 +133,10 @@ def near_task(task: dict, work: str, max_distance: int) -> tuple[np.ndarray, np.
             keep = np.asarray(alive[offset + rows]) if len(rows) else np.zeros(0, bool)
             hashes.append(z[f"nhash{t}_{p}"][keep])
             gidx.append(rows[keep] + offset)
-    g = np.concatenate(gidx)  # ascending: local a < b stays a < b
+    g = np.concatenate(gidx)  # non-decreasing: local a < b gives g[a] <= g[b]
     a, b = bucket_pairs(np.concatenate(hashes), task["spans"], max_distance)
-    return g[a], g[b]
+    a, b = g[a], g[b]
+    return a[a != b], b[a != b]
 
 
 def _sort_key(scores: np.ndarray) -> np.ndarray:
@@ -244,13 +257,11 @@ def global_pass(
 
     by_unit = [(u, int(o)) for u, o in zip(uids, offsets[:-1].tolist())]
     if cfg.dedup.exact and n:
-        found = run_units(exact_task, [{"p": p, "units": by_unit} for p in range(parts)], (w,), executor,
-                          workers, "exact dedup")  # fmt: skip
-        dup = np.concatenate([d for d, _ in found])
-        of = np.concatenate([f for _, f in found])
-        order = np.argsort(dup)
+        found = run_units(exact_task, [{"p": p, "units": by_unit, "parts": parts} for p in range(parts)],
+                          (w,), executor, workers, "exact dedup")  # fmt: skip
+        dup, of = greedy_groups(np.concatenate([c for c, _ in found]), np.concatenate([k for _, k in found]))
         alive[dup] = False
-        for g, f in zip(dup[order].tolist(), of[order].tolist()):
+        for g, f in zip(dup, of):
             note(g, "exact_dedup", "exact_duplicate", lambda f=f: f"same bytes as {record(f)[1]['id']}")
     if cfg.dedup.near and alive.any():
         _save_alive(work, alive)
@@ -269,7 +280,7 @@ def global_pass(
         for j in np.flatnonzero(~keep).tolist():
             g, o = int(nodes[j]), int(nodes[dup_of[j]])
             alive[g] = False
-            note(g, "near_dedup", "near_duplicate", lambda g=g, o=o: _near_detail(record(g)[1], record(o)[1]))
+            note(g, "near_dedup", "near_duplicate", lambda g=g, o=o: near_detail(record(g)[1], record(o)[1]))
         del nodes, keep, dup_of
     threshold = None
     groups = _groups(
@@ -293,11 +304,6 @@ def global_pass(
     head = [(uid, pos, key) for uid, pos, key in kept_keys(w, uids, offsets, alive, 0, g_max, parts)]
     return {"offsets": offsets, "parts": parts, "kept_per_unit": kept_per_unit, "counts": counts,
             "drops": drops, "kept_head": head, "clip_threshold": threshold}  # fmt: skip
-
-
-def _near_detail(c: dict, other: dict) -> str:
-    dist = bin(int(c["phash"], 16) ^ int(other["phash"], 16)).count("1")
-    return f"pHash within {dist} bits of {other['id']}"
 
 
 def _clip_detail(s: float, threshold: float) -> str:

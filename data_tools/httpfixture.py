@@ -21,6 +21,14 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # listen backlog: many clients connect at once
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that drops its connection (a keep-alive socket closed, a timeout) is no server
+        error: stay quiet about it; print anything else as socketserver does."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
 
 @dataclass
 class Route:

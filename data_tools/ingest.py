@@ -6,7 +6,12 @@ touching images. Reading (:func:`read_unit`) yields one :class:`dict` record per
 
     {"id": str, "source": str, "task": str, "image_bytes": bytes | None, "image_ref": str,
      "messages": [{"role", "content"}], "points": [{"label", "xy"}] | None, "meta": dict,
-     "error": str | None}   # error = a drop reason code found while reading
+     "error": str | None,   # error = a drop reason code found while reading
+     "images": [bytes | None, ...] | None,  # a sample of several images (pages), in order; else None
+     "file": str | None, "files": [str]}    # local image file(s) read, for the rerun check
+
+A row gives several images through ``images_field`` (a list, each item as ``image_field`` takes
+it); a list of one is a one-image sample. A tar sample gives them as ``{key}.0.jpg``, ``{key}.1.png``...
 
 Tar shards are read in memory only; member names are never used as file-system paths.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +36,8 @@ from .config import CurateConfig, InputConfig
 from .records import CAPTION_PROMPT, clean_id, clean_messages, clean_points, scalar_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_PAGE_EXT = re.compile(r"(\d+)\.(jpg|jpeg|png|webp)")  # a member {key}.3.png: image 3 of its sample
 
 
 # ----------------------------------------------------------------------------- planning
@@ -89,6 +97,7 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
             files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
             if not files or not files[0].exists():
                 raise ConfigError(f"inputs[{i}]: no parquet files at {path}")
+            _refuse_url_rows(i, inp, files[0], pq.ParquetFile(files[0]).schema_arrow.names)
             for f in files:
                 n = pq.ParquetFile(f).metadata.num_rows
                 for a, b in _chunks(n, cfg.unit_size):
@@ -109,6 +118,27 @@ def plan_units(cfg: CurateConfig) -> list[dict]:
     for n, u in enumerate(units):
         u["uid"] = f"u{n:06d}"
     return units
+
+
+URL_COLUMNS = (
+    "url",
+    "URL",
+    "image_url",
+)  # LAION-400M/5B: URL; DataComp, img2dataset's own: url; PixMo: image_url
+
+
+def _refuse_url_rows(i: int, inp: InputConfig, file: Path, columns: list[str]) -> None:
+    """A parquet of image URLs with no image column (LAION/DataComp metadata) is the download stage's
+    input, not curation's: say so, with the command, instead of dropping every row as missing_image."""
+    url = next((c for c in URL_COLUMNS if c in columns), None)
+    if inp.image_field in columns or url is None:
+        return
+    caption = next((c for c in ("TEXT", "text", "caption") if c in columns), "caption")
+    raise ConfigError(
+        f"inputs[{i}] ({file}): rows of image URLs (column {url!r}) and no image column {inp.image_field!r}; "
+        f"fetch them first: `mmsmall download {inp.path} --out DIR --url-field {url} --caption-field {caption}`, "
+        "then curate {kind: webdataset, path: DIR/shards}"
+    )
 
 
 def _folder_rows(inp: InputConfig, skip: list[Path]) -> list[dict]:
@@ -267,6 +297,39 @@ def _image_value(value: Any, root: Path) -> tuple[bytes | None, str, str | None]
     return None, "<none>", "missing_image"
 
 
+def _row_images(row: dict, inp: InputConfig, root: Path) -> tuple[dict, str | None]:
+    """(record fields, error) of a row's image, or of its ``images_field`` list of images."""
+    one, many = row.get(inp.image_field), row.get(inp.images_field)
+    if many is None or many == "":
+        data, ref, err = _image_value(one, root)
+        return {"image_bytes": data, "image_ref": ref, "file": _local(one, ref)}, err
+    if one is not None and one != "":
+        detail = f"both {inp.image_field!r} and {inp.images_field!r} given; a row takes one of them"
+        return {"image_ref": detail}, "bad_annotation"
+    if isinstance(many, str) and many.lstrip().startswith("["):  # a csv cell holding a JSON list
+        try:
+            many = json.loads(many)
+        except ValueError:
+            pass
+    if not isinstance(many, list):
+        return {"image_ref": f"{inp.images_field!r} is not a list of images"}, "bad_annotation"
+    if not many:
+        return {"image_ref": f"{inp.images_field!r} is an empty list"}, "missing_image"
+    datas, refs, files, err, where = [], [], [], None, ""
+    for i, value in enumerate(many):
+        data, ref, e = _image_value(value, root)
+        datas.append(data)
+        refs.append(ref)
+        if (f := _local(value, ref)) is not None:
+            files.append(f)
+        if e is not None and err is None:
+            err, where = e, f"image {i} of {len(many)}: {ref}"
+    if len(many) == 1:  # one image stays the one-image sample
+        return {"image_bytes": datas[0], "image_ref": refs[0], "file": files[0] if files else None}, err
+    ref = where or f"{refs[0]} (+{len(refs) - 1} more)"
+    return {"image_bytes": datas[0], "images": datas, "image_ref": ref, "files": files}, err
+
+
 def _local(value: Any, ref: str) -> str | None:
     """The local file an image value named (read, or looked for when missing), else None."""
     if isinstance(value, dict) and not value.get("bytes"):
@@ -283,7 +346,7 @@ def _record(rid: str, source: str, **kw: Any) -> dict:
         "image_ref": "",
         "messages": [],
     }
-    rec.update({"points": None, "meta": {}, "error": None, "file": None})
+    rec.update({"points": None, "meta": {}, "error": None, "file": None, "images": None, "files": []})
     rec.update(kw)
     return rec
 
@@ -295,11 +358,10 @@ def _rows_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         if "_error" in row:
             yield _record(rid, source, error=row["_error"], image_ref=f"line {row.get('_line')}")
             continue
-        data, ref, err = _image_value(row.get(inp.image_field), root)
+        fields, err = _row_images(row, inp, root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
-                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
+        yield _record(rid, source, task=task, messages=msgs or [], error=err, **fields)
 
 
 def _points_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -324,11 +386,10 @@ def _table_records(table_rows: list[dict], start: int, inp: InputConfig, root: P
     source = _source_name(inp)
     for n, row in enumerate(table_rows):
         rid, id_err = _row_id(row, inp, f"{source}_{start + n}")
-        data, ref, err = _image_value(row.get(inp.image_field), root)
+        fields, err = _row_images(row, inp, root)
         msgs, task = _messages_from_row(row, inp)
         err = id_err or (err if msgs is not None else "bad_annotation")
-        yield _record(rid, source, task=task, image_bytes=data, image_ref=ref, messages=msgs or [], error=err,
-                      file=_local(row.get(inp.image_field), ref))  # fmt: skip
+        yield _record(rid, source, task=task, messages=msgs or [], error=err, **fields)
 
 
 def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
@@ -363,7 +424,6 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
     for name in dups:
         yield _record(name, source, error="duplicate_member", image_ref=name)
     for key, parts in groups.items():
-        img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
         meta: dict = {}
         err = None
         if "json" in parts:
@@ -388,12 +448,84 @@ def _tar_records(unit: dict, inp: InputConfig) -> Iterator[dict]:
         if not (shape_ok and None not in names and isinstance(extra, dict)):
             err, msgs, points, extra = err or "bad_annotation", [], None, {}
             names = [n if n is not None else d for n, d in zip(names, (key, source, "caption"))]
+        fields, img_err = _tar_images(parts, meta.get("images"))
+        fields["image_ref"] = f"{unit['file']}:{key}" + fields.get("image_ref", "")
         yield _record(
-            names[0], names[1], task=names[2],
-            image_bytes=parts.get(img_ext) if img_ext else None, image_ref=f"{unit['file']}:{key}",
-            messages=msgs, points=points, meta={**extra, "coords": "normalized"} if points is not None else extra,
-            error=err or (None if img_ext else "missing_image"),
+            names[0], names[1], task=names[2], messages=msgs, points=points,
+            meta={**extra, "coords": "normalized"} if points is not None else extra,
+            error=err or img_err, **fields,
         )  # fmt: skip
+
+
+_I2D_HTTP = re.compile(r"HTTP Error (\d{3})")
+
+
+def _img2dataset_reason(status: str, message: str) -> str:
+    """A reason code for an img2dataset failure: its ``error_message`` is free text (urllib's
+    ``str(err)``, ``hash mismatch``, the resizer's message), its ``status`` failed_to_download or
+    failed_to_resize (img2dataset/downloader.py)."""
+    if m := _I2D_HTTP.search(message):
+        return f"fetch_http_{m.group(1)}"
+    if message == "hash mismatch":
+        return "fetch_sha256_mismatch"
+    if "timed out" in message.lower():
+        return "fetch_timeout"
+    return f"fetch_{status}" if status in ("failed_to_download", "failed_to_resize") else "fetch_failed"
+
+
+def _shard_failures(tar: str, source: str) -> Iterator[dict]:
+    """The rows a download wrote no sample for, from the files beside its shard: ours
+    (``{shard}_failures.jsonl``, data_tools/download_shards.py) or img2dataset's (``{shard}.parquet``:
+    every row with its ``status``; the failures have no sample in the tar). Each one a record with
+    its reason, so failed downloads show in the funnel; a shard with neither file yields none."""
+    path = Path(tar)
+    suffix = next((s for s in TAR_SUFFIXES if path.name.endswith(s)), path.suffix)
+    stem = path.parent / path.name[: len(path.name) - len(suffix)]
+    ours, theirs = Path(f"{stem}_failures.jsonl"), Path(f"{stem}.parquet")
+    if ours.exists():
+        for n, line in enumerate(ours.read_text(encoding="utf-8").splitlines()):
+            try:
+                f = json.loads(line)
+                key, reason = clean_id(f.get("key")) or f"{stem.name}_fail{n}", str(f["reason"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                key, reason = f"{stem.name}_fail{n}", "bad_annotation"
+            yield _record(key, source, error=reason, image_ref=f"{ours}:{n + 1}")
+    elif theirs.exists():
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(theirs)
+        if not {"key", "status"} <= set(f.schema_arrow.names):
+            return
+        cols = [c for c in ("key", "status", "error_message", "url") if c in f.schema_arrow.names]
+        for batch in f.iter_batches(columns=cols):
+            for row in batch.to_pylist():
+                if row["status"] == "success":
+                    continue
+                msg = str(row.get("error_message") or "")
+                yield _record(clean_id(row["key"]) or str(row["key"]), source,
+                              error=_img2dataset_reason(str(row["status"]), msg),
+                              image_ref=f"{row.get('url')}: {msg}")  # fmt: skip
+
+
+def _tar_images(parts: dict[str, bytes], listed: Any) -> tuple[dict, str | None]:
+    """(record fields, error) of one tar sample's image members: ``{key}.jpg``, or ``{key}.0.jpg``,
+    ``{key}.1.png``, ... numbered 0..n-1 (as many as its json's ``images`` list, when it has one)."""
+    plain = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
+    pages: dict[int, bytes] = {}
+    for ext, data in sorted(parts.items()):
+        if (m := _PAGE_EXT.fullmatch(ext)) is not None:
+            pages.setdefault(int(m[1]), data)
+    if not pages:
+        return {"image_bytes": parts.get(plain) if plain else None}, None if plain else "missing_image"
+    if plain is not None:
+        return {"image_ref": f": both .{plain} and numbered images .0.jpg ..."}, "bad_annotation"
+    n = len(pages)
+    if sorted(pages) != list(range(n)):
+        return {"image_ref": f": images numbered {sorted(pages)[:8]}, not 0..{n - 1}"}, "missing_image"
+    if isinstance(listed, list) and len(listed) != n:
+        return {"image_ref": f": its json lists {len(listed)} images, the tar holds {n}"}, "missing_image"
+    images = [pages[i] for i in range(n)]
+    return {"image_bytes": images[0], "images": images if n > 1 else None}, None
 
 
 def _parquet_rows(path: str, start: int, stop: int) -> list[dict]:
@@ -429,6 +561,8 @@ def read_unit(unit: dict, cfg: CurateConfig) -> Iterator[dict]:
         yield from _table_records(*_hf_rows(unit, inp), inp, _root(inp))
     elif inp.kind == "webdataset":
         yield from _tar_records(unit, inp)
+        if not is_remote(unit["file"]):
+            yield from _shard_failures(unit["file"], _source_name(inp))
     elif inp.kind == "pixmo":
         from .pixmo import pixmo_records
 

@@ -5,7 +5,7 @@ Every layout comes in through :func:`mmsmall.data.hfdata.load_hf` (hub id, hub-l
 ``save_to_disk`` folder). Images come from an ``image`` column when the rows have one (pixmo-docs,
 or a copy with images attached), else from the row's ``image_url`` fetched beforehand by the
 download stage into ``downloads`` (``mmsmall download ROWS --out DIR --url-field image_url
---sha256-field image_sha256``); a URL that failed there keeps its fetch reason (``fetch_http_404``,
+--sha256-field image_sha256 --output files``); a URL that failed there keeps its fetch reason (``fetch_http_404``,
 ``fetch_sha256_mismatch``, ...), one never tried is ``not_downloaded``. docs/PIXMO.md lists the columns.
 
 Layouts and the samples they become:

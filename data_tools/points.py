@@ -76,10 +76,30 @@ def normalize_points(
     return out, None, ""
 
 
+def normalize_page_points(
+    labels: list[dict], coords: str, sizes: list[tuple[int, int]]
+) -> tuple[list[dict] | None, str | None, str]:
+    """``normalize_points`` for a sample of ``len(sizes)`` images: each label is on the image its
+    ``image`` index names (0 when absent), and with several images its output keeps that index."""
+    out = []
+    for lab in labels:
+        i = lab.get("image", 0)
+        if not 0 <= i < len(sizes):
+            detail = f"label {lab.get('label')!r}: image index {i}, the sample has {len(sizes)} image(s)"
+            return None, "point_malformed", detail
+        pts, reason, detail = normalize_points([lab], coords, *sizes[i])
+        if reason is not None:
+            return None, reason, detail
+        out.append(pts[0] | ({"image": i} if len(sizes) > 1 else {}))
+    return out, None, ""
+
+
 def pointing_messages(points: list[dict]) -> list[dict]:
-    """One question/answer turn per label, answers in Molmo's pointing text."""
+    """One question/answer turn per label, answers in Molmo's pointing text (percent of the image the
+    points are on; a label of a several-image sample names its image, 1-based)."""
     msgs = []
     for p in points:
-        msgs.append({"role": "user", "content": f"Point to {p['label']}."})
+        where = f" in image {p['image'] + 1}" if "image" in p else ""
+        msgs.append({"role": "user", "content": f"Point to {p['label']}{where}."})
         msgs.append({"role": "assistant", "content": render_points([tuple(q) for q in p["xy"]], p["label"])})
     return msgs

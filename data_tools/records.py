@@ -36,14 +36,26 @@ def clean_messages(value: Any) -> list[dict] | None:
 
 
 def clean_points(value: Any) -> list[dict] | None:
-    """Shard-json points ``[{"label": str, "xy": list}, ...]`` as raw labels for ``normalize_points``."""
+    """Shard-json points ``[{"label": str, "xy": list, "image"?: int}, ...]`` as raw labels for
+    ``normalize_page_points`` (``image``: the index of the image they are on, 0 when absent)."""
     if not isinstance(value, list):
         return None
     out = []
     for p in value:
         if not isinstance(p, dict) or not isinstance(p.get("label", ""), str):
             return None
-        out.append({"label": p.get("label", ""), "raw": p.get("xy", []), "width": None, "height": None})
+        image = p.get("image", 0)
+        if isinstance(image, bool) or not isinstance(image, int) or image < 0:
+            return None
+        out.append(
+            {
+                "label": p.get("label", ""),
+                "raw": p.get("xy", []),
+                "width": None,
+                "height": None,
+                "image": image,
+            }
+        )
     return out
 
 

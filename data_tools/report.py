@@ -186,7 +186,8 @@ class _Images:
         m = self.cache[uid]
         if thumb:
             return m.get(f"d{pos:06d}.jpg")
-        return m.get(f"s{pos:06d}.jpg") or m.get(f"s{pos:06d}.png")
+        first = (f"s{pos:06d}.{ext}" for ext in ("jpg", "png", "0.jpg", "0.png"))  # several images: the first
+        return next((m[n] for n in first if n in m), None)
 
 
 def _versions() -> dict[str, str]:

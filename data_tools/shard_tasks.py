@@ -53,11 +53,15 @@ def write_shard(
     w = ShardWriter(out, cfg.prefix, max_count=len(chunk) + 1, start_index=i)
     for uid, pos, key in chunk:
         meta = json.loads(reader.get(uid, f"s{pos:06d}.json"))
-        for ext in ("jpg", "png"):
-            data = reader.get(uid, f"s{pos:06d}.{ext}")
-            if data is not None:
-                break
-        w.write(key, data, ext, meta)
+        names = (
+            [f"s{pos:06d}.{i}" for i in range(len(meta["images"]))] if "images" in meta else [f"s{pos:06d}"]
+        )
+        images, exts = [], []
+        for name in names:  # each image's member, whichever extension normalization gave it
+            ext = next(e for e in ("jpg", "png") if reader.get(uid, f"{name}.{e}") is not None)
+            images.append(reader.get(uid, f"{name}.{ext}"))
+            exts.append(ext)
+        w.write(key, images, exts, meta)
     entry = w.close(manifest=False)["shards"][0]
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_name(marker.name + ".tmp")

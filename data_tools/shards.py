@@ -1,9 +1,11 @@
 """Webdataset shard writing with a manifest (the DESIGN.md shard schema).
 
-Shards are ``{prefix}-000000.tar`` holding ``{key}.jpg|png`` and ``{key}.json`` per sample;
-``manifest.json`` beside them lists per-shard sample counts, bytes and sha256. Tar members
-are written with fixed metadata (mtime 0, uid/gid 0) so the same samples give byte-identical
-shards.
+Shards are ``{prefix}-000000.tar`` holding ``{key}.jpg|png`` and ``{key}.json`` per sample; a
+sample of several images (the pages of a document) holds them in order as ``{key}.0.jpg``,
+``{key}.1.png``, ... (webdataset's key ends at the first dot, so they stay one sample) and its json
+lists them under ``images`` (docs/INTERFACES.md, "Shard sample schema"). ``manifest.json`` beside
+them lists per-shard sample counts, bytes and sha256. Tar members are written with fixed metadata
+(mtime 0, uid/gid 0) so the same samples give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -102,20 +104,35 @@ class ShardWriter:
         self._tar = None
         self.index += 1
 
-    def write(self, key: str, image: bytes, ext: str, meta: dict) -> None:
-        """Add one sample: image bytes with extension ``ext`` and its json record."""
+    def write(self, key: str, image: bytes | list[bytes], ext: str | list[str], meta: dict) -> None:
+        """Add one sample: its image bytes with extension ``ext`` and its json record.
+
+        Several images (lists ``image`` and ``ext`` of one length) become ``{key}.0.{ext}``,
+        ``{key}.1.{ext}``, ... in list order, and ``meta["images"]`` must list as many; a list of
+        one image is written as a one-image sample, ``{key}.{ext}``.
+        """
         if not _KEY_RE.match(key):
             raise ValueError(f"shard key {key!r}: keys may hold only letters, digits, '_' and '-' (no dots)")
         if key in self._keys:
             raise ValueError(f"shard key {key!r} written twice; keys must be unique within a dataset")
-        ext = ext.lower().lstrip(".")
-        if ext not in IMAGE_EXTS:
-            raise ValueError(f"sample {key}: image extension {ext!r} not one of {', '.join(IMAGE_EXTS)}")
+        images = image if isinstance(image, list) else [image]
+        exts = [e.lower().lstrip(".") for e in (ext if isinstance(ext, list) else [ext])]
+        if not images or len(images) != len(exts):
+            raise ValueError(f"sample {key}: {len(images)} image(s) with {len(exts)} extension(s)")
+        for e in exts:
+            if e not in IMAGE_EXTS:
+                raise ValueError(f"sample {key}: image extension {e!r} not one of {', '.join(IMAGE_EXTS)}")
+        listed = meta.get("images")
+        if len(images) > 1 and not (isinstance(listed, list) and len(listed) == len(images)):
+            raise ValueError(f"sample {key}: {len(images)} images need a json 'images' list of {len(images)}")
         if self._tar is None:
             self._open()
         assert self._tar is not None
         self._keys.add(key)
-        _add_member(self._tar, f"{key}.{ext}", image)
+        if len(images) == 1:
+            _add_member(self._tar, f"{key}.{exts[0]}", images[0])
+        for i, (data, e) in enumerate(zip(images, exts) if len(images) > 1 else ()):
+            _add_member(self._tar, f"{key}.{i}.{e}", data)
         _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
         self._count += 1
         if self._count >= self.max_count:

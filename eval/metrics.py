@@ -38,6 +38,9 @@ __all__ = [
     "levenshtein",
     "pointing_scores_masks",
     "pointing_scores_distance",
+    "pointing_scores_images",
+    "molmo_pointing_scores",
+    "molmo_count_scores",
 ]
 
 
@@ -125,6 +128,37 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
         best_distance = d if best_distance is None else min(best_distance, d)
     score = 1.0 - best_distance
     return 0.0 if score < threshold else score
+
+
+# ----------------------------------------------------------------------------- MP-DocVQA (lmms-eval multidocvqa)
+
+
+def _mp_norm(text: str) -> str:
+    return text.lower().strip()  # the MP-DocVQA evaluator's only normalization (no whitespace collapse)
+
+
+def mp_anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
+    """ANLS as MP-DocVQA's evaluator (lmms-eval ``multidocvqa``) computes it, which differs from
+    DocVQA's :func:`anls`: both sides are only lower-cased and stripped, the divisor is the longer
+    *normalized* string, an empty prediction or the prediction ``none`` scores 0 (even against an
+    empty gold), and a best similarity of exactly ``threshold`` is kept."""
+    answers = _check_answers(answers, "mp_anls")
+    if not isinstance(prediction, str):
+        return 0.0
+    pred = _mp_norm(prediction)
+    if not pred or pred == "none":
+        return 0.0
+    best = max(1 - levenshtein(_mp_norm(g), pred) / max(len(_mp_norm(g)), len(pred)) for g in answers)
+    return best if best >= threshold else 0.0
+
+
+def mp_accuracy(prediction: str, answers: list[str]) -> float:
+    """MP-DocVQA's exact-match accuracy: lower-cased, stripped equality with any gold; ``none`` is 0."""
+    answers = _check_answers(answers, "mp_accuracy")
+    if not isinstance(prediction, str):
+        return 0.0
+    pred = _mp_norm(prediction)
+    return float(pred != "none" and any(_mp_norm(g) == pred for g in answers))
 
 
 # ----------------------------------------------------------------------------- TextVQA (EvalAI)
@@ -417,3 +451,68 @@ def pointing_scores_distance(
     dist = np.linalg.norm(pred[:, None, :] - gold[None, :, :], axis=-1)  # (P, G)
     hits = np.nan_to_num(dist, nan=np.inf) <= threshold
     return _prf(_max_matching(hits), len(pred), len(gold))
+
+
+def pointing_scores_images(per_image: Sequence[tuple[int, int, int]]) -> dict[str, float]:
+    """Precision / recall / F1 of one answer over several images from each image's
+    ``(n_match, n_pred, n_gold)``: a point is matched only against its own image's gold (Molmo2's
+    multi-image pointing), and the counts add up across the images. One image: that image's scores."""
+    n_match = sum(int(m) for m, _, _ in per_image)
+    return _prf(n_match, sum(int(p) for _, p, _ in per_image), sum(int(g) for _, _, g in per_image))
+
+
+def molmo_pointing_scores(
+    pred_xy: np.ndarray | Sequence, gold_xy: np.ndarray | Sequence, masks: np.ndarray, valid_format: bool
+) -> dict[str, float]:
+    """Molmo's pointing-eval scores of one answer (allenai/molmo ``olmo/eval/evaluators.py``
+    ``PointingEval``), pixels throughout.
+
+    No gold point: right (1) only when nothing is predicted. Otherwise an answer whose text is not
+    one whole pointing answer (``valid_format``) scores 0; else predictions are paired one-to-one
+    with the gold points by least total distance (Hungarian), and a pair counts when the
+    prediction, rounded to the nearest pixel, lies inside that object's mask: precision = pairs
+    counted / predictions, recall = pairs counted / masks, F1 = 0 when either is 0.
+    """
+    pred = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)  # (P, 2)
+    gold = np.asarray(gold_xy, dtype=np.float64).reshape(-1, 2)  # (G, 2)
+    masks = np.asarray(masks, dtype=bool)  # (M, H, W), one per gold object
+    if len(gold) == 0:
+        v = float(len(pred) == 0)
+        return {"precision": v, "recall": v, "f1": v}
+    if not valid_format or len(pred) == 0 or len(masks) == 0:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    dist = np.linalg.norm(pred[:, None, :] - gold[None, :, :], axis=-1)  # (P, G)
+    rows, cols = linear_sum_assignment(dist)
+    h, w = masks.shape[1:]
+    hit = 0
+    for i, j in zip(rows, cols):
+        if j >= len(masks):
+            continue
+        x, y = int(round(pred[i, 0])), int(round(pred[i, 1]))
+        hit += bool(0 <= x < w and 0 <= y < h and masks[j, y, x])
+    precision, recall = hit / len(pred), hit / len(masks)
+    f1 = 0.0 if precision == 0 or recall == 0 else 2 * precision * recall / (precision + recall + 1e-10)
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def molmo_count_scores(prediction: str, gold: int) -> dict[str, float]:
+    """Molmo's point-count scores (allenai/molmo ``olmo/eval/evaluators.py`` ``PointCountEval``):
+    the count is the answer's last word (lower-cased, a final ``.`` dropped) as a number or a number
+    word up to twenty, else the ``N`` of "a total of N"; ``correct`` (equal), ``close`` (within 1)
+    and ``valid`` (a count was read). Molmo's "none" fallback pattern is written with ``\\b`` in a
+    plain string (backspace characters), so it never matches; it is left out here the same way."""
+    pred = str(prediction).lower().rstrip(".").strip()
+    count = None
+    parts = pred.split()
+    if parts:
+        if re.fullmatch(r"[+-]?\d+", parts[-1]):
+            count = int(parts[-1])
+        else:
+            word = _COUNT_WORDS.get(parts[-1]) if parts[-1] != "none" else None  # Molmo's WORD_TO_NUM
+            count = int(word) if word is not None else None
+    if count is None:
+        m = re.match(r".*a total of ([0-9]+).*", pred)
+        count = int(m.group(1)) if m else None
+    if count is None:
+        return {"correct": 0.0, "close": 0.0, "valid": 0.0}
+    return {"correct": float(count == gold), "close": float(abs(count - gold) <= 1), "valid": 1.0}

@@ -78,6 +78,7 @@ def model_settings(predictor: PredictorLike) -> dict[str, Any]:
 
     return {
         "prompt_format": getattr(predictor, "prompt_format", None),
+        "point_format": getattr(predictor, "point_format", None),  # the pointing text it trained in
         "max_crops": getattr(predictor, "max_crops", None),
         "dtype": getattr(predictor, "dtype", None),
         "transformers": transformers.__version__,
@@ -139,14 +140,18 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, tuple[int, int] | None, Any]:
         rec = self.records[i]
         try:
-            image = rec.load_image()
-            size = image.size
-            if self.donors is not None:  # the image-reliance baseline: another sample's image
-                image = self.donors[rec.id].load_image()
+            image = rec.load_visual()  # one image, or the list of a multi-image question
+            size = (image[0] if isinstance(image, list) else image).size
+            if self.donors is not None:  # the image-reliance baseline: another sample's image(s)
+                image = self.donors[rec.id].load_visual()
         except EvalDataError as e:  # raised in the main process (``_raise_bad``), not as a worker traceback
             return i, None, str(e)
-        if self.blind:  # the blind baseline: same size, no content
-            image = Image.new("RGB", size, BLIND_GREY)
+        if self.blind:  # the blind baseline: same size(s), no content
+            grey = [
+                Image.new("RGB", im.size, BLIND_GREY)
+                for im in (image if isinstance(image, list) else [image])
+            ]
+            image = grey if isinstance(image, list) else grey[0]
         if self.encode is not None:
             return i, size, self.encode(image, self.prompts[rec.id])
         return i, size, image

@@ -78,7 +78,8 @@ def curate(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def download(ctx: typer.Context) -> None:
-    """Fetch the image URLs of a parquet/jsonl/csv file: ROWS --out DIR [--url-field] [--retry-failed]."""
+    """Fetch the image URLs of a parquet/jsonl/csv file into webdataset shards: ROWS --out DIR [--url-field]
+    [--output webdataset|files] [--executor local|ray] [--retry-failed]."""
     from data_tools.__main__ import main as data_main
 
     raise typer.Exit(data_main(["download", *ctx.args]))
@@ -194,18 +195,20 @@ def export(
 def chat(
     question: Annotated[str, typer.Argument(help="the question to ask about the image")],
     model: Annotated[str, typer.Option(help="model folder")],
-    image: Annotated[Path | None, typer.Option(help="image file")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="image file; repeat for several images, asked about in order")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     device: Device = None,
     dtype: DType = "fp32",
     max_crops: MaxCrops = None,
 ) -> None:
-    """Ask one question about one image."""
+    """Ask one question about an image, several images (``--image`` repeated) or none."""
     from mmsmall.inference.chat import chat as run_chat
 
     answer = run_chat(
         model,
-        str(image) if image else None,
+        [str(p) for p in image] if image else None,
         question,
         max_new_tokens=max_new_tokens,
         device=_device(device),

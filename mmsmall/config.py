@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mmsmall.processing.points import POINT_FORMATS
 from mmsmall.resources import find_config
 
 
@@ -86,6 +87,9 @@ class ModelConfig:
     # How eval / chat / predict prompt the model: "mmsmall" (` User: ... Assistant:`) or
     # "chat_template" (the tokenizer's own chat template through transformers' Molmo2 processor).
     prompt: str = "mmsmall"
+    # The pointing text the model was trained in: "molmo" (<point x="12.3" ...>, percent) or
+    # "molmo2" (<points coords="1 1 523 412">, per mille); imported Molmo2 checkpoints speak molmo2.
+    point_format: str = "molmo"
 
 
 # ----------------------------------------------------------------------------- data
@@ -104,8 +108,14 @@ class DataConfig:
     seq_len: int = 2048  # token budget of one packed sequence
     pack: bool = True
     max_conversations: int = 4  # annotations of one image joined in one sequence
+    # image tokens one sample may take (None: no cap); over it the crops per image are lowered
+    # together, so a many-page document fits seq_len (counted as lowered_image_crops in the log)
+    max_image_tokens: int | None = None
     response_dropout: float = 0.0  # fraction of response tokens dropped from the loss
     num_workers: int = 0
+    # Pointing answers are trained in this text: "molmo" | "molmo2" (answers in the shards are
+    # rewritten from Molmo's text); "" follows the model: an init_from Molmo2 trains in "molmo2".
+    point_format: str = ""
 
 
 # ----------------------------------------------------------------------------- train
@@ -454,6 +464,11 @@ def validate(cfg: Any) -> None:
                 f"data.response_dropout: {cfg.data.response_dropout!r}; valid range [0, 1) (at 1 every "
                 "target is dropped and the loss is 0)"
             )
+        if cfg.data.point_format not in ("", *POINT_FORMATS):
+            raise ConfigError(
+                f"data.point_format: {cfg.data.point_format!r}; valid: {', '.join(POINT_FORMATS)} "
+                "(or leave it unset to follow the model)"
+            )
         ev = cfg.train.eval
         if ev.every < 0 or ev.limit < 0 or ev.batch_size < 1:
             raise ConfigError("train.eval: every and limit must be >= 0 and batch_size >= 1")
@@ -467,6 +482,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError("model.llm: give either name (hub id or path) or custom (a config dict)")
         if cfg.prompt not in PROMPT_FORMATS:
             raise ConfigError(f"model.prompt: {cfg.prompt!r}; valid: {', '.join(PROMPT_FORMATS)}")
+        if cfg.point_format not in POINT_FORMATS:
+            raise ConfigError(f"model.point_format: {cfg.point_format!r}; valid: {', '.join(POINT_FORMATS)}")
 
 
 # (key, smallest allowed value): counts and sizes a run cannot work with below these.
@@ -474,7 +491,7 @@ _MINIMUMS = (
     ("train.steps", 1), ("train.micro_batch_size", 1), ("train.grad_accum", 1), ("train.save_every", 0),
     ("train.keep_last", 1), ("train.log_every", 1), ("train.eps", 0), ("train.weight_decay", 0),
     ("train.clip_grad", 0), ("train.min_lr_ratio", 0), ("data.seq_len", 1), ("data.max_conversations", 1),
-    ("data.num_workers", 0), ("data.response_dropout", 0),
+    ("data.max_image_tokens", 1), ("data.num_workers", 0), ("data.response_dropout", 0),
     *((f"train.{group}.{m}", 0) for group in ("lr", "warmup") for m in MODULES),
 )  # fmt: skip
 
@@ -484,7 +501,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value < low:
+        if value is not None and value < low:  # None: an optional cap left off
             raise ConfigError(f"{key}: {value!r} is below the smallest allowed value, {low}")
 
 

@@ -87,7 +87,7 @@ def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
     with LocalServer(routes) as srv:
         rows = _rows(srv, list(EXPECTED))
         write_jsonl(tmp_path / "rows.jsonl", rows)
-        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg())
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(output="files"))
         assert _reasons(tmp_path / "dl") == EXPECTED
         assert report["n_ok"] == 8 and report["failed"]["fetch_too_large"] == 2
         assert srv.hits["/flaky.jpg"] == 2 and srv.hits["/stall.jpg"] == 2  # retried once
@@ -107,10 +107,10 @@ def test_every_failure_has_its_reason_and_good_images_are_kept(tmp_path):
 
         # a rerun fetches nothing; --retry-failed fetches exactly the failures
         before = dict(srv.hits)
-        assert download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg())["fetched_now"] == 0
+        assert download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(output="files"))["fetched_now"] == 0
         assert dict(srv.hits) == before
         routes["/missing.jpg"] = Route(_jpg(8))  # the server gets the file meanwhile
-        download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(), retry_failed=True)
+        download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(output="files"), retry_failed=True)
         for path, reason in EXPECTED.items():
             if reason == "ok":
                 assert srv.hits[path] == before.get(path, 0), path
@@ -155,7 +155,7 @@ def test_killed_download_resumes_without_refetching(tmp_path):
         write_jsonl(tmp_path / "rows.jsonl", _rows(srv, list(routes)))
         out = tmp_path / "dl"
         cmd = [sys.executable, "-m", "data_tools", "download", str(tmp_path / "rows.jsonl"), "--out", str(out),
-               "--concurrency", "1"]  # fmt: skip
+               "--concurrency", "1", "--output", "files"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log = out / "fetch_log.jsonl"
@@ -169,7 +169,7 @@ def test_killed_download_resumes_without_refetching(tmp_path):
         logged = {json.loads(x)["url"] for x in log.read_text().splitlines()}
         assert 3 <= len(logged) < 12, "the kill should land mid-run"
         report = download(
-            tmp_path / "rows.jsonl", out, _cfg(read_timeout_s=30)
+            tmp_path / "rows.jsonl", out, _cfg(read_timeout_s=30, output="files")
         )  # no timeouts on a busy machine
         assert report["n_ok"] == 12 and report["fetched_now"] == 12 - len(logged)
         for path in routes:
@@ -197,46 +197,61 @@ def test_mmsmall_download_command(tmp_path):
     report = json.loads((tmp_path / "dl" / "download_report.json").read_text())
     assert report["n_ok"] == 1 and report["failed"] == {"fetch_http_404": 1, "fetch_sha256_mismatch": 1}
     assert '"fetch_sha256_mismatch": 1' in out.output
+    import tarfile
+
+    with tarfile.open(tmp_path / "dl" / "shards" / "00000.tar") as tar:  # shards are the default output
+        assert (
+            tar.extractfile("000000000.jpg").read() == _jpg(30) and not (tmp_path / "dl" / "images").exists()
+        )
 
 
 # The child's own peak: VmHWM is per address space (ru_maxrss would carry the parent's peak over exec).
 _PEAK = """
 import sys
 from data_tools.download import DownloadConfig, download
-download(sys.argv[1], sys.argv[2], DownloadConfig(concurrency=8, per_host=8, retries=0))
+download(sys.argv[1], sys.argv[2], DownloadConfig(concurrency=8, per_host=8, retries=0, output=sys.argv[3]))
 print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))  # KiB
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from /proc (Linux)")
-def test_rows_stream_with_memory_flat_in_the_row_count(tmp_path):
-    """10k and 100k rows naming the same 50 images (pixmo-points repeats an image_url per label):
-    the download's peak memory is the same, so rows are streamed, not read whole."""
+@pytest.mark.parametrize("output", ["webdataset", "files"])
+def test_rows_stream_with_memory_flat_in_the_row_count(tmp_path, output):
+    """A 10k- and a 100k-row parquet naming the same 50 URLs (pixmo-points repeats an image_url per
+    label; 40 of them 404, so the shards stay small on disk): the download's peak memory is the same,
+    so rows are streamed, not read whole, in either output (shards: 10k rows each, so 1 against 10)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    routes = {f"/m{i}.jpg": Route(_jpg(100 + i)) for i in range(50)}
+    routes = {f"/m{i}.jpg": Route(encode(natural_image(100 + i, (32, 24)), "JPEG")) for i in range(0, 50, 5)}
     peaks = {}
     with LocalServer(routes) as srv:
-        urls = [srv.url(p) for p in routes]
+        urls = [srv.url(f"/m{i}.jpg") for i in range(50)]
         for n in (10_000, 100_000):
             rows = pa.table(
                 {"url": [urls[i % 50] for i in range(n)], "caption": [f"row {i} " * 4 for i in range(n)]}
             )
             pq.write_table(rows, tmp_path / f"{n}.parquet", row_group_size=4096)
-            cmd = [sys.executable, "-c", _PEAK, str(tmp_path / f"{n}.parquet"), str(tmp_path / f"dl{n}")]
+            out_dir = tmp_path / f"dl{n}"
+            cmd = [sys.executable, "-c", _PEAK, str(tmp_path / f"{n}.parquet"), str(out_dir), output]
             out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                                  text=True, timeout=300, check=True)  # fmt: skip
             peaks[n] = int(out.stdout.split()[-1]) / 1024  # MiB
-            kept = (tmp_path / f"dl{n}" / "images.jsonl").read_text().count('"image":')
-            assert kept == n
-        assert sum(srv.hits.values()) == 100  # each image once per run
+            report = json.loads((out_dir / "download_report.json").read_text())
+            assert report["n_in"] == n and report["n_ok"] == n // 5
+            assert report["failed"] == {"fetch_http_404": n - n // 5}
+            if output == "files":
+                assert (out_dir / "images.jsonl").read_text().count('"image":') == n // 5
+            else:
+                assert len(list((out_dir / "shards").glob("*.tar"))) == n // 10_000
+        # each URL once per run (files) or once per shard (webdataset)
+        assert sum(srv.hits.values()) == (100 if output == "files" else 50 * (1 + 10))
     assert peaks[100_000] - peaks[10_000] < 12, peaks  # MiB; rows read whole took 42 MiB more here
 
 
 def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_path):
-    """`mmsmall download rows.parquet --output webdataset` on LAION/DataComp columns (url, TEXT, key,
-    similarity): img2dataset's layout (image + .txt + .json per row, failures in a per-shard log), a
+    """`mmsmall download rows.parquet` (webdataset shards, the default) on LAION/DataComp columns (url, TEXT,
+    key, similarity): img2dataset's layout (image + .txt + .json per row, failures in a per-shard log), a
     finished shard is never fetched again, and curation reads the shards."""
     import tarfile
 
@@ -255,8 +270,7 @@ def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_pa
         pq.write_table(pa.table({"url": urls, "TEXT": [f"a photo of thing number {i}" for i in range(8)],
                                  "key": [f"{i:09d}" for i in range(8)], "similarity": [0.3] * 8}),
                        tmp_path / "laion.parquet")  # fmt: skip
-        args = ["download", str(tmp_path / "laion.parquet"), "--out", str(tmp_path / "dl"), "--output", "webdataset",
-                "--shard-rows", "3", "--caption-field", "TEXT", "--retries", "0"]  # fmt: skip
+        args = ["download", str(tmp_path / "laion.parquet"), "--out", str(tmp_path / "dl"), "--shard-rows", "3", "--caption-field", "TEXT", "--retries", "0"]  # fmt: skip
         out = CliRunner().invoke(app, args)
         assert out.exit_code == 0, out.output
         shards = tmp_path / "dl" / "shards"
@@ -291,9 +305,10 @@ def test_webdataset_shards_from_laion_columns_resume_per_shard_and_curate(tmp_pa
          "report": {"enabled": False}, "dedup": {"near": False}},
         workers=1,
     )  # fmt: skip
-    assert summary["n_in"] == 5 and summary["n_kept"] == 4, summary[
-        "dropped"
-    ]  # a.jpg twice: one exact duplicate
+    # 5 samples (a.jpg twice: one exact duplicate) and the 3 rows of the failure logs, under their reasons
+    assert summary["n_in"] == 8 and summary["n_kept"] == 4, summary["dropped"]
+    assert dict(summary["dropped"]) == {"exact_duplicate": 1, "fetch_http_404": 1, "fetch_no_url": 1,
+                                        "fetch_not_image": 1}  # fmt: skip
 
 
 def test_each_row_is_checked_against_its_own_sha256(tmp_path):
@@ -311,7 +326,9 @@ def test_each_row_is_checked_against_its_own_sha256(tmp_path):
             ]
             write_jsonl(tmp_path / f"{order}.jsonl", rows)
             out = tmp_path / order
-            res = CliRunner().invoke(app, ["download", str(tmp_path / f"{order}.jsonl"), "--out", str(out)])
+            res = CliRunner().invoke(
+                app, ["download", str(tmp_path / f"{order}.jsonl"), "--out", str(out), "--output", "files"]
+            )
             assert res.exit_code == 0, res.output
             got = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
             bad = 0 if order == "bad_first" else 1
@@ -340,7 +357,7 @@ def test_rows_of_one_url_in_different_batches_are_each_checked_against_their_own
                     {"url": b, "sha256": "d" * 64}, {"url": a, "sha256": hashes[2]}]  # fmt: skip
             write_jsonl(tmp_path / f"{order}.jsonl", rows)
             out = tmp_path / order
-            report = download(tmp_path / f"{order}.jsonl", out, _cfg())
+            report = download(tmp_path / f"{order}.jsonl", out, _cfg(output="files"))
             got = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
             verdicts = [r.get("_error", "ok") for r in got]
             want = [("ok" if h is None or h.lower() == good else "fetch_sha256_mismatch") for h in hashes]
@@ -359,7 +376,7 @@ def test_rows_of_one_url_in_different_batches_are_each_checked_against_their_own
 
 
 def test_webdataset_rows_are_each_checked_against_their_own_sha256(tmp_path):
-    """--output webdataset: rows of one URL with different hashes, in one shard and across shards: each
+    """Webdataset shards (the default output): rows of one URL with different hashes, in one shard and across shards: each
     row's verdict is its own; the URL is fetched once per shard (a shard does not keep bytes for the next)."""
     import tarfile
 
@@ -371,7 +388,7 @@ def test_webdataset_rows_are_each_checked_against_their_own_sha256(tmp_path):
             tmp_path / "rows.jsonl",
             [{"url": a, "sha256": h, "caption": f"row {i}"} for i, h in enumerate(hashes)],
         )
-        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(output="webdataset", shard_rows=2))
+        report = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(shard_rows=2))
         shards = tmp_path / "dl" / "shards"
         assert report["n_ok"] == 3 and report["failed"] == {"fetch_sha256_mismatch": 3}
         fails = {k: [json.loads(x) for x in (shards / f"0000{k}_failures.jsonl").read_text().splitlines()]
@@ -384,3 +401,93 @@ def test_webdataset_rows_are_each_checked_against_their_own_sha256(tmp_path):
         with tarfile.open(shards / "00002.tar") as tar:
             assert tar.getnames() == []
         assert srv.hits["/a.jpg"] == 3  # once per shard
+
+
+def test_retry_failed_refetches_only_the_failed_rows_of_finished_shards(tmp_path):
+    """`mmsmall download ROWS --out DIR --retry-failed` on shards: a finished shard's failed rows are
+    fetched again and join its tar beside the samples it had (copied, not refetched); a shard with no
+    failures is left alone."""
+    import tarfile
+
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    routes = {f"/r{i}.jpg": Route(_jpg(70 + i)) for i in range(5)}
+    with LocalServer(routes) as srv:
+        paths = ["/r0.jpg", "/late.jpg", "/r1.jpg", "/r2.jpg", "/r3.jpg", "/r4.jpg"]
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, paths))
+        first = download(tmp_path / "rows.jsonl", tmp_path / "dl", _cfg(shard_rows=3))
+        assert first["failed"] == {"fetch_http_404": 1}
+        routes["/late.jpg"] = Route(_jpg(79))  # the server gets the file meanwhile
+        before = dict(srv.hits)
+        args = ["download", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "dl"), "--shard-rows", "3"]
+        res = CliRunner().invoke(app, [*args, "--retry-failed"])
+        assert res.exit_code == 0, res.output
+        again = json.loads((tmp_path / "dl" / "download_report.json").read_text())
+        assert {p: n - before.get(p, 0) for p, n in srv.hits.items() if n != before.get(p, 0)} == {
+            "/late.jpg": 1
+        }
+        assert again["n_ok"] == 6 and again["failed"] == {} and again["shards_written_now"] == 1
+    shards = tmp_path / "dl" / "shards"
+    with tarfile.open(shards / "00000.tar") as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert {k: v for k, v in got.items() if k.endswith(".jpg")} == {
+        "000000.jpg": _jpg(70), "000001.jpg": _jpg(79), "000002.jpg": _jpg(71)}  # fmt: skip
+    assert json.loads(got["000001.json"])["url"] == srv.url("/late.jpg")
+    assert (shards / "00000_failures.jsonl").read_text() == ""
+    assert json.loads((shards / "00000_stats.json").read_text())["reasons"] == {"ok": 3}
+
+
+def test_pixmo_input_refuses_a_downloads_folder_of_shards_with_the_command_to_run(tmp_path):
+    """The pixmo input reads the loose-file layout; pointed at the default (shards) output it stops
+    before any work, saying to fetch with --output files."""
+    from mmsmall.config import ConfigError
+
+    (tmp_path / "dl" / "shards").mkdir(parents=True)
+    cfg = {"inputs": [{"kind": "pixmo", "layout": "points", "path": str(tmp_path / "pixmo-points"),
+                       "downloads": str(tmp_path / "dl")}], "out_dir": str(tmp_path / "cur")}  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"inputs\[0\]\.downloads: .* holds webdataset shards.*--output files"
+    ):
+        run_curation(cfg, workers=1)
+    assert not (tmp_path / "cur").exists()
+
+
+def shard_contents(folder: Path) -> dict[str, object]:
+    """Per shard: its samples by member name (the bytes), its failures (key and reason) and its stats.
+    Members are compared by name, not position: a shard writes samples in the order fetches finish."""
+    import tarfile
+
+    got: dict[str, object] = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            got[tar.name] = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+        fails = [json.loads(x) for x in (folder / f"{tar.stem}_failures.jsonl").read_text().splitlines()]
+        got[f"{tar.stem}_failures"] = sorted(f"{f['key']} {f['reason']}" for f in fails)
+        got[f"{tar.stem}_stats"] = json.loads((folder / f"{tar.stem}_stats.json").read_text())
+    return got
+
+
+@pytest.mark.slow
+def test_local_workers_write_the_same_shards(tmp_path):
+    """`mmsmall download ROWS --out DIR --workers 2`: two shards at a time in local processes, the same
+    shards as one after another in this process; `--output files` has one fetch log, so it refuses."""
+    from typer.testing import CliRunner
+
+    from mmsmall.cli import app
+
+    routes = {f"/w{i}.jpg": Route(_jpg(80 + i)) for i in range(9)}
+    with LocalServer(routes) as srv:
+        write_jsonl(tmp_path / "rows.jsonl", _rows(srv, [*routes, "/missing.jpg", "/w2.jpg", "/w0.jpg"]))
+        args = ["download", str(tmp_path / "rows.jsonl"), "--shard-rows", "4", "--retries", "0"]
+        for out, extra in (("one", []), ("two", ["--workers", "2"])):
+            res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out), *extra])
+            assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(
+            app, [*args, "--out", str(tmp_path / "f"), "--output", "files", "--workers", "2"]
+        )
+        assert res.exit_code == 2 and "--output files runs in one process" in res.output
+    want = shard_contents(tmp_path / "one" / "shards")
+    assert len(want) == 9 and want["00002_failures"] == ["000021 fetch_http_404"]
+    assert shard_contents(tmp_path / "two" / "shards") == want

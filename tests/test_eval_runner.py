@@ -146,6 +146,8 @@ def test_garbage_output_scores_zero_on_every_task(tmp_path):
         "recall": 0.5,
         "f1": 0.5,
         "points_outside": 0.0,
+        "read_molmo2": 0.0,  # no answer held pointing text of either format
+        "read_molmo": 0.0,
     }
 
 

@@ -301,10 +301,11 @@ def test_pointing_masks(tmp_path):
     recs = task.load(str(make_pointing(tmp_path)), None)
     # (5, 5) px of a 40x30 mask -> 12.5 %, 16.7 %
     hit = task.score('<point x="12.5" y="16.7" alt="sq">sq</point>', recs[0], False)
-    assert hit == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "points_outside": 0.0}
+    read = {"read_molmo2": 0.0, "read_molmo": 1.0}
+    assert hit == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "points_outside": 0.0, **read}
     # a coordinate off the image is no point: the scores ignore it and points_outside counts it
     off = task.score('<points x1="12.5" y1="16.7" x2="140.0" y2="-2.0" alt="sq">sq</points>', recs[0], False)
-    assert off == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "points_outside": 1.0}
+    assert off == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "points_outside": 1.0, **read}
     miss = task.score('<points x1="12.5" y1="16.7" x2="90.0" y2="90.0" alt="sq">sq</points>', recs[0], False)
     assert miss["precision"] == 0.5 and miss["recall"] == 1.0
     assert task.score("There are none.", recs[1], False)["f1"] == 1.0  # nothing to point at

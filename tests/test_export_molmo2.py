@@ -124,6 +124,39 @@ def test_stock_molmo2_matches_ours(trained, exported):
         vlm.bidirectional_image = True
 
 
+def test_multi_image_prompts_match_stock(trained, exported):
+    """A ``--format molmo2`` export on prompts of 2 and 3 images of mixed sizes (issue 25): the stock
+    processor's inputs equal ours and stock ``AutoModelForImageTextToText`` gives our logits (< 1e-4)
+    and our greedy tokens."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    vlm, proc, _ = trained
+    model = AutoModelForImageTextToText.from_pretrained(exported)
+    processor = AutoProcessor.from_pretrained(exported)
+    for seeds in ((21, 22), (23, 24, 25)):
+        images = [_square_image(s)[0] for s in seeds]
+        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": QUESTION}]
+        stock = processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        )  # fmt: skip
+        ours = collate(
+            [proc.encode_prompt(images, QUESTION)], pad_id=proc.tokenizer.pad_token_id, left_pad=True
+        )
+        assert stock["image_grids"].shape[0] == len(images)
+        assert torch.equal(stock["input_ids"], ours["input_ids"])
+        assert torch.equal(stock["image_token_pooling"], ours["image_token_pooling"])
+        torch.testing.assert_close(stock["pixel_values"], ours["pixel_values"], rtol=0, atol=1e-6)
+        with torch.no_grad():
+            ref = model(**stock).logits
+            got = vlm(
+                **{k: ours[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_token_pooling")}
+            )
+        assert (ref - got.logits).abs().max().item() < 1e-4
+        new = model.generate(**stock, max_new_tokens=12, do_sample=False)[0, stock["input_ids"].shape[1] :]
+        assert new.tolist() == vlm.generate(ours, max_new_tokens=12)[0]
+
+
 def test_reverse_adapter_matches_stock(trained, exported):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -350,3 +350,103 @@ def test_fine_tuning_an_import_trains_in_its_own_chat_template(imported):
     with pytest.raises(ConfigError, match="--format molmo2"):  # our HF processor would prompt it wrongly
         run_export(imported, out, fmt="mmsmall")
     assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_a_run_from_an_import_trains_and_is_evaluated_in_molmo2_pointing_text(imported, tmp_path):
+    """Molmo2 points as ``<points coords=...>``: the import records it, a fine-tune started from it
+    (data.point_format left unset) trains its pointing answers in that text and saves a model that
+    says so, and ``mmsmall eval`` on that model records the format it scored."""
+    import io
+
+    import yaml
+    from test_eval_tasks import make_pointing
+    from test_train import _env
+
+    from data_tools.shards import ShardWriter
+    from mmsmall.inference.template_training import TemplateTrainingProcessor
+    from mmsmall.model.vlm import VLM
+    from mmsmall.processing.points import render_points
+    from mmsmall.train.preflight import check_run
+
+    assert yaml.safe_load((imported / "model_config.yaml").read_text())["point_format"] == "molmo2"
+    shards = tmp_path / "shards"
+    with ShardWriter(shards, prefix="pts", max_count=8) as w:
+        for i in range(8):
+            buf = io.BytesIO()
+            image(40 + i).save(buf, "PNG")
+            answer = render_points([(0.25, 0.5), (0.75, 0.125)][: 1 + i % 2], "dot")  # Molmo's text
+            msgs = [
+                {"role": "user", "content": "Point to the dots."},
+                {"role": "assistant", "content": answer},
+            ]
+            w.write(
+                f"pts_{i:03d}", buf.getvalue(), "png", {"id": f"p{i}", "task": "pointing", "messages": msgs}
+            )
+    out = tmp_path / "run"
+    args = [f"out_dir={out}", f"data.train=[{{path: {shards}}}]", f"train.init_from={imported}",
+            "train.steps=2", "train.save_every=0", "train.tensorboard=false", "train.micro_batch_size=2",
+            "train.grad_accum=1", "train.precision=fp32", "data.seq_len=384"]  # fmt: skip
+    cfg, _ = check_run("configs/train/tiny-finetune.yaml", args, probe_lock=False)
+    assert cfg.data.point_format == "molmo2"  # followed the model
+    vlm = VLM.from_pretrained(imported)
+    proc = TemplateTrainingProcessor(vlm.tokenizer, vlm.cfg.image, point_format=cfg.data.point_format)
+    convs = [[{"role": "user", "content": "Point to the dots."},
+              {"role": "assistant", "content": render_points([(0.25, 0.5), (0.75, 0.125)], "dot")}]]  # fmt: skip
+    ex = proc.encode(image(40), convs, sample_id="p")
+    targets = vlm.tokenizer.decode(ex["input_ids"][ex["labels"] != -100])
+    assert targets == '<points coords="1 1 250 500 2 750 125">dot</points><|im_end|>\n'
+
+    cmd = ["bash", str(ROOT / "launch" / "train.sh"), "configs/train/tiny-finetune.yaml", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["point_format"] == "molmo2"
+    assert yaml.safe_load((out / "model" / "model_config.yaml").read_text())["point_format"] == "molmo2"
+
+    data = make_pointing(tmp_path / "pointing")
+    res = _run("eval", "--model", str(out / "model"), "--tasks", "pointing", "--data", f"pointing={data}",
+               "--out", str(tmp_path / "eval"), "--device", "cpu", "--max-new-tokens", "4", "--num-workers", "0")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["point_format"] == "molmo2"
+    metrics = results["tasks"]["pointing"]["metrics"]
+    assert {"read_molmo2", "read_molmo", "points_outside"} <= set(metrics)
+
+
+def test_imported_stock_answers_multi_image_prompts_as_stock_generate(stock, imported, tmp_path):
+    """Several images in one prompt (issue 25): stock ``generate`` on the stock folder, with the
+    images as consecutive image parts of one user turn (how transformers' Molmo2 chat templates
+    take several images), against ``mmsmall chat --image A --image B ...`` on the import and the
+    Predictor batching prompts of 3, 1 and 2 images together; token for token."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmsmall.inference.predictor import Predictor
+
+    model = AutoModelForImageTextToText.from_pretrained(stock).eval()
+    processor = AutoProcessor.from_pretrained(stock)
+    question = "Which page shows the total?"
+    prompts = [[image(40), image(41), image(42)], [image(43)], [image(44), image(45)]]
+    want = []
+    for imgs in prompts:
+        content = [{"type": "image", "image": im} for im in imgs] + [{"type": "text", "text": question}]
+        inputs = processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        )  # fmt: skip
+        assert inputs["image_grids"].shape[0] == len(imgs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=BUDGET, do_sample=False)
+        want.append(
+            processor.tokenizer.decode(
+                out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
+        )
+    assert len(set(want)) > 1  # the answers differ between prompts: the check is sharp
+    predictor = Predictor(str(imported))
+    assert predictor.predict([p if len(p) > 1 else p[0] for p in prompts], [question] * 3, BUDGET) == want
+    paths = []
+    for i, im in enumerate(prompts[0]):
+        paths += ["--image", str(tmp_path / f"page{i}.png")]
+        im.save(tmp_path / f"page{i}.png")
+    proc = _run("chat", question, "--model", str(imported), *paths, "--max-new-tokens", str(BUDGET))
+    assert proc.returncode == 0 and proc.stdout.strip() == want[0], proc.stderr[-2000:]

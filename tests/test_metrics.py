@@ -14,7 +14,17 @@ import pytest
 
 from eval import metrics as M
 from eval.answers import after_answer, clean_response, most_common_line, strip_reasoning
-from eval.tasks import ai2d, chartqa, countbench, docvqa, ocrbench, pixmo_count, textvqa
+from eval.tasks import (
+    ai2d,
+    chartqa,
+    countbench,
+    docvqa,
+    muirbench,
+    multidocvqa,
+    ocrbench,
+    pixmo_count,
+    textvqa,
+)
 from eval.tasks.base import Record
 
 TABLE = json.loads((Path(__file__).parent / "data" / "metric_reference.json").read_text())["cases"]
@@ -36,6 +46,9 @@ PIPELINES = {
     "count_exact": lambda c: countbench.score(c["prediction"], _record(c))["exact"],
     "countbench_accuracy": lambda c: countbench.score(c["prediction"], _record(c))["accuracy"],
     "count_accuracy": lambda c: pixmo_count.score(c["prediction"], _record(c))["accuracy"],
+    "mp_anls": lambda c: multidocvqa.score(c["prediction"], _record(c))["anls"],
+    "mp_accuracy": lambda c: multidocvqa.score(c["prediction"], _record(c))["accuracy"],
+    "muirbench": lambda c: muirbench.score(c["prediction"], _record(c))["accuracy"],
     "strip_reasoning": lambda c: strip_reasoning(c["prediction"]),
 }
 
@@ -47,6 +60,8 @@ FUNCTIONS = {
     "count_exact": M.count_exact,
     "countbench_accuracy": M.countbench_accuracy,
     "count_accuracy": M.count_accuracy,
+    "mp_anls": M.mp_anls,
+    "mp_accuracy": M.mp_accuracy,
 }
 
 

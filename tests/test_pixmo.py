@@ -94,7 +94,8 @@ def _hub_copy(root: Path, card: str, splits: dict[str, dict]) -> Path:
 
 def _curate(tmp: Path, name: str, root: Path, layout: str, srv=None, extra=None, **inp) -> tuple[dict, list]:
     if srv is not None:
-        cfg = DownloadConfig(url_field="image_url", sha256_field="image_sha256", retries=0, read_timeout_s=5)
+        cfg = DownloadConfig(url_field="image_url", sha256_field="image_sha256", retries=0, read_timeout_s=5,
+                             output="files")  # fmt: skip
         download(root, tmp / f"{name}_dl", cfg)
         inp["downloads"] = str(tmp / f"{name}_dl")
     summary = run_curation(

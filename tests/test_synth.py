@@ -40,14 +40,14 @@ def _members(shard_dir: Path) -> dict[str, dict[str, bytes]]:
 def shards(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synth")
     out = {}
-    for kind in KINDS:
+    for kind in N:  # one-image kinds (invoices: tests/test_synth_invoices.py)
         out[kind] = root / kind
         generate(kind, N[kind], seed=7, out=out[kind], shard_size=4)
     return out
 
 
-def test_registry_has_the_five_kinds():
-    assert set(KINDS) == {"charts", "docs", "tables", "clocks", "scenes"}
+def test_registry_has_the_six_kinds():
+    assert set(KINDS) == {"charts", "docs", "invoices", "tables", "clocks", "scenes"}
 
 
 def test_unknown_kind_lists_valid_kinds(tmp_path):

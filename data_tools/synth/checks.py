@@ -352,6 +352,52 @@ def _dec(text: str) -> Decimal:
     return Decimal(re.sub(r"[^0-9.\-]", "", text))
 
 
+def _money_truth(meta: dict) -> dict[str, Decimal]:
+    """Subtotal, tax and total recomputed from ``meta["items"]``; the printed money block must agree."""
+    sub = sum((Decimal(it["unit"]) * it["qty"] for it in meta["items"]), Decimal(0))
+    tax = (sub * Decimal(meta["money"]["tax_rate"]) / Decimal(100)).quantize(
+        Decimal("0.01"), rounding="ROUND_HALF_UP"
+    )
+    truth = {"subtotal": sub, "tax": tax, "total": sub + tax}
+    for key, val in truth.items():
+        if Decimal(meta["money"][key]) != val:
+            _fail("doc_money", f"printed {key} {meta['money'][key]} but items give {val}")
+    return truth
+
+
+def check_invoice_pages(draft: Draft) -> None:
+    """A multi-page invoice: the total recomputed from every page's items, each item and "Page i of n"
+    drawn on its page, and the total's page found as the one page where "Total due" was drawn."""
+    _, answer = _qa(draft)
+    meta, pages = draft.meta, draft.aux["pages"]
+    if draft.images is None or not len(draft.images) == len(pages) == meta["n_pages"] >= 2:
+        _fail("pages", f"{meta['n_pages']} pages declared, {len(pages)} drawn")
+    total = _money_truth(meta)["total"]
+    runs = []
+    for page in pages:  # the text runs drawn inside each page
+        w, h = page["size"]
+        runs.append(
+            [s for s, (x0, y0, x1, y1) in page["drawn"] if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h]
+        )
+    for k, r in enumerate(runs):
+        if f"Page {k + 1} of {len(pages)}" not in r:
+            _fail("text_not_drawn", f"page {k + 1} has no 'Page {k + 1} of {len(pages)}'")
+    for it in meta["items"]:
+        if it["name"] not in runs[it["page"]]:
+            _fail("text_not_drawn", f"item {it['name']!r} is not drawn on page {it['page'] + 1}")
+    where = [k for k, r in enumerate(runs) if "Total due" in r]
+    printed = f"{meta['currency']}{total:,.2f}"
+    if len(where) != 1 or printed not in runs[where[0]]:
+        _fail("doc_total_page", f"'Total due' drawn on pages {[k + 1 for k in where]}, {printed} beside it")
+    qt = meta["question"]["qtype"]
+    ok = answer == str(where[0] + 1) if qt == "total_page" else qt == "total" and answer == printed
+    if not ok:
+        _fail(
+            "doc_answer",
+            f"invoice_pages {qt}: answer {answer!r}; the pages give {printed} on page {where[0] + 1}",
+        )
+
+
 def check_doc(draft: Draft) -> None:
     """Recompute money from the line items with Decimal; field answers must be drawn as printed."""
     _, answer = _qa(draft)
@@ -360,14 +406,7 @@ def check_doc(draft: Draft) -> None:
     if doc in ("receipt", "invoice"):
         items = meta["items"]
         amounts = [Decimal(it["unit"]) * it["qty"] for it in items]
-        sub = sum(amounts, Decimal(0))
-        tax = (sub * Decimal(meta["money"]["tax_rate"]) / Decimal(100)).quantize(
-            Decimal("0.01"), rounding="ROUND_HALF_UP"
-        )
-        truth = {"subtotal": sub, "tax": tax, "total": sub + tax}
-        for key, val in truth.items():  # the printed money block agrees with the items
-            if Decimal(meta["money"][key]) != val:
-                _fail("doc_money", f"printed {key} {meta['money'][key]} but items give {val}")
+        truth = _money_truth(meta)
         _need_drawn(draft, [it["name"] for it in items])
         if qt in truth:
             ok = _dec(answer) == truth[qt] and answer.startswith(meta["currency"])

@@ -46,6 +46,8 @@ class Draft:
     """One generated sample before encoding: what ``make`` returns and ``check`` inspects.
 
     ``aux`` holds data the check needs but that is not written (object masks, drawn text boxes).
+    ``images``: a sample of several images (a document's pages), in order, written as
+    ``{key}.0.png``, ``{key}.1.png``, ... with an ``images`` list in its json; ``image`` is the first.
     """
 
     image: Image.Image
@@ -55,6 +57,7 @@ class Draft:
     points: list[dict[str, Any]] = field(default_factory=list)
     aux: dict[str, Any] = field(default_factory=dict)
     ext: str = "png"
+    images: list[Image.Image] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,31 +158,41 @@ def encode_image(img: Image.Image, ext: str) -> bytes:
     return buf.getvalue()
 
 
-def _build(gen: Generator, opts: Any, seed: int, split: str, index: int) -> tuple[bytes, dict, Draft]:
+def _build(
+    gen: Generator, opts: Any, seed: int, split: str, index: int
+) -> tuple[bytes | list[bytes], dict, Draft]:
+    """(image bytes, or a list for a several-image sample; json record; draft) of one sample."""
     rng = sample_rng(gen.name, seed, split, index)
     draft = gen.make(rng, opts)
-    img = draft.image.convert("RGB")
-    data = encode_image(img, draft.ext)
+    imgs = [im.convert("RGB") for im in (draft.images or [draft.image])]
+    datas = [encode_image(img, draft.ext) for img in imgs]
     sid = sample_id(gen.name, seed, split, index)
-    record = {
-        "id": sid,
-        "source": f"synth/{gen.name}",
-        "image": {
+    entries = [
+        {
             "width": img.width,
             "height": img.height,
             "sha256": hashlib.sha256(data).hexdigest(),
             "phash": str(imagehash.phash(img)),
-        },
+        }
+        for img, data in zip(imgs, datas)
+    ]
+    record = {
+        "id": sid,
+        "source": f"synth/{gen.name}",
+        **({"image": entries[0]} if len(entries) == 1 else {"images": entries}),
         "task": draft.task,
         "messages": draft.messages,
         "points": draft.points,
         "meta": {"kind": gen.name, "seed": seed, "split": split, "index": index, **draft.meta},
     }
-    return data, record, draft
+    return (datas[0] if len(datas) == 1 else datas), record, draft
 
 
-def regenerate(kind: str, seed: int, split: str, index: int, **options: Any) -> tuple[bytes, dict]:
-    """Rebuild sample ``index`` of ``(kind, seed, split)`` by itself: (image bytes, json record).
+def regenerate(
+    kind: str, seed: int, split: str, index: int, **options: Any
+) -> tuple[bytes | list[bytes], dict]:
+    """Rebuild sample ``index`` of ``(kind, seed, split)`` by itself: (image bytes, json record);
+    the bytes are a list, in page order, for a several-image sample.
 
     Pass the same ``options`` as the original run (the manifest records them). Raises
     ``CheckFailed`` if this index is one the generator dropped.
@@ -242,7 +255,8 @@ def generate(
                         f"({dict(dropped)}); the generator is broken for options {dataclasses.asdict(opts)}"
                     ) from e
             else:
-                writer.write(record["id"], data, draft.ext, record)
+                exts = draft.ext if isinstance(data, bytes) else [draft.ext] * len(data)
+                writer.write(record["id"], data, exts, record)
                 tasks[record["task"]] += 1
                 written += 1
                 bar.update(1)
@@ -275,7 +289,7 @@ def shard_image_hashes(shard_dir: str | Path) -> dict[str, str]:
     for shard in manifest["shards"]:
         with tarfile.open(Path(shard_dir) / shard["name"]) as tar:
             for member in tar:
-                stem, _, ext = member.name.rpartition(".")
+                stem, _, ext = member.name.rpartition(".")  # a page keeps its number: key.2
                 if ext in ("png", "jpg", "jpeg", "webp"):
                     f = tar.extractfile(member)
                     assert f is not None

@@ -45,6 +45,28 @@ class Record:
     image: Image.Image | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the file the record came from, for error messages
+    # several images asked about together (MP-DocVQA's pages, MuirBench's image list), in order:
+    # each an HF image cell ({bytes, path}), bytes, a path or a PIL image; None for one image
+    images: list[Any] | None = None
+
+    def load_visual(self) -> Image.Image | list[Image.Image]:
+        """What the question is asked about: the one image, or the list of ``images``."""
+        if self.images is None:
+            return self.load_image()
+        return [self.page(k).load_image() for k in range(len(self.images))]
+
+    def page(self, k: int) -> Record:
+        """Image ``k`` of a multi-image record as a one-image record (for decoding and errors)."""
+        from .loaders import image_fields
+
+        where = f"{self.id} (image {k + 1} of {len(self.images or [])})"
+        return Record(
+            id=where,
+            question="",
+            answers=[],
+            source=self.source,
+            **image_fields(self.images[k], self.source, where),
+        )
 
     def load_image(self) -> Image.Image:
         """The RGB image; raises ``EvalDataError`` naming the sample and file when it cannot."""

@@ -95,6 +95,7 @@ def load_molmo2(path: str | Path) -> VLM:
     tokenizer = build_tokenizer(cfg.tokenizer)
     vlm = build_vlm(cfg, tokenizer)
     from_molmo2_state_dict(molmo, vlm)
+    vlm.cfg.point_format = "molmo2"  # Molmo2 points in its coords text: fine-tunes and eval keep it
     return vlm.float().eval()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -39,7 +39,7 @@ def _open_image(path: str | Path) -> Image.Image:
 
 def chat(
     model: str,
-    image: str | None,
+    image: str | Sequence[str] | None,
     question: str,
     max_new_tokens: int = 64,
     task: str | None = None,
@@ -47,12 +47,15 @@ def chat(
     max_crops: int | None = None,
     dtype: str = "fp32",
 ) -> str:
-    """Answer ``question`` about ``image`` (None: text only) with greedy decoding."""
+    """Answer ``question`` about ``image`` (a path, an ordered list of paths asked about together,
+    or None: text only) with greedy decoding."""
     from mmsmall.inference.predictor import check_options
 
     check_options(max_new_tokens=max_new_tokens, max_crops=max_crops)
     predictor = _predictor(model, device=device, max_crops=max_crops, dtype=dtype)
-    img = _open_image(image) if image else None
+    paths = [image] if isinstance(image, (str, Path)) else list(image or [])
+    images = [_open_image(p) for p in paths]
+    img = images[0] if len(images) == 1 else (images or None)
     return predictor.predict([img], [question], max_new_tokens=max_new_tokens, task=task)[0]
 
 

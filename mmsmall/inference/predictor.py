@@ -50,7 +50,7 @@ class Predictor:
         max_crops: int | None = None,
         dtype: str = "fp32",
     ):
-        from mmsmall.processing.processor import Processor  # processing sits beside model, built lazily
+        from mmsmall.inference.chat_template import make_processor  # built lazily: transformers' processors
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -70,13 +70,9 @@ class Predictor:
         image_cfg.max_crops = image_cfg.max_crops_eval = crops
         self.max_crops = crops
         self.prompt_format = cfg.prompt
+        self.point_format = cfg.point_format  # the pointing text it was trained in (eval reads both)
         self.tokenizer = self.model.tokenizer
-        if cfg.prompt == "chat_template":
-            from mmsmall.inference.chat_template import ChatTemplateProcessor
-
-            self.processor = ChatTemplateProcessor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
-        else:
-            self.processor = Processor(self.tokenizer, image_cfg, style_prefix=cfg.style_prefix)
+        self.processor = make_processor(cfg.prompt, self.tokenizer, image_cfg, cfg.style_prefix)
 
     @torch.no_grad()
     def predict(

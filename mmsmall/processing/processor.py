@@ -1,10 +1,21 @@
-"""Processor: one image + its conversations -> an Example of tensors; ``collate`` -> a Batch.
+"""Processor: images + their conversations -> an Example of tensors; ``collate`` -> a Batch.
 
 Sequence layout of one Example (see ``tokens.py`` for the text format)::
 
-    [BOS, image block]            conv_ids 0, positions 0 .. P-1      (shared prefix)
+    [BOS, image blocks]           conv_ids 0, positions 0 .. P-1      (shared prefix)
     [ User: q1 Assistant: a1 EOS] conv_ids 1, positions P .. P+L1-1
     [ User: q2 Assistant: a2 EOS] conv_ids 2, positions P .. P+L2-1   (restart after the prefix)
+
+A sample holds an ordered list of images (one image is the list of one; none is a text-only
+sample): their blocks follow BOS in order, as stock ``Molmo2Processor`` expands a prompt that
+starts with one ``<|image|>`` per image, and their crops and pooling indices are concatenated in
+the same order (each image's indices offset by the patches of the images before it).
+
+Image token budget (``max_image_tokens``, training's ``data.max_image_tokens``): when the blocks
+of a sample's images would take more tokens than the budget, the crops per image are lowered
+together (the same cap for every image of the sample, from ``max_crops`` down to 1) until they
+fit, counted in ``counters["lowered_image_crops"]`` (one per such sample); a sample whose images
+do not fit even at one crop each raises ``ValueError`` naming the numbers.
 
 Several conversations about one image share the prefix; the model's mask lets conversation k
 see the prefix and itself only. ``labels`` are -100 except on answer tokens and the EOS after
@@ -21,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,9 +42,41 @@ from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
 from mmsmall.processing.batch import IGNORE_INDEX, Batch, Example, collate  # noqa: F401  (collate: the batch builder)
-from mmsmall.processing.crops import load_image, preprocess_image
+from mmsmall.processing.crops import image_grid, load_image, preprocess_image
+from mmsmall.processing.points import check_point_format, to_point_format
 from mmsmall.processing.tokenizer import special_ids
 from mmsmall.processing.tokens import answer_text, image_token_ids, user_text
+
+# One sample's images: one image (a PIL image, an (H, W, 3) array, a path), an ordered list of
+# them, or None (text only).
+OneImage = Image.Image | np.ndarray | str | os.PathLike
+ImageInput = OneImage | Sequence[OneImage] | None
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What every processor offers (ours, :class:`Processor`; a checkpoint's chat template,
+    :class:`mmsmall.inference.chat_template.ChatTemplateProcessor`), chosen in one place:
+    :func:`mmsmall.inference.chat_template.make_processor`."""
+
+    counters: dict[str, int]  # what encoding dropped or lowered, for the training log
+
+    def encode(
+        self,
+        image: ImageInput,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        task: str | None = None,
+        train: bool = True,
+        sample_id: str = "",
+    ) -> Example:
+        """A training example: the images and their conversations, answers as targets."""
+        ...
+
+    def encode_prompt(
+        self, image: ImageInput, question: str, task: str | None = None, sample_id: str = ""
+    ) -> Example:
+        """A generation prompt: the images and one question, no targets."""
+        ...
 
 
 class Processor:
@@ -44,6 +87,9 @@ class Processor:
         image_cfg: crop size, patch size, crops (train / eval), margins, pooling, mean/std.
         style_prefix: prepend ``{task}: `` to questions (Molmo's task styles).
         max_length: longest Example in tokens (None = no limit); see truncation above.
+        max_image_tokens: image tokens one sample may take (None = no cap); see the budget above.
+        point_format: the pointing text answers are trained in (``molmo`` | ``molmo2``: Molmo's
+            tags in the answers are rewritten in Molmo2's, ``points.to_point_format``).
     """
 
     def __init__(
@@ -52,11 +98,18 @@ class Processor:
         image_cfg: ImageConfig,
         style_prefix: bool = False,
         max_length: int | None = None,
+        max_image_tokens: int | None = None,
+        point_format: str = "molmo",
     ):
+        check_point_format(point_format)
+        if max_image_tokens is not None and max_image_tokens < 1:
+            raise ValueError(f"max_image_tokens={max_image_tokens} must be at least 1 (or None: no cap)")
         self.tokenizer = tokenizer
+        self.point_format = point_format
         self.image_cfg = image_cfg
         self.style_prefix = style_prefix
         self.max_length = max_length
+        self.max_image_tokens = max_image_tokens
         self.ids = special_ids(tokenizer)
         self.bos_id, self.eos_id = self.ids["bos"], self.ids["eos"]
         self.counters: dict[str, int] = {}
@@ -70,8 +123,14 @@ class Processor:
 
     # ------------------------------------------------------------------ pieces
 
-    def preprocess(self, image: Image.Image | np.ndarray | str | os.PathLike, train: bool = True) -> dict:
-        """Crops and pooling indices of one image (``crops.preprocess_image`` with this config)."""
+    def preprocess(
+        self,
+        image: Image.Image | np.ndarray | str | os.PathLike,
+        train: bool = True,
+        max_crops: int | None = None,
+    ) -> dict:
+        """Crops and pooling indices of one image (``crops.preprocess_image`` with this config;
+        ``max_crops`` overrides the config's training / eval crop count)."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
         c = self.image_cfg
@@ -79,11 +138,25 @@ class Processor:
             image,
             crop_size=c.crop_size,
             patch_size=c.patch_size,
-            max_crops=c.max_crops if train else c.max_crops_eval,
+            max_crops=max_crops or self._crops(train),
             overlap_margins=tuple(c.overlap_margins),
             pooling_size=tuple(c.pooling_size),
             mean=tuple(c.mean),
             std=tuple(c.std),
+        )
+
+    def _crops(self, train: bool) -> int:
+        return self.image_cfg.max_crops if train else self.image_cfg.max_crops_eval
+
+    def block_tokens(self, size: tuple[int, int], max_crops: int) -> int:
+        """Tokens of one image block for an image of ``size = (height, width)`` pixels."""
+        return block_tokens(self.image_cfg, size, max_crops)
+
+    def fit_crops(self, sizes: Sequence[tuple[int, int]], train: bool, where: str = "sample") -> int:
+        """The crops per image for images of ``sizes`` (height, width): the configured count, or
+        lower (the same for all) to keep their blocks within ``max_image_tokens``."""
+        return fit_crops(
+            self.image_cfg, sizes, self._crops(train), self.max_image_tokens, self.counters, where
         )
 
     def tokenize_text(self, texts: Sequence[str]) -> list[list[int]]:
@@ -94,38 +167,54 @@ class Processor:
             self._text_tokenizer.encode_special_tokens = True
         return [enc.ids for enc in self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _prefix(self, image: Any, train: bool) -> tuple[torch.Tensor, dict]:
-        """BOS + image block ids ``(P,)`` and the image tensors (empty without an image)."""
+    def _prefix(self, image: Any, train: bool, where: str = "sample") -> tuple[torch.Tensor, dict]:
+        """BOS + one image block per image ``(P,)`` and the images' tensors (empty without one)."""
         bos = torch.tensor([self.bos_id], dtype=torch.long)
-        if image is None:
+        images = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in as_images(image)]
+        if not images:
             return bos, {}
-        img = self.preprocess(image, train=train)
-        block = image_token_ids(img["image_grids"], self.ids)
-        n_patch_tokens = int((block == self.ids["<im_patch>"]).sum())
-        if n_patch_tokens != img["image_token_pooling"].shape[0]:  # guards the layout against drift
-            raise AssertionError(
-                f"{n_patch_tokens} <im_patch> tokens but {img['image_token_pooling'].shape[0]} pooled features"
-            )
-        tensors = {k: img[k] for k in ("pixel_values", "image_token_pooling", "image_grids")}
-        return torch.cat([bos, block]), tensors
+        sizes = [to_size(im) for im in images]
+        crops = self.fit_crops(sizes, train, where)
+        parts, pixels, pooling, grids, n_patches = [bos], [], [], [], 0
+        for im in images:
+            img = self.preprocess(im, train=train, max_crops=crops)
+            block = image_token_ids(img["image_grids"], self.ids)
+            n_patch_tokens = int((block == self.ids["<im_patch>"]).sum())
+            if n_patch_tokens != img["image_token_pooling"].shape[0]:  # guards the layout against drift
+                raise AssertionError(
+                    f"{n_patch_tokens} <im_patch> tokens but {img['image_token_pooling'].shape[0]} pooled features"
+                )
+            parts.append(block)
+            pool = img["image_token_pooling"]
+            pooling.append(torch.where(pool >= 0, pool + n_patches, pool))
+            pixels.append(img["pixel_values"])
+            grids.append(img["image_grids"])
+            n_patches += img["pixel_values"].shape[0] * img["pixel_values"].shape[1]
+        tensors = {
+            "pixel_values": pixels[0] if len(pixels) == 1 else torch.cat(pixels),
+            "image_token_pooling": pooling[0] if len(pooling) == 1 else torch.cat(pooling),
+            "image_grids": torch.cat(grids),  # (n_images, 4)
+        }
+        return torch.cat(parts), tensors
 
     # ------------------------------------------------------------------ encoding
 
     def encode(
         self,
-        image: Image.Image | np.ndarray | str | os.PathLike | None,
+        image: ImageInput,
         conversations: Sequence[Sequence[dict[str, str]]],
         task: str | None = None,
         train: bool = True,
         sample_id: str = "",
     ) -> Example:
-        """Encode one image with one or more conversations (lists of ``{"role", "content"}``).
+        """Encode an image (or an ordered list of images, or None) with one or more conversations
+        (lists of ``{"role", "content"}``).
 
         Each conversation alternates ``user`` / ``assistant`` turns starting with ``user``; a
         final user turn without an answer is allowed (it ends with `` Assistant:``).
         Returns ``input_ids labels position_ids conv_ids (T,)`` int64, ``sample_id`` and, with an
         image, ``pixel_values (n_crops, n_patches, 3*patch^2)``, ``image_token_pooling (n_tok, K)``,
-        ``image_grids (1, 4)``.
+        ``image_grids (n_images, 4)``.
         """
         where = f"sample {sample_id!r}" if sample_id else "sample"
         if not conversations:
@@ -137,7 +226,8 @@ class Processor:
                 if msg["role"] == "user":
                     segments.append((k, user_text(msg["content"], task, self.style_prefix), False))
                 else:
-                    segments.append((k, answer_text(msg["content"]), True))
+                    answer = to_point_format(msg["content"], self.point_format)
+                    segments.append((k, answer_text(answer), True))
         pieces = self.tokenize_text([text for _, text, _ in segments])
 
         # Per conversation: ids and target flags, EOS after each answer.
@@ -152,7 +242,7 @@ class Processor:
                 conv_ids_list[k].append(self.eos_id)
                 conv_tgt[k].append(True)
 
-        prefix, image_tensors = self._prefix(image, train)
+        prefix, image_tensors = self._prefix(image, train, where)
         keep = self._fit(len(prefix), [len(c) for c in conv_ids_list], where)
         cut = sum(sum(t) for t in conv_tgt[keep:])
         if cut:  # the answer tokens of the dropped conversations
@@ -169,7 +259,7 @@ class Processor:
 
     def encode_prompt(
         self,
-        image: Image.Image | np.ndarray | str | os.PathLike | None,
+        image: ImageInput,
         question: str,
         task: str | None = None,
         sample_id: str = "",
@@ -231,6 +321,66 @@ class Processor:
         }
         ex.update(image_tensors)
         return ex
+
+
+def block_tokens(image_cfg: ImageConfig, size: tuple[int, int], max_crops: int) -> int:
+    """Tokens of one image block for an image of ``size = (height, width)`` pixels at
+    ``max_crops``, counted from the geometry alone (no pixels touched)."""
+    c = image_cfg
+    low_h, low_w, high_h, high_w = image_grid(
+        *size,
+        crop_size=c.crop_size,
+        patch_size=c.patch_size,
+        max_crops=max_crops,
+        overlap_margins=tuple(c.overlap_margins),
+        pooling_size=tuple(c.pooling_size),
+    )[0]
+    return 4 + low_h * (low_w + 1) + high_h * (high_w + 1)  # 2 starts, 2 ends, an <im_col> per row
+
+
+def fit_crops(
+    image_cfg: ImageConfig,
+    sizes: Sequence[tuple[int, int]],
+    crops: int,
+    budget: int | None,
+    counters: dict[str, int],
+    where: str = "sample",
+) -> int:
+    """The most crops per image, at most ``crops`` and the same for every image, with which the
+    blocks of images of ``sizes`` take at most ``budget`` tokens (None: ``crops``). A sample that
+    had to be lowered adds one to ``counters["lowered_image_crops"]``; one that does not fit even
+    at one crop each raises ``ValueError``."""
+    if budget is None or not sizes:
+        return crops
+    for k in range(crops, 0, -1):
+        total = sum(block_tokens(image_cfg, size, k) for size in sizes)
+        if total <= budget:
+            if k < crops:
+                counters["lowered_image_crops"] = counters.get("lowered_image_crops", 0) + 1
+            return k
+    raise ValueError(
+        f"{where}: its {len(sizes)} image(s) take {total} image tokens even at one crop each, over "
+        f"max_image_tokens={budget}; raise data.max_image_tokens (and data.seq_len) or split the sample"
+    )
+
+
+def as_images(image: Any) -> list:
+    """A sample's images as a list: ``None`` -> ``[]``, one image -> ``[image]``, a list or tuple
+    of images as it is (order kept)."""
+    if image is None:
+        return []
+    if isinstance(image, (list, tuple)):
+        if any(im is None for im in image):
+            raise ValueError("a sample's image list holds None; drop the missing image or the sample")
+        return list(image)
+    return [image]
+
+
+def to_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(height, width) of a PIL image or an (H, W[, C]) array."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return int(image.shape[0]), int(image.shape[1])
 
 
 def _check_conversation(conv: Any, where: str) -> None:

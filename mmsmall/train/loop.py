@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         resume.set_aside_records(out)
     dist.barrier()
 
-    from mmsmall.processing.processor import Processor
+    from mmsmall.inference.chat_template import make_processor
 
     seed_everything(cfg.seed)  # the same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
     # ZeRO-3: partitioned while it is built; a later stage (train.init_from): the previous model
@@ -218,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     built = build_model(cfg, world, model_keys)
     cfg, model, tokenizer = built.run_cfg, built.model, built.tokenizer
     held, total = held_elements(model)
-    encoder = Processor
-    if cfg.model.prompt == "chat_template":  # an imported release: fine-tuned in its own chat template
-        from mmsmall.inference.template_training import TemplateTrainingProcessor as encoder
-    processor = encoder(tokenizer, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
+    cfg.model.point_format = cfg.data.point_format  # the saved model speaks what it trained on
+    # ours, or (an imported release) fine-tuned in its own chat template
+    processor = make_processor(
+        cfg.model.prompt, tokenizer, cfg.model.image, cfg.model.style_prefix, cfg.data.seq_len,
+        cfg.data.max_image_tokens, point_format=cfg.data.point_format,
+    )  # fmt: skip
     data = TrainData(cfg, processor, tokenizer.pad_token_id, rank=rank, world_size=world)
     saved_world = checkpoint.saved_world_size(out / "checkpoints" / start.tag) if start.tag else None
     if saved_world not in (None, world):  # elastic resume: DeepSpeed loads a universal checkpoint

@@ -27,6 +27,12 @@ def check_run(
     cfg = load_config(config, overrides)
     require_training_inputs(cfg)
     keys = stage.explicit_model_keys(config, overrides)
+    stage.resolve_point_format(cfg)  # data.point_format: the run's own, else the model's
+    if cfg.train.init_from and "point_format" in keys:
+        raise ConfigError(
+            "model.point_format: with train.init_from it is the folder's (the pointing text the model "
+            "was trained in); set data.point_format=molmo|molmo2 to choose the text this run trains in"
+        )
     if cfg.train.init_from:
         stage.stage_model(stage.folder_model_config(cfg.train.init_from), cfg.model, keys)
     if probe_lock:

@@ -53,6 +53,8 @@ def check_resume_config(
         return []
     saved = strip_removed(type(run_cfg), yaml.safe_load(saved_path.read_text()) or {})  # keys since removed
     old, new = flatten(saved), flatten(to_dict(run_cfg))
+    for key in ("data.point_format", "model.point_format"):  # checkpoints from before the key: Molmo's text
+        old.setdefault(key, "molmo")
     if model is not None:
         new.update({f"model.{k}": v for k, v in flatten(to_dict(model)).items() if k in APPLIED})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

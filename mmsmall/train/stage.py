@@ -11,6 +11,7 @@ differs would be silently ignored, so the run is refused, naming the keys.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,34 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def folder_point_format(folder: str | Path) -> str:
+    """The pointing text the model in ``folder`` was trained in (``model.point_format``): a stock
+    Molmo2 folder and a folder ``mmsmall import`` wrote speak ``molmo2``."""
+    folder = Path(folder)
+    path = folder / "model_config.yaml"
+    if path.is_file():
+        raw = yaml.safe_load(path.read_text()) or {}
+        if isinstance(raw, dict) and raw.get("point_format"):
+            return str(raw["point_format"])
+        imported = folder / "import.json"  # imported before model_config.yaml recorded it
+        if imported.is_file() and json.loads(imported.read_text()).get("format") == "molmo2":
+            return "molmo2"
+        return "molmo"
+    config = folder / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "molmo2":
+        return "molmo2"
+    return "molmo"
+
+
+def resolve_point_format(cfg: Any) -> str:
+    """Fill ``data.point_format`` (the pointing text the run trains in) when the run leaves it
+    unset: the ``init_from`` model's format, else ``model.point_format``; a run without
+    ``init_from`` records it in ``model.point_format`` (its saved model speaks it)."""
+    if not cfg.data.point_format:
+        init = cfg.train.init_from
+        cfg.data.point_format = folder_point_format(init) if init else cfg.model.point_format
+    if not cfg.train.init_from:
+        cfg.model.point_format = cfg.data.point_format
+    return cfg.data.point_format

@@ -17,6 +17,8 @@ the function for that task (see `_score` below), including the `.strip()` and th
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import re
 import statistics
@@ -71,6 +73,18 @@ def load_reference(src: Path) -> dict:
         },
         ns,
     )
+    _lift(root / "tasks/multidocvqa/utils.py", {"Evaluator"}, ns)
+
+    class ExtendedRegexFilter:  # the base MultiChoiceRegexFilter's __init__ hands its arguments to
+        def __init__(self, *args, **kwargs):  # (its apply, run here as written, uses none of them)
+            pass
+
+    ns["ExtendedRegexFilter"] = ExtendedRegexFilter
+    _lift(
+        root / "tasks/muirbench/utils.py",
+        {"muir_process_results", "muir_aggregation", "MultiChoiceRegexFilter"},
+        ns,
+    )
     return ns
 
 
@@ -110,6 +124,17 @@ def _score(ns: dict, metric: str, raw: str, answers: list[str], extra: dict) -> 
     if metric == "count_accuracy":  # PixMo-Count
         pred = strip(raw, REASONING_TAGS)
         return float(ns["pixmo_count_process_results"]({"answer": answers[0]}, [pred])["acc"])
+    if metric in ("mp_anls", "mp_accuracy"):  # MP-DocVQA: default path strips, then its Evaluator
+        pred = strip(raw, REASONING_TAGS).strip()
+        scores = ns["Evaluator"](case_sensitive=False).get_metrics([list(answers)], [pred])
+        return float(scores[metric[3:]][0])
+    if metric == "muirbench":  # the letter filter sees the raw text, then tags are stripped
+        filtered = ns["MultiChoiceRegexFilter"]().apply([[raw]], [{}])[0]
+        pred = strip(filtered, REASONING_TAGS).strip()
+        doc = {"task": "t", "idx": "0", "image_relation": "r", "answer": answers[0], "image_type": "i"}
+        row = ns["muir_process_results"](doc, [pred])["muirbench_score_overall"]
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a per-task table
+            return float(ns["muir_aggregation"]([row]))
     if metric == "strip_reasoning":
         return strip(raw, REASONING_TAGS)
     raise KeyError(metric)
@@ -445,6 +470,32 @@ def cases() -> list[dict]:
         ("2 or 3", "3"),
     ]:
         add("count_accuracy", p, [g])
+
+    # ---------------- MP-DocVQA (multidocvqa): its own ANLS and accuracy
+    for p, g in anls_cases + [
+        ("none", ["none"]),
+        ("None", ["answer"]),
+        (" none ", ["none"]),
+        ("", [""]),
+        ("a", [""]),
+        ("abc", ["ABD"]),
+        ("ab", ["abcd"]),
+        ("hello  world", ["hello world"]),
+        ("x", ["answer", "x"]),
+        ("Page 3", ["page 3", "3"]),
+        ("<think>n</think>none", ["none"]),
+    ]:
+        add("mp_anls", p, g)
+        add("mp_accuracy", p, g)
+
+    # ---------------- MuirBench option letter
+    for p, g in [
+        ("B", "B"), ("b", "B"), ("B.", "B"), ("B. dog", "B"), (" B. dog", "B"), ("b. dog", "B"),
+        ("(B)", "B"), ("B)", "B"), ("B!", "B"), ("B,", "B"), ("B ", "B"), ("\nB", "B"), ("The answer is B", "B"),
+        ("A", "B"), ("A. B.", "B"), ("<think>A</think>B", "B"), ("<think>x</think>B. dog", "B"), ("", "B"),
+        ("Ｂ", "B"), ("E", "E"), ("e.", "E"), (LONG, "B"),
+    ]:  # fmt: skip
+        add("muirbench", p, [g])
 
     # ---------------- reasoning-tag stripping on its own
     for p in [
