@@ -255,6 +255,7 @@ def serve(
     max_image_pixels: Annotated[
         int, typer.Option(min=1, help="image width x height limit (HTTP 413)")
     ] = 40_000_000,
+    max_images: Annotated[int, typer.Option(min=1, help="images one request may carry")] = 8,
     max_tokens_limit: Annotated[
         int, typer.Option(min=1, help="the most max_tokens a request may ask")
     ] = 1024,
@@ -275,7 +276,7 @@ def serve(
     opts = ServeOptions(
         host=host, port=port, served_model_name=served_model_name, api_key=api_key, max_batch=max_batch,
         max_queue=max_queue, max_request_bytes=max_request_bytes, max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels, max_tokens_limit=max_tokens_limit, allow_text_only=allow_text_only,
+        max_image_pixels=max_image_pixels, max_images=max_images, max_tokens_limit=max_tokens_limit, allow_text_only=allow_text_only,
         shutdown_timeout=shutdown_timeout,
     )  # fmt: skip
     run_serve(model, opts, device=_device(device), dtype=dtype, max_crops=max_crops)

@@ -199,11 +199,12 @@ def inst(i, q, kwargs, visual=one):
                     metadata={"task": "t", "doc_id": i, "repeats": 1})
 requests = [inst(i, f"Question {i}?", {"max_new_tokens": 6 + i, "until": ["dw"], "temperature": 0}) for i in range(5)]
 answers = lm.generate_until(requests)
+multi = lm.generate_until([inst(0, "Two?", {"max_new_tokens": 4}, visual=two)])[0]
 try:
-    lm.generate_until([inst(0, "Two?", {"max_new_tokens": 4}, visual=two)])
-    multi = "no error"
+    lm.generate_until([inst(0, "A video?", {"max_new_tokens": 4}, visual=lambda doc: ["clip.mp4"])])
+    video = "no error"
 except NotImplementedError as e:
-    multi = str(e)
+    video = str(e)
 # loglikelihood, fp32: (context, continuation, doc_to_visual, doc_id, task, split)
 lm32 = get_model("mmsmall").create_from_arg_string(f"pretrained={model_dir},device=cpu", {"batch_size": "1"})
 lm32.task_dict = lm.task_dict
@@ -213,13 +214,14 @@ scored = lm32.loglikelihood([
              metadata={"task": "t", "doc_id": i, "repeats": 1})
     for i, c in continuations
 ])
-print(json.dumps({"answers": answers, "multi": multi, "scored": scored}))
+print(json.dumps({"answers": answers, "multi": multi, "video": video, "scored": scored}))
 """
 
 
 def test_backend_class_on_lmms_eval_instances(lmms_python, model_dir):
     """lmms-eval's own ``Instance`` objects: one image or none, stop strings (``until``), dtype and
-    crop settings from model_args, a batch of 3; a two-image request is refused with a clear error;
+    crop settings from model_args, a batch of 3; a two-image request answers as Predictor does with
+    both images, a video is refused with the reason;
     loglikelihood requests score as one uncached forward pass does."""
     from mmsmall.inference.predictor import Predictor
 
@@ -258,7 +260,9 @@ def test_backend_class_on_lmms_eval_instances(lmms_python, model_dir):
         for i, im in enumerate(imgs)
     ]
     assert got["answers"] == want
-    assert "gives 2 images" in got["multi"] and "one image per prompt" in got["multi"]
+    img0 = imgs[0]
+    assert got["multi"] == predictor.predict([[img0, img0]], ["Two?"], max_new_tokens=4)[0]  # both, in order
+    assert "gives a str visual (video or audio)" in got["video"]
 
     # loglikelihood against one uncached forward pass over prompt + continuation (an independent path)
     rng = np.random.default_rng(0)

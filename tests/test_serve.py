@@ -97,7 +97,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(model_dir):
     server = Served(model_dir, "--served-model-name", NAME, "--max-image-pixels", "250000",
-                    "--max-image-bytes", "400000", "--max-request-bytes", "2000000", env={"MMSMALL_API_KEY": KEY})  # fmt: skip
+                    "--max-image-bytes", "400000", "--max-request-bytes", "2000000", "--max-images", "2", env={"MMSMALL_API_KEY": KEY})  # fmt: skip
     yield server
     assert server.stop() == 0, "".join(server.lines)
 
@@ -219,6 +219,25 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(served, model_dir):
     assert health["max_running"] > 1, health  # requests shared decode steps
 
 
+def test_several_images_are_asked_about_together(served, model_dir):
+    """Two image_url parts: the answer ``Predictor`` gives for both images, in their order."""
+    from mmsmall.inference.predictor import Predictor
+
+    predictor = Predictor(str(model_dir))
+    pages = [png((80, 100), 5), png((120, 60), 6)]
+    question = "Which page has more red?"
+    for order in (pages, pages[::-1]):
+        want = predictor.predict([[Image.open(io.BytesIO(p)) for p in order]], [question], max_new_tokens=10)[
+            0
+        ]
+        content = [{"type": "text", "text": question}]
+        content += [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in order]
+        out = served.client().chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": content}], max_tokens=10
+        )
+        assert out.choices[0].message.content == want
+
+
 def test_http_image_url(served, expected, tmp_path):
     question, size, seed = CASES[1]
     (tmp_path / "chart.png").write_bytes(png(size, seed))
@@ -247,7 +266,7 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(served
         "too many pixels": (openai.APIStatusError, "above the server's limit of 250000", dict(messages=message("Hi?", data_url(flat_png((600, 600)))))),
         "too many bytes": (openai.APIStatusError, "400000 byte limit", dict(messages=message("Hi?", data_url(os.urandom(500_000))))),
         "unknown model": (openai.NotFoundError, "'nope' does not exist.*tiny-served", dict(model="nope", messages=message("Hi?", good))),
-        "two images": (openai.BadRequestError, "at most one image", dict(messages=[{"role": "user", "content": [*message("Hi", good)[0]["content"], {"type": "image_url", "image_url": {"url": good}}]}])),
+        "three images": (openai.BadRequestError, "3 images in one message.*at most 2", dict(messages=[{"role": "user", "content": [*message("Hi", good)[0]["content"], *[{"type": "image_url", "image_url": {"url": good}}] * 2]}])),
         "two turns": (openai.BadRequestError, "one user message", dict(messages=[{"role": "system", "content": "Be brief."}, *message("Hi", good)])),
         "bad max_tokens": (openai.BadRequestError, "max_tokens must be an integer >= 1", dict(messages=message("Hi", good), max_tokens=0)),
     }  # fmt: skip

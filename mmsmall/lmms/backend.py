@@ -96,24 +96,19 @@ class MmsmallLMM(lmms):
             self.cache_hook.add_partial("generate_until", (instance.args[0], instance.args[1]), answer)
         return answers
 
-    def _image(self, visuals, task: str, doc_id) -> Image.Image | None:
-        """The request's one image (None for a text-only request)."""
+    def _image(self, visuals, task: str, doc_id):
+        """The request's images: None (text only), one image, or a list asked about together in order."""
         flat = []
         for v in visuals or []:
             flat.extend(v if isinstance(v, (list, tuple)) else [v])
-        if not flat:
-            return None
-        if len(flat) > 1:
-            raise NotImplementedError(
-                f"mmsmall backend: task {task!r} doc {doc_id} gives {len(flat)} images; mmsmall models "
-                "take one image per prompt today (the processor encodes a single image)"
-            )
-        if not isinstance(flat[0], Image.Image):
-            raise NotImplementedError(
-                f"mmsmall backend: task {task!r} doc {doc_id} gives a {type(flat[0]).__name__} visual "
-                "(video or audio); mmsmall models take images"
-            )
-        return flat[0].convert("RGB")
+        for v in flat:
+            if not isinstance(v, Image.Image):
+                raise NotImplementedError(
+                    f"mmsmall backend: task {task!r} doc {doc_id} gives a {type(v).__name__} visual "
+                    "(video or audio); mmsmall models take images"
+                )
+        images = [v.convert("RGB") for v in flat]
+        return None if not images else images[0] if len(images) == 1 else images
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """``Instance.args = (context, continuation or doc_to_target, doc_to_visual, doc_id, task,

@@ -1,7 +1,8 @@
 """``mmsmall serve``: an OpenAI-compatible HTTP server over the continuous-batching :class:`Engine`.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (one user message: text parts and at
-most one ``image_url`` part, a ``data:`` URL or an http(s) URL; ``stream: true`` answers in
+most ``--max-images`` ``image_url`` parts, asked about together in their order, each a ``data:``
+URL or an http(s) URL; ``stream: true`` answers in
 server-sent events as OpenAI does), ``GET /health``. Errors use OpenAI's body,
 ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for bad requests, 401 for a
 missing or wrong API key, 503 when the waiting queue is full or the server is shutting down.
@@ -43,6 +44,7 @@ class ServeOptions:
     max_queue: int = 256
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 20 * 1024 * 1024
+    max_images: int = 8  # image_url parts one request may carry (a multi-page document)
     max_image_pixels: int = 40_000_000
     max_tokens_limit: int = 1024  # the most max_tokens a request may ask for
     default_max_tokens: int = 64  # as mmsmall chat
@@ -73,7 +75,7 @@ class APIError(Exception):
 @dataclass
 class ChatRequest:
     text: str
-    image_url: str | None
+    image_urls: list[str]
     max_tokens: int
     temperature: float
     top_p: float
@@ -109,13 +111,15 @@ def parse_chat(body: Any, model_name: str, opts: ServeOptions) -> ChatRequest:
         raise APIError(
             400,
             f"one user message per request is supported (got roles {roles}): the model answers one "
-            "question about one image; put the question and the image in a single user message",
+            "question about its images; put the question and the images in a single user message",
             param="messages",
         )
     texts, images = _parts(messages[0].get("content"))
-    if len(images) > 1:
+    if len(images) > opts.max_images:
         raise APIError(
-            400, f"{len(images)} images in one message; this model takes at most one image", param="messages"
+            400,
+            f"{len(images)} images in one message; this server takes at most {opts.max_images} (--max-images)",
+            param="messages",
         )
     if not images and not opts.allow_text_only:
         raise APIError(
@@ -156,7 +160,7 @@ def parse_chat(body: Any, model_name: str, opts: ServeOptions) -> ChatRequest:
         raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", param="ignore_eos")
     return ChatRequest(
         text="\n".join(texts),
-        image_url=images[0] if images else None,
+        image_urls=images,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -281,7 +285,7 @@ class Server:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
         req = parse_chat(body, self.model_name, self.opts)
-        image_bytes = await self._image_bytes(req.image_url) if req.image_url else None
+        image_bytes = [await self._image_bytes(url) for url in req.image_urls]
         loop = asyncio.get_running_loop()
         example = await loop.run_in_executor(None, self._encode, image_bytes, req.text)
         events: asyncio.Queue = asyncio.Queue()
@@ -316,20 +320,23 @@ class Server:
         finally:
             job.cancelled = job.finish_reason is None  # a client that went away frees its row
 
-    def _encode(self, image_bytes: bytes | None, text: str) -> dict:
-        image = None
-        if image_bytes is not None:
-            from mmsmall.processing.crops import ImageLoadError, load_image
+    def _encode(self, image_bytes: list[bytes], text: str) -> dict:
+        """The prompt as model inputs: no image, one, or several in their order."""
+        from mmsmall.processing.crops import ImageLoadError, load_image
 
-            self._check_pixels(image_bytes)
+        images = []
+        for k, data in enumerate(image_bytes):
+            name = "the image" if len(image_bytes) == 1 else f"image {k + 1} of {len(image_bytes)}"
+            self._check_pixels(data, name)
             try:
-                image = load_image(image_bytes, name="the image")
+                images.append(load_image(data, name=name))
             except ImageLoadError as e:
                 status = 413 if "above the limit" in str(e) or "refused" in str(e) else 400
                 raise APIError(status, str(e), param="messages") from None
+        image = None if not images else images[0] if len(images) == 1 else images
         return self.engine.predictor.encode(image, text)
 
-    def _check_pixels(self, data: bytes) -> None:
+    def _check_pixels(self, data: bytes, name: str) -> None:
         """Refuse an image whose header gives more pixels than --max-image-pixels (never decoded)."""
         import io
         import warnings
@@ -346,7 +353,7 @@ class Server:
         if width * height > self.opts.max_image_pixels:
             raise APIError(
                 413,
-                f"the image is {width}x{height} = {width * height} pixels, above the server's limit of "
+                f"{name} is {width}x{height} = {width * height} pixels, above the server's limit of "
                 f"{self.opts.max_image_pixels} (--max-image-pixels); downscale it",
                 param="messages",
             )
