@@ -217,7 +217,7 @@ class WorkerPool:
 
 def batch_counts(batch: dict) -> tuple[int, int]:
     """(target tokens, real tokens) of a micro-batch, read from its host tensors: the targets are
-    the model's shifted ones (what ``VLMOutput.n_targets`` counts)."""
+    the model's shifted ones (what the model divides a "mean" loss by)."""
     return int(count_targets(batch["labels"])), int(batch["attention_mask"].sum())
 
 

@@ -58,9 +58,9 @@ class Predictor:
         if isinstance(model_or_dir, VLM):
             model = model_or_dir
         else:
-            from mmsmall.export.load import load_vlm
+            from mmsmall.export.load import load_model
 
-            model = load_vlm(model_or_dir)[0]
+            model = load_model(model_or_dir)
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.device = torch.device(device)
         self.dtype = dtype
