@@ -36,7 +36,7 @@ from eval.runner import evaluate  # noqa: E402
 from eval.tasks import get_task  # noqa: E402
 from mmsmall.config import ModelConfig, load_config  # noqa: E402
 from mmsmall.inference.predictor import Predictor  # noqa: E402
-from mmsmall.model.vlm import build_vlm  # noqa: E402
+from mmsmall.model.vlm import VLM  # noqa: E402
 from mmsmall.processing.processor import collate  # noqa: E402
 from mmsmall.processing.tokenizer import build_tokenizer  # noqa: E402
 
@@ -76,7 +76,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config(ROOT / "configs/model/tiny.yaml", ["bidirectional_image=false"], cls=ModelConfig)
     tok = build_tokenizer(cfg.tokenizer)
-    predictor = Predictor(build_vlm(cfg, tok), device=device)
+    predictor = Predictor(VLM(cfg, tok), device=device)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "scenes"
         generate("scenes", N, seed=123, out=shards, split="test", shard_size=1000, question_types=["count"])

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmsmall.config import LoRAConfig, LoRAModuleConfig, ModelConfig, load_config  # noqa: E402
 from mmsmall.model.lora import apply_lora  # noqa: E402
-from mmsmall.model.vlm import build_vlm  # noqa: E402
+from mmsmall.model.vlm import VLM  # noqa: E402
 from mmsmall.processing.processor import Processor, collate  # noqa: E402
 from mmsmall.processing.tokenizer import build_tokenizer  # noqa: E402
 
@@ -64,7 +64,7 @@ def _measure(overrides: list[str], label: str) -> None:
     )
     tok = build_tokenizer(cfg.tokenizer)
     torch.manual_seed(0)
-    full = build_vlm(cfg, tok).train()
+    full = VLM(cfg, tok).train()
     lora = copy.deepcopy(full)
     apply_lora(lora, LoRAConfig(enabled=True, llm=LoRAModuleConfig(rank=16, alpha=32.0, target_modules=PROJ)))
     batch = {k: v for k, v in _batch(Processor(tok, cfg.image)).items() if k != "sample_ids"}

@@ -60,7 +60,7 @@ def main() -> int:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from mmsmall.config import load_config
     from mmsmall.data.packing import Packer
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import Processor
     from mmsmall.processing.tokenizer import build_tokenizer
     from mmsmall.train.engine import build_engine, init_distributed
@@ -73,7 +73,7 @@ def main() -> int:
     _, world = init_distributed()
     torch.manual_seed(0)
     tok = build_tokenizer(cfg.model.tokenizer)
-    model = build_vlm(cfg.model, tok)
+    model = VLM(cfg.model, tok)
     n_llm = sum(p.numel() for p in model.llm.parameters())
     n_all = sum(p.numel() for p in model.parameters())
     engine = build_engine(cfg, model, world)

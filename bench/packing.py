@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mmsmall.config import load_config  # noqa: E402
 from mmsmall.data.packing import Packer  # noqa: E402
 from mmsmall.model.attention import DOCWISE  # noqa: E402
-from mmsmall.model.vlm import build_vlm  # noqa: E402
+from mmsmall.model.vlm import VLM  # noqa: E402
 from mmsmall.processing.processor import Processor  # noqa: E402
 from mmsmall.processing.tokenizer import build_tokenizer  # noqa: E402
 
@@ -151,7 +151,7 @@ def run(cfg) -> None:
         torch.manual_seed(0)
         model_cfg = copy.deepcopy(cfg.model)
         model_cfg.llm.attn_implementation = attn
-        trainers[name] = Trainer(build_vlm(model_cfg, tok).train())
+        trainers[name] = Trainer(VLM(model_cfg, tok).train())
         trainers[name].step(batches[pack][0], record=False)  # warm-up
     # Alternate the layouts batch by batch so a busy machine slows them alike.
     for i in range(max(len(b) for b in batches.values())):

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from mmsmall.config import ModelConfig, load_config  # noqa: E402
 from mmsmall.inference.predictor import Predictor  # noqa: E402
-from mmsmall.model.vlm import build_vlm  # noqa: E402
+from mmsmall.model.vlm import VLM  # noqa: E402
 from mmsmall.processing.tokenizer import build_tokenizer  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "96"))
@@ -160,7 +160,7 @@ def main() -> int:
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
     reqs = requests(N)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(Path(tmp) / "model")
+        model_dir = VLM(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(Path(tmp) / "model")
         print(
             f"tiny VLM, {N} requests (one image each), max_tokens {TOKENS}, greedy, {THREADS} torch threads"
         )

@@ -3,12 +3,15 @@
     evaluate("runs/x/checkpoint", ["chartqa", "docvqa"], "out/x", data={"chartqa": "/data/ChartQA"})
 
 Per task: load records -> (this rank's share) -> skip those already in the prediction cache ->
-decode images in DataLoader workers (for an mmsmall ``Predictor`` the workers also preprocess
-the crops and encode the prompt) -> greedy generation in left-padded batches -> append each batch's
+decode images, ``encode`` and ``collate`` in DataLoader workers -> ``answer`` (greedy, left-padded
+batches) in the main process -> append each batch's
 answers to ``out/predictions/{task}.jsonl`` (flushed, fsynced) -> score every record -> results.
 A killed run rerun with the same ``out`` generates only what is missing, and its final scores are
 those an uninterrupted run gives. Under torchrun each rank takes every ``world``-th record and
 writes its own cache file; rank 0 reads them all and scores.
+
+The model is driven through three methods (``Answerer``): an mmsmall ``Predictor`` has them; any
+other model with ``predict`` (``PredictorLike``) gets them from ``PredictAdapter``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +54,41 @@ class PredictorLike(Protocol):
         max_new_tokens: int,
         task: str | None = None,
     ) -> list[str]: ...
+
+
+@runtime_checkable
+class Answerer(Protocol):
+    """What the runner drives: ``encode`` one (image, prompt) and ``collate`` a batch in a data
+    worker, ``answer`` the batch (greedily) in the main process. ``Predictor`` is one: its
+    ``predict`` runs the same three steps, so the answers are its answers."""
+
+    def encode(self, image: Image.Image | None, question: str, task: str | None = None) -> Any: ...
+
+    def collate(self, examples: Sequence[Any]) -> Any: ...
+
+    def answer(self, batch: Any, max_new_tokens: int = 32) -> list[str]: ...
+
+
+class PredictAdapter:
+    """The ``Answerer`` of a model that only has ``predict``: the workers decode the image only,
+    a batch is the list of (image, question, task), and ``answer`` calls ``predict`` on it."""
+
+    def __init__(self, predictor: PredictorLike):
+        self.predictor = predictor
+
+    def encode(self, image: Image.Image | None, question: str, task: str | None = None) -> tuple:
+        return image, question, task
+
+    def collate(self, examples: Sequence[tuple]) -> list[tuple]:
+        return list(examples)
+
+    def answer(self, batch: list[tuple], max_new_tokens: int = 32) -> list[str]:
+        images, questions, tasks = (list(x) for x in zip(*batch))
+        return self.predictor.predict(images, questions, max_new_tokens=max_new_tokens, task=tasks[0])
+
+
+def as_answerer(predictor: PredictorLike | Answerer) -> Answerer:
+    return predictor if isinstance(predictor, Answerer) else PredictAdapter(predictor)
 
 
 def load_predictor(
@@ -110,14 +149,13 @@ def _barrier(world: int) -> None:
 
 
 class _ImageDataset(Dataset):
-    """Decodes one record's image (or its stand-in) in a DataLoader worker.
+    """Decodes one record's image (or its stand-in) and encodes it with its prompt
+    (``Answerer.encode``) in a DataLoader worker.
 
     The stand-in of the blind baseline is a mid-grey image of the same size; with ``donors``
     (record id -> another record of the task) the question is asked about the donor's image,
-    while the size reported for scoring stays the record's own. With an ``encode`` function (the
-    mmsmall Predictor's processor) the worker also runs the image preprocessing and prompt
-    encoding, so the main process only batches and generates.
-    Items are ``(index, (width, height), image or encoded example)``.
+    while the size reported for scoring stays the record's own.
+    Items are ``(index, (width, height), encoded)``, or ``(index, None, error)``.
     """
 
     def __init__(
@@ -125,14 +163,17 @@ class _ImageDataset(Dataset):
         records: list[Record],
         blind: bool,
         prompts: dict[str, str],
-        encode=None,
+        answerer: Answerer,
+        style: str | None,
         donors: dict[str, Record] | None = None,
     ):
-        self.records = records
-        self.blind = blind
-        self.prompts = prompts
-        self.encode = encode
-        self.donors = donors
+        self.records, self.blind, self.prompts, self.donors = (
+            records,
+            blind,
+            prompts,
+            donors,
+        )
+        self.answerer, self.style = answerer, style
 
     def __len__(self) -> int:
         return len(self.records)
@@ -152,9 +193,7 @@ class _ImageDataset(Dataset):
                 for im in (image if isinstance(image, list) else [image])
             ]
             image = grey if isinstance(image, list) else grey[0]
-        if self.encode is not None:
-            return i, size, self.encode(image, self.prompts[rec.id])
-        return i, size, image
+        return i, size, self.answerer.encode(image, self.prompts[rec.id], task=self.style)
 
 
 def other_image_donors(records: list[Record]) -> dict[str, Record]:
@@ -168,8 +207,17 @@ def other_image_donors(records: list[Record]) -> dict[str, Record]:
     return {r.id: records[(k + n // 2) % n] for k, r in enumerate(records)}
 
 
-def _collate(items: list) -> list:
-    return items
+class _Collate:
+    """A batch of dataset items -> ``([(index, size)], Answerer.collate(...))``, in the worker; a
+    batch with an unreadable image is passed on as is, for the main process to report."""
+
+    def __init__(self, answerer: Answerer):
+        self.answerer = answerer
+
+    def __call__(self, items: list) -> tuple[list, Any]:
+        if any(size is None for _, size, _ in items):
+            return items, None
+        return [(i, size, None) for i, size, _ in items], self.answerer.collate([ex for _, _, ex in items])
 
 
 def _raise_bad(batch: list, task: Task) -> None:
@@ -183,31 +231,6 @@ def _raise_bad(batch: list, task: Task) -> None:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers preprocess; the main process owns the compute threads
-
-
-def _fast_path(predictor: PredictorLike, style: str | None):
-    """For an mmsmall ``Predictor``: (encode, collate, generate) with the first two in workers.
-
-    Workers decode each sample and run ``Predictor.encode`` and ``Predictor.collate`` (one set of
-    tensors crosses the process boundary per batch); the main process runs ``Predictor.answer``
-    (greedy): the three steps ``Predictor.predict`` runs, so the answers are its answers. Other
-    predictors get PIL images and their ``predict`` is called.
-    """
-    if not all(callable(getattr(predictor, m, None)) for m in ("encode", "collate", "answer")):
-        return None, _collate, None
-
-    def encode(image: Image.Image, prompt: str):
-        return predictor.encode(image, prompt, task=style)
-
-    def collate_batch(items: list) -> tuple[list, dict | None]:
-        if any(size is None for _, size, _ in items):  # an unreadable image: nothing to collate
-            return items, None
-        return [(i, size, None) for i, size, _ in items], predictor.collate([ex for _, _, ex in items])
-
-    def generate(batch: dict, max_new_tokens: int) -> list[str]:
-        return predictor.answer(batch, max_new_tokens=max_new_tokens)
-
-    return encode, collate_batch, generate
 
 
 def _unique_ids(records: list[Record]) -> list[Record]:
@@ -276,7 +299,7 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def _generate(
-    predictor: PredictorLike,
+    answerer: Answerer,
     task: Task,
     records: list[Record],
     prompts: dict[str, str],
@@ -288,57 +311,59 @@ def _generate(
     blind: bool,
     molmo: bool,
     show_progress: bool,
-    fast: bool = True,
     donors: dict[str, Record] | None = None,
 ) -> int:
     """Answer ``records`` and append them to ``cache_file``; returns the number generated."""
     if not records:
         return 0
     style = task.molmo_style if molmo else None
-    encode, collate_fn, generate = _fast_path(predictor, style) if fast else (None, _collate, None)
     loader = DataLoader(
-        _ImageDataset(records, blind, prompts, encode, donors),
+        _ImageDataset(records, blind, prompts, answerer, style, donors),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_fn,
+        collate_fn=_Collate(answerer),
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
     from tqdm import tqdm
 
-    bar = tqdm(total=len(records), desc=task.name, unit="q", disable=not show_progress, leave=False)
+    bar = tqdm(
+        total=len(records),
+        desc=task.name,
+        unit="q",
+        disable=not show_progress,
+        leave=False,
+    )
     _drop_torn_tail(cache_file)
-    with bar, open(cache_file, "a", encoding="utf-8") as f:  # the bar is cleared before any error shows
-        for batch in loader:
-            if generate is not None:
-                batch, model_batch = batch
-            _raise_bad(batch, task)
-            recs = [records[i] for i, _, _ in batch]
-            sizes = [size for _, size, _ in batch]
-            inputs = [x for _, _, x in batch]
-            if generate is not None:
-                answers = generate(model_batch, settings["max_new_tokens"])
-            else:
-                answers = predictor.predict(
-                    inputs,
-                    [prompts[r.id] for r in recs],
-                    max_new_tokens=settings["max_new_tokens"],
-                    task=style,
-                )
-            if len(answers) != len(recs):
-                raise RuntimeError(f"predictor returned {len(answers)} answers for a batch of {len(recs)}")
-            for r, size, a in zip(recs, sizes, answers):
-                entry = {"id": r.id, "response": a if isinstance(a, str) else str(a), "size": list(size)}
+    with (
+        bar,
+        open(cache_file, "a", encoding="utf-8") as f,
+    ):  # the bar is cleared before any error shows
+        for items, batch in loader:
+            _raise_bad(items, task)
+            answers = answerer.answer(batch, max_new_tokens=settings["max_new_tokens"])
+            if len(answers) != len(items):
+                raise RuntimeError(f"predictor returned {len(answers)} answers for a batch of {len(items)}")
+            for (i, size, _), a in zip(items, answers):
+                entry = {
+                    "id": records[i].id,
+                    "response": a if isinstance(a, str) else str(a),
+                    "size": list(size),
+                }
                 f.write(json.dumps({**entry, **settings}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(recs))
+            bar.update(len(items))
     return len(records)
 
 
 def _score(
-    task: Task, records: list[Record], cached: dict[str, dict], molmo: bool, samples_file: Path
+    task: Task,
+    records: list[Record],
+    cached: dict[str, dict],
+    molmo: bool,
+    samples_file: Path,
 ) -> dict:
     per_sample = []
     with open(samples_file, "w", encoding="utf-8") as f:
@@ -348,10 +373,113 @@ def _score(
                 r.meta.setdefault("size", entry["size"])
             scores = task.score(entry["response"], r, molmo)
             per_sample.append(scores)
-            line = {"id": r.id, "response": entry["response"], "answers": r.answers, "scores": scores}
+            line = {
+                "id": r.id,
+                "response": entry["response"],
+                "answers": r.answers,
+                "scores": scores,
+            }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     metrics = task.aggregate(per_sample)
     return metrics
+
+
+@dataclass
+class TaskData:
+    """A task's records and what loading them skipped (corrupt samples, by reason) or noted."""
+
+    records: list[Record]
+    skipped: dict[str, int] | None = None
+    note: str | None = None
+
+
+def load_task(task: Task, path: str, limit: int | None) -> TaskData:
+    """``task.load`` with unique ids; the loaders' skip counts and note (left on the first
+    record's ``meta``) become fields here, the one place that reads them."""
+    records = _unique_ids(task.load(str(path), limit))
+    if not records:
+        raise EvalDataError(f"task {task.name}: {path} holds no samples")
+    return TaskData(records, records[0].meta.pop("skipped", None), records[0].meta.pop("note", None))
+
+
+@dataclass
+class _Run:
+    """One ``evaluate`` call: the model, where it writes, and the options every task shares."""
+
+    answerer: Answerer
+    out: Path
+    rank: int
+    world: int
+    settings: dict[str, Any]  # the cache key parts every task shares
+    batch_size: int
+    num_workers: int
+    blind: bool
+    other_images: bool
+    molmo_style: bool
+    show_progress: bool
+
+
+def _run_task(run: _Run, task: Task, path: str, limit: int | None, max_new_tokens: int | None) -> dict | None:
+    """Generate what the cache lacks (this rank's share), then on rank 0 score: the task's
+    entry of the results (``{"submission": ...}`` for a test split without answers)."""
+    t0 = time.time()
+    data = load_task(task, path, limit)
+    records = data.records
+    prompts = {r.id: task.prompt(r, run.molmo_style) for r in records}
+    settings = {
+        **run.settings,
+        "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
+    }
+    settings["data"] = data_fingerprint(records, prompts)  # with the weights: what changes answers
+    pred_dir = run.out / "predictions"
+    cached = read_cache(pred_dir, task.name, settings)
+    todo = [r for r in records[run.rank :: run.world] if r.id not in cached]
+    cache_file = pred_dir / (f"{task.name}.jsonl" if run.world == 1 else f"{task.name}.rank{run.rank}.jsonl")
+    pred_dir.mkdir(parents=True, exist_ok=True)  # made once a task's data loaded: a failed start leaves none
+    (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    if run.rank == 0:
+        log.info(
+            "%s: %d samples (%d cached) from %s",
+            task.name,
+            len(records),
+            len(records) - len(todo),
+            path,
+        )
+    n_new = _generate(
+        run.answerer, task, todo, prompts, cache_file, settings,
+        batch_size=run.batch_size, num_workers=run.num_workers, blind=run.blind, molmo=run.molmo_style,
+        show_progress=run.show_progress, donors=other_image_donors(records) if run.other_images else None,
+    )  # fmt: skip
+    gen_seconds = time.time() - t0
+    _barrier(run.world)
+    if run.rank != 0:
+        return None
+    cached = read_cache(pred_dir, task.name, settings)
+    missing = [r.id for r in records if r.id not in cached]
+    if missing:
+        raise RuntimeError(f"task {task.name}: no prediction for {len(missing)} samples, e.g. {missing[:3]}")
+    from .submission import is_test_split, write_submission
+
+    if is_test_split(records):  # no answers: the benchmark's server scores it
+        sub = write_submission(task.name, records, cached, run.molmo_style, run.out)
+        log.info("%s: no answers in %s; wrote %s for the test server", task.name, path, sub)
+        return {"submission": {"file": sub.name, "n": len(records), "data": str(path)}}
+    metrics = _score(
+        task,
+        records,
+        cached,
+        run.molmo_style,
+        run.out / "samples" / f"{task.name}.jsonl",
+    )
+    if data.note:
+        log.warning("%s: %s", task.name, data.note)
+    log.info("%s: %s = %.2f", task.name, task.primary, 100.0 * metrics[task.primary])
+    return {
+        "primary": task.primary, "score": 100.0 * metrics[task.primary], "metrics": metrics,
+        "n": len(records), "n_generated": n_new, "seconds": round(gen_seconds, 3), "data": str(path),
+        "max_new_tokens": settings["max_new_tokens"],
+        **({"skipped_corrupt": data.skipped} if data.skipped else {}), **({"note": data.note} if data.note else {}),
+    }  # fmt: skip
 
 
 def evaluate(
@@ -374,15 +502,16 @@ def evaluate(
 ) -> dict:
     """Evaluate ``model`` on ``tasks``; writes predictions, results.json and results.md under ``out``.
 
-    model: a checkpoint / export folder, or an object with ``predict`` (see ``PredictorLike``).
+    model: a checkpoint / export folder, or an object with ``encode`` / ``collate`` / ``answer``
+    (``Answerer``) or with ``predict`` (``PredictorLike``, run through ``PredictAdapter``).
     data: task name -> local path or hub id; tasks not named use their default hub dataset.
     limit: the first ``limit`` samples of each task. blind: every image replaced by a mid-grey
     one of the same size. other_images: each question asked about another sample's image of the
     same task (``other_image_donors``): what the model scores when it cannot see the right image,
-    the baseline that measures its reliance on the image. max_new_tokens: overrides each task's pinned budget. molmo_style: ask
-    the bare question with the Molmo task style and keep the text after ``Answer:``.
-    device / dtype (fp32, bf16, fp16) / max_crops: how a model folder is loaded and its images cut.
-    Returns the results dict (on rank 0; other ranks return ``{}``).
+    the baseline that measures its reliance on the image. max_new_tokens: overrides each task's
+    pinned budget. molmo_style: ask the bare question with the Molmo task style and keep the text
+    after ``Answer:``. device / dtype (fp32, bf16, fp16) / max_crops: how a model folder is loaded
+    and its images cut. Returns the results dict (on rank 0; other ranks return ``{}``).
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
@@ -401,99 +530,38 @@ def evaluate(
     if unknown:
         raise ConfigError(f"--data names task(s) {unknown} that are not being run ({', '.join(tasks)})")
     rank, world = _dist()
-    out = Path(out)
-    pred_dir, samples_dir = out / "predictions", out / "samples"
     predictor = load_predictor(model, device=device, dtype=dtype, max_crops=max_crops)
-    weights = model_fingerprint(model)
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     setup = model_settings(predictor)
-
+    style = "molmo" if molmo_style else "lmms-eval"
     results: dict[str, Any] = {
+        "model": model_name, "convention": CONVENTION, "prompt_style": style, "blind": blind,
+        "other_images": other_images, "limit": limit, **setup, "tasks": {},
+    }  # fmt: skip
+    shared = {
         "model": model_name,
-        "convention": CONVENTION,
-        "prompt_style": "molmo" if molmo_style else "lmms-eval",
-        "blind": blind,
-        "other_images": other_images,
-        "limit": limit,
-        **setup,
-        "tasks": {},
+        "blind": bool(blind),
+        "other_images": bool(other_images),
+        "prompt_style": style,
     }
+    shared |= {k: setup[k] for k in ("prompt_format", "max_crops", "dtype")} | {
+        "weights": model_fingerprint(model)
+    }
+    run = _Run(
+        as_answerer(predictor), Path(out), rank, world, shared, batch_size, num_workers, blind, other_images,
+        molmo_style, show_progress and rank == 0,
+    )  # fmt: skip
     for task in specs:
         path = data.get(task.name) or task.default_data
         if path is None:
             raise EvalDataError(
                 f"task {task.name}: no default dataset; pass its data: --data {task.name}=PATH"
             )
-        t0 = time.time()
-        records = _unique_ids(task.load(str(path), limit))
-        if not records:
-            raise EvalDataError(f"task {task.name}: {path} holds no samples")
-        prompts = {r.id: task.prompt(r, molmo_style) for r in records}
-        settings = {
-            "model": model_name,
-            "max_new_tokens": int(max_new_tokens or task.max_new_tokens),
-            "blind": bool(blind),
-            "other_images": bool(other_images),
-            "prompt_style": results["prompt_style"],
-            **{k: setup[k] for k in ("prompt_format", "max_crops", "dtype")},
-            "weights": weights,  # the cache key covers what changes answers: weights, data, prompts
-            "data": data_fingerprint(records, prompts),
-        }
-        cached = read_cache(pred_dir, task.name, settings)
-        mine = records[rank::world]
-        todo = [r for r in mine if r.id not in cached]
-        cache_file = pred_dir / (f"{task.name}.jsonl" if world == 1 else f"{task.name}.rank{rank}.jsonl")
-        pred_dir.mkdir(
-            parents=True, exist_ok=True
-        )  # made once a task's data loaded: a failed start leaves none
-        samples_dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            log.info(
-                "%s: %d samples (%d cached) from %s", task.name, len(records), len(records) - len(todo), path
-            )
-        n_new = _generate(
-            predictor, task, todo, prompts, cache_file, settings,
-            batch_size=batch_size, num_workers=num_workers, blind=blind, molmo=molmo_style,
-            show_progress=show_progress and rank == 0, donors=other_image_donors(records) if other_images else None,
-        )  # fmt: skip
-        gen_seconds = time.time() - t0
-        _barrier(world)
-        if rank != 0:
-            continue
-        cached = read_cache(pred_dir, task.name, settings)
-        missing = [r.id for r in records if r.id not in cached]
-        if missing:
-            raise RuntimeError(
-                f"task {task.name}: no prediction for {len(missing)} samples, e.g. {missing[:3]}"
-            )
-        from .submission import is_test_split, write_submission
-
-        if is_test_split(records):  # no answers: the benchmark's server scores it
-            sub = write_submission(task.name, records, cached, molmo_style, out)
-            results.setdefault("submissions", {})[task.name] = {
-                "file": sub.name,
-                "n": len(records),
-                "data": str(path),
-            }
-            log.info("%s: no answers in %s; wrote %s for the test server", task.name, path, sub)
-            continue
-        metrics = _score(task, records, cached, molmo_style, samples_dir / f"{task.name}.jsonl")
-        skipped, note = records[0].meta.get("skipped"), records[0].meta.get("note")
-        if note:
-            log.warning("%s: %s", task.name, note)
-        results["tasks"][task.name] = {
-            "primary": task.primary,
-            "score": 100.0 * metrics[task.primary],
-            "metrics": metrics,
-            "n": len(records),
-            "n_generated": n_new,
-            "seconds": round(gen_seconds, 3),
-            "data": str(path),
-            "max_new_tokens": settings["max_new_tokens"],
-            **({"skipped_corrupt": skipped} if skipped else {}),
-            **({"note": note} if note else {}),
-        }
-        log.info("%s: %s = %.2f", task.name, task.primary, 100.0 * metrics[task.primary])
+        entry = _run_task(run, task, path, limit, max_new_tokens)
+        if entry is not None and "submission" in entry:
+            results.setdefault("submissions", {})[task.name] = entry["submission"]
+        elif entry is not None:
+            results["tasks"][task.name] = entry
     if rank != 0:
         return {}
     write_reports(results, out)

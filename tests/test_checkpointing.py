@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -52,11 +52,11 @@ def test_checkpointing_recomputes_vit_blocks_and_llm_layers_with_equal_gradients
     cfg = load_config(ROOT / "configs/model" / config, cls=ModelConfig)
     tok = build_tokenizer(cfg.tokenizer, cfg.llm.name)
     torch.manual_seed(0)
-    reference = build_vlm(cfg, tok)
+    reference = VLM(cfg, tok)
     batch = _batch(cfg, tok)
     results = {}
     for enable in (False, True):
-        model = build_vlm(cfg, tok).train()
+        model = VLM(cfg, tok).train()
         model.load_state_dict(reference.state_dict())
         model.set_activation_checkpointing(enable)
         blocks = {"vit": _vit_blocks(model), "llm": list(model.llm.model.layers)}

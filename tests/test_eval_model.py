@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def predictor():
     from mmsmall.config import ModelConfig, load_config
     from mmsmall.inference.predictor import Predictor
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
-    return Predictor(build_vlm(cfg, build_tokenizer(cfg.tokenizer)))
+    return Predictor(VLM(cfg, build_tokenizer(cfg.tokenizer)))
 
 
 def _responses(out: Path) -> dict[str, str]:

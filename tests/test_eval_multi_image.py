@@ -130,12 +130,12 @@ def test_a_corrupt_page_names_the_question_and_page(tmp_path):
 def predictor():
     from mmsmall.config import ModelConfig, load_config
     from mmsmall.inference.predictor import Predictor
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
-    return Predictor(build_vlm(cfg, build_tokenizer(cfg.tokenizer)))
+    return Predictor(VLM(cfg, build_tokenizer(cfg.tokenizer)))
 
 
 def test_runner_asks_about_all_images_and_equals_the_predictor(tmp_path, predictor):

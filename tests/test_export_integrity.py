@@ -15,7 +15,7 @@ from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
 from mmsmall.export.safetensors_io import ShardIntegrityError, load_sharded, verify_shards, write_sharded
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def saved(tmp_path_factory):
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
-    vlm = build_vlm(cfg, build_tokenizer(cfg.tokenizer)).eval()
+    vlm = VLM(cfg, build_tokenizer(cfg.tokenizer)).eval()
     out = tmp_path_factory.mktemp("saved")
     vlm.save_pretrained(out)
     return out

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.points import render_points
 from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import build_tokenizer
@@ -57,7 +57,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
     tok = build_tokenizer(cfg.tokenizer)
-    vlm = build_vlm(cfg, tok)
+    vlm = VLM(cfg, tok)
     proc = Processor(tok, cfg.image)
     _train(vlm, proc, steps=6)
     saved = tmp_path_factory.mktemp("trained")
@@ -204,7 +204,7 @@ def test_non_fitting_model_is_refused(tmp_path):
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)  # open_clip CLIP-style + Qwen2
-    vlm = build_vlm(cfg, build_tokenizer(cfg.tokenizer))
+    vlm = VLM(cfg, build_tokenizer(cfg.tokenizer))
     vlm.save_pretrained(tmp_path / "clip-qwen2")
     with pytest.raises(Molmo2Incompatible) as err:
         run_export(str(tmp_path / "clip-qwen2"), str(tmp_path / "out"), fmt="molmo2")
@@ -220,7 +220,7 @@ def test_non_fitting_model_is_refused(tmp_path):
         ROOT / "configs/model/tiny-molmo2.yaml", ["bidirectional_image=false"], cls=ModelConfig
     )
     with pytest.raises(Molmo2Incompatible, match="bidirectional_image=false"):
-        check_molmo2_fit(build_vlm(causal, build_tokenizer(causal.tokenizer)))
+        check_molmo2_fit(VLM(causal, build_tokenizer(causal.tokenizer)))
 
 
 def test_qwen3_llm_maps_both_ways(tmp_path):
@@ -237,7 +237,7 @@ def test_qwen3_llm_maps_both_ways(tmp_path):
     )
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", [qwen3], cls=ModelConfig)
     torch.manual_seed(1)
-    vlm = build_vlm(cfg, build_tokenizer(cfg.tokenizer)).eval()
+    vlm = VLM(cfg, build_tokenizer(cfg.tokenizer)).eval()
     with torch.no_grad():
         for n, p in vlm.named_parameters():
             if "norm" in n:

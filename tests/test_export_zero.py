@@ -29,7 +29,7 @@ _RESAVE_ZERO2 = """
 import sys
 from mmsmall.config import load_config, RunConfig
 from mmsmall.export.consolidate import consolidate_deepspeed
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.tokenizer import build_tokenizer
 from mmsmall.train import checkpoint
 from mmsmall.train.engine import build_engine, init_distributed
@@ -37,7 +37,7 @@ from mmsmall.train.engine import build_engine, init_distributed
 src, dst = sys.argv[1], sys.argv[2]
 cfg = load_config(src + "/config.yaml", ["train.deepspeed=configs/deepspeed/zero2.json"], cls=RunConfig)
 _, world = init_distributed()
-vlm = build_vlm(cfg.model, build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name))
+vlm = VLM(cfg.model, build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name))
 vlm.load_state_dict(consolidate_deepspeed(src), strict=True)
 engine = build_engine(cfg, vlm, world)
 checkpoint.save(engine, dst, 1, {}, cfg)
@@ -122,9 +122,9 @@ def test_zero3_two_process_export_equals_zero2(tmp_path):
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
     # and the export holds the trained weights, not the initial ones: the run's own final save agrees
     from mmsmall.export import load_molmo2
-    from mmsmall.model.vlm import VLM
+    from mmsmall.export.load import load_model
 
-    final = VLM.from_pretrained(run / "model")
+    final = load_model(run / "model")
     back = load_molmo2(a)
     # every parameter: the final save gathers ZeRO-3 shards one parameter at a time
     named = dict(final.named_parameters())

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mmsmall.config import ModelConfig, load_config
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.tokenizer import build_tokenizer
 from mmsmall.train.flops import FlopCounter
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_step_flops_counts_matmuls_per_token_head_per_target_and_attention_per_document():
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
-    model = build_vlm(cfg, build_tokenizer(cfg.tokenizer))
+    model = VLM(cfg, build_tokenizer(cfg.tokenizer))
     llm = model.llm
     hidden, layers = llm.config.hidden_size, llm.config.num_hidden_layers
     head = hidden * llm.config.vocab_size  # untied, bias-free LM head

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -24,7 +24,7 @@ KEYS = ("input_ids", "attention_mask", "pixel_values", "image_token_pooling")
 def _vlm(name: str):
     torch.manual_seed(0)
     cfg = load_config(ROOT / f"configs/model/{name}.yaml", cls=ModelConfig)
-    vlm = build_vlm(cfg, build_tokenizer(cfg.tokenizer)).eval()
+    vlm = VLM(cfg, build_tokenizer(cfg.tokenizer)).eval()
     with torch.no_grad():  # move norms off their all-ones init, so a lost weight would show
         for n, p in vlm.named_parameters():
             if "norm" in n:

@@ -45,17 +45,19 @@ def test_a_step_that_does_not_log_makes_one_all_reduce_and_one_host_read(tmp_pat
 def test_model_counts_targets_as_the_loop_does(shards):  # noqa: F811
     from mmsmall.config import load_config
     from mmsmall.data.loader import TrainData, batch_counts
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import Processor
     from mmsmall.processing.tokenizer import build_tokenizer
 
     cfg = load_config("configs/train/tiny-pretrain.yaml", [f"data.train=[{{path: {shards}}}]"])
     tok = build_tokenizer(cfg.model.tokenizer)
-    model = build_vlm(cfg.model, tok).eval()
+    model = VLM(cfg.model, tok).eval()
     data = TrainData(cfg, Processor(tok, cfg.model.image), tok.pad_token_id)
     with torch.no_grad():
         for _ in range(2):
             b = data.next_batch()
             batch = {k: v for k, v in b.items() if k != "sample_ids"}
-            out = model(**batch, loss_reduction="sum", keep_logits=False)
-            assert int(out.n_targets) == batch_counts(b)[0] > 0
+            summed = model(**batch, loss_reduction="sum", keep_logits=False)
+            mean = model(**batch, keep_logits=False)
+            n = batch_counts(b)[0]  # the loop's count: the model's "mean" divides by the same
+            assert n > 0 and float(summed.loss) / n == pytest.approx(float(mean.loss), rel=1e-5)

@@ -153,11 +153,11 @@ def imported(stock, tmp_path_factory) -> Path:
 def test_import_carries_everything_and_logits_match(stock, imported):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mmsmall.export.load import load_model
     from mmsmall.inference.predictor import Predictor
-    from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import collate
 
-    vlm = VLM.from_pretrained(imported)
+    vlm = load_model(imported)
     assert vlm.cfg.prompt == "chat_template" and vlm.tokenizer.chat_template == MOLMO2_TEMPLATE
     assert vlm.cfg.image.max_crops_eval == 3 and vlm.cfg.image.overlap_margins == [1, 1]
     n_text = len(vlm.tokenizer) - N_EXTRA
@@ -259,7 +259,7 @@ def test_eval_stock_folder_equals_stock_generate_batch_1_and_8(stock, tmp_path):
 
 def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported):
     from mmsmall.config import ConfigError, RunConfig, load_config
-    from mmsmall.model.vlm import VLM
+    from mmsmall.export.load import load_model
     from mmsmall.train.zero_init import build_model, llm_hidden_size
 
     cfg = load_config(ROOT / "configs/train/tiny-finetune.yaml", [f"train.init_from={stock}"], cls=RunConfig)
@@ -269,7 +269,7 @@ def test_init_from_takes_a_stock_folder_and_zero3_names_the_fix(stock, imported)
     assert built.run_cfg.model is model.cfg and cfg.model is not model.cfg
     assert model.cfg.emit_vocab == len(model.tokenizer) - N_EXTRA
     assert model.cfg.prompt == "chat_template"  # fine-tuned, and saved, in the checkpoint's own template
-    ref = VLM.from_pretrained(imported)
+    ref = load_model(imported)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     with pytest.raises(ConfigError, match="mmsmall import"):
         llm_hidden_size(cfg)  # what ZeRO-3 asks first: it cannot read a stock folder partitioned
@@ -305,11 +305,11 @@ def test_fine_tuning_an_import_trains_in_its_own_chat_template(imported):
     turn, whole conversations drop from the end to fit, and a template that cannot be split is refused."""
     import dataclasses
 
+    from mmsmall.export.load import load_model
     from mmsmall.inference.chat_template import ChatTemplateProcessor
     from mmsmall.inference.template_training import TemplateTrainingProcessor
-    from mmsmall.model.vlm import VLM
 
-    vlm = VLM.from_pretrained(imported)
+    vlm = load_model(imported)
     tok, cfg = vlm.tokenizer, vlm.cfg.image
     assert vlm.cfg.prompt == "chat_template"
     img = image(3)
@@ -364,8 +364,8 @@ def test_a_run_from_an_import_trains_and_is_evaluated_in_molmo2_pointing_text(im
     from test_train import _env
 
     from data_tools.shards import ShardWriter
+    from mmsmall.export.load import load_model
     from mmsmall.inference.template_training import TemplateTrainingProcessor
-    from mmsmall.model.vlm import VLM
     from mmsmall.processing.points import render_points
     from mmsmall.train.preflight import check_run
 
@@ -389,7 +389,7 @@ def test_a_run_from_an_import_trains_and_is_evaluated_in_molmo2_pointing_text(im
             "train.grad_accum=1", "train.precision=fp32", "data.seq_len=384"]  # fmt: skip
     cfg, _ = check_run("configs/train/tiny-finetune.yaml", args, probe_lock=False)
     assert cfg.data.point_format == "molmo2"  # followed the model
-    vlm = VLM.from_pretrained(imported)
+    vlm = load_model(imported)
     proc = TemplateTrainingProcessor(vlm.tokenizer, vlm.cfg.image, point_format=cfg.data.point_format)
     convs = [[{"role": "user", "content": "Point to the dots."},
               {"role": "assistant", "content": render_points([(0.25, 0.5), (0.75, 0.125)], "dot")}]]  # fmt: skip

@@ -39,14 +39,12 @@ def lmms_python() -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from mmsmall.config import ModelConfig, load_config
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
-    return build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(
-        tmp_path_factory.mktemp("m") / "model"
-    )
+    return VLM(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(tmp_path_factory.mktemp("m") / "model")
 
 
 def _env() -> dict:

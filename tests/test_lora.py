@@ -96,15 +96,14 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(setup):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmsmall.export.consolidate import consolidate_deepspeed
-    from mmsmall.export.load import load_vlm
-    from mmsmall.model.vlm import VLM
+    from mmsmall.export.load import load_model, load_vlm
 
     straight = _train(setup, "straight")
     losses = {r["step"]: r["loss"] for r in read_log(straight / "log.jsonl")}
     assert sorted(losses) == list(range(1, 11))
     assert sum(losses[s] for s in (8, 9, 10)) < sum(losses[s] for s in (1, 2, 3)) - 0.3, losses
 
-    base = VLM.from_pretrained(setup / "imported").eval()
+    base = load_model(setup / "imported").eval()
     init = base.state_dict()
     state = consolidate_deepspeed(straight / "checkpoints" / "step_00000010")
     lora_keys = [k for k in state if "lora_" in k]
@@ -179,9 +178,8 @@ def test_qlora_trains_on_a_4bit_base_resumes_exactly_and_exports_plain(setup):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmsmall.export.consolidate import consolidate_deepspeed
-    from mmsmall.export.load import load_vlm
+    from mmsmall.export.load import load_model, load_vlm
     from mmsmall.model.lora import quantize_base
-    from mmsmall.model.vlm import VLM
 
     qlora = ("train.lora.qlora=true", "train.lora.vision.rank=0", "train.steps=6", "train.save_every=3")
     straight = _train(setup, "q_straight", *qlora)
@@ -189,7 +187,7 @@ def test_qlora_trains_on_a_4bit_base_resumes_exactly_and_exports_plain(setup):
     assert sorted(losses) == list(range(1, 7)) and losses[5] + losses[6] < losses[1] + losses[2] - 0.2, losses
 
     state = consolidate_deepspeed(straight / "checkpoints" / "step_00000006")
-    base = VLM.from_pretrained(setup / "imported")
+    base = load_model(setup / "imported")
     assert quantize_base(base.llm) > 0
     quantized = {k: t for k, t in base.state_dict().items() if k.startswith("llm.")}
     assert any(t.dtype == torch.uint8 for t in quantized.values())  # the packed NF4 weights

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from mmsmall.config import ModelConfig, load_config
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.processor import Processor, collate
 from mmsmall.processing.tokenizer import build_tokenizer
 
@@ -35,7 +35,7 @@ def test_text_only_batch_runs_the_tower_zero_weighted_loss_and_grads_unchanged()
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
     tok = build_tokenizer(cfg.tokenizer, cfg.llm.name)
     torch.manual_seed(0)
-    model = build_vlm(cfg, tok)
+    model = VLM(cfg, tok)
     conv = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there"}]
     batch = collate([Processor(tok, cfg.image).encode(None, [conv], sample_id="t")], tok.pad_token_id)
     assert batch["pixel_values"] is None

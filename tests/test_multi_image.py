@@ -90,12 +90,12 @@ def test_image_token_budget_lowers_crops_per_image_to_fit(tok):
 
 def test_a_batch_mixing_zero_one_and_three_images_trains(tok):
     from mmsmall.config import ModelConfig, load_config
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
     tok2 = build_tokenizer(cfg.tokenizer)
-    vlm = build_vlm(cfg, tok2)
+    vlm = VLM(cfg, tok2)
     proc = Processor(tok2, cfg.image)
 
     def conv(q, a):

@@ -35,11 +35,11 @@ def tiny_shape():
 
 
 def test_shape_from_the_meta_build_counts_the_real_model(tiny_shape, tmp_path):
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     cfg = load_config(TINY, [])
-    model = build_vlm(cfg.model, build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name))
+    model = VLM(cfg.model, build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name))
     real = {n: sum(p.numel() for p in getattr(model, n).parameters()) for n in ("vision", "connector", "llm")}
     assert tiny_shape.params == real and tiny_shape.trainable == sum(real.values())
     # a later stage (train.init_from) is planned from the folder's model, not the config's
@@ -80,13 +80,13 @@ def _measured_peak(cfg) -> float:
     """Peak bytes of tensors during a second fp32 training step (the first creates Adam's states)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import Processor, collate
     from mmsmall.processing.tokenizer import build_tokenizer
 
     tok = build_tokenizer(cfg.model.tokenizer, cfg.model.llm.name)
     torch.manual_seed(0)
-    model = build_vlm(cfg.model, tok).train()
+    model = VLM(cfg.model, tok).train()
     proc = Processor(tok, cfg.model.image, cfg.model.style_prefix, max_length=cfg.data.seq_len)
     rng = np.random.default_rng(0)
     rows = []

@@ -58,12 +58,12 @@ def _errors(p: subprocess.CompletedProcess) -> list[str]:
 def model_dir(tmp_path_factory) -> Path:
     """A saved tiny model (what a stage-1 run leaves in out_dir/model), made without training."""
     from mmsmall.config import load_config
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     cfg = load_config(ROOT / TINY).model
     folder = tmp_path_factory.mktemp("stage1") / "model"
-    build_vlm(cfg, build_tokenizer(cfg.tokenizer, cfg.llm.name)).save_pretrained(folder)
+    VLM(cfg, build_tokenizer(cfg.tokenizer, cfg.llm.name)).save_pretrained(folder)
     return folder
 
 

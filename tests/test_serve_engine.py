@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def predictor():
     from mmsmall.config import ModelConfig, load_config
     from mmsmall.inference.predictor import Predictor
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny.yaml", cls=ModelConfig)
-    return Predictor(build_vlm(cfg, build_tokenizer(cfg.tokenizer)))
+    return Predictor(VLM(cfg, build_tokenizer(cfg.tokenizer)))
 
 
 def prompts(n: int):
@@ -108,12 +108,12 @@ def test_a_stock_molmo2_release_answers_as_predictor(tmp_path):
     from mmsmall.config import ModelConfig, load_config
     from mmsmall.export import run_export
     from mmsmall.inference.predictor import Predictor
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
-    build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(tmp_path / "saved")
+    VLM(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(tmp_path / "saved")
     release = run_export(str(tmp_path / "saved"), str(tmp_path / "release"), fmt="molmo2")
     predictor = Predictor(str(release), dtype="bf16")
     assert predictor.prompt_format == "chat_template"

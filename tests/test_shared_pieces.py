@@ -40,7 +40,8 @@ def test_target_count_is_the_shifted_labels_everywhere():
     ids = torch.randint(10, 100, labels.shape)
     with torch.no_grad():
         out = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-    assert int(out.n_targets) == 7
+        summed = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, loss_reduction="sum")
+    torch.testing.assert_close(out.loss * 7, summed.loss, rtol=1e-5, atol=1e-6)  # "mean" divides by the 7
     counter = FlopCounter(vlm, freeze=[])
     no_targets = {**batch, "labels": torch.full_like(labels, IGNORE_INDEX)}
     per_target = (counter.step_flops(batch) - counter.step_flops(no_targets)) / 7
@@ -106,13 +107,14 @@ def test_one_eval_command_line_behind_both_entry_points():
 
 
 def test_one_offline_builder_and_the_training_builder_returns_its_config(tmp_path):
-    """build_offline is what VLM.from_pretrained, the DeepSpeed consolidation and the HF class use:
-    no weights downloaded, names kept on vlm.cfg. build_model leaves the caller's config alone."""
+    """load_model without weights is what every folder kind and the HF class build through: no
+    weights downloaded, names kept on vlm.cfg. build_model leaves the caller's config alone."""
     from test_hf_classes import _vlm
 
     from mmsmall.config import load_config
     from mmsmall.export.hf import MMSmallConfig
-    from mmsmall.model.vlm import VLM, build_offline, folder_configs, offline_config
+    from mmsmall.export.load import Source, load_model
+    from mmsmall.model.vlm import folder_configs, offline_config
     from mmsmall.train.zero_init import build_model
 
     vlm = _vlm("tiny")
@@ -121,9 +123,11 @@ def test_one_offline_builder_and_the_training_builder_returns_its_config(tmp_pat
     assert llm["hidden_size"] == vlm.llm.config.hidden_size and vision is None  # open_clip: its own custom
     offline = offline_config(vlm.cfg, llm, vision)
     assert offline.llm.name is None and offline.llm.custom == llm and offline.vision.pretrained is None
-    rebuilt = build_offline(vlm.cfg, vlm.tokenizer, llm, vision)
+    rebuilt = load_model(
+        Source("config", cfg=vlm.cfg, tokenizer=vlm.tokenizer, configs=(llm, vision)), weights=False
+    )
     assert rebuilt.cfg is vlm.cfg and set(rebuilt.state_dict()) == set(vlm.state_dict())
-    loaded = VLM.from_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
     assert all(torch.equal(v, vlm.state_dict()[k]) for k, v in loaded.state_dict().items())
     hf_cfg = MMSmallConfig.from_vlm(vlm)
     assert hf_cfg.build_model_config() == offline_config(

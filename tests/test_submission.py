@@ -17,7 +17,7 @@ from eval.submission import validate_submission
 from eval.tasks.base import EvalDataError
 from mmsmall.config import ModelConfig, load_config
 from mmsmall.inference.predictor import Predictor
-from mmsmall.model.vlm import build_vlm
+from mmsmall.model.vlm import VLM
 from mmsmall.processing.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def _textvqa(root: Path, ids: list[int]) -> Path:
 def predictor():
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
-    return Predictor(build_vlm(cfg, build_tokenizer(cfg.tokenizer)))
+    return Predictor(VLM(cfg, build_tokenizer(cfg.tokenizer)))
 
 
 def test_test_splits_write_server_files(tmp_path, predictor):

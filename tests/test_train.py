@@ -241,14 +241,14 @@ def test_packed_row_matches_samples_run_alone(shards):
     from mmsmall.config import load_config
     from mmsmall.data.loader import TrainData
     from mmsmall.data.packing import collate_rows
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.processor import Processor
     from mmsmall.processing.tokenizer import build_tokenizer
 
     cfg = load_config("configs/train/tiny-pretrain.yaml", [f"data.train=[{{path: {shards}}}]"])
     torch.manual_seed(0)
     tok = build_tokenizer(cfg.model.tokenizer)
-    model = build_vlm(cfg.model, tok).eval()
+    model = VLM(cfg.model, tok).eval()
     data = TrainData(cfg, Processor(tok, cfg.model.image), tok.pad_token_id)
     pulled = [data._pull() for _ in range(12)]
     multi = next(e for e in pulled if int(e["conv_ids"].max()) == 2)  # two conversations on one image

@@ -77,10 +77,10 @@ def test_each_deepspeed_config_trains_on_two_processes(tmp_path, shards, config)
     from transformers import AutoModelForImageTextToText
 
     import mmsmall.export.hf  # noqa: F401  (registers model_type "mmsmall" with the Auto classes)
-    from mmsmall.model.vlm import VLM
+    from mmsmall.export.load import load_model
 
     exported = AutoModelForImageTextToText.from_pretrained(release)
-    trained = VLM.from_pretrained(out / "model")
+    trained = load_model(out / "model")
     ids = torch.tensor([[5, 9, 17, 33, 2, 7]])
     with torch.no_grad():
         got = exported(input_ids=ids).logits

@@ -40,7 +40,7 @@ def test_ds_config_fills_auto_from_run_config():
 def test_zero3_pieces_need_no_built_model(tmp_path):
     """ZeRO-3 builds the model partitioned, so its bucket sizes come from configs alone, and a
     partitioned matrix (a 1-D slice with ds_shape) still goes to a decayed group."""
-    from mmsmall.model.vlm import build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
     from mmsmall.train.zero_init import llm_hidden_size
 
@@ -50,7 +50,7 @@ def test_zero3_pieces_need_no_built_model(tmp_path):
     assert ds_config(cfg, 1, hidden_size=64)["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     wide = _cfg()
     wide.model.llm.custom = {**wide.model.llm.custom, "hidden_size": 96}
-    folder = build_vlm(wide.model, build_tokenizer(wide.model.tokenizer)).save_pretrained(tmp_path / "m")
+    folder = VLM(wide.model, build_tokenizer(wide.model.tokenizer)).save_pretrained(tmp_path / "m")
     assert llm_hidden_size(_cfg(f"train.init_from={folder}")) == 96  # the folder's LLM, not model.llm
     model = _Toy()
     model.connector.weight.data, model.connector.weight.ds_shape = torch.empty(0), (8, 4)

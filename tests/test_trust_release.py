@@ -49,9 +49,9 @@ def test_import_refuses_a_non_empty_folder_like_export(stock, tmp_path, monkeypa
 
 def test_saved_and_exported_weights_follow_the_umask(saved, tmp_path, umask_027):  # noqa: F811
     from mmsmall.export import run_export
-    from mmsmall.model.vlm import VLM
+    from mmsmall.export.load import load_model
 
-    VLM.from_pretrained(saved).save_pretrained(tmp_path / "model")
+    load_model(saved).save_pretrained(tmp_path / "model")
     assert set(_modes(tmp_path / "model").values()) == {umask_027}, _modes(tmp_path / "model")
     for fmt in ("mmsmall", "molmo2"):
         out = run_export(str(saved), str(tmp_path / fmt), fmt=fmt, max_shard_size="300KB")
@@ -150,14 +150,14 @@ def test_an_adapter_records_its_base_and_refuses_another(saved, tmp_path, monkey
 
     from mmsmall.config import LoRAConfig, ModelConfig, load_config
     from mmsmall.errors import AdapterBaseMismatch
-    from mmsmall.export.load import load_vlm
+    from mmsmall.export.load import load_model, load_vlm
     from mmsmall.model.lora import adapter_base, inject_lora, merge_lora, save_adapter
-    from mmsmall.model.vlm import VLM, build_vlm
+    from mmsmall.model.vlm import VLM
     from mmsmall.processing.tokenizer import build_tokenizer
 
     base = tmp_path / "base"
     shutil.copytree(saved, base)
-    vlm = VLM.from_pretrained(base).eval()
+    vlm = load_model(base).eval()
     inject_lora(vlm, LoRAConfig(enabled=True))
     torch.manual_seed(1)
     with torch.no_grad():  # a trained adapter and connector: B is no longer zero
@@ -179,7 +179,7 @@ def test_an_adapter_records_its_base_and_refuses_another(saved, tmp_path, monkey
     other = tmp_path / "other"
     torch.manual_seed(2)
     cfg = load_config(ROOT / "configs/model/tiny-molmo2.yaml", cls=ModelConfig)
-    build_vlm(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(other)
+    VLM(cfg, build_tokenizer(cfg.tokenizer)).save_pretrained(other)
     with pytest.raises(AdapterBaseMismatch, match="load it onto the base it was trained on"):
         adapter_base(tmp_path / "adapters", base=other)
     shutil.rmtree(base)

@@ -13,12 +13,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 
 from mmsmall.config import LOSS_WEIGHTINGS
 from mmsmall.data.packing import Batch, Example, Packer
-from mmsmall.data.shards import Sample, SampleStream, sample_id
+from mmsmall.data.shards import Sample, SampleStream, log_skip, open_image, sample_id
 from mmsmall.processing.batch import IGNORE_INDEX, count_targets, label_weights
 
 log = logging.getLogger(__name__)
@@ -110,58 +112,142 @@ def encode_sample(
     return ex
 
 
-_worker_args: tuple = ()
+@dataclass(frozen=True)
+class Skipped:
+    """A drawn sample that gives no example: why (a ``COUNTS`` reason) and the detail to log."""
+
+    reason: str
+    detail: str
+
+
+class ExampleMaker:
+    """What happens to one drawn sample, in a data worker or (``num_workers=0``) in the trainer:
+    its image bytes are decoded, then it is encoded (``encode_sample``). Returns the Example, or
+    ``Skipped`` for a sample the trainer counts and passes over."""
+
+    def __init__(self, processor: Any, seed: int, max_conversations: int, response_dropout: float):
+        self.processor = processor
+        self.args = (seed, max_conversations, response_dropout)
+
+    def __call__(self, sample: Sample) -> Example | Skipped:
+        data = sample.get("image_bytes")
+        image = sample.get("image")
+        if data is not None:
+            try:
+                image = open_image(data)
+            except Exception as e:  # PIL raises many types for bad bytes
+                return Skipped("bad_image", f"{type(e).__name__}: {e}")
+        sample = {k: v for k, v in sample.items() if k != "image_bytes"} | {"image": image}
+        try:
+            return encode_sample(self.processor, sample, *self.args)
+        except ValueError as e:  # a sample the processor cannot encode
+            return Skipped("encode_error", str(e))
+
+
+@dataclass(frozen=True)
+class _WorkerFailed:
+    traceback: str
 
 
 def _exit_with_parent(parent: int) -> None:
-    while True:  # a trainer killed with SIGKILL cannot stop its pool; its workers notice and leave
+    while True:  # a trainer killed with SIGKILL cannot stop its workers; they notice and leave
         time.sleep(1.0)
         if os.getppid() != parent:
             os._exit(0)
 
 
-def _worker_init(
-    parent: int, processor: Any, seed: int, max_conversations: int, response_dropout: float
-) -> None:
-    global _worker_args
+def _worker_main(parent: int, maker: ExampleMaker, inbox: Any, outbox: Any) -> None:
+    """A data worker: samples in, examples (or Skipped) out, in order, until it receives None."""
     torch.set_num_threads(1)
-    _worker_args = (processor, seed, max_conversations, response_dropout)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    while (sample := inbox.get()) is not None:
+        try:
+            outbox.put(maker(sample))
+        except BaseException:  # anything else is a bug: the trainer re-raises it with this traceback
+            outbox.put(_WorkerFailed(traceback.format_exc()))
 
 
-def _worker_encode(sample: Sample) -> Example:
-    processor, seed, max_conversations, response_dropout = _worker_args
-    return encode_sample(processor, sample, seed, max_conversations, response_dropout)
+class WorkerPool:
+    """``n`` spawned processes (no fork of a process holding a process group), each owning a copy
+    of one ``ExampleMaker``. The k-th sample submitted goes to worker ``k % n``; each call of the
+    handle ``submit`` returns gives that sample's result, and handles are called in submission order."""
+
+    def __init__(self, n: int, maker: ExampleMaker):
+        ctx = multiprocessing.get_context("spawn")
+        self.inbox = [ctx.Queue() for _ in range(n)]
+        self.outbox = [ctx.Queue() for _ in range(n)]
+        self.procs = [
+            ctx.Process(target=_worker_main, args=(os.getpid(), maker, i, o), daemon=True)
+            for i, o in zip(self.inbox, self.outbox)
+        ]
+        for proc in self.procs:
+            proc.start()
+        self.sent = 0
+
+    def submit(self, sample: Sample) -> Callable[[], Example | Skipped]:
+        w = self.sent % len(self.procs)
+        self.sent += 1
+        self.inbox[w].put(sample)
+        return lambda: self._result(w)
+
+    def _result(self, w: int) -> Example | Skipped:
+        while True:
+            try:
+                out = self.outbox[w].get(timeout=2.0)
+                break
+            except queue.Empty:
+                if not self.procs[w].is_alive():
+                    raise RuntimeError(
+                        f"data worker {w} died (exit code {self.procs[w].exitcode}); out of memory? "
+                        "lower data.num_workers or model.image.max_crops"
+                    ) from None
+        if isinstance(out, _WorkerFailed):
+            raise RuntimeError(f"data worker {w} failed:\n{out.traceback}")
+        return out
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=5)
+        for q in self.inbox + self.outbox:
+            q.cancel_join_thread()
+            q.close()
 
 
 def batch_counts(batch: dict) -> tuple[int, int]:
     """(target tokens, real tokens) of a micro-batch, read from its host tensors: the targets are
-    the model's shifted ones (what ``VLMOutput.n_targets`` counts)."""
+    the model's shifted ones (what the model divides a "mean" loss by)."""
     return int(count_targets(batch["labels"])), int(batch["attention_mask"].sum())
 
 
 class TrainData:
     """Endless, resumable micro-batches for one rank.
 
-    With ``data.num_workers > 0`` examples are encoded in that many worker processes, a few
-    samples ahead of the packer and consumed in stream order, so batches are identical to the
-    in-process path. The saved position is then the stream's position *before* the first sample
-    drawn ahead but not yet consumed, so a resume re-draws exactly those.
+    The stream yields samples with their image still bytes. With ``data.num_workers > 0`` that
+    many worker processes decode and encode them (``ExampleMaker``), a few samples ahead of the
+    packer and consumed in stream order, so batches are identical to the in-process path. The
+    saved position is then the stream's position *before* the first sample drawn ahead but not
+    yet consumed, so a resume re-draws exactly those. Whether the data holds anything usable is
+    judged in one place, ``_check_progress``, for every sample drawn (skipped ones included).
     """
 
     def __init__(self, cfg: Any, processor: Any, pad_id: int, *, rank: int = 0, world_size: int = 1):
         d = cfg.data
         self.processor = processor
-        self.encode_args = (cfg.seed, d.max_conversations, d.response_dropout)
-        self.stream = SampleStream(d.train, seed=cfg.seed, rank=rank, world_size=world_size)
+        self.maker = ExampleMaker(processor, cfg.seed, d.max_conversations, d.response_dropout)
+        self.stream = SampleStream(
+            d.train, seed=cfg.seed, rank=rank, world_size=world_size, decode_images=False
+        )
         self.skipped: dict[str, int] = {}  # encode errors and too-long examples, counted when consumed
         self.packer = Packer(
             d.seq_len, cfg.train.micro_batch_size, pad_id, pack=d.pack, counters=self.skipped
         )
         self.weight_power = LOSS_WEIGHTINGS[cfg.train.loss_weighting]
         self.num_workers = d.num_workers
-        self.pool: ProcessPoolExecutor | None = None
-        self.ahead: deque[tuple[dict, Sample, Future]] = deque()  # (stream state before it, sample, encoding)
+        self.pool: WorkerPool | None = None
+        # drawn ahead for the workers: (stream state before it, sample, its result when called)
+        self.ahead: deque[tuple[dict, Sample, Callable[[], Example | Skipped]]] = deque()
         self._accepted_seen, self._unusable_run = 0, {}  # see _check_progress
 
     @property
@@ -182,28 +268,19 @@ class TrainData:
         if repeated:
             self.skipped["repeated_samples"] = self.skipped.get("repeated_samples", 0) + repeated
 
-    def encode(self, sample: Sample) -> Example:
-        return encode_sample(self.processor, sample, *self.encode_args)
-
-    def _next_encoded(self) -> tuple[Sample, Callable[[], Example]]:
+    def _next_encoded(self) -> tuple[Sample, Callable[[], Example | Skipped]]:
         if self.num_workers <= 0:
             sample = next(self.stream)
-            return sample, lambda: self.encode(sample)
+            return sample, lambda: self.maker(sample)
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(
-                self.num_workers,
-                mp_context=multiprocessing.get_context(
-                    "spawn"
-                ),  # no fork of a process holding a process group
-                initializer=_worker_init,
-                initargs=(os.getpid(), self.processor, *self.encode_args),
-            )
+            self.pool = WorkerPool(self.num_workers, self.maker)
         while len(self.ahead) < 8 * self.num_workers:
             state = self.stream.state_dict()
             sample = next(self.stream)
-            self.ahead.append((state, sample, self.pool.submit(_worker_encode, sample)))
-        _, sample, future = self.ahead.popleft()
-        return sample, future.result
+            result = self.pool.submit(sample) if not sample.get("empty") else (lambda: None)
+            self.ahead.append((state, sample, result))
+        _, sample, result = self.ahead.popleft()
+        return sample, result
 
     def _check_progress(self, sample: Sample) -> None:
         """Stop once a whole pass over every data entry has yielded no usable example.
@@ -223,18 +300,21 @@ class TrainData:
             raise NoUsableData(
                 "a whole pass over data.train gave no usable example; skipped so far: "
                 f"{self.counters}. too_long: raise data.seq_len or lower model.image.max_crops; "
-                "encode_error: see the warnings above"
+                "encode_error, bad_image, bad_json, unreadable_tar: see the warnings above"
             )
 
     def _pull(self) -> Example:
         while True:
             sample, result = self._next_encoded()
             self._check_progress(sample)
-            try:
-                ex = result()
-            except ValueError as e:  # a sample the processor cannot encode: skip, count, go on
-                self.skipped["encode_error"] = self.skipped.get("encode_error", 0) + 1
-                log.warning("skipping sample %s: %s", sample_id(sample), e)
+            if sample.get("empty"):  # the stream's marker: an entry read nothing for a whole epoch
+                continue
+            ex = result()
+            if isinstance(ex, Skipped):  # corrupt image or unencodable sample: count, say, go on
+                self.skipped[ex.reason] = self.skipped.get(ex.reason, 0) + 1
+                log_skip(
+                    self.stream.counters, ex.reason, sample.get("shard", "?"), sample_id(sample), ex.detail
+                )
                 continue
             for k, n in ex.pop("counts", {}).items():
                 self.skipped[k] = self.skipped.get(k, 0) + n
@@ -254,19 +334,22 @@ class TrainData:
             "skipped": dict(self.skipped),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for _, _, future in self.ahead:
-            future.cancel()
+    def _drop_ahead(self) -> None:
+        """Forget the samples drawn ahead (a new position is loaded): the workers start afresh."""
         self.ahead.clear()
+        self.close()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_ahead()
         self.stream.load_state_dict(state["stream"])
         pending = []
         for ref in state["pending"]:
             sample = self.stream.sample_at(ref)
-            if sample is None:
+            ex = self.maker(sample) if sample is not None else None
+            if not isinstance(ex, dict):
                 raise RuntimeError(
                     f"data position: held sample {ref} no longer decodes; did the shards change?"
                 )
-            ex = self.encode(sample)
             ex.pop("counts", None)  # counted when it was first drawn
             pending.append(ex)
         self.packer.pending = pending
@@ -279,9 +362,7 @@ class TrainData:
         (``elastic.py``): the held examples of every old rank are drawn again by the new ranks."""
         from mmsmall.data.elastic import elastic_stream_state
 
-        for _, _, future in self.ahead:
-            future.cancel()
-        self.ahead.clear()
+        self._drop_ahead()
         stream = elastic_stream_state(
             self.stream, [s["stream"] for s in states], [s["pending"] for s in states]
         )
@@ -296,5 +377,5 @@ class TrainData:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.close()
             self.pool = None

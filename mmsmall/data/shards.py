@@ -4,7 +4,7 @@ Two ways in:
 
 - ``iter_samples(path)`` yields every good sample of a shard set once, in order. Corrupt members
   (an image PIL cannot decode, json that does not parse, a sample missing its json, an unreadable
-  tar) are skipped, counted in ``counters`` by reason and logged once with the shard and key.
+  tar) are skipped, counted in ``counters`` by reason and logged with the shard and key.
 - ``SampleStream(entries, seed, rank, world_size)`` is the endless training stream: a mixture of
   shard sets drawn by rate, each shard set visited in a seeded per-epoch shard order, each shard's
   samples in a seeded permutation, shards split across ranks. Its position is explicit
@@ -13,7 +13,9 @@ Two ways in:
   the packer save the examples it still holds as small references instead of tensors.
 
 A shard is read into memory whole (raw bytes, tens of MB at most) and images are decoded on
-demand, so the seeded within-shard permutation costs no extra I/O.
+demand, so the seeded within-shard permutation costs no extra I/O. A stream made with
+``decode_images=False`` (training) yields the image's raw bytes instead (``image_bytes``): the data
+workers decode them (``decode_image``), so the expensive part runs in parallel.
 """
 
 from __future__ import annotations
@@ -66,8 +68,11 @@ def tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 class Sample(TypedDict, total=False):
     key: str
     image: Image.Image | None
+    image_bytes: bytes | None  # undecoded image (a stream with decode_images=False)
+    shard: str  # the tar it came from (for skip messages)
     json: dict
     ref: tuple[int, int, int, int]  # (entry, epoch, shard position, sample position); stream only
+    empty: bool  # a stream's marker: a whole epoch of an entry gave no readable sample (see _next_from)
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -118,15 +123,30 @@ def _count(counters: dict[str, int] | None, reason: str) -> None:
         counters[reason] = counters.get(reason, 0) + 1
 
 
-_logged: set[tuple[str, str, str]] = set()
+class SkipCounts(dict):
+    """Skipped members by reason, and (``logged``) those already warned about: a stream re-reading
+    a shard every epoch warns about each bad member once. A plain dict counts and warns every time."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.logged: set[tuple[str, str, str]] = set()
 
 
-def _skip(counters: dict[str, int] | None, reason: str, shard: Path, key: str, detail: str = "") -> None:
-    _count(counters, reason)
+def log_skip(counters: dict | None, reason: str, shard: Path | str, key: str, detail: str = "") -> None:
+    """Warn about a skipped member (once per member where ``counters`` is a ``SkipCounts``)."""
+    logged = getattr(counters, "logged", None)
     marker = (str(shard), key, reason)
-    if marker not in _logged:
-        _logged.add(marker)
+    if logged is None or marker not in logged:
+        if logged is not None:
+            logged.add(marker)
         log.warning("skipping sample %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
+
+
+def _skip(
+    counters: dict[str, int] | None, reason: str, shard: Path | str, key: str, detail: str = ""
+) -> None:
+    _count(counters, reason)
+    log_skip(counters, reason, shard, key, detail)
 
 
 def _open_tar(shard: Path | str) -> tarfile.TarFile:
@@ -167,10 +187,23 @@ def read_shard_members(
     return list(groups.items())
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Image bytes -> a fully decoded RGB image; raises what PIL raises for bad bytes."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # force a full decode: truncated files fail here, not later
+        return to_rgb_image(im)
+
+
 def decode_sample(
-    shard: Path, key: str, parts: dict[str, bytes], counters: dict[str, int] | None = None
+    shard: Path,
+    key: str,
+    parts: dict[str, bytes],
+    counters: dict[str, int] | None = None,
+    *,
+    decode_images: bool = True,
 ) -> Sample | None:
-    """One raw tar group -> ``Sample``; None (counted and logged) when it is corrupt."""
+    """One raw tar group -> ``Sample``; None (counted and logged) when it is corrupt. Without
+    ``decode_images`` the image stays bytes (``image_bytes``) for ``decode_image`` to open later."""
     if "json" not in parts:
         _skip(counters, "missing_json", shard, key)
         return None
@@ -181,17 +214,29 @@ def decode_sample(
     except (ValueError, UnicodeDecodeError) as e:
         _skip(counters, "bad_json", shard, key, str(e))
         return None
-    image = None
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
-    if ext is not None:
+    sample: Sample = {
+        "key": key,
+        "json": meta,
+        "shard": str(shard),
+        "image_bytes": parts[ext] if ext else None,
+    }
+    return decode_image(sample, counters) if decode_images else sample
+
+
+def decode_image(sample: Sample, counters: dict[str, int] | None = None) -> Sample | None:
+    """Open a sample's ``image_bytes`` into ``image``; None (counted ``bad_image``, logged) when they
+    do not decode."""
+    data = sample.pop("image_bytes", None)
+    image = None
+    if data is not None:
         try:
-            with Image.open(io.BytesIO(parts[ext])) as im:
-                im.load()  # force a full decode: truncated files fail here, not later
-                image = to_rgb_image(im)
+            image = open_image(data)
         except Exception as e:  # PIL raises many types for bad bytes
-            _skip(counters, "bad_image", shard, key, f"{type(e).__name__}: {e}")
+            _skip(counters, "bad_image", sample.get("shard", "?"), sample["key"], f"{type(e).__name__}: {e}")
             return None
-    return {"key": key, "image": image, "json": meta}
+    sample["image"] = image
+    return sample
 
 
 def iter_samples(
@@ -242,6 +287,10 @@ class SampleStream:
       resume is exactly the one that would have come next. A resume on another world size
       (``mmsmall/data/elastic.py``) instead restarts each entry's current epoch with the samples
       the earlier ranks trained marked ``done``, which the stream passes over.
+    - Unreadable data: when two epochs of an entry pass without a readable sample, the stream
+      yields a marker ``{"empty": True, "ref": (entry, epoch, -1, -1)}`` instead of looping on;
+      the reader (``TrainData``) decides, in one place, when the data holds nothing usable.
+    - ``decode_images=False`` yields images as bytes (``image_bytes``), for data workers to decode.
     """
 
     def __init__(
@@ -252,9 +301,12 @@ class SampleStream:
         rank: int = 0,
         world_size: int = 1,
         counters: dict[str, int] | None = None,
+        decode_images: bool = True,
     ):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.counters = counters if counters is not None else {}
+        self.counters = counters if counters is not None else SkipCounts()
+        self.decode_images = decode_images
+        self._warned_empty: set[int] = set()  # entries already reported as reading nothing
         self.entries: list[_Entry] = []
         for i, e in enumerate(entries):
             path, rate, name = (
@@ -320,7 +372,7 @@ class SampleStream:
         shard_ids, _ = self._epoch_shards(i, epoch)
         shard, members, perm = self._shard_samples(i, epoch, shard_ids[shard_pos])
         key, parts = members[int(perm[sample_pos])]
-        sample = decode_sample(shard, key, parts, None)
+        sample = decode_sample(shard, key, parts, None, decode_images=self.decode_images)
         if sample is not None:
             sample["ref"] = (i, epoch, shard_pos, sample_pos)
         return sample
@@ -334,11 +386,14 @@ class SampleStream:
             if cur.shard_pos >= len(shard_ids):
                 cur.epoch, cur.shard_pos, cur.sample_pos = cur.epoch + 1, 0, 0
                 scanned += 1
-                if scanned > 2:
-                    raise RuntimeError(
-                        f"data.train entry {entry.name!r}: no readable samples for rank {self.rank} "
-                        f"in its shards ({len(entry.shards)} shards; skipped: {self.counters})"
-                    )
+                if scanned >= 2:  # a whole epoch without a readable sample: say so, let the reader judge
+                    if i not in self._warned_empty:
+                        self._warned_empty.add(i)
+                        log.warning(
+                            "data.train entry %r: no readable sample for rank %d in a whole epoch of its "
+                            "%d shards (skipped so far: %s)", entry.name, self.rank, len(entry.shards), self.counters
+                        )  # fmt: skip
+                    return {"key": "", "json": {}, "empty": True, "ref": (i, cur.epoch, -1, -1)}
                 continue
             shard, members, perm = self._shard_samples(i, cur.epoch, shard_ids[cur.shard_pos])
             if cur.sample_pos >= len(members):
@@ -352,7 +407,7 @@ class SampleStream:
                 scanned = 0  # trained before an elastic resume: progress, not an unreadable epoch
                 continue
             key, parts = members[int(perm[pos])]
-            sample = decode_sample(shard, key, parts, self.counters)
+            sample = decode_sample(shard, key, parts, self.counters, decode_images=self.decode_images)
             if sample is None:
                 continue
             scanned = 0

@@ -1,5 +1,6 @@
 """The DeepSpeed checkpoint format: one checkpoint folder (``step_00000010/``: ZeRO-1/2/3 files +
-the run's ``config.yaml``) -> the fp32 VLM it holds.
+the run's ``config.yaml``) -> the fp32 state dict of the VLM it holds (``export/load.py`` builds
+the VLM from the ``config.yaml`` and loads it).
 
 DeepSpeed checkpoints are consolidated from the fp32 master weights held in the optimizer shards
 of every rank (what ``deepspeed.utils.zero_to_fp32`` does), with every file read through
@@ -10,14 +11,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-
-from mmsmall.errors import MissingInput
-
-if TYPE_CHECKING:
-    from mmsmall.model.vlm import VLM
 
 log = logging.getLogger(__name__)
 
@@ -104,39 +99,3 @@ def _extra_module_state(sd: dict) -> dict[str, torch.Tensor]:
     for group in sd[C.PARAM_SHAPES]:
         known |= set(group)
     return {k: v for k, v in sd["module"].items() if k not in known and isinstance(v, torch.Tensor)}
-
-
-def load_checkpoint(ckpt_dir: Path, merge_lora: bool = True) -> VLM:
-    """The VLM (fp32, eval) of one checkpoint folder, built from its ``config.yaml`` without hub weights.
-
-    A checkpoint of a LoRA run (``train.lora.enabled``) gets its adapters back and, with
-    ``merge_lora``, folded into the base weights (a plain VLM); without, they stay peft layers.
-    """
-    from mmsmall.config import RunConfig, load_config
-    from mmsmall.model.vlm import build_offline
-    from mmsmall.processing.tokenizer import build_tokenizer
-
-    cfg_path = ckpt_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise MissingInput(f"{cfg_path} missing: the checkpoint folder must hold the run's resolved config")
-    run_cfg = load_config(cfg_path, cls=RunConfig)
-    model_cfg = run_cfg.model
-    tokenizer = build_tokenizer(model_cfg.tokenizer, model_cfg.llm.name)
-    vlm = build_offline(model_cfg, tokenizer)  # the checkpoint holds every weight
-    lora = run_cfg.train.lora
-    if lora.enabled:
-        from mmsmall.model.lora import inject_lora
-
-        inject_lora(vlm, lora)
-    state = consolidate_deepspeed(ckpt_dir)
-    missing, unexpected = vlm.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{ckpt_dir}: consolidated weights do not fit the model in config.yaml: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    if lora.enabled and merge_lora:
-        from mmsmall.model.lora import merge_lora as merge
-
-        merge(vlm)
-    return vlm.float().eval()

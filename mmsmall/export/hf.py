@@ -36,14 +36,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmsmall.config import ModelConfig, from_dict, to_dict
 from mmsmall.errors import MissingInput
-from mmsmall.model.vlm import (
-    IMAGE_TOKENS,
-    VLM,
-    build_offline,
-    next_token_loss,
-    offline_config,
-    positions_from_mask,
-)
+from mmsmall.export.load import Source, hf_tokenizer, load_model, plain_config
+from mmsmall.model.vlm import IMAGE_TOKENS, VLM, next_token_loss, offline_config, positions_from_mask
 from mmsmall.processing.batch import count_targets
 
 MODEL_TYPE = "mmsmall"
@@ -104,35 +98,14 @@ class MMSmallConfig(PretrainedConfig):
         return from_dict(ModelConfig, dict(self.model_config), "config.json:model_config")
 
     def stored_configs(self) -> tuple[dict, dict | None]:
-        """The (llm, vision) config dicts this config.json holds, for ``build_offline``."""
-        vision = _plain_config(self.vision_config) if self.vision_config is not None else None
-        return _plain_config(self.text_config), vision
-
-
-def _plain_config(config: PretrainedConfig) -> dict:
-    d = config.to_dict()
-    for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
-        d.pop(k, None)
-    return d
+        """The (llm, vision) config dicts this config.json holds, for a build without downloads."""
+        vision = plain_config(self.vision_config.to_dict()) if self.vision_config is not None else None
+        return plain_config(self.text_config.to_dict()), vision
 
 
 def _tokenizer_for(config: MMSmallConfig):
-    from mmsmall.config import TokenizerConfig
-    from mmsmall.processing.tokenizer import build_tokenizer
-
-    folder = _LOADING_DIR.get()
-    if folder is not None and (Path(folder) / "tokenizer_config.json").exists():
-        tok = build_tokenizer(TokenizerConfig(name=folder))
-    else:
-        tok = build_tokenizer(from_dict(TokenizerConfig, dict(config.model_config.get("tokenizer", {}))))
-    wrong = {t: (i, tok.convert_tokens_to_ids(t)) for t, i in config.image_token_ids.items()}
-    wrong = {t: v for t, v in wrong.items() if v[0] != v[1]}
-    if wrong:
-        raise ValueError(
-            f"the tokenizer does not match config.json: image token ids (config, tokenizer) {wrong}; "
-            "keep the tokenizer files that were exported with the model"
-        )
-    return tok
+    """The tokenizer saved in the folder ``from_pretrained`` reads, else the one config.json names."""
+    return hf_tokenizer(config.model_config, config.image_token_ids, _LOADING_DIR.get())
 
 
 class MMSmallPreTrainedModel(PreTrainedModel):
@@ -167,7 +140,10 @@ class MMSmallForConditionalGeneration(MMSmallPreTrainedModel, GenerationMixin):
             # which meta tensors cannot do, so an open_clip VLM is built on the CPU (then loaded).
             device = "cpu" if model_cfg.vision.backend == "open_clip" else torch.get_default_device()
             with torch.device(device):
-                vlm = build_offline(model_cfg, _tokenizer_for(config), *config.stored_configs())
+                source = Source(
+                    "config", cfg=model_cfg, tokenizer=_tokenizer_for(config), configs=config.stored_configs()
+                )
+                vlm = load_model(source, weights=False)
         self.vlm = vlm
         self.post_init()
 

@@ -23,19 +23,11 @@ from typing import TYPE_CHECKING
 
 from mmsmall.errors import MissingInput
 from mmsmall.export.molmo2 import Molmo2Incompatible
-from mmsmall.export.safetensors_io import verify_shards
 
 if TYPE_CHECKING:
     from mmsmall.model.vlm import VLM
 
 log = logging.getLogger(__name__)
-
-# Molmo2Processor attribute -> the value our image token layout (processing/tokens.py) uses.
-_LAYOUT = {
-    "image_use_col_tokens": True,
-    "use_single_crop_col_tokens": None,
-    "use_single_crop_start_token": True,
-}
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -60,48 +52,20 @@ def is_molmo2_folder(path: str | Path) -> bool:
     return cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "molmo2"
 
 
-def _check_processor(processor) -> None:
-    wrong = [
-        f"{k}={getattr(processor, k, v)!r} (mmsmall lays image tokens out with {k}={v!r})"
-        for k, v in _LAYOUT.items()
-        if getattr(processor, k, v) != v
-    ]
-    if wrong:
-        raise Molmo2Incompatible("processor settings mmsmall cannot reproduce: " + "; ".join(wrong))
-
-
 def load_molmo2(path: str | Path) -> VLM:
-    """A stock transformers Molmo2 folder -> our VLM (fp32, eval), to fine-tune it in mmsmall.
+    """A stock transformers Molmo2 folder -> our VLM (fp32, eval), prompted in mmsmall's format:
+    ``load_model`` of it without its chat template. Shards are checked against ``checksums.json``
+    when the folder has one (folders we exported), and are read as safetensors only."""
+    from mmsmall.export.load import Source, load_model
 
-    Shards are checked against ``checksums.json`` when the folder has one (folders we exported),
-    and are read as safetensors only. The tokenizer and image settings come from the folder's
-    processor. Raises :class:`~mmsmall.export.molmo2.Molmo2Incompatible` for Molmo2 variants
-    our VLM cannot express.
-    """
-    import torch
-    from transformers import AutoProcessor, Molmo2ForConditionalGeneration
-
-    from mmsmall.export.molmo2 import from_molmo2_state_dict, model_config_from_molmo2
-    from mmsmall.model.vlm import build_vlm
-    from mmsmall.processing.tokenizer import build_tokenizer
-
-    path = Path(path)
-    verify_shards(path)
-    molmo = Molmo2ForConditionalGeneration.from_pretrained(
-        str(path), use_safetensors=True, dtype=torch.float32
-    )
-    processor = AutoProcessor.from_pretrained(str(path))
-    cfg = model_config_from_molmo2(molmo.config, processor.image_processor, str(path))
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    vlm = build_vlm(cfg, tokenizer)
-    from_molmo2_state_dict(molmo, vlm)
-    vlm.cfg.point_format = "molmo2"  # Molmo2 points in its coords text: fine-tunes and eval keep it
-    return vlm.float().eval()
+    return load_model(Source("molmo2", Path(path), chat_template=False))
 
 
-def read_molmo2(source: str | Path):
-    """The VLM (fp32, eval) of a stock Molmo2 checkpoint, with its chat template (``model.prompt``)."""
-    from transformers import AutoProcessor
+def read_molmo2(source: str | Path) -> VLM:
+    """The VLM (fp32, eval) of a stock Molmo2 checkpoint (a folder or hub id), with its chat template
+    (``model.prompt``): ``load_model`` of it. Refused with the reason
+    (:class:`~mmsmall.export.molmo2.Molmo2Incompatible`) for Molmo2 variants our VLM cannot express."""
+    from mmsmall.export.load import Source, load_model
 
     path = resolve_checkpoint(source)
     if not is_molmo2_folder(path):
@@ -109,15 +73,7 @@ def read_molmo2(source: str | Path):
             f"{path}: not a transformers Molmo2 checkpoint (config.json with model_type molmo2); "
             "mmsmall import reads Molmo2ForConditionalGeneration folders"
         )
-    processor = AutoProcessor.from_pretrained(str(path))
-    _check_processor(processor)
-    vlm = load_molmo2(path)
-    template = getattr(processor, "chat_template", None) or vlm.tokenizer.chat_template
-    if template:
-        vlm.tokenizer.chat_template = template
-        vlm.cfg.prompt = "chat_template"
-    else:
-        log.warning("%s has no chat template: the imported model is prompted in mmsmall's format", source)
+    vlm = load_model(Source("molmo2", path))
     vlm.cfg.tokenizer.name = str(source)  # provenance; a saved folder holds the tokenizer itself
     return vlm
 

@@ -29,6 +29,17 @@ def check_options(**values: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {MINIMUM[name]}, got {value}")
 
 
+def _placed(model: VLM, device: torch.device, dtype: torch.dtype) -> VLM:
+    """``model`` itself when every parameter already is on ``device`` in ``dtype``; else a copy
+    moved and cast there (the caller's model, e.g. one in training, is never changed)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if all(p.device == device and p.dtype == dtype for p in model.parameters()):
+        return model
+    logger.info("Predictor: a copy of the model on %s in %s (the given one stays as it is)", device, dtype)
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
 class Predictor:
     """Answer questions about images with a :class:`VLM`.
 
@@ -55,13 +66,12 @@ class Predictor:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         check_options(max_crops=max_crops)
-        if isinstance(model_or_dir, VLM):
-            model = model_or_dir
+        if isinstance(model_or_dir, VLM):  # the caller's: used as it is, or a cast copy of it
+            self.model = _placed(model_or_dir, torch.device(device), DTYPES[dtype])
         else:
-            from mmsmall.export.load import load_vlm
+            from mmsmall.export.load import load_model
 
-            model = load_vlm(model_or_dir)[0]
-        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+            self.model = load_model(model_or_dir).to(device=device, dtype=DTYPES[dtype])
         self.device = torch.device(device)
         self.dtype = dtype
         cfg = self.model.cfg
@@ -126,14 +136,19 @@ class Predictor:
         """Generate from a collated batch and decode: special tokens (EOS) dropped, cut at the first
         stop string, stripped."""
         check_options(max_new_tokens=max_new_tokens)
-        new_tokens = self.model.generate(
-            batch,
-            max_new_tokens=self._fit_positions(batch, max_new_tokens),
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            stop_strings=tuple(stop_strings),
-        )
+        was_training = self.model.training
+        self.model.eval()  # generation without dropout; a caller's training model gets its mode back
+        try:
+            new_tokens = self.model.generate(
+                batch,
+                max_new_tokens=self._fit_positions(batch, max_new_tokens),
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                stop_strings=tuple(stop_strings),
+            )
+        finally:
+            self.model.train(was_training)
         return [self.text(tokens, stop_strings) for tokens in new_tokens]
 
     def text(self, tokens: Sequence[int], stop_strings: Sequence[str] = ()) -> str:

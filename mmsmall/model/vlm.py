@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -33,8 +32,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from mmsmall.config import ModelConfig, TokenizerConfig, load_config, save_config
-from mmsmall.errors import MissingInput
+from mmsmall.config import ModelConfig, save_config
 from mmsmall.model.attention import DOCWISE, build_attention_mask, doc_groups
 from mmsmall.model.connector import Connector
 from mmsmall.model.params import full_numel
@@ -68,7 +66,6 @@ class VLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None  # mean or sum of token cross-entropy over targets (None without labels)
     logits: torch.Tensor | None = None  # (B, T, V); None with keep_logits=False
-    n_targets: torch.Tensor | None = None  # () int64 count of target tokens (labels != -100 after the shift)
 
 
 class VLM(nn.Module):
@@ -264,11 +261,13 @@ class VLM(nn.Module):
         out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs)
         logits = self.emittable(out.logits)  # (B, T, V), or (B, K, V) at the kept positions
         if targets is None:
-            return VLMOutput(None, logits, torch.zeros((), dtype=torch.long, device=logits.device))
-        n_targets = count_targets(labels)  # the kept positions hold every target
+            return VLMOutput(None, logits)
         predicting = logits[:, :-1] if keep_logits else logits  # aligned with targets
+        # "mean" divides by the target count (the kept positions hold every target); the training
+        # loop sums ("sum") and divides by the global count it draws with the micro-batches
+        n_targets = count_targets(labels) if loss_reduction == "mean" else None
         loss = next_token_loss(predicting, targets, n_targets, loss_reduction, weights)
-        return VLMOutput(loss, logits if keep_logits else None, n_targets)
+        return VLMOutput(loss, logits if keep_logits else None)
 
     # ------------------------------------------------------------------ generation
 
@@ -402,7 +401,7 @@ class VLM(nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, out_dir / "model_config.yaml")
         self.tokenizer.save_pretrained(out_dir)
-        # The LLM (and an HF vision tower) configs let from_pretrained rebuild offline, without hub names.
+        # The LLM (and an HF vision tower) configs let load_model rebuild offline, without hub names.
         (out_dir / "llm_config.json").write_text(self.llm.config.to_json_string())
         if self.cfg.vision.backend == "hf":
             vision_config = self.vision.backbone.model.config.to_dict()
@@ -421,44 +420,10 @@ class VLM(nn.Module):
             save_safetensors(self, out_dir / "model.safetensors")
         return out_dir
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str | Path,
-        device: str | torch.device = "cpu",
-        load_weights: bool = True,
-        cfg: ModelConfig | None = None,
-    ) -> VLM:
-        """Rebuild from a ``save_pretrained`` folder (no hub access; weights from safetensors only).
-
-        ``load_weights=False`` builds the model without reading ``model.safetensors`` (ZeRO-3
-        loads it into the partitions itself: ``mmsmall.train.zero_init.load_partitioned``).
-        ``cfg``: the folder's config with settings that leave every shape as saved changed
-        (a later stage's own processing, ``mmsmall.train.stage``); default: the saved one.
-        """
-        from mmsmall.processing.tokenizer import build_tokenizer
-
-        model_dir = Path(model_dir)
-        weights = model_dir / "model.safetensors"
-        if not weights.exists():
-            raise MissingInput(f"{weights} not found; expected a folder written by VLM.save_pretrained")
-        if cfg is None:
-            cfg = load_config(model_dir / "model_config.yaml", cls=ModelConfig)
-        tokenizer = build_tokenizer(TokenizerConfig(name=str(model_dir)))
-        model = build_offline(cfg, tokenizer, *folder_configs(model_dir))
-        if not load_weights:
-            return model
-        missing, unexpected = load_model(model, str(weights), strict=True, device=str(device))
-        return model.to(device).eval()
-
-
-def build_vlm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> VLM:
-    """Build the model a config describes (the registry entry point)."""
-    return VLM(cfg, tokenizer)
-
 
 def offline_config(cfg: ModelConfig, llm: dict | None = None, vision: dict | None = None) -> ModelConfig:
-    """``cfg`` with every hub weight reference replaced, so that building it downloads no weights.
+    """``cfg`` with every hub weight reference replaced, so that building it downloads no weights
+    (what ``mmsmall.export.load.load_model`` builds for weights loaded next, and what ``plan`` sizes).
 
     The tower is random-init (``pretrained=None``); ``vision`` (a tower config dict) and ``llm`` (an
     LLM config dict, e.g. a saved ``llm_config.json``) replace the hub names when given; a hub LLM
@@ -478,20 +443,9 @@ def offline_config(cfg: ModelConfig, llm: dict | None = None, vision: dict | Non
     return replace(cfg, vision=vision_cfg, llm=llm_cfg)
 
 
-def build_offline(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, llm: dict | None = None, vision: dict | None = None
-) -> VLM:
-    """The VLM ``cfg`` describes, built without downloading weights (see :func:`offline_config`),
-    for weights loaded next: a saved folder, a DeepSpeed checkpoint, a release. Training, export
-    and the HF class build through here. ``vlm.cfg`` keeps ``cfg``'s names (model card, next save)."""
-    vlm = VLM(offline_config(cfg, llm, vision), tokenizer)
-    vlm.cfg = cfg
-    return vlm
-
-
 def folder_configs(model_dir: str | Path) -> tuple[dict | None, dict | None]:
     """``(llm, vision)`` config dicts a ``save_pretrained`` folder holds (``llm_config.json``,
-    ``vision_config.json``; None where absent), for :func:`build_offline`."""
+    ``vision_config.json``; None where absent), for a build without downloads (``offline_config``)."""
     model_dir = Path(model_dir)
     llm_json, vision_json = model_dir / "llm_config.json", model_dir / "vision_config.json"
     return (
@@ -538,7 +492,7 @@ def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Modul
 def next_token_loss(
     predicting: torch.Tensor,
     targets: torch.Tensor,
-    n_targets: torch.Tensor,
+    n_targets: torch.Tensor | None,
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:

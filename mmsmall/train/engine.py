@@ -1,8 +1,10 @@
 """DeepSpeed set-up: process group, freezing, per-module AdamW groups, the filled DS config.
 
-- ``init_distributed()`` fills RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a
-  plain single-process ``python -m mmsmall.train`` run and starts the process group (gloo on
-  CPU, NCCL on GPUs).
+- ``init_distributed()`` starts the process group (gloo on CPU, NCCL on GPUs) and returns what
+  it set (``Distributed``): DeepSpeed reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+  MASTER_PORT (and on CPU DS_ACCELERATOR) from the environment only, so those a plain
+  single-process ``python -m mmsmall.train`` run lacks (``distributed_env``) are set there, the
+  one place mmsmall writes ``os.environ``.
 - ``freeze_modules`` turns ``requires_grad`` off for ``train.freeze`` and logs every module as
   frozen or trainable with its parameter count.
 - ``param_groups`` builds AdamW groups per module (connector / vision / llm), each split into
@@ -27,6 +29,8 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +56,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start the process group; returns ``(rank, world_size)``."""
-    if "RANK" not in os.environ:  # launched without deepspeed / torchrun: one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+@dataclass
+class Distributed:
+    """What ``init_distributed`` started and set; unpacks as ``rank, world = init_distributed()``."""
+
+    rank: int
+    world: int
+    env: dict[str, str]  # the environment variables it set for DeepSpeed (none under a launcher)
+    cpu_shm_allreduce: bool  # DeepSpeed's C++ shared-memory all-reduce (CPU runs; off unless opted in)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self.rank, self.world))
+
+
+def distributed_env() -> dict[str, str]:
+    """The environment variables DeepSpeed reads that this process lacks (it reads them from the
+    environment only): for a run without deepspeed / torchrun, one process (RANK=0, WORLD_SIZE=1,
+    LOCAL_RANK=0, MASTER_ADDR, a free MASTER_PORT); on CPU, DS_ACCELERATOR=cpu and
+    TORCH_EXTENSIONS_DIR. Reads os.environ, changes nothing."""
+    env: dict[str, str] = {}
+    if "RANK" not in os.environ:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if "MASTER_ADDR" not in os.environ:
+            env["MASTER_ADDR"] = "127.0.0.1"
+        if "MASTER_PORT" not in os.environ:
+            env["MASTER_PORT"] = str(_free_port())
     if on_cpu():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+        for key, value in (("DS_ACCELERATOR", "cpu"), ("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))):
+            if key not in os.environ:
+                env[key] = value
+    return env
+
+
+def init_distributed() -> Distributed:
+    """Start the process group (gloo on CPU, NCCL on GPUs). The one place mmsmall writes
+    ``os.environ``: the variables ``distributed_env`` finds missing, returned in ``.env``."""
+    env = distributed_env()
+    os.environ.update(env)
+    if env:
+        log.info("distributed: set %s for DeepSpeed", " ".join(f"{k}={v}" for k, v in env.items()))
     import deepspeed
 
-    if on_cpu() and os.environ.get("MMSMALL_CPU_SHM_ALLREDUCE", "0") != "1":
+    shm = not on_cpu() or os.environ.get("MMSMALL_CPU_SHM_ALLREDUCE", "0") == "1"
+    if not shm:
         # DeepSpeed builds its C++ shared-memory all-reduce on the first CPU init (~30 s). It reads
         # the op's availability from deepspeed.ops.__compatible_ops__ (a dict it documents as
         # editable); marking it unavailable keeps gloo's all-reduce. MMSMALL_CPU_SHM_ALLREDUCE=1 opts in.
@@ -71,7 +106,9 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
     if not on_cpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return Distributed(
+        torch.distributed.get_rank(), torch.distributed.get_world_size(), env, shm and on_cpu()
+    )
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -7,10 +7,14 @@ weights), which is all-reduced *before* the backward passes; DeepSpeed averages
 gradients over ranks, so each micro-batch's backward gets ``loss_sum * world / n_global``
 (``scale_wrt_gas=False``: the division is already global).
 
-Host syncs: a step reads nothing from the device until its one all-reduce, which carries the
-loss sum, the count of non-finite losses, the next step's target tokens (its micro-batches are
-drawn before it) and the logged counts, read back once; the optimizer step follows, unless a
-loss was non-finite. Only the first step of a run has one all-reduce more (its target count).
+``main`` reads as the run goes: set up, resume or start, then per step: forward/backward per
+micro-batch (``forward_backward``), draw the next step's micro-batches while the device works
+(``draw``: their ``STEP_COUNTS``, the loss denominator among them, counted once per micro-batch
+and kept on the device), one fused all-reduce (``fused_all_reduce``), the optimizer step, log,
+save. Host syncs: a step reads nothing from the device until that all-reduce, which carries the
+loss sum, the count of non-finite losses, the step's counts, the next step's loss denominator
+and the data counts, read back once; the optimizer step follows, unless a loss was non-finite.
+Only the first step of a run has one all-reduce more (its loss denominator).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,17 +71,6 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _all_reduce_once(
-    on_device: list[torch.Tensor], on_host: list[float], device: torch.device
-) -> list[float]:
-    """The step's one all-reduce and its one device-to-host read: device scalars (not read
-    before) and host numbers summed over ranks in one float64 tensor."""
-    host = torch.tensor(on_host, dtype=torch.float64).to(device, non_blocking=True)
-    t = torch.cat([torch.stack(on_device).to(torch.float64), host])
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def peak_memory_gib(device: torch.device) -> float:
     """This rank's peak memory so far: the CUDA allocator's peak on a GPU, the process's peak
     resident set on CPU. Read from host counters, no sync. On Linux the peak is ``VmHWM`` of
@@ -104,23 +98,42 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def train_step(
-    engine,
-    micro: list[dict],
-    world: int,
-    dtype: torch.dtype,
-    step: int,
-    n_global: float | None = None,
-    fuse: Callable[[], list[float]] | None = None,
-) -> tuple[float, list[float]]:
-    """Forward/backward every micro-batch of one optimizer step, then one all-reduce of the loss
-    sum, the non-finite count and ``fuse()``'s host numbers (read once), then the optimizer step,
-    unless a loss was non-finite. ``n_global``: the step's target tokens (or their weights, see
-    ``loss_normalizer``) over all ranks. Returns
-    (global loss per target token, ``fuse()``'s numbers summed over ranks). Without ``n_global``
-    (a caller outside the loop) it is all-reduced first, one all-reduce more."""
-    if n_global is None:
-        (n_global,) = _all_reduce([sum(loss_normalizer(b) for b in micro)], engine.device)
+# What a step sums over ranks about its micro-batches, counted once per micro-batch when drawn.
+STEP_COUNTS = ("normalizer", "targets", "tokens", "samples", "flops")
+
+
+@dataclass
+class StepBatches:
+    """One optimizer step's micro-batches on this rank and their ``STEP_COUNTS`` (a float64
+    vector on the device, summed over ranks by a step's one all-reduce)."""
+
+    micro: list[dict]
+    counts: torch.Tensor  # (len(STEP_COUNTS),) float64
+    ids: list[str]
+
+
+def draw(data: TrainData, grad_accum: int, flops: FlopCounter | None, device: torch.device) -> StepBatches:
+    """The next ``grad_accum`` micro-batches and their counts: the loss denominator (the target
+    count, or with ``train.loss_weighting`` the targets' weights: ``loss_normalizer``), target
+    and real tokens, samples and FLOPs."""
+    micro = [data.next_batch() for _ in range(grad_accum)]
+    rows = []
+    for b in micro:
+        targets, tokens = batch_counts(b)
+        normalizer = float(targets) if b.get("label_weights") is None else loss_normalizer(b)
+        rows.append(
+            [normalizer, targets, tokens, len(b["sample_ids"]), flops.step_flops(b) if flops else 0.0]
+        )
+    counts = torch.tensor([sum(c) for c in zip(*rows)], dtype=torch.float64).to(device, non_blocking=True)
+    return StepBatches(micro, counts, [i for b in micro for i in b["sample_ids"]])
+
+
+def forward_backward(
+    engine, micro: list[dict], world: int, dtype: torch.dtype, n_global: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of every micro-batch (``loss_sum * world / n_global`` each: DeepSpeed
+    averages over ranks); the optimizer steps only after the last (``engine.step`` accumulates
+    before). Returns the loss sum and the per-micro-batch finite flags, both left on the device."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     finite = []
     for k, b in enumerate(micro):
@@ -131,21 +144,63 @@ def train_step(
         engine.backward(out.loss * world / max(n_global, 1.0), scale_wrt_gas=False)
         if k < len(micro) - 1:
             engine.step()  # accumulates; the optimizer steps after the last micro-batch
-    flags = torch.stack(finite)
-    loss_all, n_bad, *fused = _all_reduce_once(
-        [loss_sum, (~flags).sum()], fuse() if fuse else [], engine.device
+    return loss_sum, torch.stack(finite)
+
+
+@dataclass
+class StepSums:
+    """A step's numbers summed over ranks, from its one all-reduce and one host read."""
+
+    loss_sum: float
+    n_bad: int  # non-finite micro-batch losses
+    counts: dict[str, float]  # this step's STEP_COUNTS
+    n_next: float  # the next step's loss denominator (0 at the last step)
+    data: dict[str, int]  # the data COUNTS of the run so far
+
+
+def fused_all_reduce(
+    loss_sum: torch.Tensor, finite: torch.Tensor, this: StepBatches, nxt: StepBatches | None, data: list[int]
+) -> StepSums:
+    """The step's one all-reduce and its one device-to-host read: the loss sum, the non-finite
+    count and the step's counts (on the device, never read before), the next step's loss
+    denominator (drawn before it so that its backward can scale) and the data counts."""
+    device = loss_sum.device
+    n_next = nxt.counts[:1] if nxt is not None else torch.zeros(1, dtype=torch.float64, device=device)
+    host = torch.tensor(data, dtype=torch.float64).to(device, non_blocking=True)
+    t = torch.cat([torch.stack([loss_sum, (~finite).sum().to(torch.float64)]), this.counts, n_next, host])
+    dist.all_reduce(t)
+    v = t.tolist()
+    k = 2 + len(STEP_COUNTS)
+    counts = dict(zip(STEP_COUNTS, v[2:k]))
+    return StepSums(v[0], int(v[1]), counts, v[k], dict(zip(COUNTS, map(int, v[k + 1 :]))))
+
+
+def check_finite(sums: StepSums, finite: torch.Tensor, micro: list[dict], step: int) -> None:
+    """Stop the run at a non-finite loss on any rank, naming this rank's samples (no optimizer step)."""
+    if not sums.n_bad:
+        return
+    for ok, b in zip(finite.tolist(), micro):  # the failure path: its own read
+        if not ok:
+            log.error(
+                "rank %d step %d: non-finite loss on samples %s", dist.get_rank(), step, b["sample_ids"]
+            )
+    raise NonFiniteLoss(
+        f"non-finite loss at step {step}; step skipped, run stopped (sample ids logged above)"
     )
-    if n_bad:
-        for ok, b in zip(flags.tolist(), micro):  # the failure path: its own read
-            if not ok:
-                log.error(
-                    "rank %d step %d: non-finite loss on samples %s", dist.get_rank(), step, b["sample_ids"]
-                )
-        raise NonFiniteLoss(
-            f"non-finite loss at step {step}; step skipped, run stopped (sample ids logged above)"
-        )
+
+
+def train_step(
+    engine, micro: list[dict], world: int, dtype: torch.dtype, step: int
+) -> tuple[float, StepSums]:
+    """One optimizer step outside the loop (a test's own batches): the loss denominator
+    all-reduced first, then what the loop does. Returns the global loss per target token."""
+    (n_global,) = _all_reduce([sum(loss_normalizer(b) for b in micro)], engine.device)
+    batches = StepBatches(micro, torch.zeros(len(STEP_COUNTS), dtype=torch.float64, device=engine.device), [])
+    loss_sum, finite = forward_backward(engine, micro, world, dtype, n_global)
+    sums = fused_all_reduce(loss_sum, finite, batches, None, [0] * len(COUNTS))
+    check_finite(sums, finite, micro, step)
     engine.step()
-    return loss_all / max(n_global, 1.0), fused
+    return sums.loss_sum / max(n_global, 1.0), sums
 
 
 def _resume_point(cfg, ckpt_root: Path, rank: int, world: int, model_keys: list[str]) -> intact.ResumePoint:
@@ -190,22 +245,40 @@ def _own_out_dir(out: Path, rank: int) -> RunLock | None:
     return lock
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+@dataclass
+class Run:
+    """Everything a run's steps use, set up before the first (``_set_up``)."""
+
+    cfg: Any
+    rank: int
+    world: int
+    out: Path
+    lock: RunLock | None
+    start: intact.ResumePoint
+    engine: Any
+    data: TrainData
+    dtype: torch.dtype
+    flops: FlopCounter
+    peak: float | None
+    monitor: RunMonitor | None = None
+    live_eval: LiveEval | None = None
+
+    def draw(self) -> StepBatches:
+        return draw(self.data, self.cfg.train.grad_accum, self.flops, self.engine.device)
+
+
+def _set_up(argv: list[str]) -> Run:
+    """Checks, ranks, out_dir, the resume point (a changed config stops here, before any build),
+    the model (``build_model``: the one loader; ZeRO-3 partitioned while built), data and engine."""
     # what launch/train.sh checked already; also for torchrun / SLURM / a plain python run
     cfg, model_keys = check_run(argv[0], argv[1:], probe_lock=False)
     # DeepSpeed's ZeRO still calls deprecated torch collectives once per bucket; the warnings flood the log.
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated")
     rank, world = init_distributed()
     setup_logging(logging.INFO if rank == 0 else logging.WARNING)
-    t, out = cfg.train, Path(cfg.out_dir)
+    out = Path(cfg.out_dir)
     lock = _own_out_dir(out, rank)  # rank 0 holds out_dir until the run ends
-    start = _resume_point(
-        cfg, out / "checkpoints", rank, world, model_keys
-    )  # refuses a changed config before any build
+    start = _resume_point(cfg, out / "checkpoints", rank, world, model_keys)
     if rank == 0 and start.tag is None:  # a fresh run: an earlier run's logs and eval answers are not its own
         resume.set_aside_records(out)
     dist.barrier()
@@ -213,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmsmall.inference.chat_template import make_processor
 
     seed_everything(cfg.seed)  # the same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
-    # ZeRO-3: partitioned while it is built; a later stage (train.init_from): the previous model
-    # with its config and tokenizer. `built` keeps transformers' ZeRO-3 view alive for the run.
-    built = build_model(cfg, world, model_keys)
+    built = build_model(cfg, world, model_keys)  # `built` keeps transformers' ZeRO-3 view alive
     cfg, model, tokenizer = built.run_cfg, built.model, built.tokenizer
     held, total = held_elements(model)
     cfg.model.point_format = cfg.data.point_format  # the saved model speaks what it trained on
@@ -235,105 +306,122 @@ def main(argv: list[str] | None = None) -> int:
     )
     if rank == 0:
         save_config(cfg, out / "config.yaml")  # resolved, beside the run
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    flops, peak = FlopCounter(model, t.freeze), peak_flops()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return Run(
+        cfg,
+        rank,
+        world,
+        out,
+        lock,
+        start,
+        engine,
+        data,
+        dtype,
+        FlopCounter(model, cfg.train.freeze),
+        peak_flops(),
+    )
 
-    step, ckpt_root = 0, out / "checkpoints"
-    client = checkpoint.load_latest(engine, ckpt_root, start.tag) if start.tag else None
-    if client is not None:
-        step = client["step"]
-        if "data_all" in client:  # saved by another number of ranks
-            data.load_elastic(client["data_all"])
-        else:
-            data.load_state_dict(client["data"])
-        if client["rng"] is None:
-            seed_everything(cfg.seed * 1000 + rank)
-    else:
-        seed_everything(cfg.seed * 1000 + rank)  # per-rank training randomness
-    monitor = RunMonitor(cfg, rank, step)
+
+def _resume_or_start(run: Run) -> int:
+    """The step to continue from: the checkpoint's (weights, optimizer, data position, random
+    state), or 0 with per-rank training randomness."""
+    client = (
+        checkpoint.load_latest(run.engine, run.out / "checkpoints", run.start.tag) if run.start.tag else None
+    )
+    if client is not None and "data_all" in client:  # saved by another number of ranks
+        run.data.load_elastic(client["data_all"])
+    elif client is not None:
+        run.data.load_state_dict(client["data"])
+    if client is None or client["rng"] is None:
+        seed_everything(run.cfg.seed * 1000 + run.rank)  # per-rank training randomness
+    step = client["step"] if client is not None else 0
+    run.monitor = RunMonitor(run.cfg, run.rank, step)
     if client is not None:  # mark the restart: the steps after it are logged again, by this run
-        monitor.event({"event": "resume", "step": step, "checkpoint": start.tag, "notes": start.notes})
-    live_eval = LiveEval(cfg, engine)  # train.eval: the eval harness on the in-training model
+        run.monitor.event(
+            {"event": "resume", "step": step, "checkpoint": run.start.tag, "notes": run.start.notes}
+        )
+    run.live_eval = LiveEval(run.cfg, run.engine)  # train.eval: the eval harness on the in-training model
+    return step
 
-    def draw() -> tuple[list[dict], float]:  # one step's micro-batches and their loss denominator
-        micro = [data.next_batch() for _ in range(t.grad_accum)]
-        return micro, sum(loss_normalizer(b) for b in micro)
 
+def _log(run: Run, step: int, loss: float, sums: StepSums, dt: float) -> None:
+    c = sums.counts
+    groups = run.engine.lr_scheduler.optimizer.param_groups
+    run.monitor.log(
+        {
+            "step": step,
+            "loss": loss,
+            "n_targets": int(c["targets"]),
+            "tokens": int(c["tokens"]),
+            "samples": int(c["samples"]),
+            "tokens_per_s": c["tokens"] / dt,
+            "samples_per_s": c["samples"] / dt,
+            "mfu": None if run.peak is None else c["flops"] / dt / (run.peak * run.world),
+            "step_time_s": dt,
+            "peak_mem_gib": peak_memory_gib(run.engine.device),
+            **{f"lr/{g['name']}": g["lr"] for g in groups},
+            **{f"data/{k}": n for k, n in sums.data.items()},
+        }
+    )
+
+
+def _save(run: Run, step: int, position: dict | None) -> None:
+    """The checkpoint (with the data position of the step's end), live eval, test-only faults."""
+    t = run.cfg.train
+    kill_here = faults.kill_at_step() == step
+    if position is not None:
+        checkpoint.save(
+            run.engine, run.out / "checkpoints", step, position, run.cfg,
+            keep_last=t.keep_last, kill_during_save=kill_here and faults.kill_during_save(),
+        )  # fmt: skip
+    run.live_eval(step, run.engine, run.monitor)
+    faults.hold_after(step)
+    if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
+        log.warning("debug: killing rank %d after step %d", run.rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    run = _set_up(argv)
+    step, t, engine, data = _resume_or_start(run), run.cfg.train, run.engine, run.data
     counts = dict.fromkeys(COUNTS, 0)
     try:
-        micro, n_local = draw() if step < t.steps else ([], 0)
-        # later steps: fused into the step's one; the data counts so far (a resumed run's included)
-        n_global, *counts = _all_reduce([n_local, *data.counts()], engine.device)
-        counts = dict(zip(COUNTS, map(int, counts)))
+        batches = run.draw() if step < t.steps else None
+        # the first step's loss denominator (later steps': in the step before's all-reduce)
+        n_global, *so_far = _all_reduce(
+            [float(batches.counts[0]) if batches else 0.0, *data.counts()], engine.device
+        )
+        counts = dict(zip(COUNTS, map(int, so_far)))
         while step < t.steps:
-            t0 = time.perf_counter()
-            saving = step + 1 == t.steps or bool(t.save_every and (step + 1) % t.save_every == 0)
-            ahead: dict = {}
-
-            def fuse(micro=micro, ahead=ahead, saving=saving, last=step + 1 == t.steps) -> list[float]:
-                # this step's repeats and the data position of its end, then the next step's
-                # micro-batches (drawn now so their target count rides on this step's all-reduce)
-                data.count_step([i for b in micro for i in b["sample_ids"]])
-                ahead["data"] = data.state_dict() if saving else None
-                ahead["micro"], n_next = draw() if not last else ([], 0)
-                targets, useful = (sum(c) for c in zip(*(batch_counts(b) for b in micro)))
-                n_samples = sum(len(b["sample_ids"]) for b in micro)
-                step_flops = sum(flops.step_flops(b) for b in micro)
-                return [n_next, targets, useful, n_samples, step_flops, *data.counts()]
-
-            loss, (n_next, n_targets, tokens, samples, total_flops, *counts) = train_step(
-                engine, micro, world, dtype, step + 1, n_global, fuse
-            )
-            step += 1
-            counts = dict(zip(COUNTS, map(int, counts)))  # every rank's, summed
-            monitor.warn_repeats(step, counts["repeated_samples"])
-            ids = [i for b in micro for i in b["sample_ids"]]
-            dt = time.perf_counter() - t0
-            monitor.samples(step, ids)
+            t0, step = time.perf_counter(), step + 1
+            loss_sum, finite = forward_backward(engine, batches.micro, run.world, run.dtype, n_global)
+            data.count_step(batches.ids)
+            saving = step == t.steps or bool(t.save_every and step % t.save_every == 0)
+            position = data.state_dict() if saving else None  # the data position of the step's end
+            nxt = run.draw() if step < t.steps else None  # the next step's, while the device works
+            sums = fused_all_reduce(loss_sum, finite, batches, nxt, data.counts())
+            check_finite(sums, finite, batches.micro, step)
+            engine.step()
+            counts = sums.data
+            run.monitor.warn_repeats(step, counts["repeated_samples"])
+            run.monitor.samples(step, batches.ids)
             if step % t.log_every == 0 or step == t.steps:
-                groups = engine.lr_scheduler.optimizer.param_groups
-                monitor.log(
-                    {
-                        "step": step,
-                        "loss": loss,
-                        "n_targets": int(n_targets),
-                        "tokens": int(tokens),
-                        "samples": int(samples),
-                        "tokens_per_s": tokens / dt,
-                        "samples_per_s": samples / dt,
-                        "mfu": None if peak is None else total_flops / dt / (peak * world),
-                        "step_time_s": dt,
-                        "peak_mem_gib": peak_memory_gib(engine.device),
-                        **{f"lr/{g['name']}": g["lr"] for g in groups},
-                        **{f"data/{k}": n for k, n in counts.items()},
-                    }
-                )
-            kill_here = faults.kill_at_step() == step
-            if saving:
-                checkpoint.save(
-                    engine,
-                    ckpt_root,
-                    step,
-                    ahead["data"],
-                    cfg,
-                    keep_last=t.keep_last,
-                    kill_during_save=kill_here and faults.kill_during_save(),
-                )
-            live_eval(step, engine, monitor)
-            faults.hold_after(step)
-            if kill_here:  # tests: a hard crash right after this step (and its checkpoint, if any)
-                log.warning("debug: killing rank %d after step %d", rank, step)
-                os.kill(os.getpid(), signal.SIGKILL)
-            micro, n_global = ahead["micro"], n_next
+                _log(run, step, sums.loss_sum / max(n_global, 1.0), sums, time.perf_counter() - t0)
+            _save(run, step, position)
+            batches, n_global = nxt, sums.n_next
     except (NonFiniteLoss, NoUsableData) as e:
         log.error("%s", e)
         return 1
     finally:
         data.close()
-        monitor.summary(step, counts)
-        monitor.close()
-    checkpoint.save_model(engine, out / "model")
+        run.monitor.summary(step, counts)
+        run.monitor.close()
+    checkpoint.save_model(engine, run.out / "model")
     dist.destroy_process_group()
-    if lock is not None:
-        lock.release()
+    if run.lock is not None:
+        run.lock.release()
     return 0

@@ -186,8 +186,8 @@ def model_shape(run_cfg: Any) -> ModelShape:
     counted at ``nf4_bytes``.
     """
     from mmsmall.config import TokenizerConfig
+    from mmsmall.export.load import Source, load_model
     from mmsmall.model.lora import _lora_layers, four_bit_targets, nf4_bytes
-    from mmsmall.model.vlm import build_vlm
     from mmsmall.processing.tokenizer import build_tokenizer
     from mmsmall.train.engine import set_trainable
 
@@ -198,7 +198,7 @@ def model_shape(run_cfg: Any) -> ModelShape:
     mcfg = replace(mcfg, llm=replace(mcfg.llm, custom=custom))
     t = run_cfg.train
     with torch.device("meta"):
-        model = build_vlm(mcfg, tiny)
+        model = load_model(Source("config", cfg=mcfg, tokenizer=tiny), weights=False)
         quantized = four_bit_targets(model.llm) if t.lora.enabled and t.lora.qlora else []
         set_trainable(model, replace(t, lora=replace(t.lora, qlora=False)))
     params = {
