@@ -317,6 +317,9 @@ class Server:
             while await self._next_event(request, events) != "done":
                 pass
             return web.json_response(self._completion(job, cid))
+        except ConnectionResetError:  # the client hung up: nobody to answer
+            logger.info("%s: the client closed the connection after %d tokens", cid, len(job.tokens))
+            return web.Response(status=499)  # nginx's "client closed request"; never sent
         finally:
             job.cancelled = job.finish_reason is None  # a client that went away frees its row
 
