@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -288,6 +289,32 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(served
 
     out = client.chat.completions.create(model=NAME, messages=message(CASES[0][0], good), max_tokens=12)
     assert out.choices[0].message.content == expected[0]  # still serving, same answer
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_place(served, stream):
+    """A client that hangs up mid-answer (streaming or not): its request leaves the running batch
+    long before its 900 tokens, and the server goes on."""
+    import socket
+    from urllib.parse import urlsplit
+
+    body = json.dumps({"model": NAME, "messages": message("Describe.", data_url(png())), "max_tokens": 900,
+                       "stream": stream, "ignore_eos": True}).encode()  # fmt: skip
+    url = urlsplit(served.url)
+    head = (f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    health = served.url.removesuffix("/v1") + "/health"
+    deadline = time.time() + 30
+    with socket.create_connection((url.hostname, url.port)) as sock:  # a client that will vanish
+        sock.sendall(head.encode() + body)
+        while httpx.get(health).json()["running"] == 0 and time.time() < deadline:
+            time.sleep(0.01)  # until it decodes
+        start = httpx.get(health).json()
+        assert start["running"] == 1
+    while httpx.get(health).json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    end = httpx.get(health).json()
+    assert end["running"] == 0 and end["steps"] - start["steps"] < 800, (start, end)
 
 
 def test_full_queue_gets_503_and_shutdown_finishes_in_flight_requests(model_dir):

@@ -314,11 +314,25 @@ class Server:
         try:
             if req.stream:
                 return await self._stream(request, req, job, events, cid)
-            while await events.get() != "done":
+            while await self._next_event(request, events) != "done":
                 pass
             return web.json_response(self._completion(job, cid))
+        except ConnectionResetError:  # the client hung up: nobody to answer
+            logger.info("%s: the client closed the connection after %d tokens", cid, len(job.tokens))
+            return web.Response(status=499)  # nginx's "client closed request"; never sent
         finally:
             job.cancelled = job.finish_reason is None  # a client that went away frees its row
+
+    async def _next_event(self, request: web.Request, events: asyncio.Queue) -> str:
+        """The engine's next event for this request ("token" or "done"); raises ConnectionResetError
+        once the client has hung up (checked every half second), so that its row is freed even
+        while nothing is being written to it."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("the client closed the connection") from None
 
     def _encode(self, image_bytes: list[bytes], text: str) -> dict:
         """The prompt as model inputs: no image, one, or several in their order."""
@@ -446,7 +460,7 @@ class Server:
         await resp.write(self._chunk(cid, {"role": "assistant", "content": ""}))
         sent = ""
         while True:
-            kind = await events.get()
+            kind = await self._next_event(request, events)
             done = kind == "done"
             if done and job.error is not None:
                 error = {"error": {"message": f"generation failed: {job.error}", "type": "server_error"}}
