@@ -116,15 +116,18 @@ def read_shard_records(
             raise EvalDataError(f"{name}: sample {sid!r} in {path} has no user/assistant turn in 'messages'")
         if sample["image"] is None:
             raise EvalDataError(f"{name}: sample {sid!r} in {path} has no image")
+        image = sample["image"]
+        pages = image if isinstance(image, list) else None  # a several-image sample: its pages
         records.append(
             Record(
                 id=sid,
                 question=user,
                 answers=answers_list(reply, sid, path),
-                image=sample["image"],
+                image=None if pages else image,
+                images=pages,
                 meta={
                     "points": meta.get("points", []),
-                    "size": list(sample["image"].size),
+                    "size": list((pages[0] if pages else image).size),
                     "task": meta["task"],
                 },
                 source=str(path),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,8 +68,8 @@ def tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 class Sample(TypedDict, total=False):
     key: str
-    image: Image.Image | None
-    image_bytes: bytes | None  # undecoded image (a stream with decode_images=False)
+    image: Image.Image | list[Image.Image] | None  # a list: the pages of a several-image sample
+    image_bytes: bytes | list[bytes] | None  # undecoded image(s) (a stream with decode_images=False)
     shard: str  # the tar it came from (for skip messages)
     json: dict
     ref: tuple[int, int, int, int]  # (entry, epoch, shard position, sample position); stream only
@@ -187,11 +188,38 @@ def read_shard_members(
     return list(groups.items())
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Image bytes -> a fully decoded RGB image; raises what PIL raises for bad bytes."""
+def open_image(data: bytes | list[bytes]) -> Image.Image | list[Image.Image]:
+    """Image bytes -> a fully decoded RGB image (a list of bytes, a sample's pages -> the list of
+    images, in order); raises what PIL raises for bad bytes, naming the page of a list."""
+    if isinstance(data, list):
+        pages = []
+        for k, page in enumerate(data):
+            try:
+                pages.append(open_image(page))
+            except Exception as e:  # PIL raises many types for bad bytes
+                raise ValueError(f"image {k + 1} of {len(data)}: {type(e).__name__}: {e}") from None
+        return pages
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # force a full decode: truncated files fail here, not later
         return to_rgb_image(im)
+
+
+_PAGE = re.compile(r"(\d+)\.(?:" + "|".join(IMAGE_EXTS) + ")")
+
+
+def image_members(parts: dict[str, bytes], meta: dict) -> bytes | list[bytes] | None | str:
+    """A sample's image bytes: ``{key}.jpg`` (one image), or ``{key}.0.jpg``, ``{key}.1.png``, ...
+    (several, in page order: docs/INTERFACES.md's shard schema), or None (text only). A string is
+    what is wrong with the numbered members (gaps, a count unlike the json's ``images`` list)."""
+    pages = sorted((int(m[1]), data) for ext, data in parts.items() if (m := _PAGE.fullmatch(ext)))
+    if not pages:
+        ext = next((e for e in IMAGE_EXTS if e in parts), None)
+        return parts[ext] if ext else None
+    numbers = [n for n, _ in pages]
+    listed = meta.get("images")
+    if numbers != list(range(len(pages))) or (isinstance(listed, list) and len(listed) != len(pages)):
+        return f"images numbered {numbers[:8]} but its json lists {len(listed or [])}"
+    return [data for _, data in pages]
 
 
 def decode_sample(
@@ -214,13 +242,11 @@ def decode_sample(
     except (ValueError, UnicodeDecodeError) as e:
         _skip(counters, "bad_json", shard, key, str(e))
         return None
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
-    sample: Sample = {
-        "key": key,
-        "json": meta,
-        "shard": str(shard),
-        "image_bytes": parts[ext] if ext else None,
-    }
+    images = image_members(parts, meta)
+    if isinstance(images, str):
+        _skip(counters, "bad_image", shard, key, images)
+        return None
+    sample: Sample = {"key": key, "json": meta, "shard": str(shard), "image_bytes": images}
     return decode_image(sample, counters) if decode_images else sample
 
 

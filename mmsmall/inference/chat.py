@@ -114,7 +114,7 @@ def _font(size: int):
 
 def answer_record(
     key: str,
-    image: Image.Image | None,
+    image: Image.Image | list[Image.Image] | None,
     question: str,
     answer: str,
     out_dir: Path,
@@ -124,6 +124,8 @@ def answer_record(
     ``out_dir/{key}.png`` shows them with the question and the parsed answer."""
     from mmsmall.processing.points import read_points
 
+    if isinstance(image, list):  # a several-image sample (a document's pages): the answer, no drawing
+        return {"key": key, "question": question, "answer": answer, "images": len(image)}
     points, outside = read_points(answer, *image.size) if image is not None else ([], 0)
     record = {"key": key, "question": question, "answer": answer, "points": [list(p) for p in points]}
     if outside:
@@ -142,7 +144,7 @@ def answer_record(
 
 def _gold_points(meta: dict, image: Image.Image) -> list[tuple[float, float]] | None:
     """A pointing sample's gold points in pixels (its ``points`` field), or None for other tasks."""
-    if meta.get("task") != "pointing":
+    if meta.get("task") != "pointing" or isinstance(image, list):
         return None
     return [(x * image.width, y * image.height) for g in meta.get("points", []) for x, y in g["xy"]]
 
