@@ -44,7 +44,7 @@ def _parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
 
 @app.command()
 def synth(
-    kind: Annotated[str, typer.Argument(help="charts | docs | tables | clocks | scenes")],
+    kind: Annotated[str, typer.Argument(help="charts | docs | invoices | tables | clocks | scenes")],
     n: Annotated[int, typer.Option(help="number of samples")] = 100,
     seed: Annotated[int, typer.Option(help="seed; the same seed gives byte-identical shards")] = 0,
     out: Annotated[Path, typer.Option(help="output shard folder")] = Path("data/synth"),
@@ -52,7 +52,7 @@ def synth(
     shard_size: Annotated[int, typer.Option(help="samples per tar shard")] = 500,
     opt: Annotated[list[str] | None, typer.Option(help="generator option key=value (YAML value)")] = None,
 ) -> None:
-    """Render synthetic charts, documents, tables, clocks or counting/pointing scenes into shards."""
+    """Render synthetic charts, documents, multi-page invoices, tables, clocks or counting/pointing scenes into shards."""
     import yaml
 
     from data_tools.synth import generate
