@@ -33,9 +33,10 @@ from transformers import PreTrainedTokenizerFast
 from mmsmall.config import ImageConfig
 from mmsmall.processing.batch import IGNORE_INDEX
 from mmsmall.processing.crops import load_image
-from mmsmall.processing.points import check_point_format, to_point_format
+from mmsmall.processing.points import to_point_format
 from mmsmall.processing.processor import (
     Encoder,
+    EncoderBase,
     Example,
     ImageInput,
     Processor,
@@ -55,34 +56,21 @@ def require_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
         )
 
 
-class ChatTemplateProcessor:
+class ChatTemplateProcessor(EncoderBase):
     """Training examples (``encode``) and generation prompts (``encode_prompt``) through
     ``tokenizer.chat_template`` and the stock Molmo2 processor; the arguments are
     :class:`~mmsmall.processing.processor.Processor`'s (the same :class:`~mmsmall.processing.processor.Encoder`
     interface). Training uses ``image_cfg.max_crops`` (lowered to fit ``max_image_tokens``), prompts
     ``image_cfg.max_crops_eval``; each call hands its crop count to the stock processor."""
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerFast,
-        image_cfg: ImageConfig,
-        style_prefix: bool = False,
-        max_length: int | None = None,
-        max_image_tokens: int | None = None,
-        point_format: str = "molmo",
-    ):
+    def __init__(self, *args: Any, **kwargs: Any):  # EncoderBase's arguments
         from mmsmall.export.molmo2 import build_molmo2_processor
 
-        check_point_format(point_format)
-        self.point_format = point_format
-        require_chat_template(tokenizer)
-        self.tokenizer = tokenizer
-        self.image_cfg = image_cfg
-        self.style_prefix = style_prefix
-        self.max_length = max_length
-        self.max_image_tokens = max_image_tokens
-        self.counters: dict[str, int] = {}
-        self.hf_processor = build_molmo2_processor(tokenizer, image_cfg, tokenizer.chat_template)
+        super().__init__(*args, **kwargs)
+        require_chat_template(self.tokenizer)
+        self.hf_processor = build_molmo2_processor(
+            self.tokenizer, self.image_cfg, self.tokenizer.chat_template
+        )
 
     def encode(
         self,

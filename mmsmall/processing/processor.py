@@ -79,18 +79,8 @@ class Encoder(Protocol):
         ...
 
 
-class Processor:
-    """Turns (image, conversations) into model inputs; see the module docstring for the layout.
-
-    Args:
-        tokenizer: from :func:`mmsmall.processing.tokenizer.build_tokenizer`.
-        image_cfg: crop size, patch size, crops (train / eval), margins, pooling, mean/std.
-        style_prefix: prepend ``{task}: `` to questions (Molmo's task styles).
-        max_length: longest Example in tokens (None = no limit); see truncation above.
-        max_image_tokens: image tokens one sample may take (None = no cap); see the budget above.
-        point_format: the pointing text answers are trained in (``molmo`` | ``molmo2``: Molmo's
-            tags in the answers are rewritten in Molmo2's, ``points.to_point_format``).
-    """
+class EncoderBase:
+    """The settings both processors take and keep (see :class:`Processor` for their meaning)."""
 
     def __init__(
         self,
@@ -105,14 +95,32 @@ class Processor:
         if max_image_tokens is not None and max_image_tokens < 1:
             raise ValueError(f"max_image_tokens={max_image_tokens} must be at least 1 (or None: no cap)")
         self.tokenizer = tokenizer
-        self.point_format = point_format
         self.image_cfg = image_cfg
         self.style_prefix = style_prefix
         self.max_length = max_length
         self.max_image_tokens = max_image_tokens
+        self.point_format = point_format
+        self.counters: dict[str, int] = {}
+
+
+class Processor(EncoderBase):
+    """Turns (image, conversations) into model inputs; see the module docstring for the layout.
+
+    Args:
+        tokenizer: from :func:`mmsmall.processing.tokenizer.build_tokenizer`.
+        image_cfg: crop size, patch size, crops (train / eval), margins, pooling, mean/std.
+        style_prefix: prepend ``{task}: `` to questions (Molmo's task styles).
+        max_length: longest Example in tokens (None = no limit); see truncation above.
+        max_image_tokens: image tokens one sample may take (None = no cap); see the budget above.
+        point_format: the pointing text answers are trained in (``molmo`` | ``molmo2``: Molmo's
+            tags in the answers are rewritten in Molmo2's, ``points.to_point_format``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):  # EncoderBase's arguments
+        super().__init__(*args, **kwargs)
+        tokenizer = self.tokenizer
         self.ids = special_ids(tokenizer)
         self.bos_id, self.eos_id = self.ids["bos"], self.ids["eos"]
-        self.counters: dict[str, int] = {}
         # A private copy of the Rust tokenizer that always splits special-token strings: text can
         # never produce <im_patch>, BOS, EOS... and the shared tokenizer's state is never toggled
         # (``tokenizer(..., split_special_tokens=True)`` flips a flag on it, a race between threads).
