@@ -176,13 +176,30 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
+def _to_wire(out: Example | Skipped) -> Example | Skipped:
+    """An example as a worker sends it: its small tensors as numpy arrays, pickled inline; only
+    ``pixel_values`` (MBs) goes through shared memory, as torch tensors do (each such tensor
+    costs a file-descriptor hand-over between the processes)."""
+    if not isinstance(out, dict):
+        return out
+    return {
+        k: v.numpy() if isinstance(v, torch.Tensor) and k != "pixel_values" else v for k, v in out.items()
+    }
+
+
+def _from_wire(out: Any) -> Any:
+    if not isinstance(out, dict):
+        return out
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+
+
 def _worker_main(parent: int, maker: ExampleMaker, inbox: Any, outbox: Any) -> None:
     """A data worker: samples in, examples (or Skipped) out, in order, until it receives None."""
     torch.set_num_threads(1)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     while (sample := inbox.get()) is not None:
         try:
-            outbox.put(maker(sample))
+            outbox.put(_to_wire(maker(sample)))
         except BaseException:  # anything else is a bug: the trainer re-raises it with this traceback
             outbox.put(_WorkerFailed(traceback.format_exc()))
 
@@ -223,7 +240,7 @@ class WorkerPool:
                     ) from None
         if isinstance(out, _WorkerFailed):
             raise RuntimeError(f"data worker {w} failed:\n{out.traceback}")
-        return out
+        return _from_wire(out)
 
     def close(self) -> None:
         for proc in self.procs:
