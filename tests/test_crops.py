@@ -10,7 +10,14 @@ from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProces
 
 from mmsmall.config import ImageConfig
 from mmsmall.export.molmo2 import molmo2_image_processor
-from mmsmall.processing.crops import ImageLoadError, image_grid, load_image, preprocess_image, to_rgb_array
+from mmsmall.processing.crops import (
+    ImageLoadError,
+    image_grid,
+    load_image,
+    normalize_pixels,
+    preprocess_image,
+    to_rgb_array,
+)
 
 SETTINGS = {
     "default": dict(crop_size=378, patch_size=14, max_crops=8, overlap_margins=(4, 4), pooling_size=(2, 2)),
@@ -169,3 +176,26 @@ def test_equals_stock_with_per_channel_mean_std():
     ours = preprocess_image(im, mean=mean, std=std)
     ref = ip(im, return_tensors="pt")
     assert (ours["pixel_values"] - ref["pixel_values"]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("case", ["one_pixel", "wide_20x1500", "photo_480x640", "odd_113x97", "rgba"])
+def test_byte_crops_normalize_to_the_same_bits(stock, setting, case):
+    """The data workers ship uint8 crops and the trainer normalizes them (normalize_pixels): the
+    float32 values are bit for bit those of the default path. Molmo2 rounds the resized pixels to
+    bytes before rescale-and-normalize too (transformers models/molmo2/image_processing_molmo2.py,
+    ``resized.round().clamp(0, 255).to(image.dtype)``), so the bytes lose nothing."""
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # CLIP
+    im = CASES[case][0]
+    floats = preprocess_image(im, mean=mean, std=std, **SETTINGS[setting])
+    raw = preprocess_image(im, mean=mean, std=std, normalize=False, **SETTINGS[setting])
+    assert raw["pixel_values"].dtype == torch.uint8
+    assert raw["pixel_values"].shape == floats["pixel_values"].shape
+    for k in ("image_token_pooling", "image_grids", "image_num_crops"):
+        assert torch.equal(raw[k], floats[k])
+    got = normalize_pixels(raw["pixel_values"], mean, std)
+    assert torch.equal(got.view(torch.int32), floats["pixel_values"].view(torch.int32))  # same bits
+    out = torch.full_like(got, float("nan"))
+    assert normalize_pixels(raw["pixel_values"], mean, std, out=out) is out and torch.equal(out, got)
+    with pytest.raises(ValueError, match="expected uint8 crops"):
+        normalize_pixels(floats["pixel_values"], mean, std)

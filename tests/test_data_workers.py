@@ -59,6 +59,23 @@ def test_workers_decode_and_give_the_in_process_batches(shards, monkeypatch):  #
         pooled.close()
 
 
+def test_worker_batches_hold_the_processors_float_pixels(shards):  # noqa: F811
+    """Workers send uint8 crops and the trainer normalizes the batch (TrainData.next_batch): its
+    pixel_values are bit for bit those of the Processor's float32 default, packed the same way."""
+    ref, pooled = _data(shards, 0), _data(shards, 2)
+    ref.maker = loader.ExampleMaker(ref.processor, *ref.maker.args[:3], pixel_bytes=False)
+    try:
+        for _ in range(6):
+            want = ref.packer.next_batch(ref._pull)  # the packed batch of float32 examples
+            got = pooled.next_batch()
+            assert want["sample_ids"] == got["sample_ids"]
+            assert want["pixel_values"].dtype == got["pixel_values"].dtype == torch.float32
+            assert torch.equal(want["pixel_values"].view(torch.int32), got["pixel_values"].view(torch.int32))
+    finally:
+        ref.close()
+        pooled.close()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_data_stops_in_the_one_place(tmp_path, workers):
     """Shards whose every member is unreadable (here: no json) stop with the same NoUsableData as

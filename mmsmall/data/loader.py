@@ -30,6 +30,7 @@ from mmsmall.config import LOSS_WEIGHTINGS
 from mmsmall.data.packing import Batch, Example, Packer
 from mmsmall.data.shards import Sample, SampleStream, log_skip, open_image, sample_id
 from mmsmall.processing.batch import IGNORE_INDEX, count_targets, label_weights
+from mmsmall.processing.crops import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,21 @@ COUNTS = (
 
 
 def encode_sample(
-    processor: Any, sample: Sample, seed: int, max_conversations: int, response_dropout: float
+    processor: Any,
+    sample: Sample,
+    seed: int,
+    max_conversations: int,
+    response_dropout: float,
+    pixel_bytes: bool = True,
 ) -> Example:
     """A shard sample -> Example, under random state seeded from ``(seed, sample ref)``. What the
     processor counted while encoding it (``Processor.counters``) rides along in ``ex["counts"]``,
-    so counts made in a worker process reach the trainer."""
+    so counts made in a worker process reach the trainer.
+
+    Its ``pixel_values`` are uint8, the crops before ``(x - mean) / std`` (``Processor.encode``
+    with ``pixel_bytes=True``; ``pixel_bytes=False``: float32, the Processor's default): 4x fewer bytes to send from a worker and to hold in the packer;
+    ``TrainData.next_batch`` normalizes the batch's crops into float32, bit for bit the values
+    the Processor's default gives."""
     sid = sample_id(sample)
     before = dict(getattr(processor, "counters", {}))
     with seeded_rng(seed, *sample["ref"]) as gen:
@@ -103,6 +114,7 @@ def encode_sample(
             task=sample["json"].get("task"),
             train=True,
             sample_id=sid,
+            pixel_bytes=pixel_bytes,
         )
         ex["labels"] = drop_responses(ex["labels"], response_dropout, gen)
     ex["sample_id"] = sid
@@ -123,11 +135,19 @@ class Skipped:
 class ExampleMaker:
     """What happens to one drawn sample, in a data worker or (``num_workers=0``) in the trainer:
     its image bytes are decoded, then it is encoded (``encode_sample``). Returns the Example, or
-    ``Skipped`` for a sample the trainer counts and passes over."""
+    ``Skipped`` for a sample the trainer counts and passes over. Its examples' ``pixel_values``
+    are uint8 crops (``encode_sample``) unless ``pixel_bytes=False``."""
 
-    def __init__(self, processor: Any, seed: int, max_conversations: int, response_dropout: float):
+    def __init__(
+        self,
+        processor: Any,
+        seed: int,
+        max_conversations: int,
+        response_dropout: float,
+        pixel_bytes: bool = True,
+    ):
         self.processor = processor
-        self.args = (seed, max_conversations, response_dropout)
+        self.args = (seed, max_conversations, response_dropout, pixel_bytes)
 
     def __call__(self, sample: Sample) -> Example | Skipped:
         data = sample.get("image_bytes")
@@ -156,13 +176,30 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
+def _to_wire(out: Example | Skipped) -> Example | Skipped:
+    """An example as a worker sends it: its small tensors as numpy arrays, pickled inline; only
+    ``pixel_values`` (MBs) goes through shared memory, as torch tensors do (each such tensor
+    costs a file-descriptor hand-over between the processes)."""
+    if not isinstance(out, dict):
+        return out
+    return {
+        k: v.numpy() if isinstance(v, torch.Tensor) and k != "pixel_values" else v for k, v in out.items()
+    }
+
+
+def _from_wire(out: Any) -> Any:
+    if not isinstance(out, dict):
+        return out
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+
+
 def _worker_main(parent: int, maker: ExampleMaker, inbox: Any, outbox: Any) -> None:
     """A data worker: samples in, examples (or Skipped) out, in order, until it receives None."""
     torch.set_num_threads(1)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     while (sample := inbox.get()) is not None:
         try:
-            outbox.put(maker(sample))
+            outbox.put(_to_wire(maker(sample)))
         except BaseException:  # anything else is a bug: the trainer re-raises it with this traceback
             outbox.put(_WorkerFailed(traceback.format_exc()))
 
@@ -203,7 +240,7 @@ class WorkerPool:
                     ) from None
         if isinstance(out, _WorkerFailed):
             raise RuntimeError(f"data worker {w} failed:\n{out.traceback}")
-        return out
+        return _from_wire(out)
 
     def close(self) -> None:
         for proc in self.procs:
@@ -321,7 +358,12 @@ class TrainData:
             return ex
 
     def next_batch(self) -> Batch:
+        """The next packed micro-batch (docs/INTERFACES.md): its ``pixel_values`` are float32,
+        normalized here from the examples' uint8 crops (``encode_sample``) in one pass."""
         batch = self.packer.next_batch(self._pull)
+        if batch.get("pixel_values") is not None:
+            image = self.processor.image_cfg
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], image.mean, image.std)
         if self.weight_power:  # train.loss_weighting other than "token"
             batch["label_weights"] = label_weights(batch, self.weight_power)
         return batch

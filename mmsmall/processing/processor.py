@@ -136,9 +136,11 @@ class Processor(EncoderBase):
         image: Image.Image | np.ndarray | str | os.PathLike,
         train: bool = True,
         max_crops: int | None = None,
+        pixel_bytes: bool = False,
     ) -> dict:
         """Crops and pooling indices of one image (``crops.preprocess_image`` with this config;
-        ``max_crops`` overrides the config's training / eval crop count)."""
+        ``max_crops`` overrides the config's training / eval crop count; ``pixel_bytes``: uint8
+        crops before normalization, see ``encode``)."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
         c = self.image_cfg
@@ -151,6 +153,7 @@ class Processor(EncoderBase):
             pooling_size=tuple(c.pooling_size),
             mean=tuple(c.mean),
             std=tuple(c.std),
+            normalize=not pixel_bytes,
         )
 
     def _crops(self, train: bool) -> int:
@@ -175,7 +178,9 @@ class Processor(EncoderBase):
             self._text_tokenizer.encode_special_tokens = True
         return [enc.ids for enc in self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _prefix(self, image: Any, train: bool, where: str = "sample") -> tuple[torch.Tensor, dict]:
+    def _prefix(
+        self, image: Any, train: bool, where: str = "sample", pixel_bytes: bool = False
+    ) -> tuple[torch.Tensor, dict]:
         """BOS + one image block per image ``(P,)`` and the images' tensors (empty without one)."""
         bos = torch.tensor([self.bos_id], dtype=torch.long)
         images = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in as_images(image)]
@@ -185,7 +190,7 @@ class Processor(EncoderBase):
         crops = self.fit_crops(sizes, train, where)
         parts, pixels, pooling, grids, n_patches = [bos], [], [], [], 0
         for im in images:
-            img = self.preprocess(im, train=train, max_crops=crops)
+            img = self.preprocess(im, train=train, max_crops=crops, pixel_bytes=pixel_bytes)
             block = image_token_ids(img["image_grids"], self.ids)
             n_patch_tokens = int((block == self.ids["<im_patch>"]).sum())
             if n_patch_tokens != img["image_token_pooling"].shape[0]:  # guards the layout against drift
@@ -214,6 +219,7 @@ class Processor(EncoderBase):
         task: str | None = None,
         train: bool = True,
         sample_id: str = "",
+        pixel_bytes: bool = False,
     ) -> Example:
         """Encode an image (or an ordered list of images, or None) with one or more conversations
         (lists of ``{"role", "content"}``).
@@ -223,6 +229,10 @@ class Processor(EncoderBase):
         Returns ``input_ids labels position_ids conv_ids (T,)`` int64, ``sample_id`` and, with an
         image, ``pixel_values (n_crops, n_patches, 3*patch^2)``, ``image_token_pooling (n_tok, K)``,
         ``image_grids (n_images, 4)``.
+
+        ``pixel_bytes=True`` gives ``pixel_values`` as uint8: the resized crops before
+        ``(x - mean) / std`` (4x smaller, for data workers to ship); ``normalize_pixels(pixel_values,
+        image_cfg.mean, image_cfg.std)`` turns them into exactly the float32 values of the default.
         """
         where = f"sample {sample_id!r}" if sample_id else "sample"
         if not conversations:
@@ -250,7 +260,7 @@ class Processor(EncoderBase):
                 conv_ids_list[k].append(self.eos_id)
                 conv_tgt[k].append(True)
 
-        prefix, image_tensors = self._prefix(image, train, where)
+        prefix, image_tensors = self._prefix(image, train, where, pixel_bytes)
         keep = self._fit(len(prefix), [len(c) for c in conv_ids_list], where)
         cut = sum(sum(t) for t in conv_tgt[keep:])
         if cut:  # the answer tokens of the dropped conversations
