@@ -359,9 +359,11 @@ class TrainData:
 
     def next_batch(self) -> Batch:
         """The next packed micro-batch (docs/INTERFACES.md): its ``pixel_values`` are float32,
-        normalized here from the examples' uint8 crops (``encode_sample``) in one pass."""
+        normalized here from the examples' uint8 crops (``encode_sample``) in one pass; a processor
+        that normalizes itself (the chat-template one: transformers' processor) gives float32 crops,
+        which pass as they are."""
         batch = self.packer.next_batch(self._pull)
-        if batch.get("pixel_values") is not None:
+        if batch.get("pixel_values") is not None and batch["pixel_values"].dtype == torch.uint8:
             image = self.processor.image_cfg
             batch["pixel_values"] = normalize_pixels(batch["pixel_values"], image.mean, image.std)
         if self.weight_power:  # train.loss_weighting other than "token"

@@ -79,9 +79,12 @@ class ChatTemplateProcessor(EncoderBase):
         task: str | None = None,
         train: bool = True,
         sample_id: str = "",
+        pixel_bytes: bool = False,
     ) -> Example:
         """An image (or an ordered list of them, or None) and its conversations (joined into one
         chat) -> an Example with answer targets; the images' crops kept within ``max_image_tokens``.
+        Its crops are always float32, normalized by transformers' processor (``pixel_bytes``, the
+        Processor's uint8 option, is accepted and has no effect: the loader passes float crops on).
 
         Whole conversations are dropped from the end until the Example fits ``max_length``
         (counted in ``counters["dropped_conversations"]``); a first one that does not fit raises.

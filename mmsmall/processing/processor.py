@@ -68,8 +68,10 @@ class Encoder(Protocol):
         task: str | None = None,
         train: bool = True,
         sample_id: str = "",
+        pixel_bytes: bool = False,
     ) -> Example:
-        """A training example: the images and their conversations, answers as targets."""
+        """A training example: the images and their conversations, answers as targets
+        (``pixel_bytes``: uint8 crops where the processor can give them, see :class:`Processor`)."""
         ...
 
     def encode_prompt(
