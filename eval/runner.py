@@ -3,9 +3,11 @@
     evaluate("runs/x/checkpoint", ["chartqa", "docvqa"], "out/x", data={"chartqa": "/data/ChartQA"})
 
 Per task: load records -> (this rank's share) -> skip those already in the prediction cache ->
-decode images, ``encode`` and ``collate`` in DataLoader workers -> ``answer`` (greedy, left-padded
-batches) in the main process -> append each batch's
-answers to ``out/predictions/{task}.jsonl`` (flushed, fsynced) -> score every record -> results.
+decode images and ``encode`` in DataLoader workers -> greedy answers in the main process -> append
+them to ``out/predictions/{task}.jsonl`` (flushed, fsynced) -> score every record -> results. A
+``Predictor`` generates through the serving engine (``mmsmall.serve.engine``): up to ``batch_size``
+prompts in flight, an answer leaves the running batch the step it ends and the next prompt joins;
+any other ``Answerer`` answers static batches (``collate``, then ``answer``).
 A killed run rerun with the same ``out`` generates only what is missing, and its final scores are
 those an uninterrupted run gives. Under torchrun each rank takes every ``world``-th record and
 writes its own cache file; rank 0 reads them all and scores.
@@ -317,12 +319,13 @@ def _generate(
     if not records:
         return 0
     style = task.molmo_style if molmo else None
+    engine = _engine_of(answerer, batch_size)
     loader = DataLoader(
         _ImageDataset(records, blind, prompts, answerer, style, donors),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_Collate(answerer),
+        collate_fn=list if engine is not None else _Collate(answerer),
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
@@ -340,6 +343,9 @@ def _generate(
         bar,
         open(cache_file, "a", encoding="utf-8") as f,
     ):  # the bar is cleared before any error shows
+        if engine is not None:
+            _engine_answers(engine, loader, records, task, f, settings, batch_size, bar)
+            return len(records)
         for items, batch in loader:
             _raise_bad(items, task)
             answers = answerer.answer(batch, max_new_tokens=settings["max_new_tokens"])
@@ -356,6 +362,73 @@ def _generate(
             os.fsync(f.fileno())
             bar.update(len(items))
     return len(records)
+
+
+def _engine_of(answerer: Answerer, batch_size: int):
+    """The continuous-batching :class:`~mmsmall.serve.engine.Engine` over an mmsmall ``Predictor``
+    (``batch_size`` prompts in flight), or None where the static batches of ``answer`` are kept:
+    another ``Answerer``, a ``Predictor`` subclass that changes how it answers, or an LLM whose
+    cache the engine cannot stack (sliding-window layers)."""
+    from mmsmall.inference.predictor import Predictor
+
+    if not isinstance(answerer, Predictor) or any(
+        getattr(type(answerer), m) is not getattr(Predictor, m)
+        for m in ("encode", "collate", "answer", "text")
+    ):
+        return None
+    from mmsmall.serve.engine import Engine
+
+    try:
+        return Engine(answerer, max_batch=batch_size, max_queue=batch_size, max_prefill=batch_size)
+    except NotImplementedError as e:
+        log.info("static batches: %s", e)
+        return None
+
+
+def _engine_answers(
+    engine, loader, records: list[Record], task: Task, f, settings: dict, batch_size: int, bar
+):
+    """Greedy answers through the engine, driven in this thread: encoded prompts (from the loader's
+    workers) join the running batch as soon as a row is free, each answer is written (flushed,
+    fsynced) at the step it ends, so a prompt never waits for a longer answer of its batch."""
+    from mmsmall.serve.engine import Request
+
+    items = (item for chunk in loader for item in chunk)
+    done: list[Request] = []
+    in_flight, more = 0, True
+    model = engine.model
+    was_training = model.training
+    model.eval()  # generation without dropout; a caller's training model gets its mode back
+    try:
+        while more or in_flight:
+            while more and in_flight < batch_size:
+                item = next(items, None)
+                if item is None:
+                    more = False
+                    break
+                _raise_bad([item], task)
+                i, size, example = item
+                request = Request(
+                    example, max_new_tokens=settings["max_new_tokens"], on_done=done.append, tag=(i, size)
+                )
+                engine.submit(engine.fit(request))
+                in_flight += 1
+            engine.step()
+            if not done:
+                continue
+            for r in done:
+                if r.error is not None:
+                    raise r.error
+                i, size = r.tag
+                entry = {"id": records[i].id, "response": engine.text(r), "size": list(size)}
+                f.write(json.dumps({**entry, **settings}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(done))
+            in_flight -= len(done)
+            done.clear()
+    finally:
+        model.train(was_training)
 
 
 def _score(

@@ -152,3 +152,30 @@ def test_cache_refuses_new_weights_or_data_in_the_same_places(tmp_path, predicto
     write_parquet(data_dir / "data" / "test-00000-of-00001.parquet", table)
     with pytest.raises(EvalDataError, match="data"):
         evaluate(str(model_dir), ["chartqa"], fresh, **kw)
+
+
+def test_runner_generates_through_the_engine(tmp_path, predictor, monkeypatch):
+    """A Predictor's answers come from the serving engine (its static ``answer`` is never called),
+    at most ``batch_size`` prompts in flight, each answer the one ``predict`` gives at batch 1."""
+    from eval.tasks import get_task
+    from mmsmall.inference.predictor import Predictor
+    from mmsmall.serve.engine import Engine
+
+    data = {"chartqa": str(make_chartqa_parquet(tmp_path / "c", n=5))}
+    task = get_task("chartqa")
+    recs = task.load(data["chartqa"], None)
+    direct = predictor.predict(
+        [r.load_image() for r in recs], [task.prompt(r, False) for r in recs], max_new_tokens=5, batch_size=1
+    )
+    running = []
+    step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: (step(self), running.append(self.max_running)))
+
+    def static(*a, **k):
+        raise AssertionError("the runner answered a static batch")
+
+    monkeypatch.setattr(Predictor, "answer", static)
+    evaluate(predictor, ["chartqa"], tmp_path / "out", data=data, max_new_tokens=5, batch_size=3,
+             num_workers=1, show_progress=False)  # fmt: skip
+    assert [_responses(tmp_path / "out")[r.id] for r in recs] == direct
+    assert max(running) == 3  # three in flight, then the last two joined

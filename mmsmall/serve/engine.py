@@ -56,6 +56,7 @@ class Request:
     # called in the engine thread after every new token, and once when the request ends
     on_token: Callable[[Request], None] | None = None
     on_done: Callable[[Request], None] | None = None
+    tag: object = None  # the caller's own (the eval runner's record index and image size)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: BaseException | None = None
