@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -57,8 +58,6 @@ class Record:
 
     def page(self, k: int) -> Record:
         """Image ``k`` of a multi-image record as a one-image record (for decoding and errors)."""
-        from .loaders import image_fields
-
         where = f"{self.id} (image {k + 1} of {len(self.images or [])})"
         return Record(
             id=where,
@@ -151,3 +150,22 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UnknownTaskError(f"unknown eval task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def image_fields(value: Any, source: str, row_id: str) -> dict[str, Any]:
+    """Record image keyword arguments from an HF image cell: ``{bytes, path}``, bytes, a path or PIL."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return {"image_bytes": value["bytes"]}
+        if value.get("path"):
+            p = Path(value["path"])
+            if not p.is_absolute() and not p.exists() and Path(source).exists():
+                p = Path(source).parent / p
+            return {"image_path": str(p)}
+    elif isinstance(value, (bytes, bytearray)):
+        return {"image_bytes": bytes(value)}
+    elif isinstance(value, str) and value:
+        return {"image_path": value}
+    elif isinstance(value, Image.Image):
+        return {"image": value}
+    raise EvalDataError(f"sample {row_id!r} in {source}: missing image (the image cell is {value!r:.80})")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .base import EvalDataError, Record
+from .base import EvalDataError, Record, image_fields  # noqa: F401  (image_fields: read from here too)
 
 
 def iter_rows(
@@ -38,27 +38,6 @@ def iter_rows(
             yield row, str(path), index
     except HFDataError as e:
         raise EvalDataError(str(e)) from None
-
-
-def image_fields(value: Any, source: str, row_id: str) -> dict[str, Any]:
-    """Record image keyword arguments from an HF image cell: ``{bytes, path}``, bytes, a path or PIL."""
-    from PIL import Image
-
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return {"image_bytes": value["bytes"]}
-        if value.get("path"):
-            p = Path(value["path"])
-            if not p.is_absolute() and not p.exists() and Path(source).exists():
-                p = Path(source).parent / p
-            return {"image_path": str(p)}
-    elif isinstance(value, (bytes, bytearray)):
-        return {"image_bytes": bytes(value)}
-    elif isinstance(value, str) and value:
-        return {"image_path": value}
-    elif isinstance(value, Image.Image):
-        return {"image": value}
-    raise EvalDataError(f"sample {row_id!r} in {source}: missing image (the image cell is {value!r:.80})")
 
 
 def answers_list(value: Any, row_id: str, source: str) -> list[str]:
