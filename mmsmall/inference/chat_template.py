@@ -23,7 +23,6 @@ token for token what :class:`~mmsmall.inference.chat_template.ChatTemplateProces
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,6 @@ from transformers import PreTrainedTokenizerFast
 
 from mmsmall.config import ImageConfig
 from mmsmall.processing.batch import IGNORE_INDEX
-from mmsmall.processing.crops import load_image
 from mmsmall.processing.points import to_point_format
 from mmsmall.processing.processor import (
     Encoder,
@@ -43,6 +41,7 @@ from mmsmall.processing.processor import (
     _check_conversation,
     as_images,
     fit_crops,
+    load_images,
     to_size,
 )
 
@@ -94,7 +93,7 @@ class ChatTemplateProcessor(EncoderBase):
             raise ValueError(f"{where}: no conversations to encode")
         for k, conv in enumerate(conversations):
             _check_conversation(conv, f"{where}, conversation {k}")
-        images = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in as_images(image)]
+        images = load_images(image)
         # the image token budget, as Processor applies it: fewer crops per image when over it
         budget = self.max_image_tokens
         crops = self.image_cfg.max_crops if train else self.image_cfg.max_crops_eval

@@ -185,7 +185,7 @@ class Processor(EncoderBase):
     ) -> tuple[torch.Tensor, dict]:
         """BOS + one image block per image ``(P,)`` and the images' tensors (empty without one)."""
         bos = torch.tensor([self.bos_id], dtype=torch.long)
-        images = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in as_images(image)]
+        images = load_images(image)
         if not images:
             return bos, {}
         sizes = [to_size(im) for im in images]
@@ -394,6 +394,11 @@ def as_images(image: Any) -> list:
             raise ValueError("a sample's image list holds None; drop the missing image or the sample")
         return list(image)
     return [image]
+
+
+def load_images(image: Any) -> list:
+    """A sample's images as a list (:func:`as_images`), paths opened (``crops.load_image``)."""
+    return [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in as_images(image)]
 
 
 def to_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
