@@ -171,3 +171,26 @@ def test_list_tasks_names_the_multi_image_tasks():
     out = CliRunner().invoke(app, ["eval", "--list-tasks"])
     rows = {line.split()[0]: line.split()[1] for line in out.output.splitlines() if line.strip()}
     assert rows["multidocvqa"] == "lmms-lab-encoder/MP-DocVQA" and rows["muirbench"] == "MUIRBENCH/MUIRBENCH"
+
+
+def test_malformed_rows_name_the_sample(tmp_path):
+    """A gold list that is not a Python list literal, a question whose pages are all empty, and a
+    MuirBench row with no options each stop with the sample and file named."""
+    mp = make_mp_docvqa(tmp_path / "mp", [2])
+    ds = datasets.load_dataset("parquet", data_files=str(mp / "data" / "val-00000-of-00001.parquet"))["train"]
+    bad = ds.map(lambda r: {"answers": "['12'"}).cast(card_features(MP_CARD))
+    save_hub_layout(datasets.DatasetDict({"val": bad}), tmp_path / "mp_bad", card_yaml=MP_CARD)
+    with pytest.raises(EvalDataError, match=r"sample '100' in .*not a Python list literal"):
+        get_task("multidocvqa").load(str(tmp_path / "mp_bad"), None)
+    empty = ds.map(lambda r: {f"image_{i}": None for i in range(1, 21)}).cast(card_features(MP_CARD))
+    save_hub_layout(datasets.DatasetDict({"val": empty}), tmp_path / "mp_empty", card_yaml=MP_CARD)
+    with pytest.raises(EvalDataError, match=r"sample '100' in .*no page images"):
+        get_task("multidocvqa").load(str(tmp_path / "mp_empty"), None)
+    mb = make_muirbench(tmp_path / "mb", [2])
+    rows = datasets.load_dataset("parquet", data_files=str(mb / "data" / "test-00000-of-00001.parquet"))[
+        "train"
+    ]
+    no_options = rows.map(lambda r: {"options": []}).cast(card_features(MUIR_CARD))
+    save_hub_layout(datasets.DatasetDict({"test": no_options}), tmp_path / "mb_bad", card_yaml=MUIR_CARD)
+    with pytest.raises(EvalDataError, match=r"sample '0' in .*no options"):
+        get_task("muirbench").load(str(tmp_path / "mb_bad"), None)
